@@ -1,0 +1,1 @@
+"""Input side: preprocessing ops, tokenizer, data sources and the tf.data pipeline."""

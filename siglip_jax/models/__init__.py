@@ -1,0 +1,1 @@
+"""Image and text towers and the SigLIP two-tower model."""

@@ -1,0 +1,183 @@
+"""Transformer building blocks shared by both towers: MLP, encoder block, encoder, MAP head.
+
+Module and parameter names follow big_vision (`models/vit.py`) exactly, so released `.npz`
+checkpoints load without renaming: `MlpBlock_0/Dense_{0,1}`, `LayerNorm_{0,1}`,
+`MultiHeadDotProductAttention_0/{query,key,value,out}`, `encoderblock_{i}` (or `encoderblock`
+with a leading depth axis when scanned), `encoder_norm`, `MAPHead_0/probe`.
+
+Numerics follow big_vision and Hugging Face SigLIP: pre-LN blocks, LayerNorm eps 1e-6, GELU
+(tanh approximation), attention scaled by 1/sqrt(head_dim), no attention mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+LN_EPS = 1e-6
+REMAT_NONE = "none"
+
+
+def remat_policy_names() -> list[str]:
+    """Valid values of the `remat_policy` config key ("none" = no rematerialisation)."""
+    names = [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")]
+    return [REMAT_NONE] + sorted(n for n in names if n.endswith("saveable"))
+
+
+def _remat_policy(name: str) -> Any:
+    """Map a `remat_policy` name to a jax.checkpoint policy (error on unknown names)."""
+    if name not in remat_policy_names():
+        raise ValueError(f"unknown remat_policy {name!r}; valid: {remat_policy_names()}")
+    return getattr(jax.checkpoint_policies, name)
+
+
+class MlpBlock(nn.Module):
+    """Transformer feed-forward block: Dense(mlp_dim) -> GELU(tanh) -> Dense(d)."""
+
+    mlp_dim: int | None = None  # Defaults to 4x the input width.
+    dropout: float = 0.0
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bxlxd: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Applies the MLP to the last axis."""
+        d = x_bxlxd.shape[-1]
+        inits = dict(
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.normal(stddev=1e-6),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        x = nn.Dense(self.mlp_dim or 4 * d, **inits)(x_bxlxd)
+        x = nn.gelu(x, approximate=True)
+        x = nn.Dropout(rate=self.dropout)(x, deterministic)
+        return nn.Dense(d, **inits)(x)
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x)). Returns (x, None)."""
+
+    mlp_dim: int | None = None
+    num_heads: int = 12
+    dropout: float = 0.0
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bxlxd: jax.Array, deterministic: bool = True) -> tuple[jax.Array, None]:
+        """One block; the (carry, None) signature lets nn.scan stack it over depth."""
+        y = nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype)(x_bxlxd)
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads,
+            kernel_init=nn.initializers.xavier_uniform(),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            deterministic=True,
+        )(y, y)
+        y = nn.Dropout(rate=self.dropout)(y, deterministic)
+        x_bxlxd = x_bxlxd + y
+
+        y = nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype)(x_bxlxd)
+        y = MlpBlock(
+            mlp_dim=self.mlp_dim,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(y, deterministic)
+        y = nn.Dropout(rate=self.dropout)(y, deterministic)
+        return x_bxlxd + y, None
+
+
+class Encoder(nn.Module):
+    """Stack of `depth` encoder blocks plus the final LayerNorm `encoder_norm`.
+
+    `scan=True` runs the blocks with nn.scan and stores their params stacked (leading axis =
+    depth) under `encoderblock`; otherwise each block is `encoderblock_{i}`. `remat_policy`
+    ("none" or a jax.checkpoint_policies name) wraps each block in nn.remat, in either layout.
+    """
+
+    depth: int
+    mlp_dim: int | None = None
+    num_heads: int = 12
+    dropout: float = 0.0
+    scan: bool = False
+    remat_policy: str = REMAT_NONE
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bxlxd: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Runs the blocks and the final norm."""
+        block_cls = Encoder1DBlock
+        if self.remat_policy != REMAT_NONE:
+            block_cls = nn.remat(
+                Encoder1DBlock,
+                prevent_cse=not self.scan,
+                static_argnums=(2,),  # 0 = self, 1 = x, 2 = deterministic.
+                policy=_remat_policy(self.remat_policy),
+            )
+        block_kw = dict(
+            mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        if self.scan:
+            scanned = nn.scan(
+                block_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=self.depth,
+            )
+            x_bxlxd, _ = scanned(name="encoderblock", **block_kw)(x_bxlxd, deterministic)
+        else:
+            for i in range(self.depth):
+                x_bxlxd, _ = block_cls(name=f"encoderblock_{i}", **block_kw)(x_bxlxd, deterministic)
+        return nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype, name="encoder_norm")(
+            x_bxlxd
+        )
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling: a learned probe attends over the tokens, then x + MLP(LN(x)).
+
+    No LayerNorm before the attention and no residual around it (as big_vision and HF SigLIP).
+    """
+
+    mlp_dim: int | None = None
+    num_heads: int = 12
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bxlxd: jax.Array) -> jax.Array:
+        """Pools [B, L, D] tokens to [B, D]."""
+        n, _, d = x_bxlxd.shape
+        probe_1x1xd = self.param(
+            "probe", nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype
+        )
+        probe_bx1xd = jnp.tile(probe_1x1xd, [n, 1, 1]).astype(x_bxlxd.dtype)
+        x = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads,
+            kernel_init=nn.initializers.xavier_uniform(),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            deterministic=True,
+        )(probe_bx1xd, x_bxlxd)
+        y = nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype)(x)
+        x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype)(y)
+        return x[:, 0]
+
+
+def l2_normalize(z_bxd: jax.Array) -> jax.Array:
+    """z / (||z||_2 + 1e-8) along the last axis, computed in float32 (as big_vision)."""
+    z_bxd = z_bxd.astype(jnp.float32)
+    return z_bxd / (jnp.linalg.norm(z_bxd, axis=-1, keepdims=True) + 1e-8)

@@ -1,0 +1,81 @@
+"""SigLIP two-tower model: image tower `img`, text tower `txt`, log-temperature `t`, bias `b`.
+
+`Model(image, text, out_dim, temperature_init, bias_init).apply({"params": p}, image, text,
+train=False)` returns `(zimg_bxd | None, ztxt_bxd | None, out)`: the embeddings are
+L2-normalised as z / (||z|| + 1e-8) in float32; out["t_prime"] is the raw log-temperature
+(scalar), out["t"] = exp(t'), out["b"] the bias (scalar; only when bias_init is not None).
+Logits are `exp(t') * zimg @ ztxt.T + b`. Params: img, txt, t (1,), b (1,) as in big_vision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from siglip_jax.models import variants
+from siglip_jax.models.common import l2_normalize
+from siglip_jax.models.text import TextTransformer
+from siglip_jax.models.vit import ViT
+
+
+def _out_dims(out_dim: int | tuple[int | None, int | None] | None) -> tuple[Any, Any]:
+    if out_dim is None or isinstance(out_dim, int):
+        return (out_dim, out_dim)
+    img_dim, txt_dim = out_dim
+    return (img_dim, txt_dim)
+
+
+def image_tower(cfg: Mapping[str, Any] | None, out_dim: int | None, **kw: Any) -> ViT:
+    """Builds the ViT from an image config Mapping (variant + overrides)."""
+    return ViT(num_classes=out_dim, **variants.image_kwargs(cfg), **kw)
+
+
+def text_tower(cfg: Mapping[str, Any] | None, out_dim: int | None, **kw: Any) -> TextTransformer:
+    """Builds the text transformer from a text config Mapping (variant + overrides)."""
+    return TextTransformer(num_classes=out_dim, **variants.text_kwargs(cfg), **kw)
+
+
+class Model(nn.Module):
+    """SigLIP image-text model (big_vision `proj.image_text.two_towers` param tree)."""
+
+    image: Mapping[str, Any] | None = None
+    text: Mapping[str, Any] | None = None
+    out_dim: int | tuple[int | None, int | None] = 128
+    temperature_init: float = 10.0
+    bias_init: float | None = -10.0
+
+    def setup(self) -> None:
+        """Validates both tower configs up front (unknown keys raise here)."""
+        img_dim, txt_dim = _out_dims(self.out_dim)
+        self.img = image_tower(self.image, img_dim)
+        self.txt = text_tower(self.text, txt_dim)
+        t_init = float(np.log(self.temperature_init))
+        self.t = self.param("t", lambda _, s, d: jnp.full(s, t_init, d), (1,), jnp.float32)
+        if self.bias_init is not None:
+            b_init = float(self.bias_init)
+            self.b = self.param("b", lambda _, s, d: jnp.full(s, b_init, d), (1,), jnp.float32)
+
+    def __call__(
+        self, image: jax.Array | None, text: jax.Array | None = None, *, train: bool = False
+    ) -> tuple[jax.Array | None, jax.Array | None, dict[str, Any]]:
+        """Embeds images [B,H,W,3] and/or token ids [B,L]; either may be None."""
+        out: dict[str, Any] = {}
+        zimg_bxd = ztxt_bxd = None
+        if image is not None:
+            zimg_bxd, img_out = self.img(image, train=train)
+            out.update({f"img/{k}": v for k, v in img_out.items()})
+            zimg_bxd = l2_normalize(zimg_bxd)
+        if text is not None:
+            ztxt_bxd, txt_out = self.txt(text, train=train)
+            out.update({f"txt/{k}": v for k, v in txt_out.items()})
+            ztxt_bxd = l2_normalize(ztxt_bxd)
+        out["t_prime"] = self.t[0]
+        out["t"] = jnp.exp(self.t[0])
+        if self.bias_init is not None:
+            out["b"] = self.b[0]
+        return zimg_bxd, ztxt_bxd, out

@@ -1,0 +1,129 @@
+"""Model size names ("B/16", "L/16", "So400m/14", text "B", ...) and tower-config validation.
+
+`decode_variant("So400m/14")` gives width/depth/mlp_dim/num_heads (+ patch_size); the tables are
+big_vision's (`vit.decode_variant`, Table 2 of arXiv:2106.04560) plus our tiny test size "mu".
+`image_kwargs` / `text_kwargs` turn a tower config Mapping (the `image` / `text` dicts of the
+two-towers model) into constructor keyword arguments: variant fields fill the defaults,
+explicit keys override them, keys set to None count as unset, unknown keys raise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+# name: (width, depth, mlp_dim, num_heads)
+SIZES: dict[str, tuple[int, int, int, int]] = {
+    "mu": (32, 2, 128, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+    "e": (1792, 56, 15360, 16),
+}
+
+IMAGE_KEYS = (
+    "variant", "width", "depth", "mlp_dim", "num_heads", "patch_size", "posemb", "pool_type",
+    "head_zeroinit", "scan", "remat_policy", "dtype", "param_dtype", "dropout",
+)  # fmt: skip
+TEXT_KEYS = (
+    "variant", "vocab_size", "width", "depth", "mlp_dim", "num_heads", "pool_type", "scan",
+    "remat_policy", "dtype", "param_dtype", "dropout",
+)  # fmt: skip
+
+
+class ConfigKeyError(KeyError):
+    """A tower config has an unknown key or an unknown variant name."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message.
+        return str(self.args[0])
+
+
+def decode_variant(variant: str | None, *, allow_patch: bool = True) -> dict[str, Any]:
+    """Decode e.g. "B/16" -> {width, depth, mlp_dim, num_heads, patch_size}; None -> {}."""
+    if variant is None:
+        return {}
+    size, _, patch = variant.partition("/")
+    if size not in SIZES:
+        raise ConfigKeyError(f"unknown model variant {variant!r}; valid sizes: {list(SIZES)}")
+    width, depth, mlp_dim, num_heads = SIZES[size]
+    out: dict[str, Any] = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+    if patch:
+        if not allow_patch:
+            raise ConfigKeyError(f"text variant {variant!r} must not have a /patch part")
+        if not patch.isdigit():
+            raise ConfigKeyError(f"variant {variant!r}: patch size must be an integer")
+        out["patch_size"] = int(patch)
+    return out
+
+
+def _items(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    keys = cfg.keys()  # Works for dict, FrozenDict and ml_collections ConfigDict.
+    return {k: cfg[k] for k in keys}
+
+
+def _as_dtype(value: Any) -> Any:
+    return None if value is None else jnp.dtype(value)
+
+
+def _resolve(cfg: Mapping[str, Any] | None, valid: tuple[str, ...], tower: str) -> dict[str, Any]:
+    items = _items(cfg)
+    unknown = sorted(set(items) - set(valid))
+    if unknown:
+        raise ConfigKeyError(f"unknown {tower} config key(s) {unknown}; valid keys: {list(valid)}")
+    kw = decode_variant(items.pop("variant", None), allow_patch=tower == "image")
+    kw.update({k: v for k, v in items.items() if v is not None})
+    for key in ("dtype", "param_dtype"):
+        if key in kw:
+            kw[key] = _as_dtype(kw[key])
+    return kw
+
+
+def image_kwargs(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Image tower config (keys IMAGE_KEYS) -> `vit.ViT` keyword arguments."""
+    return _resolve(cfg, IMAGE_KEYS, "image")
+
+
+def text_kwargs(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Text tower config (keys TEXT_KEYS) -> `text.TextTransformer` keyword arguments."""
+    return _resolve(cfg, TEXT_KEYS, "text")
+
+
+# The published SigLIP checkpoints (Hugging Face model cards google/<name>): model config,
+# input sizes, and the parameter count the card states (millions).
+SIGLIP_SEEDS: dict[str, dict[str, Any]] = {
+    "siglip-base-patch16-224": dict(
+        image=dict(variant="B/16", pool_type="map"),
+        text=dict(variant="B", vocab_size=32_000),
+        out_dim=(None, 768), image_size=224, text_len=64, card_params_m=203,
+    ),
+    "siglip-base-patch16-256": dict(
+        image=dict(variant="B/16", pool_type="map"),
+        text=dict(variant="B", vocab_size=32_000),
+        out_dim=(None, 768), image_size=256, text_len=64, card_params_m=203,
+    ),
+    "siglip-base-patch16-384": dict(
+        image=dict(variant="B/16", pool_type="map"),
+        text=dict(variant="B", vocab_size=32_000),
+        out_dim=(None, 768), image_size=384, text_len=64, card_params_m=203,
+    ),
+    "siglip-large-patch16-256": dict(
+        image=dict(variant="L/16", pool_type="map"),
+        text=dict(variant="L", vocab_size=32_000),
+        out_dim=(None, 1024), image_size=256, text_len=64, card_params_m=652,
+    ),
+    "siglip-so400m-patch14-384": dict(
+        image=dict(variant="So400m/14", pool_type="map"),
+        text=dict(variant="So400m", vocab_size=32_000),
+        out_dim=(None, 1152), image_size=384, text_len=64, card_params_m=878,
+    ),
+}  # fmt: skip

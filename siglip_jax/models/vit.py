@@ -1,0 +1,164 @@
+"""Image tower: Vision Transformer with big_vision parameter names.
+
+Conv patch embedding `embedding` (row-major patches, no class token unless pool_type="tok"),
+position embedding `pos_embedding` (learned) or fixed 2-D sin-cos, pre-LN encoder
+`Transformer`, pooling `map` (MAPHead_0) | `gap` | `tok` (param `cls`) | `none`, optional
+projection `head`. Also position-embedding resampling for a new resolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from siglip_jax.models.common import REMAT_NONE, Encoder, MAPHead
+
+POOL_TYPES = ("map", "gap", "tok", "none")
+POSEMB_TYPES = ("learn", "sincos2d")
+
+
+def posemb_sincos_2d(
+    h: int, w: int, width: int, temperature: float = 10_000.0, dtype: Any = jnp.float32
+) -> jax.Array:
+    """Fixed 2-D sin-cos position embedding [1, h*w, width] (MoCo v3 / big_vision layout)."""
+    if width % 4:
+        raise ValueError(f"sincos2d posemb needs width divisible by 4, got {width}")
+    y, x = jnp.mgrid[:h, :w]
+    omega = jnp.arange(width // 4) / (width // 4 - 1)
+    omega = 1.0 / (temperature**omega)
+    y = jnp.einsum("m,d->md", y.flatten(), omega)
+    x = jnp.einsum("m,d->md", x.flatten(), omega)
+    pe = jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+    return jnp.asarray(pe, dtype)[None, :, :]
+
+
+def resample_posemb(old_1xnxd: np.ndarray, new_len: int) -> np.ndarray:
+    """Bilinearly resize a square grid of learned position embeddings to `new_len` positions.
+
+    Same as big_vision `vit.resample_posemb` (scipy.ndimage.zoom, order=1): used when a
+    checkpoint trained at one resolution is loaded at another.
+    """
+    import scipy.ndimage
+
+    old_1xnxd = np.asarray(old_1xnxd)
+    if old_1xnxd.shape[1] == new_len:
+        return old_1xnxd
+    gs_old, gs_new = int(round(np.sqrt(old_1xnxd.shape[1]))), int(round(np.sqrt(new_len)))
+    if gs_old**2 != old_1xnxd.shape[1] or gs_new**2 != new_len:
+        raise ValueError(
+            f"can only resample square posemb grids, got {old_1xnxd.shape[1]} -> {new_len}"
+        )
+    grid = old_1xnxd.reshape(gs_old, gs_old, -1)
+    zoom = (gs_new / gs_old, gs_new / gs_old, 1)
+    grid = scipy.ndimage.zoom(grid, zoom, order=1)
+    return grid.reshape(1, gs_new * gs_new, -1).astype(old_1xnxd.dtype)
+
+
+def _pair(patch_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(patch_size, int):
+        return (patch_size, patch_size)
+    ph, pw = patch_size
+    return (int(ph), int(pw))
+
+
+class ViT(nn.Module):
+    """ViT image encoder; returns (features, out) with out["encoded"], out["pre_logits"].
+
+    `num_classes` (the two-towers out dim) adds a Dense `head`; None means no head.
+    """
+
+    num_classes: int | None = None
+    patch_size: int | Sequence[int] = 16
+    width: int = 768
+    depth: int = 12
+    mlp_dim: int | None = None
+    num_heads: int = 12
+    posemb: str = "learn"
+    pool_type: str = "gap"
+    head_zeroinit: bool = False
+    dropout: float = 0.0
+    scan: bool = False
+    remat_policy: str = REMAT_NONE
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, image_bxhxwx3: jax.Array, *, train: bool = False):
+        """Encodes images [B, H, W, C] (values in [-1, 1])."""
+        out = {}
+        if self.pool_type not in POOL_TYPES:
+            raise ValueError(f"unknown image pool_type {self.pool_type!r}; valid: {POOL_TYPES}")
+        if self.posemb not in POSEMB_TYPES:
+            raise ValueError(f"unknown image posemb {self.posemb!r}; valid: {POSEMB_TYPES}")
+        image = jnp.asarray(image_bxhxwx3, self.dtype or jnp.float32)
+        patch = _pair(self.patch_size)
+        x = nn.Conv(
+            self.width,
+            patch,
+            strides=patch,
+            padding="VALID",
+            name="embedding",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(image)
+        n, h, w, c = x.shape
+        x = jnp.reshape(x, [n, h * w, c])  # Row-major patch order.
+
+        if self.posemb == "learn":
+            pe = self.param(
+                "pos_embedding",
+                nn.initializers.normal(stddev=1 / np.sqrt(c)),
+                (1, h * w, c),
+                self.param_dtype,
+            )
+        else:
+            pe = posemb_sincos_2d(h, w, c)
+        x = x + pe.astype(x.dtype)
+
+        if self.pool_type == "tok":
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, c), self.param_dtype)
+            x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], axis=1)
+
+        x = nn.Dropout(rate=self.dropout)(x, not train)
+        x = Encoder(
+            depth=self.depth,
+            mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+            dropout=self.dropout,
+            scan=self.scan,
+            remat_policy=self.remat_policy,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="Transformer",
+        )(x, deterministic=not train)
+        out["encoded"] = x
+
+        if self.pool_type == "map":
+            x = MAPHead(
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )(x)
+        elif self.pool_type == "gap":
+            x = jnp.mean(x, axis=1)
+        elif self.pool_type == "tok":
+            x = x[:, 0]
+        out["pre_logits"] = x
+
+        if self.num_classes:
+            kw = {"kernel_init": nn.initializers.zeros} if self.head_zeroinit else {}
+            x = nn.Dense(
+                self.num_classes,
+                name="head",
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                **kw,
+            )(x)
+            out["logits"] = x
+        return x, out

@@ -1,0 +1,280 @@
+"""Sentencepiece tokenizer: load, train, encode with big_vision / HF SigLIP pad+EOS rules.
+
+Conventions (those of the T5 ``c4_en`` model big_vision's SigLIP uses): ``<pad>`` = 0,
+``</s>`` (EOS) = 1, ``<unk>`` = 2, no BOS. Text batches are padded with EOS ("sticky" EOS,
+pad id 1), so the last position of every row is EOS and the text tower can pool ``x[:, -1]``.
+
+``encode(texts, max_len, eos)`` — with token ids ``t`` of a text, EOS id ``e``, pad id ``p``:
+
+- ``"sticky"``: ``t + [e]`` right-padded with ``p`` (default ``p = e = 1``); if longer than
+  ``max_len`` it is cut to ``t[:max_len - 1] + [e]``: the last token is always EOS. This equals
+  ``transformers.SiglipTokenizer(..)(texts, padding="max_length", truncation=True,
+  max_length=max_len)`` (with ``canonicalize=True``) and big_vision's
+  ``tokenize(max_len, eos="sticky", pad_value=1)``.
+- ``"yes"``: ``t + [e]`` padded with ``p`` (default: the model's ``<pad>`` id, 0), plainly cut
+  to ``max_len`` (a truncated text has no EOS), as big_vision ``eos="yes"``.
+- ``"none"``: ``t`` padded with ``p`` (default ``<pad>`` = 0), cut to ``max_len``.
+
+Text normalisation before sentencepiece: ``lower=True`` lower-cases (big_vision's tokenize op
+default); ``canonicalize=True`` additionally removes ASCII punctuation and collapses
+whitespace, which is what HF ``SiglipTokenizer`` always does (and big_vision does to prompts).
+
+CLI::
+
+    python -m siglip_jax.data.tokenizer train --input captions.txt --vocab-size 64 --out m.model
+    python -m siglip_jax.data.tokenizer encode --model m.model --max-len 16 "a red circle"
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import re
+import string
+import sys
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+import tensorflow as tf
+
+EOS_MODES = ("sticky", "yes", "none")
+_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
+_WS_RE = re.compile(r"\s+")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer model file or an encode argument is invalid."""
+
+
+def canonicalize_text(text: str, lower: bool = True) -> str:
+    """HF SiglipTokenizer / big_vision prompt canonicalisation: lower, drop punctuation, squash."""
+    if lower:
+        text = text.lower()
+    text = text.translate(_PUNCT_TABLE)
+    return _WS_RE.sub(" ", text).strip()
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+    except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError, OSError) as e:
+        raise TokenizerError(f"cannot read sentencepiece model file {path!r}: {e}") from None
+
+
+class Tokenizer:
+    """A sentencepiece model with SigLIP's EOS/padding rules (see module docstring)."""
+
+    def __init__(self, model_path: str):
+        self.model_path = model_path
+        proto = _read_bytes(model_path)
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(proto)
+        except (RuntimeError, OSError) as e:
+            raise TokenizerError(f"{model_path!r} is not a sentencepiece model: {e}") from None
+
+    # -- ids ---------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of pieces (the text tower's embedding rows)."""
+        return int(self._sp.GetPieceSize())
+
+    @property
+    def eos_id(self) -> int:
+        """Id of ``</s>`` (1 in the T5/SigLIP models); -1 if the model has none."""
+        return int(self._sp.eos_id())
+
+    @property
+    def pad_id(self) -> int:
+        """Padding id used for SigLIP text batches: EOS (HF/big_vision SigLIP convention)."""
+        return self.eos_id
+
+    @property
+    def model_pad_id(self) -> int:
+        """The model's own ``<pad>`` id (0 in T5/SigLIP models; -1 if none)."""
+        return int(self._sp.pad_id())
+
+    @property
+    def unk_id(self) -> int:
+        """Id of ``<unk>``."""
+        return int(self._sp.unk_id())
+
+    def piece(self, idx: int) -> str:
+        """The sentencepiece piece string of one id."""
+        return self._sp.IdToPiece(int(idx))
+
+    # -- encode / decode -----------------------------------------------------------------------
+    def _default_pad(self, eos: str) -> int:
+        if eos == "sticky":
+            return self.eos_id
+        return max(self.model_pad_id, 0)
+
+    def encode(
+        self,
+        texts: Sequence[str] | str,
+        max_len: int,
+        eos: str = "sticky",
+        *,
+        pad_value: int | None = None,
+        lower: bool = True,
+        canonicalize: bool = False,
+    ) -> np.ndarray:
+        """Token ids int32 [N, max_len] (or [max_len] for one str) with the given EOS mode."""
+        single = isinstance(texts, (str, bytes))
+        batch = [texts] if single else list(texts)
+        if eos not in EOS_MODES:
+            raise TokenizerError(f"eos must be one of {EOS_MODES}, got {eos!r}")
+        if not isinstance(max_len, (int, np.integer)) or max_len < 1:
+            raise TokenizerError(f"max_len must be a positive int, got {max_len!r}")
+        if eos != "none" and self.eos_id < 0:
+            raise TokenizerError(f"{self.model_path!r} has no EOS piece but eos={eos!r}")
+        pad = self._default_pad(eos) if pad_value is None else int(pad_value)
+        strs = []
+        for t in batch:
+            if isinstance(t, bytes):
+                t = t.decode("utf-8")
+            if not isinstance(t, str):
+                raise TokenizerError(f"texts must be str or bytes, got {type(t).__name__}")
+            if canonicalize:
+                t = canonicalize_text(t, lower=lower)
+            elif lower:
+                t = t.lower()
+            strs.append(t)
+        pieces = self._sp.EncodeAsIds(strs) if strs else []
+        out = np.full((len(batch), max_len), pad, np.int32)
+        for i, ids in enumerate(pieces):
+            if eos != "none":
+                ids = ids + [self.eos_id]
+            if len(ids) > max_len:
+                ids = ids[: max_len - 1] + [self.eos_id] if eos == "sticky" else ids[:max_len]
+            out[i, : len(ids)] = ids
+        return out[0] if single else out
+
+    def decode(self, ids: np.ndarray | Sequence[int] | Sequence[Sequence[int]]) -> str | list[str]:
+        """Text of 1-D ids (stops at the first EOS), or a list for 2-D ids."""
+        arr = np.asarray(ids)
+        if arr.ndim == 2:
+            return [self.decode(row) for row in arr]
+        if arr.ndim != 1:
+            raise TokenizerError(f"decode expects 1-D or 2-D ids, got shape {arr.shape}")
+        toks = [int(t) for t in arr]
+        if self.eos_id in toks:
+            toks = toks[: toks.index(self.eos_id)]
+        return self._sp.DecodeIds(toks)
+
+    def tf_encode(
+        self,
+        texts: tf.Tensor,
+        max_len: int,
+        eos: str = "sticky",
+        *,
+        pad_value: int | None = None,
+        lower: bool = True,
+        canonicalize: bool = False,
+    ) -> tf.Tensor:
+        """``encode`` as a TF op (tf.numpy_function): string [] -> [L], [N] -> [N, L] int32."""
+        texts = tf.convert_to_tensor(texts, tf.string)
+        if texts.shape.rank not in (0, 1):
+            raise TokenizerError(f"tf_encode expects a string scalar or vector, got {texts.shape}")
+        # Validate arguments now (eagerly), not at the first example inside tf.data.
+        self.encode([], max_len, eos, pad_value=pad_value)
+
+        def _np_encode(t: np.ndarray) -> np.ndarray:
+            flat = [s.decode("utf-8") for s in np.asarray(t, object).reshape(-1)]
+            ids = self.encode(
+                flat, max_len, eos, pad_value=pad_value, lower=lower, canonicalize=canonicalize
+            )
+            return ids.reshape(np.shape(t) + (max_len,))
+
+        out = tf.numpy_function(_np_encode, [texts], tf.int32, stateful=False)
+        out.set_shape(texts.shape.concatenate([max_len]))
+        return out
+
+
+def train_sentencepiece(
+    sentences: Iterable[str],
+    vocab_size: int,
+    out_path: str,
+    *,
+    model_type: str = "unigram",
+    lowercase: bool = True,
+    hard_vocab_limit: bool = False,
+) -> str:
+    """Train a sentencepiece model (<pad>=0, </s>=1, <unk>=2, no BOS) and write it to out_path.
+
+    With ``hard_vocab_limit=False`` (default) a small corpus may yield fewer pieces than
+    ``vocab_size``; ``Tokenizer(out_path).vocab_size`` is the real size.
+    """
+    if model_type not in ("unigram", "bpe", "word", "char"):
+        raise TokenizerError(f"model_type must be unigram|bpe|word|char, got {model_type!r}")
+    sents = [s.lower() if lowercase else s for s in sentences]
+    sents = [s for s in (x.strip() for x in sents) if s]
+    if not sents:
+        raise TokenizerError("train_sentencepiece got no non-empty sentences")
+    buf = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sents),
+            model_writer=buf,
+            vocab_size=int(vocab_size),
+            model_type=model_type,
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            pad_piece="<pad>",
+            eos_piece="</s>",
+            unk_piece="<unk>",
+            hard_vocab_limit=hard_vocab_limit,
+            character_coverage=1.0,
+            num_threads=1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise TokenizerError(
+            f"sentencepiece training failed (vocab_size={vocab_size}): {e}"
+        ) from None
+    parent = out_path.rsplit("/", 1)[0] if "/" in out_path else ""
+    if parent:
+        tf.io.gfile.makedirs(parent)
+    with tf.io.gfile.GFile(out_path, "wb") as f:
+        f.write(buf.getvalue())
+    return out_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``train`` a model from a text file (one caption a line) or ``encode`` texts."""
+    parser = argparse.ArgumentParser(prog="python -m siglip_jax.data.tokenizer")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="train a sentencepiece model on one caption per line")
+    tr.add_argument("--input", required=True, help="text file, one sentence a line")
+    tr.add_argument("--vocab-size", type=int, required=True)
+    tr.add_argument("--out", required=True, help="output .model path")
+    tr.add_argument("--model-type", default="unigram", choices=["unigram", "bpe", "word", "char"])
+    tr.add_argument("--no-lowercase", action="store_true")
+    en = sub.add_parser("encode", help="print token ids of texts")
+    en.add_argument("--model", required=True)
+    en.add_argument("--max-len", type=int, default=64)
+    en.add_argument("--eos", default="sticky", choices=list(EOS_MODES))
+    en.add_argument("texts", nargs="+")
+    args = parser.parse_args(argv)
+    if args.cmd == "train":
+        with tf.io.gfile.GFile(args.input, "r") as f:
+            lines = f.read().splitlines()
+        path = train_sentencepiece(
+            lines, args.vocab_size, args.out,
+            model_type=args.model_type, lowercase=not args.no_lowercase,
+        )
+        print(f"wrote {path} (vocab_size={Tokenizer(path).vocab_size})")
+    else:
+        tok = Tokenizer(args.model)
+        ids_nxl = tok.encode(args.texts, args.max_len, args.eos)
+        for text, ids in zip(args.texts, ids_nxl, strict=True):
+            print(f"{text}\t{' '.join(map(str, ids.tolist()))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Tokenizer: sentencepiece training, EOS/pad rules, parity with HF SiglipTokenizer, tf.data."""
+
+import time
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import tensorflow as tf
+
+from siglip_jax.data import tokenizer as tokmod
+from siglip_jax.data.tokenizer import Tokenizer, TokenizerError, train_sentencepiece
+
+COLOURS = "red green blue yellow purple orange".split()
+SHAPES = "circle square triangle star".split()
+CAPTIONS = [
+    f"a {c} {s} on a {b} background" for c in COLOURS for s in SHAPES for b in ("white", "black")
+] + [
+    "A photo of a cat, sitting on the mat!",
+    "Two dogs play in the snow.",
+    "The zebra's stripes: black & white.",
+    "Ein Hund läuft über die Straße",
+]
+
+# Punctuation, case, repeated spaces, unknown characters, empty, very long.
+SENTENCES = [
+    "a red circle on a white background",
+    "A Photo of a CAT, sitting!",
+    "",
+    "  spaced   out  words ",
+    "x" * 100,
+    "two dogs play in the snow. zebra's stripes",
+    "Ünïcödé 日本 straße",
+    "a blue star",
+]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("spm")
+    return {
+        mt: train_sentencepiece(CAPTIONS, 64, str(d / f"{mt}.model"), model_type=mt)
+        for mt in ("unigram", "bpe", "word")
+    }
+
+
+def test_train_is_fast_and_uses_t5_special_ids(tmp_path):
+    captions = [f"{c} {s} number {i}" for i in range(5) for c in COLOURS for s in SHAPES][:100]
+    t0 = time.perf_counter()
+    path = train_sentencepiece(captions, 64, str(tmp_path / "m.model"))
+    assert time.perf_counter() - t0 < 1.0
+    sp = spm.SentencePieceProcessor(model_file=path)
+    assert [sp.id_to_piece(i) for i in range(3)] == ["<pad>", "</s>", "<unk>"]
+    assert sp.bos_id() == -1
+    tok = Tokenizer(path)
+    assert (tok.pad_id, tok.eos_id, tok.unk_id, tok.model_pad_id) == (1, 1, 2, 0)
+    assert 3 < tok.vocab_size <= 64 and tok.vocab_size == sp.get_piece_size()
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+@pytest.mark.parametrize("max_len", [1, 4, 8, 16, 64])
+def test_matches_hf_siglip_tokenizer(models, model_type, max_len):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.SiglipTokenizer(models[model_type])
+    want = np.array(
+        hf(SENTENCES, padding="max_length", truncation=True, max_length=max_len)["input_ids"]
+    )
+    got = Tokenizer(models[model_type]).encode(SENTENCES, max_len, "sticky", canonicalize=True)
+    assert got.dtype == np.int32 and got.shape == (len(SENTENCES), max_len)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_matches_hf_without_canonicalize_on_plain_text(models):
+    transformers = pytest.importorskip("transformers")
+    plain = ["a red circle on a white background", "Two Dogs play in the snow", "a blue star"]
+    hf = transformers.SiglipTokenizer(models["bpe"])
+    want = np.array(hf(plain, padding="max_length", truncation=True, max_length=9)["input_ids"])
+    np.testing.assert_array_equal(Tokenizer(models["bpe"]).encode(plain, 9), want)
+
+
+def test_eos_modes_big_vision_table(models):
+    """big_vision ops_text.get_pp_tokenize docstring, max_len=3, with real word ids."""
+    tok = Tokenizer(models["word"])
+    sp = spm.SentencePieceProcessor(model_file=models["word"])
+    a, r, c = (sp.piece_to_id(f"▁{w}") for w in ("a", "red", "circle"))
+    assert min(a, r, c) > 2  # all in-vocabulary words
+    texts = ["a", "a red", "a red circle"]
+    np.testing.assert_array_equal(
+        tok.encode(texts, 3, "none"), [[a, 0, 0], [a, r, 0], [a, r, c]])
+    np.testing.assert_array_equal(
+        tok.encode(texts, 3, "yes"), [[a, 1, 0], [a, r, 1], [a, r, c]])
+    np.testing.assert_array_equal(
+        tok.encode(texts, 3, "sticky"), [[a, 1, 1], [a, r, 1], [a, r, 1]])
+    np.testing.assert_array_equal(
+        tok.encode(texts, 3, "sticky", pad_value=0), [[a, 1, 0], [a, r, 1], [a, r, 1]])
+    # lower=True is the default; lower=False leaves upper-case words unknown (id 2).
+    np.testing.assert_array_equal(tok.encode("A RED", 3), [a, r, 1])
+    np.testing.assert_array_equal(tok.encode("A RED", 3, lower=False), [2, 1, 1])
+
+
+def test_decode_stops_at_eos(models):
+    tok = Tokenizer(models["bpe"])
+    texts = ["a red circle on a white background", "two dogs play in the snow"]
+    ids = tok.encode(texts, 40)
+    assert tok.decode(ids) == texts
+    assert tok.decode(ids[0]) == texts[0]
+    words = Tokenizer(models["word"])
+    sp = spm.SentencePieceProcessor(model_file=models["word"])
+    a, r = sp.piece_to_id("▁a"), sp.piece_to_id("▁red")
+    assert words.decode([a, r, 1, a, 1]) == "a red"
+    assert words.decode([a, r]) == "a red"
+
+
+def test_tf_encode_eager_and_in_tf_data(models):
+    tok = Tokenizer(models["bpe"])
+    want = tok.encode(SENTENCES, 8)
+    scalar = tok.tf_encode(tf.constant(SENTENCES[1]), 8)
+    assert scalar.shape == (8,) and scalar.dtype == tf.int32
+    np.testing.assert_array_equal(scalar.numpy(), want[1])
+    np.testing.assert_array_equal(tok.tf_encode(tf.constant(SENTENCES), 8).numpy(), want)
+    ds = tf.data.Dataset.from_tensor_slices(SENTENCES).map(
+        lambda t: tok.tf_encode(t, 8), num_parallel_calls=2
+    )
+    assert ds.element_spec.shape == (8,)
+    np.testing.assert_array_equal(np.stack(list(ds.as_numpy_iterator())), want)
+    batched = tf.data.Dataset.from_tensor_slices(SENTENCES).batch(3).map(
+        lambda t: tok.tf_encode(t, 8))
+    assert batched.element_spec.shape.as_list() == [None, 8]
+    np.testing.assert_array_equal(np.concatenate(list(batched.as_numpy_iterator())), want)
+
+
+def test_tf_encode_pipeline_is_checkpointable(models, tmp_path):
+    tok = Tokenizer(models["bpe"])
+    ds = tf.data.Dataset.from_tensor_slices(SENTENCES).map(lambda t: tok.tf_encode(t, 8))
+    it = iter(ds)
+    next(it)
+    ckpt = tf.train.Checkpoint(it=it)
+    path = ckpt.save(str(tmp_path / "ck"))
+    second = next(it).numpy()
+    ckpt.restore(path)
+    np.testing.assert_array_equal(next(it).numpy(), second)
+
+
+def test_errors_are_clear(tmp_path, models):
+    with pytest.raises(TokenizerError, match="missing.model"):
+        Tokenizer(str(tmp_path / "missing.model"))
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    with pytest.raises(TokenizerError, match="bad.model"):
+        Tokenizer(str(tmp_path / "bad.model"))
+    tok = Tokenizer(models["bpe"])
+    with pytest.raises(TokenizerError, match="eos must be one of"):
+        tok.encode(["a"], 4, "always")
+    with pytest.raises(TokenizerError, match="max_len"):
+        tok.encode(["a"], 0)
+    with pytest.raises(TokenizerError, match="no non-empty"):
+        train_sentencepiece(["", "  "], 8, str(tmp_path / "x.model"))
+
+
+def test_cli_train_and_encode(tmp_path, capsys):
+    inp = tmp_path / "captions.txt"
+    inp.write_text("\n".join(CAPTIONS))
+    out = tmp_path / "sub" / "m.model"
+    assert tokmod.main(["train", "--input", str(inp), "--vocab-size", "40",
+                        "--out", str(out), "--model-type", "word"]) == 0
+    assert out.exists() and "vocab_size=" in capsys.readouterr().out
+    assert tokmod.main(["encode", "--model", str(out), "--max-len", "5", "a red star"]) == 0
+    line = capsys.readouterr().out.strip()
+    text, ids = line.split("\t")
+    assert text == "a red star"
+    np.testing.assert_array_equal([int(i) for i in ids.split()],
+                                  Tokenizer(str(out)).encode("a red star", 5))

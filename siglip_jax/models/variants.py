@@ -100,30 +100,25 @@ def text_kwargs(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
 
 # The published SigLIP checkpoints (Hugging Face model cards google/<name>): model config,
 # input sizes, and the parameter count the card states (millions).
+def _seed(size: str, patch: int, res: int, card_m: int, vocab: int = 32_000) -> dict[str, Any]:
+    return dict(
+        image=dict(variant=f"{size}/{patch}", pool_type="map"),
+        text=dict(variant=size, vocab_size=vocab),
+        out_dim=(None, SIZES[size][0]),
+        image_size=res,
+        text_len=64,
+        card_params_m=card_m,
+    )
+
+
 SIGLIP_SEEDS: dict[str, dict[str, Any]] = {
-    "siglip-base-patch16-224": dict(
-        image=dict(variant="B/16", pool_type="map"),
-        text=dict(variant="B", vocab_size=32_000),
-        out_dim=(None, 768), image_size=224, text_len=64, card_params_m=203,
-    ),
-    "siglip-base-patch16-256": dict(
-        image=dict(variant="B/16", pool_type="map"),
-        text=dict(variant="B", vocab_size=32_000),
-        out_dim=(None, 768), image_size=256, text_len=64, card_params_m=203,
-    ),
-    "siglip-base-patch16-384": dict(
-        image=dict(variant="B/16", pool_type="map"),
-        text=dict(variant="B", vocab_size=32_000),
-        out_dim=(None, 768), image_size=384, text_len=64, card_params_m=203,
-    ),
-    "siglip-large-patch16-256": dict(
-        image=dict(variant="L/16", pool_type="map"),
-        text=dict(variant="L", vocab_size=32_000),
-        out_dim=(None, 1024), image_size=256, text_len=64, card_params_m=652,
-    ),
-    "siglip-so400m-patch14-384": dict(
-        image=dict(variant="So400m/14", pool_type="map"),
-        text=dict(variant="So400m", vocab_size=32_000),
-        out_dim=(None, 1152), image_size=384, text_len=64, card_params_m=878,
-    ),
-}  # fmt: skip
+    "siglip-base-patch16-224": _seed("B", 16, 224, 203),
+    "siglip-base-patch16-256": _seed("B", 16, 256, 203),
+    "siglip-base-patch16-384": _seed("B", 16, 384, 203),
+    "siglip-base-patch16-512": _seed("B", 16, 512, 204),
+    "siglip-base-patch16-256-multilingual": _seed("B", 16, 256, 371, vocab=250_000),
+    "siglip-large-patch16-256": _seed("L", 16, 256, 652),
+    "siglip-large-patch16-384": _seed("L", 16, 384, 652),
+    "siglip-so400m-patch14-224": _seed("So400m", 14, 224, 877),
+    "siglip-so400m-patch14-384": _seed("So400m", 14, 384, 878),
+}

@@ -1,0 +1,72 @@
+"""Parameter shapes and counts without allocating the model (jax.eval_shape), variant table."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from siglip_jax.models import variants
+from siglip_jax.models.two_towers import Model
+
+
+def param_shapes(
+    model: Model, image_size: int | tuple[int, int] | None, text_len: int | None
+) -> Any:
+    """The params pytree of `model` as ShapeDtypeStructs (nothing is allocated)."""
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    img = None if image_size is None else jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
+    txt = None if text_len is None else jax.ShapeDtypeStruct((1, text_len), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), img, txt)["params"]
+
+
+def count(tree: Any) -> int:
+    """Total number of elements over the leaves of a (shape) pytree."""
+    return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
+
+
+def count_model_params(
+    image: Mapping[str, Any] | None,
+    text: Mapping[str, Any] | None,
+    out_dim: int | tuple[int | None, int | None],
+    image_size: int | tuple[int, int],
+    text_len: int,
+    bias_init: float | None = -10.0,
+) -> dict[str, int]:
+    """Counts {"img", "txt", "total"} params of a two-tower config, via jax.eval_shape."""
+    model = Model(image=image, text=text, out_dim=out_dim, bias_init=bias_init)
+    shapes = param_shapes(model, image_size, text_len)
+    return {"img": count(shapes["img"]), "txt": count(shapes["txt"]), "total": count(shapes)}
+
+
+def seed_table() -> list[dict[str, Any]]:
+    """Measured parameter counts of every published SigLIP checkpoint in variants.SIGLIP_SEEDS."""
+    rows = []
+    for name, seed in variants.SIGLIP_SEEDS.items():
+        counts = count_model_params(
+            {**seed["image"], "scan": True},  # Scanned: same count, much faster to trace.
+            {**seed["text"], "scan": True},
+            seed["out_dim"],
+            seed["image_size"],
+            seed["text_len"],
+        )
+        rows.append(dict(name=name, card_params_m=seed["card_params_m"], **counts))
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Renders seed_table() rows as a Markdown table (README)."""
+    lines = [
+        "| checkpoint | image tower | text tower | total (ours) | model card |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['img'] / 1e6:.1f} M | {r['txt'] / 1e6:.1f} M "
+            f"| {r['total'] / 1e6:.1f} M | {r['card_params_m']} M |"
+        )
+    return "\n".join(lines)

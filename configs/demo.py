@@ -1,0 +1,70 @@
+"""The embedded CPU demo: a small SigLIP learns coloured shapes in a few minutes on 2 cores.
+
+    python -m siglip_jax.train --config configs/demo.py --workdir /tmp/siglip_demo
+
+Data: 9 000 generated 32×32 images of 36 colour×shape classes with captions ("a small red
+circle"), cached in ~/.cache/siglip_jax; a word-level sentencepiece model trained on the
+caption vocabulary. Model: ViT patch 4, width 64, depth 3, global-average pooling; text width
+64, depth 2, length 8, last-token pooling; 64-d embeddings. Ring sigmoid loss over 8
+emulated CPU devices, global batch 128, AdamW (β2 0.95) with 5 % warmup and cosine decay.
+Expected: zero-shot top-1 ≥ 80 % on 720 held-out images (see README for measured numbers).
+`time_budget_s` stops training early on a busy machine so the run still ends in time.
+
+Argument (optional): `steps=N` — e.g. `configs/demo.py:steps=20` for a smoke test.
+"""
+
+import ml_collections
+
+from siglip_jax.config import parse_config_arg
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The demo config; `arg` may set steps=N."""
+    args = {"steps": 1000, **parse_config_arg(arg or "")}
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = int(args["steps"])
+    c.log_every = 50
+    c.time_budget_s = 270.0
+    c.cpu_devices = 8
+
+    c.mesh = [("data", -1)]
+    c.batch_axes = ("data",)
+    c.sharding_rules = [(".*", "replicate")]
+
+    data_dir = "~/.cache/siglip_jax"
+    c.input = ml_collections.ConfigDict()
+    data = dict(name="demo_shapes", data_dir=data_dir, image_size=32, train_per_class=250,
+                test_per_class=20)
+    c.input.data = dict(split="train", **data)
+    c.input.pp = 'value_range(-1, 1)|tokenize(max_len=8, eos="sticky", inkey="texts", outkey="labels")|keep("image", "labels")'  # noqa: E501
+    c.input.global_batch = 128
+    c.input.shuffle_buffer = 10_000
+    c.input.cache = True
+    c.tokenizer = dict(model="", max_len=8, eos="sticky")  # "": the data source's tokenizer.
+
+    c.model = ml_collections.ConfigDict()
+    c.model.image = dict(width=64, depth=3, mlp_dim=256, num_heads=4, patch_size=4,
+                         posemb="learn", pool_type="gap")
+    c.model.text = dict(vocab_size=64, width=64, depth=2, mlp_dim=256, num_heads=4,
+                        pool_type="last")
+    c.model.out_dim = 64
+    c.model.temperature_init = 10.0
+    c.model.bias_init = -10.0
+
+    c.loss = dict(impl="ring")
+
+    c.optim = dict(name="adam", b1=0.9, b2=0.95)
+    c.lr = 2e-3
+    c.wd = 1e-4
+    c.grad_clip_norm = 1.0
+    c.schedule = dict(decay_type="cosine", warmup_frac=0.05)
+
+    c.evals = ml_collections.ConfigDict()
+    c.evals.zeroshot = dict(
+        type="zeroshot", data=dict(split="test", **data),
+        pp='value_range(-1, 1)|keep("image", "label")', class_names="from_data",
+        templates=["a photo of a {}"], every_n_steps=500, batch_size=240)
+
+    c.checkpoint = dict(every_n_steps=500, keep=2)
+    return c

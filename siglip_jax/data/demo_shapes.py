@@ -1,0 +1,178 @@
+"""The embedded demo dataset: coloured shapes with captions, generated offline and cached.
+
+Images are `size`×`size` RGB pictures of one shape (circle, square, triangle, cross, ring,
+diamond) in one colour (red, green, blue, yellow, cyan, magenta) on a noisy dark background,
+with captions such as "a small red circle". The 36 colour×shape pairs are the classes of the
+zero-shot evaluation. The train and test splits are drawn from different seeds, so held-out
+images are never trained on. Splits are stored as `.npz` files (no pickles) next to a small
+sentencepiece model trained on the caption vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 80, 235),
+    "yellow": (235, 225, 50),
+    "cyan": (50, 220, 225),
+    "magenta": (225, 50, 215),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "diamond")
+CAPTION_TEMPLATES: tuple[str, ...] = (
+    "a {colour} {shape}",
+    "a photo of a {colour} {shape}",
+    "a {size} {colour} {shape}",
+    "a {colour} {shape} on a dark background",
+    "{colour} {shape}",
+    "a picture of a {size} {colour} {shape}",
+)
+ZEROSHOT_TEMPLATE = "a photo of a {}"
+_VERSION = "v1"
+
+
+def class_names() -> list[str]:
+    """The 36 class names, "colour shape", in label order (label = colour * 6 + shape)."""
+    return [f"{c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def render(colour_ids: np.ndarray, shape_ids: np.ndarray, rng: np.random.Generator,
+           size: int = 32) -> np.ndarray:
+    """Draws one shape per image; returns uint8 [N, size, size, 3]."""
+    n = len(colour_ids)
+    radius = rng.uniform(0.22, 0.36, n) * size
+    centre = rng.uniform(0.0, 1.0, (n, 2)) * (size - 2 * radius[:, None]) + radius[:, None]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    dy = yy[None] - centre[:, 0, None, None]
+    dx = xx[None] - centre[:, 1, None, None]
+    r = radius[:, None, None]
+    dist = np.sqrt(dx**2 + dy**2)
+    masks = np.stack([
+        dist <= r,                                                          # circle
+        np.maximum(np.abs(dx), np.abs(dy)) <= 0.8 * r,                      # square
+        (dy <= 0.75 * r) & (dy >= -r) & (np.abs(dx) <= 0.62 * (dy + r)),    # triangle
+        ((np.abs(dx) <= r / 3) & (np.abs(dy) <= r))
+        | ((np.abs(dy) <= r / 3) & (np.abs(dx) <= r)),                      # cross
+        (dist <= r) & (dist >= 0.55 * r),                                   # ring
+        np.abs(dx) + np.abs(dy) <= 1.1 * r,                                 # diamond
+    ], axis=1)  # [N, num_shapes, H, W]
+    mask = masks[np.arange(n), shape_ids][..., None]
+    palette = np.array(list(COLOURS.values()), np.float32)
+    colour = palette[colour_ids] + rng.normal(0, 12, (n, 3))
+    background = rng.uniform(0, 70, (n, 1, 1, 1)) + rng.normal(0, 8, (n, size, size, 3))
+    image = np.where(mask, colour[:, None, None, :], background)
+    image = image + rng.normal(0, 6, image.shape)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def make_split(num_per_class: int, seed: int, size: int = 32) -> dict[str, np.ndarray]:
+    """Generates a balanced split: images, integer labels and one caption per image."""
+    rng = np.random.default_rng(seed)
+    num_classes = len(COLOURS) * len(SHAPES)
+    labels = rng.permutation(np.repeat(np.arange(num_classes), num_per_class))
+    colour_ids, shape_ids = labels // len(SHAPES), labels % len(SHAPES)
+    images = render(colour_ids, shape_ids, rng, size)
+    colour_names, templates = list(COLOURS), rng.integers(0, len(CAPTION_TEMPLATES), len(labels))
+    sizes = rng.choice(["small", "large"], len(labels))
+    captions = [
+        CAPTION_TEMPLATES[t].format(colour=colour_names[c], shape=SHAPES[s], size=z)
+        for t, c, s, z in zip(templates, colour_ids, shape_ids, sizes, strict=True)
+    ]
+    return {"image": images, "label": labels.astype(np.int32), "texts": np.array(captions)}
+
+
+def tokenizer_corpus() -> list[str]:
+    """Every word the demo's captions and prompts use, in many combinations, to train on."""
+    lines = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for template in CAPTION_TEMPLATES:
+                for size in ("small", "large"):
+                    lines.append(template.format(colour=colour, shape=shape, size=size))
+            lines.append(ZEROSHOT_TEMPLATE.format(f"{colour} {shape}"))
+    return lines
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoShapes:
+    """The cached demo dataset in `data_dir`; `prepare()` generates it once.
+
+    Attributes:
+      data_dir: cache folder; the files live in `<data_dir>/demo_shapes_v1`.
+      image_size: side of the square images in pixels.
+      train_per_class / test_per_class: examples per class (36 classes) in each split.
+      vocab_size: size of the sentencepiece vocabulary trained on the captions.
+    """
+
+    data_dir: str
+    image_size: int = 32
+    train_per_class: int = 250
+    test_per_class: int = 20
+    vocab_size: int = 64
+
+    @property
+    def root(self) -> str:
+        """The folder holding this configuration's files."""
+        name = (f"demo_shapes_{_VERSION}_{self.image_size}px_{self.train_per_class}"
+                f"_{self.test_per_class}")
+        return os.path.join(os.path.expanduser(self.data_dir), name)
+
+    @property
+    def tokenizer_path(self) -> str:
+        """Path of the sentencepiece model trained on the caption vocabulary."""
+        return os.path.join(self.root, "spm.model")
+
+    def split_path(self, split: str) -> str:
+        """Path of the `.npz` holding `split` ("train" or "test")."""
+        if split not in ("train", "test"):
+            raise ValueError(f"demo_shapes has splits 'train' and 'test', not {split!r}")
+        return os.path.join(self.root, f"{split}.npz")
+
+    def prepare(self) -> None:
+        """Generates the splits and trains the tokenizer unless they are cached already."""
+        from siglip_jax.data.tokenizer import train_sentencepiece
+
+        os.makedirs(self.root, exist_ok=True)
+        for split, per_class, seed in (("train", self.train_per_class, 0),
+                                       ("test", self.test_per_class, 1)):
+            path = self.split_path(split)
+            if not os.path.exists(path):
+                arrays = make_split(per_class, seed, self.image_size)
+                tmp = path + ".tmp.npz"
+                np.savez(tmp, **arrays)
+                os.replace(tmp, path)
+        if not os.path.exists(self.tokenizer_path):
+            tmp = self.tokenizer_path + ".tmp"
+            train_sentencepiece(tokenizer_corpus(), self.vocab_size, tmp, model_type="word")
+            os.replace(tmp, self.tokenizer_path)
+
+    def load(self, split: str) -> dict[str, np.ndarray]:
+        """Reads one split from the cache (preparing it first if needed)."""
+        path = self.split_path(split)
+        if not os.path.exists(path):
+            self.prepare()
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+
+    def num_examples(self, split: str) -> int:
+        """Number of examples in `split`."""
+        per_class = self.train_per_class if split == "train" else self.test_per_class
+        return per_class * len(COLOURS) * len(SHAPES)
+
+    def dataset(self, split: str, process_index: int = 0, process_count: int = 1
+                ) -> tf.data.Dataset:
+        """This process's share of `split` as a tf.data.Dataset of example dicts."""
+        arrays = self.load(split)
+        share = {k: v[process_index::process_count] for k, v in arrays.items()}
+        return tf.data.Dataset.from_tensor_slices(share)
+
+    def class_names(self) -> Sequence[str]:
+        """Zero-shot class names in label order."""
+        return class_names()

@@ -1,0 +1,53 @@
+"""Embedding helpers shared by evaluators: jitted, sharded image and text tower calls."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from siglip_jax.sharding import batch_sharding, num_batch_shards, replicated
+
+
+class Embedder:
+    """Runs the model's image or text tower on batches sharded over the mesh's batch axes.
+
+    `model.apply({"params": p}, image, text)` must return `(zimg, ztxt, out)` with either input
+    allowed to be None. Inputs that every process holds in full (class prompts) go through
+    `embed_texts`; per-process shares of a batch (evaluation images) through `embed_images`.
+    """
+
+    def __init__(self, model: Any, mesh: Mesh, batch_axes: Sequence[str],
+                 param_shardings: Any):
+        self.mesh, self.batch_axes = mesh, tuple(batch_axes)
+        self.num_shards = num_batch_shards(mesh, self.batch_axes)
+        data = batch_sharding(mesh, self.batch_axes)
+        self._image_fn = jax.jit(
+            lambda params, images: model.apply({"params": params}, images, None)[0],
+            in_shardings=(param_shardings, data), out_shardings=data)
+        self._text_fn = jax.jit(
+            lambda params, texts: model.apply({"params": params}, None, texts)[1],
+            in_shardings=(param_shardings, data), out_shardings=replicated(mesh))
+
+    def image_fn(self, params: Any, images: jax.Array) -> jax.Array:
+        """Normalised image embeddings of a global, batch-sharded image array."""
+        return self._image_fn(params, images)
+
+    def embed_texts(self, params: Any, tokens: np.ndarray, batch_size: int = 1024) -> jax.Array:
+        """Normalised text embeddings [N, D] (replicated) of token ids every process holds."""
+        tokens = np.asarray(tokens, np.int32)
+        chunk = max(self.num_shards, batch_size // self.num_shards * self.num_shards)
+        outputs = []
+        for start in range(0, len(tokens), chunk):
+            part = tokens[start:start + chunk]
+            padded = np.concatenate(
+                [part, np.repeat(part[-1:], (-len(part)) % self.num_shards, axis=0)])
+            array = jax.make_array_from_callback(
+                padded.shape, batch_sharding(self.mesh, self.batch_axes),
+                lambda index, padded=padded: padded[index])
+            outputs.append(self._text_fn(params, array)[:len(part)])
+        return jnp.concatenate(outputs, axis=0)

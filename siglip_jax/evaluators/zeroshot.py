@@ -1,0 +1,108 @@
+"""Zero-shot classification: class names × prompt templates → text classifier → image top-k.
+
+Protocol (the standard one from CLIP/SigLIP papers): every class name is put into every
+template; the text embeddings (already L2-normalised by the model) are averaged over templates
+per class and renormalised; an image is assigned the class with the largest dot product.
+Metrics: top-1 and top-5 accuracy and mean per-class recall, from exact counts over the
+evaluation set (padding examples of the last batch are masked out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from siglip_jax.data.input import MASK_KEY
+from siglip_jax.evaluators.common import Embedder
+from siglip_jax.sharding import make_global_batch
+
+
+def prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """All class × template prompts, class-major: prompts[c * T + t]."""
+    for template in templates:
+        if "{}" not in template:
+            raise ValueError(f"prompt template {template!r} has no '{{}}' for the class name")
+    return [template.format(name) for name in class_names for template in templates]
+
+
+def class_embeddings(ztxt_ctxd: jax.Array, num_classes: int) -> jax.Array:
+    """Averages normalised prompt embeddings per class and renormalises: [C*T, D] → [C, D]."""
+    ztxt = ztxt_ctxd.reshape(num_classes, -1, ztxt_ctxd.shape[-1])
+    ztxt = ztxt / (jnp.linalg.norm(ztxt, axis=-1, keepdims=True) + 1e-8)
+    zcls = ztxt.mean(axis=1)
+    return zcls / (jnp.linalg.norm(zcls, axis=-1, keepdims=True) + 1e-8)
+
+
+@jax.jit
+def _counts(zimg_nxd, zcls_cxd, labels_n, mask_n):
+    """Per-batch counts: top-1 and top-5 hits, and per-class hits/totals for mean recall."""
+    logits = zimg_nxd @ zcls_cxd.T
+    num_classes = zcls_cxd.shape[0]
+    k = min(5, num_classes)
+    label_logit = jnp.take_along_axis(logits, labels_n[:, None], axis=1)
+    rank = (logits > label_logit).sum(axis=1)  # How many classes score above the true one.
+    top1 = (rank == 0) & mask_n
+    top5 = (rank < k) & mask_n
+    onehot = jax.nn.one_hot(labels_n, num_classes) * mask_n[:, None]
+    return {"top1": top1.sum(), "top5": top5.sum(), "count": mask_n.sum(),
+            "class_hits": (onehot * top1[:, None]).sum(0), "class_count": onehot.sum(0)}
+
+
+class ZeroShotEvaluator:
+    """Zero-shot classification accuracy of a two-tower model on a labelled image set.
+
+    Args:
+      embedder: sharded tower calls (see evaluators.common.Embedder).
+      class_names: one name per label id.
+      templates: prompt templates with `{}` where the class name goes.
+      tokenize: list of strings → int32 token ids [N, L], as used in training.
+      batches: returns a fresh iterator of this process's padded eval batches with keys
+        "image", "label" and "_mask" (see data.input.eval_batches).
+    """
+
+    def __init__(self, *, embedder: Embedder, class_names: Sequence[str],
+                 templates: Sequence[str], tokenize: Callable[[list[str]], np.ndarray],
+                 batches: Callable[[], Iterator[dict[str, np.ndarray]]]):
+        self.embedder = embedder
+        self.class_names = list(class_names)
+        self.templates = list(templates)
+        self.tokens = tokenize(prompts(self.class_names, self.templates))
+        self.batches = batches
+
+    def classifier(self, params: Any) -> jax.Array:
+        """The [C, D] class embeddings for `params`."""
+        ztxt = self.embedder.embed_texts(params, self.tokens)
+        return class_embeddings(ztxt, len(self.class_names))
+
+    def run(self, params: Any) -> dict[str, float]:
+        """Evaluates and returns top1, top5, mean_class_recall and the example count."""
+        zcls = self.classifier(params)
+        return accumulate(
+            _counts(self.embedder.image_fn(params, batch["image"]), zcls, batch["label"],
+                    batch[MASK_KEY])
+            for batch in self._global_batches())
+
+    def _global_batches(self) -> Iterator[dict[str, jax.Array]]:
+        for batch in self.batches():
+            local = {k: batch[k] for k in ("image", "label", MASK_KEY)}
+            yield make_global_batch(local, self.embedder.mesh, self.embedder.batch_axes)
+
+
+def accumulate(counts: Iterable[dict[str, jax.Array]]) -> dict[str, float]:
+    """Sums per-batch counts and turns them into accuracies."""
+    total: dict[str, np.ndarray] = {}
+    for batch_counts in counts:
+        for key, value in batch_counts.items():
+            total[key] = total.get(key, 0) + np.asarray(value, np.float64)
+    count = float(total["count"])
+    seen = total["class_count"] > 0
+    return {
+        "top1": float(total["top1"]) / count,
+        "top5": float(total["top5"]) / count,
+        "mean_class_recall": float(np.mean(total["class_hits"][seen] / total["class_count"][seen])),
+        "num_examples": count,
+    }

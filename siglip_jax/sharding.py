@@ -1,0 +1,155 @@
+"""Device mesh from config, regex partition rules for parameters, global batch assembly.
+
+The mesh is described as named axes with sizes, e.g. `[("data", -1), ("fsdp", 1)]`, where one
+size may be -1 ("all remaining devices"). Parameter shardings come from an ordered list of
+`(regex, rule)` pairs matched against the `/`-joined parameter path; the first match wins.
+A rule is `"replicate"`, `"fsdp"` (shard the largest dimension divisible by the fsdp axis size
+over that axis) or an explicit PartitionSpec-like tuple of axis names / None.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MeshSpec = Sequence[tuple[str, int]]
+Rule = tuple[str, Any]
+
+
+def make_mesh(mesh_spec: MeshSpec, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a Mesh with the named axes of `mesh_spec`; one size may be -1 (the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    names = [str(name) for name, _ in mesh_spec]
+    sizes = [int(size) for _, size in mesh_spec]
+    if len(set(names)) != len(names):
+        raise ValueError(f"mesh axis names must be unique, got {names}")
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may have size -1, got {list(mesh_spec)}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if known <= 0 or len(devices) % known:
+        raise ValueError(f"mesh {list(mesh_spec)} does not divide the {len(devices)} devices")
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh {list(mesh_spec)} uses {int(np.prod(sizes))} devices, "
+                         f"but there are {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(sizes), tuple(names))
+
+
+def batch_spec(batch_axes: Sequence[str]) -> PartitionSpec:
+    """The PartitionSpec of arrays whose leading (batch) dimension is split over batch_axes."""
+    return PartitionSpec(tuple(batch_axes))
+
+
+def batch_sharding(mesh: Mesh, batch_axes: Sequence[str]) -> NamedSharding:
+    """NamedSharding for batch-leading arrays."""
+    return NamedSharding(mesh, batch_spec(batch_axes))
+
+
+def num_batch_shards(mesh: Mesh, batch_axes: Sequence[str]) -> int:
+    """How many ways the batch dimension is split."""
+    return int(np.prod([mesh.shape[a] for a in batch_axes]))
+
+
+def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
+                      batch_axes: Sequence[str]) -> dict[str, jax.Array]:
+    """Turns this process's share of a batch into global arrays sharded over batch_axes."""
+    sharding = batch_sharding(mesh, batch_axes)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local_batch.items()}
+
+
+def tree_paths(tree: Any) -> list[str]:
+    """The `/`-joined key path of every leaf, in tree_leaves order."""
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """Formats a jax key path as `a/b/c`."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _rule_to_spec(rule: Any, shape: Sequence[int], mesh: Mesh, path: str) -> PartitionSpec:
+    if rule == "replicate" or rule is None:
+        return PartitionSpec()
+    if isinstance(rule, str) and rule.startswith("fsdp"):
+        axis = rule.partition(":")[2] or "fsdp"
+        if axis not in mesh.shape:
+            raise ValueError(f"sharding rule {rule!r} for {path!r}: mesh has no axis {axis!r} "
+                             f"(axes: {tuple(mesh.shape)})")
+        size = mesh.shape[axis]
+        spec = [None] * len(shape)
+        if size > 1:
+            for dim in np.argsort(shape)[::-1]:
+                if shape[dim] % size == 0 and shape[dim] >= size:
+                    spec[int(dim)] = axis
+                    break
+        return PartitionSpec(*spec)
+    if isinstance(rule, (tuple, list)):
+        if len(rule) > len(shape):
+            raise ValueError(f"sharding rule {rule!r} has more entries than {path!r} has "
+                             f"dimensions {tuple(shape)}")
+        return PartitionSpec(*rule)
+    raise ValueError(f"unknown sharding rule {rule!r} for {path!r}; expected 'replicate', "
+                     "'fsdp', 'fsdp:<axis>' or a tuple of axis names")
+
+
+def param_shardings(abstract_params: Any, rules: Sequence[Rule], mesh: Mesh) -> Any:
+    """Maps every parameter (abstract or concrete) to a NamedSharding by the first rule matching.
+
+    Raises if a rule matches no parameter (a typo would otherwise silently replicate).
+    """
+    compiled = [(re.compile(pattern), rule) for pattern, rule in rules]
+    used = [False] * len(compiled)
+
+    def choose(path, leaf):
+        name = path_str(path)
+        for i, (pattern, rule) in enumerate(compiled):
+            if pattern.fullmatch(name):
+                used[i] = True
+                return NamedSharding(mesh, _rule_to_spec(rule, leaf.shape, mesh, name))
+        return NamedSharding(mesh, PartitionSpec())
+
+    shardings = jax.tree_util.tree_map_with_path(choose, abstract_params)
+    unused = [rules[i][0] for i, u in enumerate(used) if not u]
+    if unused:
+        raise ValueError(f"sharding rule regex {unused[0]!r} matches no parameter; "
+                         f"parameters look like {tree_paths(abstract_params)[:3]}")
+    return shardings
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A fully replicated sharding on `mesh`."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def follow_params(abstract_state: Any, abstract_params: Any, shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for optimizer state: a leaf whose path ends with a parameter's path and has
+    that parameter's shape gets the parameter's sharding; anything else is replicated."""
+    by_path = {}
+    for (path, leaf), sharding in zip(
+            jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+            jax.tree_util.tree_leaves(shardings), strict=True):
+        by_path[path_str(path)] = (tuple(leaf.shape), sharding)
+
+    def choose(path, leaf):
+        parts = path_str(path).split("/")
+        for start in range(len(parts)):
+            match = by_path.get("/".join(parts[start:]))
+            if match is not None and match[0] == tuple(leaf.shape):
+                return match[1]
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(choose, abstract_state)

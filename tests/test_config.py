@@ -1,0 +1,118 @@
+"""Config loading, overrides and their one-line errors."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from siglip_jax.config import ConfigError, apply_override, load_config, parse_config_arg, split_spec
+
+CONFIG = textwrap.dedent('''
+    import ml_collections
+
+    def get_config(arg=None):
+        c = ml_collections.ConfigDict()
+        c.total_steps = 10
+        c.lr = 1e-3
+        c.name = "run"
+        c.flag = False
+        c.shape = (1, 2)
+        c.optional = None
+        c.optim = dict(name="adam", b2=0.95)
+        c.arg = arg
+        return c
+''')
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "exp.py"
+    path.write_text(CONFIG)
+    return str(path)
+
+
+def test_split_spec():
+    assert split_spec("configs/a.py:steps=3,x=1") == ("configs/a.py", "steps=3,x=1")
+    assert split_spec("configs/a.py") == ("configs/a.py", None)
+
+
+def test_overrides_are_typed(config_file):
+    c = load_config(config_file + ":hello", [
+        "total_steps=20", "lr=3", "name=other run", "flag=true", "shape=(3, 4)",
+        "optional=[1, 2]", "optim.b2=0.99"])
+    assert c.total_steps == 20 and isinstance(c.total_steps, int)
+    assert c.lr == 3.0 and isinstance(c.lr, float)
+    assert c.name == "other run"
+    assert c.flag is True
+    assert c.shape == (3, 4)
+    assert c.optional == [1, 2]
+    assert c.optim.b2 == 0.99
+    assert c.arg == "hello"
+
+
+def test_config_is_locked(config_file):
+    c = load_config(config_file)
+    with pytest.raises(AttributeError):
+        c.new_key = 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("total_step=3", "unknown config key 'total_step'; valid keys under <top level>: arg, flag"),
+    ("optim.b3=0.9", "unknown config key 'optim.b3'; valid keys under optim: b2, name"),
+    ("total_steps=abc", "config key 'total_steps' expects an int, got 'abc'"),
+    ("total_steps=1.5", "config key 'total_steps' expects an int, got '1.5'"),
+    ("flag=maybe", "config key 'flag' expects a bool (true/false), got 'maybe'"),
+    ("lr.x=1", "config key 'lr' is a value, not a group"),
+    ("optim=3", "config key 'optim' is a group; set its fields one by one (valid: b2, name)"),
+    ("novalue", "override 'novalue' is not of the form key=value"),
+])
+def test_override_errors_name_the_key(config_file, override, message):
+    c = load_config(config_file)
+    c.unlock()
+    with pytest.raises(ConfigError) as e:
+        apply_override(c, override)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file_and_missing_get_config(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: 'nope.py'"):
+        load_config("nope.py")
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="defines no get_config"):
+        load_config(str(bad))
+
+
+def test_parse_config_arg():
+    assert parse_config_arg("steps=20,name=a,lr=0.1") == {"steps": 20, "name": "a", "lr": 0.1}
+    with pytest.raises(ConfigError, match="'oops' is not of the form key=value"):
+        parse_config_arg("oops")
+
+
+DEMO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+
+
+def _run_train(*args):
+    return subprocess.run([sys.executable, "-m", "siglip_jax.train", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    """Missing config, unknown key and unwritable workdir: one line on stderr, exit code 2."""
+    cases = [
+        (["--config", "missing.py", "--workdir", str(tmp_path / "w")],
+         "error: config file not found: 'missing.py'"),
+        (["--config", DEMO_CONFIG, "--workdir", str(tmp_path / "w"),
+          "--config.total_stepz=3"], "error: unknown config key 'total_stepz'"),
+        (["--config", DEMO_CONFIG, "--workdir", "/proc/forbidden/workdir"],
+         "error: workdir '/proc/forbidden/workdir' is not writable"),
+    ]
+    for args, message in cases:
+        result = _run_train(*args)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2, result.stderr
+        assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+        assert "Traceback" not in result.stderr

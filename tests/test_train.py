@@ -1,0 +1,93 @@
+"""The trainer end to end on the demo data with a tiny model: learning, exact resume, NaN stop."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from siglip_jax.config import load_config
+from siglip_jax.train import NonFiniteError, train
+
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+
+
+def tiny_config(tmp_path, steps=20, **extra):
+    data = tmp_path.parent / "demo_data"
+    overrides = {
+        "log_every": 5, "time_budget_s": 0, "checkpoint.every_n_steps": 10,
+        "input.data.data_dir": str(data), "input.data.train_per_class": 20,
+        "input.global_batch": 64, "input.shuffle_buffer": 512,
+        "evals.zeroshot.data.data_dir": str(data), "evals.zeroshot.data.train_per_class": 20,
+        "evals.zeroshot.data.test_per_class": 2, "evals.zeroshot.every_n_steps": 0,
+        "model.image.width": 32, "model.image.depth": 1, "model.image.mlp_dim": 64,
+        "model.image.num_heads": 2, "model.image.patch_size": 8,
+        "model.text.width": 32, "model.text.depth": 1, "model.text.mlp_dim": 64,
+        "model.text.num_heads": 2, "model.out_dim": 32, **extra}
+    return load_config(f"{DEMO}:steps={steps}", [f"{k}={v}" for k, v in overrides.items()])
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    workdir = str(tmp / "workdir")
+    os.makedirs(workdir)
+    summary = train(tiny_config(tmp), workdir)
+    return tmp, workdir, summary
+
+
+def test_loss_falls_and_metrics_are_logged(trained):
+    _, workdir, summary = trained
+    records = read_metrics(workdir)
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [1, 5, 10, 15, 20]
+    first, last = train_records[0]["loss"], train_records[-1]["loss"]
+    assert last < 0.7 * first, (first, last)
+    for key in ("lr", "t", "b", "steps_per_s", "examples_per_s", "eta_s", "grad_norm",
+                "pos_logit_mean", "neg_logit_mean"):
+        assert key in train_records[-1]
+    assert summary["step"] == 20
+    assert summary["zeroshot/num_examples"] == 72.0  # 36 classes × 2 held-out images.
+    assert 0.0 <= summary["zeroshot/top1"] <= summary["zeroshot/top5"] <= 1.0
+
+
+def test_rerun_resumes_from_checkpoint_exactly(trained):
+    """Deleting the final checkpoint and rerunning continues from step 10 to the same params."""
+    import orbax.checkpoint as ocp
+
+    tmp, workdir, _ = trained
+    restore = lambda run: ocp.StandardCheckpointer().restore(
+        os.path.join(run, "checkpoints", "20", "default"))
+    final = restore(workdir)
+    resumed_dir = str(tmp / "resumed")
+    os.makedirs(os.path.join(resumed_dir, "checkpoints"))
+    os.symlink(os.path.join(workdir, "checkpoints", "10"),
+               os.path.join(resumed_dir, "checkpoints", "10"))
+    summary = train(tiny_config(tmp), resumed_dir)
+    assert summary["step"] == 20
+    resumed = restore(resumed_dir)
+    leaves = zip(_leaves(final["params"]), _leaves(resumed["params"]), strict=True)
+    for (path, a), (_, b) in leaves:
+        np.testing.assert_array_equal(a, b, err_msg=path)
+    steps = [r["step"] for r in read_metrics(resumed_dir) if "loss" in r]
+    assert steps == [11, 15, 20]
+
+
+def _leaves(tree):
+    import jax
+
+    return [(jax.tree_util.keystr(p), np.asarray(v))
+            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+    workdir = str(tmp_path / "nan")
+    os.makedirs(workdir)
+    with pytest.raises(NonFiniteError, match=r"non-finite loss or gradients at step \d+"):
+        train(tiny_config(tmp_path, steps=20, lr=1e38, grad_clip_norm=0.0), workdir)

@@ -126,47 +126,60 @@ def _block(x_cxd: Array, y_bxd: Array, t: Array, bias: Array, pos_offset: Array 
            grads: bool) -> tuple[Array, ...]:
     """Loss sum of logits t·x·yᵀ + b; positives at (i, i + pos_offset), none if None.
 
-    With grads, also returns d/dx, d/dy, d/dt and d/db of that sum.
+    With grads, also returns d/dx, d/dy, d/dt and d/db of that sum. The c×b work treats every
+    pair as a negative (no label matrix); the c positive pairs are then corrected in O(c·d).
     """
-    xy_cxb = jnp.dot(x_cxd, y_bxd.T)
-    logits_cxb = t * xy_cxb + bias
-    if pos_offset is None:
-        z_cxb = -jnp.ones_like(logits_cxb)
-    else:
-        rows_cx1 = jnp.arange(x_cxd.shape[0])[:, None] + pos_offset
-        cols_1xb = jnp.arange(y_bxd.shape[0])[None, :]
-        z_cxb = jnp.where(rows_cx1 == cols_1xb, 1.0, -1.0)
-    loss = jnp.sum(jax.nn.softplus(-z_cxb * logits_cxb))
+    logits_cxb = t * jnp.dot(x_cxd, y_bxd.T) + bias
+    loss = jnp.sum(jax.nn.softplus(logits_cxb))  # -log σ(-l) = softplus(l)
+    if pos_offset is not None:
+        c = x_cxd.shape[0]
+        ypos_cxd = jax.lax.dynamic_slice_in_dim(y_bxd, pos_offset, c, axis=0)
+        lpos_c = t * jnp.sum(x_cxd * ypos_cxd, axis=1) + bias
+        loss = loss + jnp.sum(jax.nn.softplus(-lpos_c) - jax.nn.softplus(lpos_c))
     if not grads:
         return (loss,)
-    g_cxb = -z_cxb * jax.nn.sigmoid(-z_cxb * logits_cxb)  # d loss / d logits
-    dx_cxd = t * jnp.dot(g_cxb, y_bxd)
-    dy_bxd = t * jnp.dot(g_cxb.T, x_cxd)
-    return loss, dx_cxd, dy_bxd, jnp.sum(g_cxb * xy_cxb), jnp.sum(g_cxb)
+    g_cxb = jax.nn.sigmoid(logits_cxb)  # d loss / d logits of a negative pair
+    gy_cxd = jnp.dot(g_cxb, y_bxd)
+    gx_bxd = jnp.dot(g_cxb.T, x_cxd)
+    db = jnp.sum(g_cxb)
+    if pos_offset is not None:  # a positive pair's slope is -σ(-l), not σ(l)
+        gcorr_c = -jax.nn.sigmoid(-lpos_c) - jax.nn.sigmoid(lpos_c)
+        gy_cxd = gy_cxd + gcorr_c[:, None] * ypos_cxd
+        gxpos_cxd = jax.lax.dynamic_slice_in_dim(gx_bxd, pos_offset, c, axis=0)
+        gx_bxd = jax.lax.dynamic_update_slice_in_dim(
+            gx_bxd, gxpos_cxd + gcorr_c[:, None] * x_cxd, pos_offset, axis=0)
+        db = db + jnp.sum(gcorr_c)
+    dt = jnp.sum(x_cxd * gy_cxd)  # Σ_ij g_ij x_i·y_j
+    return loss, t * gy_cxd, t * gx_bxd, dt, db
 
 
-def _block_chunked(x_bxd: Array, y_bxd: Array, t: Array, bias: Array, positives: bool,
-                   grads: bool, chunk: int | None) -> tuple[Array, ...]:
-    """`_block` over row chunks of the local images so only chunk×b logits are live."""
-    b, d = x_bxd.shape
-    if chunk is None or chunk >= b:
-        return _block(x_bxd, y_bxd, t, bias, 0 if positives else None, grads)
-    n_chunks = b // chunk
-    x_nxcxd = x_bxd.reshape(n_chunks, chunk, d)
+def _add_block(acc: tuple[Array, ...], dy_bxd: Array | None, x_bxd: Array, y_bxd: Array, *,
+               t: Array, bias: Array, positives: bool, grads: bool,
+               chunk: int | None) -> tuple[tuple[Array, ...], Array | None]:
+    """Add one text block's loss (and grads) into the accumulators, in place.
 
-    def body(carry, inputs):
-        i, x_cxd = inputs
-        out = _block(x_cxd, y_bxd, t, bias, i * chunk if positives else None, grads)
-        carry = tuple(c + o for c, o in zip(carry, out[:1] + out[2:], strict=True))
-        return carry, (out[1] if grads else None)
+    acc = (loss, dx, dt, db) with grads, else (loss,); dy_bxd is the block's travelling
+    text-grad accumulator (None without grads). With `chunk`, the local images are processed
+    `chunk` rows at a time so only chunk×b logits are live.
+    """
+    b = x_bxd.shape[0]
+    chunk = b if chunk is None else min(chunk, b)
 
-    zero = jnp.zeros_like(x_bxd, shape=())  # zeros_like keeps the shard_map varying type
-    init = (zero, jnp.zeros_like(y_bxd), zero, zero) if grads else (zero,)
-    carry, dx_nxcxd = jax.lax.scan(body, init, (jnp.arange(n_chunks), x_nxcxd))
-    if not grads:
-        return carry
-    loss, dy_bxd, dt, db = carry
-    return loss, dx_nxcxd.reshape(b, d), dy_bxd, dt, db
+    def one(i, carry):
+        acc, dy_bxd = carry
+        start = i * chunk
+        x_cxd = jax.lax.dynamic_slice_in_dim(x_bxd, start, chunk, axis=0)
+        out = _block(x_cxd, y_bxd, t, bias, start if positives else None, grads)
+        if not grads:
+            return (acc[0] + out[0],), None
+        loss, dx_bxd, dt, db = acc
+        dx_cxd = jax.lax.dynamic_slice_in_dim(dx_bxd, start, chunk, axis=0) + out[1]
+        dx_bxd = jax.lax.dynamic_update_slice_in_dim(dx_bxd, dx_cxd, start, axis=0)
+        return (loss + out[0], dx_bxd, dt + out[3], db + out[4]), dy_bxd + out[2]
+
+    if chunk == b:
+        return one(0, (acc, dy_bxd))
+    return jax.lax.fori_loop(0, b // chunk, one, (acc, dy_bxd))
 
 
 # ------------------------------------------------------------------------------------------
@@ -174,95 +187,76 @@ def _block_chunked(x_bxd: Array, y_bxd: Array, t: Array, bias: Array, positives:
 # the gradients of the global loss w.r.t. (x, y, t', b) for this device's shard.
 
 
-def _finish(loss: Array, t: Array, parts: tuple[Array, ...] | None, axes: tuple[str, ...],
-            batch: int) -> tuple[Array, tuple[Array, ...] | None]:
+def _zero_acc(x_bxd: Array, y_bxd: Array, grads: bool) -> tuple[tuple[Array, ...], Array | None]:
+    """Zero accumulators (zeros_like keeps the shard_map device-varying type)."""
+    zero = jnp.zeros_like(x_bxd, shape=())
+    if not grads:
+        return (zero,), None
+    return (zero, jnp.zeros_like(x_bxd), zero, zero), jnp.zeros_like(y_bxd)
+
+
+def _finish(acc: tuple[Array, ...], dy_bxd: Array | None, t: Array, axes: tuple[str, ...],
+            batch: int) -> Array | tuple[Array, tuple[Array, ...]]:
     """psum the per-device sums, normalise by B, turn d/dt into d/dt'."""
-    loss = jax.lax.psum(loss, axes) / batch
-    if parts is None:
-        return loss, None
-    dx, dy, dt, db = parts
+    loss = jax.lax.psum(acc[0], axes) / batch
+    if dy_bxd is None:
+        return loss
+    _, dx, dt, db = acc
     dt_prime = jax.lax.psum(dt, axes) * t / batch
-    return loss, (dx / batch, dy / batch, dt_prime, jax.lax.psum(db, axes) / batch)
+    return loss, (dx / batch, dy_bxd / batch, dt_prime, jax.lax.psum(db, axes) / batch)
 
 
 def _ring_walk(x_bxd: Array, y_bxd: Array, t_prime: Array, bias: Array, *, grads: bool,
                axes: tuple[str, ...], n: int, chunk: int | None):
     """One-way ring: N-1 hops, the text-grad accumulator travels with its block."""
     t = jnp.exp(t_prime)
-    batch = n * x_bxd.shape[0]
     right = _shift(n, 1)
-    block = functools.partial(_block_chunked, t=t, bias=bias, grads=grads, chunk=chunk)
-    first = block(x_bxd, y_bxd, positives=True)
-    if not grads:
-        def body(_, carry):
-            y, loss = carry
-            y = jax.lax.ppermute(y, axes, right)
-            return y, loss + block(x_bxd, y, positives=False)[0]
+    add = functools.partial(_add_block, x_bxd=x_bxd, t=t, bias=bias, grads=grads, chunk=chunk)
+    acc, dy = add(*_zero_acc(x_bxd, y_bxd, grads), y_bxd=y_bxd, positives=True)
 
-        _, loss = jax.lax.fori_loop(0, n - 1, body, (y_bxd, first[0]))
-        return _finish(loss, t, None, axes, batch)[0]
-
-    def body_g(_, carry):
-        y, dy, dx, loss, dt, db = carry
+    def body(_, carry):  # pass (block, its grad accumulator) one hop on, add its loss
+        y, dy, acc = carry
         y, dy = jax.lax.ppermute((y, dy), axes, right)
-        out = block(x_bxd, y, positives=False)
-        return (y, dy + out[2], dx + out[1], loss + out[0], dt + out[3], db + out[4])
+        acc, dy = add(acc, dy, y_bxd=y, positives=False)
+        return y, dy, acc
 
-    loss, dx, dy, dt, db = first
-    carry = jax.lax.fori_loop(0, n - 1, body_g, (y_bxd, dy, dx, loss, dt, db))
-    _, dy, dx, loss, dt, db = carry
-    if n > 1:  # After N-1 hops the accumulator sits one hop short of home.
+    _, dy, acc = jax.lax.fori_loop(0, n - 1, body, (y_bxd, dy, acc))
+    if grads and n > 1:  # after N-1 hops the accumulator sits one hop short of home
         dy = jax.lax.ppermute(dy, axes, right)
-    return _finish(loss, t, (dx, dy, dt, db), axes, batch)
+    return _finish(acc, dy, t, axes, n * x_bxd.shape[0])
 
 
 def _bidirectional_walk(x_bxd: Array, y_bxd: Array, t_prime: Array, bias: Array, *,
                         grads: bool, axes: tuple[str, ...], n: int, chunk: int | None):
     """Two streams (one each way): ⌊(N-1)/2⌋ two-way rounds, plus one one-way if N is even."""
     t = jnp.exp(t_prime)
-    batch = n * x_bxd.shape[0]
     full, extra = (n - 1) // 2, (n - 1) % 2
     right, left = _shift(n, 1), _shift(n, -1)
-    block = functools.partial(_block_chunked, t=t, bias=bias, grads=grads, chunk=chunk)
-    first = block(x_bxd, y_bxd, positives=True)
-    if not grads:
-        def body(_, carry):
-            yr, yl, loss = carry
-            yr = jax.lax.ppermute(yr, axes, right)
-            yl = jax.lax.ppermute(yl, axes, left)
-            loss = loss + block(x_bxd, yr, positives=False)[0]
-            return yr, yl, loss + block(x_bxd, yl, positives=False)[0]
+    add = functools.partial(_add_block, x_bxd=x_bxd, t=t, bias=bias, grads=grads, chunk=chunk)
+    acc, dyr = add(*_zero_acc(x_bxd, y_bxd, grads), y_bxd=y_bxd, positives=True)
+    dyl = jnp.zeros_like(y_bxd) if grads else None
 
-        yr, _, loss = jax.lax.fori_loop(0, full, body, (y_bxd, y_bxd, first[0]))
-        if extra:
-            yr = jax.lax.ppermute(yr, axes, right)
-            loss = loss + block(x_bxd, yr, positives=False)[0]
-        return _finish(loss, t, None, axes, batch)[0]
+    def compute(yr, dyr, yl, dyl, acc):
+        acc, dyr = add(acc, dyr, y_bxd=yr, positives=False)
+        acc, dyl = add(acc, dyl, y_bxd=yl, positives=False)
+        return yr, dyr, yl, dyl, acc
 
-    def step(y, dy, dx, loss, dt, db):
-        out = block(x_bxd, y, positives=False)
-        return dy + out[2], dx + out[1], loss + out[0], dt + out[3], db + out[4]
-
-    def body_g(_, carry):
-        yr, dyr, yl, dyl, dx, loss, dt, db = carry
+    def hop(yr, dyr, yl, dyl, acc):
         yr, dyr = jax.lax.ppermute((yr, dyr), axes, right)
         yl, dyl = jax.lax.ppermute((yl, dyl), axes, left)
-        dyr, dx, loss, dt, db = step(yr, dyr, dx, loss, dt, db)
-        dyl, dx, loss, dt, db = step(yl, dyl, dx, loss, dt, db)
-        return yr, dyr, yl, dyl, dx, loss, dt, db
+        return yr, dyr, yl, dyl, acc
 
-    loss, dx, dyr, dt, db = first
-    dyl = jnp.zeros_like(y_bxd)
-    carry = (y_bxd, dyr, y_bxd, dyl, dx, loss, dt, db)
-    yr, dyr, _, dyl, dx, loss, dt, db = jax.lax.fori_loop(0, full, body_g, carry)
-    if extra:
+    carry = (y_bxd, dyr, y_bxd, dyl, acc)
+    yr, dyr, _, dyl, acc = jax.lax.fori_loop(0, full, lambda _, c: compute(*hop(*c)), carry)
+    if extra:  # N even: the block N/2 hops away is reached one way only
         yr, dyr = jax.lax.ppermute((yr, dyr), axes, right)
-        dyr, dx, loss, dt, db = step(yr, dyr, dx, loss, dt, db)
-    # Send each accumulator back to the device its text block came from.
-    dy = jax.lax.ppermute(dyr, axes, _shift(n, -(full + extra))) if full + extra else dyr
-    if full:
-        dy = dy + jax.lax.ppermute(dyl, axes, _shift(n, full))
-    return _finish(loss, t, (dx, dy, dt, db), axes, batch)
+        acc, dyr = add(acc, dyr, y_bxd=yr, positives=False)
+    if grads:  # send each accumulator back to the device its text block came from
+        dy = jax.lax.ppermute(dyr, axes, _shift(n, -(full + extra))) if full + extra else dyr
+        if full:
+            dy = dy + jax.lax.ppermute(dyl, axes, _shift(n, full))
+        dyr = dy
+    return _finish(acc, dyr, t, axes, n * x_bxd.shape[0])
 
 
 def _custom_vjp_loss(walk: Callable[..., Any]) -> Callable[[Array, Array, Array, Array], Array]:

@@ -1,0 +1,100 @@
+"""Benchmark the loss variants: per-device peak temporary memory and value+grad step time
+versus the number of devices N, at a fixed local batch.
+
+    python benchmarks/loss_memory.py                       # b=512, d=768, N=1,2,4,8
+    python benchmarks/loss_memory.py --local_batch 128 --dim 64 --steps 2   # quick
+
+Memory is XLA's compile-time `memory_analysis().temp_size_in_bytes` of the jitted
+value_and_grad (per device: the program is SPMD). Times are wall-clock medians on emulated
+CPU devices, which share the host's cores: compare ratios between variants, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--local_batch", type=int, default=512, help="rows per device (b)")
+    p.add_argument("--dim", type=int, default=768, help="embedding width (d)")
+    p.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts N")
+    p.add_argument("--impls", default="all_gather,ring,bidirectional,chunked,softmax")
+    p.add_argument("--chunk_size", type=int, default=128, help="rows per chunk (chunked)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    p.add_argument("--no_time", action="store_true", help="memory only, skip timing")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and print a markdown table."""
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    counts = [int(n) for n in args.devices.split(",")]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", max(counts))
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from siglip_jax import losses
+
+    impls = args.impls.split(",")
+    rows = {}
+    for n in counts:
+        mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
+        sharding = NamedSharding(mesh, P("data"))
+        shape = (n * args.local_batch, args.dim)
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=shape).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        x = jax.device_put(x, sharding)
+        y = jax.device_put(jnp.roll(x, 1, axis=1), sharding)
+        t_prime, bias = jnp.float32(np.log(10.0)), jnp.float32(-10.0)
+        for impl in impls:
+            opts = {"chunk_size": args.chunk_size} if impl == "chunked" else {}
+            loss_fn = losses.make_loss(impl, mesh, **opts)
+            step = jax.jit(jax.value_and_grad(lambda *a, f=loss_fn: f(*a)[0],
+                                              argnums=(0, 1, 2, 3)))
+            compiled = step.lower(x, y, t_prime, bias).compile()
+            temp = compiled.memory_analysis().temp_size_in_bytes
+            secs = float("nan")
+            if not args.no_time:
+                jax.block_until_ready(compiled(x, y, t_prime, bias))
+                times = []
+                for _ in range(args.steps):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(compiled(x, y, t_prime, bias))
+                    times.append(time.perf_counter() - t0)
+                secs = float(np.median(times))
+            rows[(impl, n)] = (temp, secs)
+            print(f"# {impl:14s} N={n}: {temp / 2**20:8.2f} MiB  {secs * 1e3:9.1f} ms",
+                  file=sys.stderr, flush=True)
+
+    mib = 2**20
+    print(f"\nlocal batch b={args.local_batch}, dim d={args.dim}, float32; "
+          f"peak temp MiB per device | value+grad ms (median of {args.steps})\n")
+    print("| impl | " + " | ".join(f"N={n} MiB | N={n} ms" for n in counts) + " |")
+    print("|---|" + "---|---|" * len(counts))
+    for impl in impls:
+        cells = [f"{rows[impl, n][0] / mib:.2f} | {rows[impl, n][1] * 1e3:.0f}" for n in counts]
+        print(f"| {impl} | " + " | ".join(cells) + " |")
+    if "ring" in impls and "all_gather" in impls:
+        cells = [f"{rows['ring', n][0] / rows['all_gather', n][0]:.2f} | "
+                 f"{rows['ring', n][1] / rows['all_gather', n][1]:.2f}" for n in counts]
+        print("| ring / all_gather | " + " | ".join(cells) + " |")
+    lo, hi = min(c for c in counts if c > 1), max(counts)
+    if lo < hi:
+        print(f"\ngrowth of peak memory N={lo} -> N={hi}:")
+        for impl in impls:
+            print(f"  {impl:14s} x{rows[impl, hi][0] / rows[impl, lo][0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -115,7 +115,7 @@ class NonFiniteError(FloatingPointError):
 
 
 def build_input(config: Any, mesh: Any, start_step: int) -> tuple[Iterator, Any, Any]:
-    """The training batch iterator, the tokenizer and the preprocessing function."""
+    """The training batch iterator, the tokenizer and the data source."""
     import jax
 
     from siglip_jax.data import input as input_lib
@@ -132,12 +132,15 @@ def build_input(config: Any, mesh: Any, start_step: int) -> tuple[Iterator, Any,
     source = make_source(cfg.data)
     tokenizer = load_tokenizer(config, source)
     preprocess = get_preprocess_fn(cfg.pp, tokenizer=tokenizer)
-    dataset = source.dataset(cfg.data.split, jax.process_index(), jax.process_count())
+    seed = int(config.seed)
+    dataset = source.dataset(jax.process_index(), jax.process_count(), shuffle_files=True,
+                             seed=seed)
     batches = input_lib.train_batches(
         dataset, preprocess, local_batch=global_batch // jax.process_count(),
-        seed=int(config.seed), shuffle_buffer=int(cfg.get("shuffle_buffer", 10_000)),
+        seed=seed, example_seed=seed * 65_537 + jax.process_index(),
+        shuffle_buffer=int(cfg.get("shuffle_buffer", 10_000)),
         start_step=start_step, cache=bool(cfg.get("cache", False)))
-    return batches, tokenizer, preprocess
+    return batches, tokenizer, source
 
 
 def load_tokenizer(config: Any, source: Any = None) -> Any:
@@ -151,6 +154,14 @@ def load_tokenizer(config: Any, source: Any = None) -> Any:
     if not os.path.exists(path) and "://" not in path:
         raise ConfigError(f"config.tokenizer.model: no such file {path!r}")
     return Tokenizer(path)
+
+
+def check_vocab(config: Any, tokenizer: Any) -> None:
+    """The text tower's embedding table must cover every token id the tokenizer produces."""
+    vocab = config.model.text.get("vocab_size") if config.model.get("text") else None
+    if vocab is not None and tokenizer.vocab_size > int(vocab):
+        raise ConfigError(f"config.model.text.vocab_size={vocab} is smaller than the "
+                          f"tokenizer's vocabulary ({tokenizer.vocab_size} ids)")
 
 
 def make_model(config: Any) -> Any:
@@ -217,52 +228,6 @@ def make_train_step(model: Any, tx: Any, loss_fn: Callable, lr_fn: Callable) -> 
     return train_step
 
 
-def build_evaluators(config: Any, model: Any, mesh: Any, param_shardings: Any, tokenizer: Any,
-                     preprocess_fn_factory: Callable[[str], Any]) -> dict[str, Any]:
-    """Evaluators named in config.evals, each with an `every_n_steps` attribute."""
-    import jax
-
-    from siglip_jax.config import check_keys
-    from siglip_jax.data import input as input_lib
-    from siglip_jax.data.builder import make_source
-    from siglip_jax.evaluators.common import Embedder
-    from siglip_jax.evaluators.zeroshot import ZeroShotEvaluator
-
-    evaluators = {}
-    embedder = None
-    max_len, eos = int(config.tokenizer.max_len), config.tokenizer.eos
-    tokenize = lambda texts: tokenizer.encode(texts, max_len, eos)
-    for name, cfg in (config.get("evals") or {}).items():
-        check_keys(cfg, ("type", "data", "pp", "class_names", "templates", "every_n_steps",
-                         "batch_size"), f"evals.{name}")
-        if cfg.type != "zeroshot":
-            raise ConfigError(f"evals.{name}.type {cfg.type!r} is not one of ('zeroshot',)")
-        embedder = embedder or Embedder(model, mesh, tuple(config.batch_axes), param_shardings)
-        source = make_source(cfg.data)
-        preprocess = preprocess_fn_factory(cfg.pp)
-        batch_size = int(cfg.get("batch_size", 256))
-        shards = embedder.num_shards * jax.process_count()
-        batch_size = max(shards, batch_size // shards * shards)
-        num_batches = input_lib.num_eval_batches(source.num_examples(cfg.data.split), batch_size)
-        local_batch = batch_size // jax.process_count()
-
-        def batches(source=source, preprocess=preprocess, split=cfg.data.split,
-                    local=local_batch, num_batches=num_batches):
-            data = source.dataset(split, jax.process_index(), jax.process_count())
-            return input_lib.eval_batches(data, preprocess, local_batch=local,
-                                          num_batches=num_batches)
-
-        class_names = cfg.class_names
-        if isinstance(class_names, str):
-            class_names = source.class_names()
-        evaluator = ZeroShotEvaluator(
-            embedder=embedder, class_names=class_names, templates=list(cfg.templates),
-            tokenize=tokenize, batches=batches)
-        evaluator.every_n_steps = int(cfg.get("every_n_steps", 0))
-        evaluators[name] = evaluator
-    return evaluators
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -272,7 +237,7 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
 
     from siglip_jax import losses
     from siglip_jax.checkpoints.orbax_io import Checkpointer, abstract_like
-    from siglip_jax.data.pp import get_preprocess_fn
+    from siglip_jax.evaluators.builder import build_evaluators
     from siglip_jax.metrics import MetricWriter, Progress
     from siglip_jax.optim import make_optimizer
     from siglip_jax.sharding import make_global_batch, make_mesh
@@ -292,7 +257,8 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     checkpointer = Checkpointer(workdir, int(config.checkpoint.every_n_steps),
                                 keep=int(config.checkpoint.get("keep", 2)))
     start_step = checkpointer.latest_step() or 0
-    batches, tokenizer, _ = build_input(config, mesh, start_step)
+    batches, tokenizer, source = build_input(config, mesh, start_step)
+    check_vocab(config, tokenizer)
     first = next(batches)
     shapes = {k: (v.shape[0] * jax.process_count(), *v.shape[1:]) for k, v in first.items()}
 
@@ -317,9 +283,8 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
                       in_shardings=(shardings, data_sharding),
                       out_shardings=(shardings, None), donate_argnums=(0,))
 
-    preprocess_for = lambda pp: get_preprocess_fn(pp, tokenizer=tokenizer)
-    evaluators = build_evaluators(config, model, mesh, shardings["params"], tokenizer,
-                                  preprocess_for)
+    evaluators = build_evaluators(config, model=model, mesh=mesh,
+                                  param_shardings=shardings["params"], tokenizer=tokenizer)
     writer = MetricWriter(workdir, enabled=is_host0)
     budget = float(config.get("time_budget_s", 0) or 0)
     deadline = started + budget if budget else None
@@ -360,6 +325,8 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
         first_step = step == start_step + 1
         if first_step or step % log_every == 0 or step == total_steps:
             values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+            if getattr(source, "skips", None) is not None:
+                values.update(source.skips.as_dict())
             if first_step:
                 log(f"compiled and ran the first step in {time.monotonic() - started:.1f}s "
                     "since start")

@@ -102,8 +102,7 @@ def test_script_parses():
 
 
 def test_script_passes_shellcheck():
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    assert shutil.which("shellcheck"), "shellcheck missing: pip install -e '.[test]'"
     res = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout
 
@@ -487,8 +486,7 @@ def test_real_mode_without_gcloud_says_so(tmp_path):
 @pytest.mark.parametrize("shell", ["bash", "dash"])
 def test_setup_run_logs_stop_on_a_fake_pod(tmp_path, shell):
     """The whole session against a fake 2-worker pod; remote commands run in a real shell."""
-    if shutil.which(shell) is None:
-        pytest.skip(f"{shell} not installed")
+    assert shutil.which(shell), f"{shell} is needed for this test (Debian: apt-get install {shell})"
     root = make_repo(tmp_path, git=True)
     script = root / "launch" / "tpu.sh"
     pod = FakePod(tmp_path, shell=shell)

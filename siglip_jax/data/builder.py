@@ -1,30 +1,66 @@
-"""Builds a data source from a config section such as `dict(name="demo_shapes", split="train")`.
+"""Builds a data source from a config section, e.g. `dict(name="tfds", tfds_name="coco_captions",
+split="train", data_dir=...)`.
 
-Every source offers `dataset(split, process_index, process_count)` (this process's examples as a
-tf.data.Dataset of dicts), `num_examples(split)`, and where it has them `class_names()` and
-`tokenizer_path`.
+Sources (see data/sources.py and data/demo_shapes.py) are bound to one split and offer
+`dataset(process_index, process_count, shuffle_files, seed)` (this process's examples as a
+tf.data.Dataset of dicts), `num_examples` (None if unknown), `skips` (counts of skipped bad
+examples), and where they have them `class_names` and `tokenizer_path`.
+
+Keys by `name`:
+  demo_shapes   split, data_dir, image_size, train_per_class, test_per_class, vocab_size
+  tfds          tfds_name, split (slicing allowed, e.g. "train[:90%]"), data_dir, image_keys,
+                text_key, check_images
+  imagefolder   root (split: optional sub-folder of root), check_images
+  csv           path, image_col, caption_col, delimiter, image_root, check_images
+  tar           pattern (glob, list of globs, local or gs://), check_images, cycle_length
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from siglip_jax.config import ConfigError, check_keys, to_plain
 
-SOURCES = ("demo_shapes",)
+_KEYS = {
+    "demo_shapes": ("split", "data_dir", "image_size", "train_per_class", "test_per_class",
+                    "vocab_size"),
+    "tfds": ("tfds_name", "split", "data_dir", "image_keys", "text_key", "check_images"),
+    "imagefolder": ("root", "split", "check_images"),
+    "csv": ("path", "image_col", "caption_col", "delimiter", "image_root", "check_images",
+            "split"),
+    "tar": ("pattern", "check_images", "cycle_length", "split"),
+}
+SOURCES = tuple(_KEYS)
 
 
-def make_source(data_cfg: Any) -> Any:
+def make_source(data_cfg: Any, where: str = "input.data") -> Any:
     """The source named by `data_cfg.name`, configured by the section's other keys."""
+    from siglip_jax.data import sources
+
     cfg = dict(to_plain(data_cfg))
     name = cfg.pop("name", None)
-    cfg.pop("split", None)
-    if name == "demo_shapes":
-        from siglip_jax.data.demo_shapes import DemoShapes
+    if name not in _KEYS:
+        raise ConfigError(f"{where}.name {name!r} is not one of {SOURCES}")
+    check_keys(cfg, _KEYS[name], where)
+    try:
+        if name == "demo_shapes":
+            from siglip_jax.data.demo_shapes import DemoShapes
 
-        check_keys(cfg, ("data_dir", "image_size", "train_per_class", "test_per_class",
-                         "vocab_size"), "input.data")
-        source = DemoShapes(**cfg)
-        source.prepare()
-        return source
-    raise ConfigError(f"data source {name!r} is not one of {SOURCES}")
+            source = DemoShapes(**cfg)
+            source.prepare()
+            return source
+        if name == "tfds":
+            return sources.TfdsSource(cfg.pop("tfds_name"), cfg.pop("split"), **cfg)
+        if name == "imagefolder":
+            root, split = cfg.pop("root"), cfg.pop("split", None)
+            return sources.ImageFolderSource(os.path.join(root, split) if split else root,
+                                             **cfg)
+        cfg.pop("split", None)  # csv and tar: the files are the split.
+        if name == "csv":
+            return sources.CsvSource(cfg.pop("path"), **cfg)
+        return sources.TarShardSource(cfg.pop("pattern"), **cfg)
+    except KeyError as e:
+        raise ConfigError(f"{where}: source {name!r} needs the key {e.args[0]!r}") from None
+    except (sources.SourceError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -102,20 +101,26 @@ def tokenizer_corpus() -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class DemoShapes:
-    """The cached demo dataset in `data_dir`; `prepare()` generates it once.
+    """One split of the cached demo dataset in `data_dir`; `prepare()` generates it once.
 
     Attributes:
-      data_dir: cache folder; the files live in `<data_dir>/demo_shapes_v1`.
+      data_dir: cache folder; the files live in a versioned sub-folder of it.
+      split: "train" or "test" (held out: drawn from another seed).
       image_size: side of the square images in pixels.
       train_per_class / test_per_class: examples per class (36 classes) in each split.
       vocab_size: size of the sentencepiece vocabulary trained on the captions.
     """
 
     data_dir: str
+    split: str = "train"
     image_size: int = 32
     train_per_class: int = 250
     test_per_class: int = 20
     vocab_size: int = 64
+
+    def __post_init__(self):
+        if self.split not in ("train", "test"):
+            raise ValueError(f"demo_shapes has splits 'train' and 'test', not {self.split!r}")
 
     @property
     def root(self) -> str:
@@ -130,13 +135,11 @@ class DemoShapes:
         return os.path.join(self.root, "spm.model")
 
     def split_path(self, split: str) -> str:
-        """Path of the `.npz` holding `split` ("train" or "test")."""
-        if split not in ("train", "test"):
-            raise ValueError(f"demo_shapes has splits 'train' and 'test', not {split!r}")
+        """Path of the `.npz` holding `split`."""
         return os.path.join(self.root, f"{split}.npz")
 
     def prepare(self) -> None:
-        """Generates the splits and trains the tokenizer unless they are cached already."""
+        """Generates both splits and trains the tokenizer unless they are cached already."""
         from siglip_jax.data.tokenizer import train_sentencepiece
 
         os.makedirs(self.root, exist_ok=True)
@@ -145,34 +148,36 @@ class DemoShapes:
             path = self.split_path(split)
             if not os.path.exists(path):
                 arrays = make_split(per_class, seed, self.image_size)
-                tmp = path + ".tmp.npz"
+                tmp = f"{path}.{os.getpid()}.tmp.npz"
                 np.savez(tmp, **arrays)
                 os.replace(tmp, path)
         if not os.path.exists(self.tokenizer_path):
-            tmp = self.tokenizer_path + ".tmp"
+            tmp = f"{self.tokenizer_path}.{os.getpid()}.tmp"
             train_sentencepiece(tokenizer_corpus(), self.vocab_size, tmp, model_type="word")
             os.replace(tmp, self.tokenizer_path)
 
-    def load(self, split: str) -> dict[str, np.ndarray]:
-        """Reads one split from the cache (preparing it first if needed)."""
-        path = self.split_path(split)
+    def load(self) -> dict[str, np.ndarray]:
+        """Reads this split from the cache (preparing it first if needed)."""
+        path = self.split_path(self.split)
         if not os.path.exists(path):
             self.prepare()
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
 
-    def num_examples(self, split: str) -> int:
-        """Number of examples in `split`."""
-        per_class = self.train_per_class if split == "train" else self.test_per_class
+    @property
+    def num_examples(self) -> int:
+        """Number of examples in this split."""
+        per_class = self.train_per_class if self.split == "train" else self.test_per_class
         return per_class * len(COLOURS) * len(SHAPES)
 
-    def dataset(self, split: str, process_index: int = 0, process_count: int = 1
-                ) -> tf.data.Dataset:
-        """This process's share of `split` as a tf.data.Dataset of example dicts."""
-        arrays = self.load(split)
-        share = {k: v[process_index::process_count] for k, v in arrays.items()}
-        return tf.data.Dataset.from_tensor_slices(share)
-
-    def class_names(self) -> Sequence[str]:
+    @property
+    def class_names(self) -> list[str]:
         """Zero-shot class names in label order."""
         return class_names()
+
+    def dataset(self, process_index: int = 0, process_count: int = 1,
+                shuffle_files: bool = False, seed: int = 0) -> tf.data.Dataset:
+        """This process's share of the split (every process_count-th example) as tf.data."""
+        del shuffle_files, seed  # One file; the pipeline shuffles examples.
+        share = {k: v[process_index::process_count] for k, v in self.load().items()}
+        return tf.data.Dataset.from_tensor_slices(share)

@@ -28,16 +28,24 @@ def _options(threads: int | None) -> tf.data.Options:
 
 
 def train_batches(dataset: tf.data.Dataset, preprocess: PreprocessFn, *, local_batch: int,
-                  seed: int, shuffle_buffer: int = 10_000, start_step: int = 0,
+                  seed: int, example_seed: int | None = None,
+                  shuffle_buffer: int = 10_000, start_step: int = 0,
                   prefetch: int = 2, threads: int | None = None,
                   cache: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    """Infinite iterator of this process's batches (dicts of numpy arrays)."""
+    """Infinite iterator of this process's batches (dicts of numpy arrays).
+
+    `example_seed` (default: `seed`; give each process its own) seeds the random pp ops: each
+    example occurrence gets `[example_seed, position]`, so augmentations are reproducible.
+    """
+    from siglip_jax.data.pp import add_example_seeds
+
     if local_batch <= 0:
         raise ValueError(f"local batch size must be positive, got {local_batch}")
     if cache:
         dataset = dataset.cache()
     dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.repeat()
+    dataset = add_example_seeds(dataset, seed if example_seed is None else example_seed)
     dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(local_batch, drop_remainder=True)
     if start_step:

@@ -191,3 +191,48 @@ def test_weights_not_matching_config_name_keys(hf_dir, tmp_path):
     (tmp_path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
     with pytest.raises(hf.HFCheckpointError, match=r"missing \['vision_model.encoder.layers.3"):
         hf.load_hf(tmp_path)
+
+
+def test_readme_recipe_matches_hf_tokenizer_processor_and_model(tmp_path):
+    """The docs/models.md recipe (PIL resize, [-1, 1], our Tokenizer) equals HF's pipeline."""
+    from PIL import Image
+
+    from siglip_jax.data.tokenizer import Tokenizer, train_sentencepiece
+
+    sents = [f"a photo of {i} {a}" for i in range(10) for a in ("cats", "dogs", "cars")]
+    train_sentencepiece(sents, 40, str(tmp_path / "spiece.model"))
+    vocab = Tokenizer(str(tmp_path / "spiece.model")).vocab_size
+    text_cfg = {**TEXT, "vocab_size": vocab, "max_position_embeddings": 16}
+    vision_cfg = {**VISION, "image_size": 32, "patch_size": 8}
+    torch.manual_seed(1)
+    model = transformers.SiglipModel(
+        transformers.SiglipConfig(text_config=text_cfg, vision_config=vision_cfg)
+    ).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    pixels = np.random.default_rng(0).uniform(0, 255, (48, 64, 3)).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "cats.png")
+    captions = ["A photo of 2 cats!", "a photo of 2 dogs"]
+
+    # Ours, as in docs/models.md.
+    params, spec = hf.load_hf(tmp_path)
+    image = Image.open(tmp_path / "cats.png").convert("RGB")
+    image = image.resize(spec["image_size"][::-1], Image.BICUBIC)
+    image = np.asarray(image, np.float32)[None] / 127.5 - 1
+    text = Tokenizer(f"{tmp_path}/spiece.model").encode(
+        captions, spec["text_len"], canonicalize=True
+    )
+    zimg, ztxt, out = Model(**spec["model"]).apply({"params": params}, image, text)
+    probs = jax.nn.sigmoid(out["t"] * zimg @ ztxt.T + out["b"])
+
+    # Hugging Face pipeline pieces.
+    tok = transformers.SiglipTokenizer(str(tmp_path / "spiece.model"))
+    ids = tok(captions, padding="max_length", max_length=16, truncation=True).input_ids
+    np.testing.assert_array_equal(text, np.asarray(ids))
+    proc = transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
+    px = proc(Image.open(tmp_path / "cats.png"), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(ids), pixel_values=px).logits_per_image
+    np.testing.assert_allclose(probs, torch.sigmoid(ref).numpy(), atol=1e-5)

@@ -78,17 +78,24 @@ def main(argv: list[str] | None = None) -> None:
                   file=sys.stderr, flush=True)
 
     mib = 2**20
+    timed = not args.no_time
+    what = f"value+grad ms (median of {args.steps})" if timed else "(timing skipped)"
     print(f"\nlocal batch b={args.local_batch}, dim d={args.dim}, float32; "
-          f"peak temp MiB per device | value+grad ms (median of {args.steps})\n")
-    print("| impl | " + " | ".join(f"N={n} MiB | N={n} ms" for n in counts) + " |")
-    print("|---|" + "---|---|" * len(counts))
+          f"peak temp MiB per device | {what}\n")
+
+    def cells(mem, ms, ms_fmt=".1f"):
+        return f"{mem:.2f} | {ms:{ms_fmt}}" if timed else f"{mem:.2f}"
+
+    head = [f"N={n} MiB | N={n} ms" if timed else f"N={n} MiB" for n in counts]
+    print("| impl | " + " | ".join(head) + " |")
+    print("|---|" + ("---|---|" if timed else "---|") * len(counts))
     for impl in impls:
-        cells = [f"{rows[impl, n][0] / mib:.2f} | {rows[impl, n][1] * 1e3:.0f}" for n in counts]
-        print(f"| {impl} | " + " | ".join(cells) + " |")
+        row = [cells(rows[impl, n][0] / mib, rows[impl, n][1] * 1e3) for n in counts]
+        print(f"| {impl} | " + " | ".join(row) + " |")
     if "ring" in impls and "all_gather" in impls:
-        cells = [f"{rows['ring', n][0] / rows['all_gather', n][0]:.2f} | "
-                 f"{rows['ring', n][1] / rows['all_gather', n][1]:.2f}" for n in counts]
-        print("| ring / all_gather | " + " | ".join(cells) + " |")
+        row = [cells(rows["ring", n][0] / rows["all_gather", n][0],
+                     rows["ring", n][1] / rows["all_gather", n][1], ".2f") for n in counts]
+        print("| ring / all_gather | " + " | ".join(row) + " |")
     lo, hi = min(c for c in counts if c > 1), max(counts)
     if lo < hi:
         print(f"\ngrowth of peak memory N={lo} -> N={hi}:")

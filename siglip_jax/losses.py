@@ -206,6 +206,19 @@ def _finish(acc: tuple[Array, ...], dy_bxd: Array | None, t: Array, axes: tuple[
     return loss, (dx / batch, dy_bxd / batch, dt_prime, jax.lax.psum(db, axes) / batch)
 
 
+def _hop_step(add: Callable[..., Any], y_bxd: Array, dy_bxd: Array | None, acc: tuple[Array, ...],
+              *, axes: tuple[str, ...], perm: list[tuple[int, int]], send_on: bool):
+    """One ring step on the block y_bxd that has just arrived here.
+
+    Sends y_bxd on (if send_on) and receives the finished grad
+    accumulator of this same block from the device that used it before; both hops are
+    independent of this step's matmuls, so XLA can overlap them with it.
+    """
+    y_next = jax.lax.ppermute(y_bxd, axes, perm) if send_on else None
+    acc, dy_bxd = add(acc, jax.lax.ppermute(dy_bxd, axes, perm), y_bxd=y_bxd, positives=False)
+    return y_next, dy_bxd, acc
+
+
 def _ring_walk(x_bxd: Array, y_bxd: Array, t_prime: Array, bias: Array, *, grads: bool,
                axes: tuple[str, ...], n: int, chunk: int | None):
     """One-way ring: N-1 hops, the text-grad accumulator travels with its block."""
@@ -213,15 +226,17 @@ def _ring_walk(x_bxd: Array, y_bxd: Array, t_prime: Array, bias: Array, *, grads
     right = _shift(n, 1)
     add = functools.partial(_add_block, x_bxd=x_bxd, t=t, bias=bias, grads=grads, chunk=chunk)
     acc, dy = add(*_zero_acc(x_bxd, y_bxd, grads), y_bxd=y_bxd, positives=True)
+    if n == 1:
+        return _finish(acc, dy, t, axes, x_bxd.shape[0])
 
-    def body(_, carry):  # pass (block, its grad accumulator) one hop on, add its loss
-        y, dy, acc = carry
-        y, dy = jax.lax.ppermute((y, dy), axes, right)
-        acc, dy = add(acc, dy, y_bxd=y, positives=False)
-        return y, dy, acc
-
-    _, dy, acc = jax.lax.fori_loop(0, n - 1, body, (y_bxd, dy, acc))
-    if grads and n > 1:  # after N-1 hops the accumulator sits one hop short of home
+    # Device k works on the block from device k-i at step i; its grad accumulator follows it.
+    # The last step also sends its block on (unused): one spare hop, overlapped with compute,
+    # keeps the loop the whole walk, which keeps peak memory flat (an unrolled last step
+    # raised it on XLA:CPU).
+    step = functools.partial(_hop_step, add, axes=axes, perm=right, send_on=True)
+    y = jax.lax.ppermute(y_bxd, axes, right)
+    _, dy, acc = jax.lax.fori_loop(0, n - 1, lambda _, c: step(*c), (y, dy, acc))
+    if grads:  # the accumulator of block k+1 sits one hop short of home
         dy = jax.lax.ppermute(dy, axes, right)
     return _finish(acc, dy, t, axes, n * x_bxd.shape[0])
 
@@ -234,23 +249,19 @@ def _bidirectional_walk(x_bxd: Array, y_bxd: Array, t_prime: Array, bias: Array,
     right, left = _shift(n, 1), _shift(n, -1)
     add = functools.partial(_add_block, x_bxd=x_bxd, t=t, bias=bias, grads=grads, chunk=chunk)
     acc, dyr = add(*_zero_acc(x_bxd, y_bxd, grads), y_bxd=y_bxd, positives=True)
-    dyl = jnp.zeros_like(y_bxd) if grads else None
+    dyl = jnp.zeros_like(y_bxd) if grads else None  # (its first hop carries zeros)
 
-    def compute(yr, dyr, yl, dyl, acc):
-        acc, dyr = add(acc, dyr, y_bxd=yr, positives=False)
-        acc, dyl = add(acc, dyl, y_bxd=yl, positives=False)
+    def two_way(yr, dyr, yl, dyl, acc):  # spare final hops as in _ring_walk
+        yr, dyr, acc = _hop_step(add, yr, dyr, acc, axes=axes, perm=right, send_on=True)
+        yl, dyl, acc = _hop_step(add, yl, dyl, acc, axes=axes, perm=left, send_on=True)
         return yr, dyr, yl, dyl, acc
 
-    def hop(yr, dyr, yl, dyl, acc):
-        yr, dyr = jax.lax.ppermute((yr, dyr), axes, right)
-        yl, dyl = jax.lax.ppermute((yl, dyl), axes, left)
-        return yr, dyr, yl, dyl, acc
-
-    carry = (y_bxd, dyr, y_bxd, dyl, acc)
-    yr, dyr, _, dyl, acc = jax.lax.fori_loop(0, full, lambda _, c: compute(*hop(*c)), carry)
+    yr = jax.lax.ppermute(y_bxd, axes, right) if n > 1 else None
+    if full:
+        carry = (yr, dyr, jax.lax.ppermute(y_bxd, axes, left), dyl, acc)
+        yr, dyr, _, dyl, acc = jax.lax.fori_loop(0, full, lambda _, c: two_way(*c), carry)
     if extra:  # N even: the block N/2 hops away is reached one way only
-        yr, dyr = jax.lax.ppermute((yr, dyr), axes, right)
-        acc, dyr = add(acc, dyr, y_bxd=yr, positives=False)
+        _, dyr, acc = _hop_step(add, yr, dyr, acc, axes=axes, perm=right, send_on=False)
     if grads:  # send each accumulator back to the device its text block came from
         dy = jax.lax.ppermute(dyr, axes, _shift(n, -(full + extra))) if full + extra else dyr
         if full:

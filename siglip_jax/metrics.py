@@ -1,4 +1,11 @@
-"""Training metrics: a JSONL writer (one object per log step) and the console progress line."""
+"""Training metrics: JSONL + TensorBoard writer, the console progress line, and MFU.
+
+MFU = achieved FLOP/s ÷ peak FLOP/s. Achieved FLOPs per step come from the compiled step's
+`cost_analysis()` (per device, summed over devices). Peak FLOP/s per chip come from
+`config.peak_flops`, or else from `PEAK_FLOPS_PER_CHIP` by device kind (published bf16 peaks;
+for CPU a measured f32 matmul rate of a 2-core machine). On CPU all emulated devices of a
+process share one host, so the peak is per process, not per device.
+"""
 
 from __future__ import annotations
 
@@ -21,19 +28,38 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricWriter:
-    """Appends metrics as JSON lines to `<workdir>/metrics.jsonl` (only where `enabled`)."""
+    """Appends metrics as JSON lines to `<workdir>/metrics.jsonl` and, if `tensorboard`, to
+    TensorBoard event files in `<workdir>/tb` (only where `enabled`: process 0)."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.enabled = enabled
+        self._tb = None
+        if enabled and tensorboard:
+            import tensorflow as tf
+
+            self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Writes one JSON object {"step": step, **metrics}."""
+        """Writes one JSON object {"step": step, **metrics} (and the scalars to TensorBoard)."""
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
+        import tensorflow as tf
+
+        with tf.io.gfile.GFile(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            with self._tb.as_default(step=int(step)):
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        tf.summary.scalar(key, value)
+            self._tb.flush()
+
+    def close(self) -> None:
+        """Flushes and closes the TensorBoard writer."""
+        if self._tb is not None:
+            self._tb.close()
 
 
 def format_duration(seconds: float) -> str:
@@ -100,3 +126,46 @@ class Progress:
         """Prints the progress line (on the logging process only)."""
         if self.enabled:
             print(self.line(step, metrics), file=self.stream, flush=True)
+
+
+# Peak dense FLOP/s per chip by `device_kind` (lower-cased prefix match). TPU numbers are the
+# published bf16 peaks; "cpu" is a measured large f32 matmul on a 2-core AMD Zen3 machine.
+PEAK_FLOPS_PER_CHIP: dict[str, float] = {
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,
+    "tpu v6e": 918e12,
+    "cpu": 165e9,
+}
+
+
+def default_peak_flops(device_kind: str, platform: str) -> float | None:
+    """The table's peak for this device (None if unknown)."""
+    kind = device_kind.lower()
+    for prefix in sorted(PEAK_FLOPS_PER_CHIP, key=len, reverse=True):
+        if kind.startswith(prefix):
+            return PEAK_FLOPS_PER_CHIP[prefix]
+    return PEAK_FLOPS_PER_CHIP.get(platform.lower())
+
+
+def compiled_flops(compiled: Any) -> float | None:
+    """FLOPs of one call of a compiled (per-device SPMD) program, from XLA's cost analysis."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # Not every backend implements it.
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def mfu(flops_per_device_step: float | None, num_devices: int, steps_per_s: float,
+        peak_per_chip: float | None, num_chips: int) -> float | None:
+    """Model FLOPs utilisation, or None when either number is unknown."""
+    if not flops_per_device_step or not peak_per_chip or steps_per_s <= 0:
+        return None
+    return flops_per_device_step * num_devices * steps_per_s / (peak_per_chip * num_chips)

@@ -119,6 +119,11 @@ def param_labels(params: Any, groups: Sequence[tuple[str, Any]]) -> Any:
     return labels
 
 
+def group_labels(config: Any, params: Any) -> Any:
+    """Each parameter's group label from config.schedule (`frozen` for schedule None)."""
+    return param_labels(params, _groups(config.schedule))
+
+
 def make_optimizer(config: Any, params: Any, total_steps: int
                    ) -> tuple[optax.GradientTransformation, Schedule]:
     """Builds the optax chain for `params` (abstract is fine) and the first group's lr(step)."""

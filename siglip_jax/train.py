@@ -1,14 +1,22 @@
 """The trainer: `python -m siglip_jax.train --config configs/x.py --workdir DIR [--config.k=v]`.
 
-`main()` only parses flags and calls `train(config, workdir)`; the pieces (`build_input`,
-`init_state`, `make_train_step`, `build_evaluators`) are module-level functions with tests.
-Rerunning the same command resumes from the newest checkpoint in the workdir.
+`main()` only parses flags and calls `train(config, workdir)`; the pieces live in small modules
+(`step.py`: state and step, `optim.py`, `sharding.py`, `data/`, `evaluators/`) with tests.
+Rerunning the same command resumes from the newest checkpoint in the workdir; SIGTERM
+(preemption) saves a checkpoint and exits with code 143.
+
+Multi-process runs: on a multi-host TPU slice JAX finds its peers; elsewhere pass
+`--coordinator HOST:PORT --num_processes N --process_id I` (or SIGLIP_* env variables, see
+distributed.py). Each process then emulates `cpu_devices / N` CPU devices.
 
 Top-level config keys read here (sections are documented in the module that reads them):
   seed, total_steps, log_every, time_budget_s (0: none; stop training early so that the run,
-  final evaluation included, ends within the budget), cpu_devices (emulated devices when JAX
-  runs on CPU), mesh, batch_axes, sharding_rules, input, tokenizer, model, loss, optim, lr, wd,
-  grad_clip_norm, schedule, evals, checkpoint.
+  final evaluation included, ends within the budget), cpu_devices (emulated devices in total
+  when JAX runs on CPU), mesh, batch_axes, sharding_rules, input, tokenizer, model,
+  model_init (dict(img=, txt=, full=) checkpoint paths: ours, big_vision .npz or HF dir),
+  loss, optim, lr, wd, grad_clip_norm, schedule, grad_accum_steps, on_nonfinite
+  ("stop" | "skip"), peak_flops (per chip; None: a default by device kind), evals, checkpoint
+  (every_n_steps, keep, keep_every_n_steps), tensorboard.
 """
 
 from __future__ import annotations
@@ -16,31 +24,43 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from siglip_jax.config import ConfigError, load_config, to_plain
+from siglip_jax.config import ConfigError, check_keys, load_config, to_plain
 
 TRAIN_KEYS = (
     "seed", "total_steps", "log_every", "time_budget_s", "cpu_devices", "mesh", "batch_axes",
-    "sharding_rules", "input", "tokenizer", "model", "loss", "optim", "lr", "wd",
-    "grad_clip_norm", "schedule", "evals", "checkpoint",
+    "sharding_rules", "input", "tokenizer", "model", "model_init", "loss", "optim", "lr", "wd",
+    "grad_clip_norm", "schedule", "grad_accum_steps", "on_nonfinite", "peak_flops", "evals",
+    "checkpoint", "tensorboard",
 )
+PREEMPTED_EXIT_CODE = 143
 
 
 class WorkdirError(OSError):
     """The workdir cannot be created or written."""
 
 
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradients became NaN/Inf."""
+
+
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Parses --config, --workdir and the `--config.a.b=value` overrides."""
+    """Parses --config, --workdir, the multi-process flags and `--config.a.b=value` overrides."""
     parser = argparse.ArgumentParser(
         prog="python -m siglip_jax.train",
         description="Train a SigLIP model. Extra flags --config.KEY=VALUE override config keys.")
     parser.add_argument("--config", required=True, help="configs/file.py or configs/file.py:arg")
     parser.add_argument("--workdir", required=True, help="where checkpoints and metrics go")
+    parser.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process, not TPU)")
+    parser.add_argument("--num_processes", type=int, help="number of processes")
+    parser.add_argument("--process_id", type=int, help="this process's index")
+    parser.add_argument("--heartbeat_timeout", type=int,
+                        help="seconds after which a silent process counts as dead (default 100)")
     args, rest = parser.parse_known_args(argv)
     overrides, i = [], 0
     while i < len(rest):
@@ -74,41 +94,38 @@ def prepare_workdir(workdir: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
+    from siglip_jax import distributed
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        cluster = distributed.from_flags(args.coordinator, args.num_processes, args.process_id,
+                                         args.heartbeat_timeout)
         config = load_config(args.config, overrides)
-        check_config(config)
+        check_keys(config, TRAIN_KEYS, "config")
         prepare_workdir(args.workdir)
-    except (ConfigError, WorkdirError) as e:
+        setup_jax(config, cluster.num_processes)
+    except (ConfigError, WorkdirError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    setup_jax(config)
+    distributed.initialize(cluster)
     try:
-        train(config, args.workdir)
+        summary = train(config, args.workdir)
     except (ConfigError, FileNotFoundError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
+    return PREEMPTED_EXIT_CODE if summary.get("preempted") else 0
 
 
-def check_config(config: Any) -> None:
-    """Rejects unknown top-level keys (a typo must not be silently ignored)."""
-    from siglip_jax.config import check_keys
-
-    check_keys(config, TRAIN_KEYS, "config")
-
-
-def setup_jax(config: Any) -> None:
+def setup_jax(config: Any, num_processes: int = 1) -> None:
     """JAX settings that must be made before the backend starts."""
     import jax
 
+    total = int(config.get("cpu_devices", 8))
+    if total % num_processes:
+        raise ConfigError(f"cpu_devices={total} does not split over {num_processes} processes")
     jax.config.update("jax_threefry_partitionable", True)
-    jax.config.update("jax_num_cpu_devices", int(config.get("cpu_devices", 8)))
-
-
-class NonFiniteError(FloatingPointError):
-    """The loss or the gradients became NaN/Inf."""
+    jax.config.update("jax_num_cpu_devices", total // num_processes)
 
 
 # ----------------------------------------------------------------------------- the pieces
@@ -126,9 +143,11 @@ def build_input(config: Any, mesh: Any, start_step: int) -> tuple[Iterator, Any,
     cfg = config.input
     global_batch = int(cfg.global_batch)
     shards = num_batch_shards(mesh, tuple(config.batch_axes))
-    if global_batch % shards or global_batch % jax.process_count():
+    accum = int(config.get("grad_accum_steps", 1) or 1)
+    if global_batch % (shards * accum) or global_batch % jax.process_count():
         raise ConfigError(f"input.global_batch={global_batch} must be divisible by the "
-                          f"{shards} batch shards and {jax.process_count()} processes")
+                          f"{shards} batch shards × {accum} grad_accum_steps and by the "
+                          f"{jax.process_count()} processes")
     source = make_source(cfg.data)
     tokenizer = load_tokenizer(config, source)
     preprocess = get_preprocess_fn(cfg.pp, tokenizer=tokenizer)
@@ -171,61 +190,75 @@ def make_model(config: Any) -> Any:
     return Model(**to_plain(config.model))
 
 
-def init_state(model: Any, tx: Any, batch_shapes: dict[str, tuple[int, ...]], mesh: Any,
-               rules: Sequence, seed: int) -> tuple[dict, dict]:
-    """Creates the train state already sharded (shapes first, then a jitted init).
+def load_model_init(config: Any) -> dict[str, Any]:
+    """Pretrained parts named by config.model_init: {"img": tree, "txt": tree, ...}."""
+    spec = to_plain(config.get("model_init") or {})
+    check_keys(spec, ("img", "txt", "full"), "model_init")
+    parts: dict[str, Any] = {}
+    for part, path in spec.items():
+        if not path:
+            continue
+        if not (os.path.exists(path) or "://" in path):
+            raise ConfigError(f"model_init.{part}: no such checkpoint {path!r}")
+        from siglip_jax.checkpoints.loader import load_params
 
-    Returns (state, state_shardings); state = {"params", "opt_state", "step"}.
-    """
+        params, _ = load_params(path)
+        if part == "full":
+            parts.update(params)
+        elif part not in params:
+            raise ConfigError(f"model_init.{part}: checkpoint {path!r} has no {part!r} tower "
+                              f"(it has {sorted(params)})")
+        else:
+            parts[part] = params[part]
+    return parts
+
+
+def make_loss_fn(config: Any, mesh: Any) -> Any:
+    """The loss named by config.loss.impl, over the mesh's batch axes."""
+    from siglip_jax import losses
+
+    spec = dict(to_plain(config.loss))
+    impl = spec.pop("impl", "ring")
+    try:
+        return losses.make_loss(impl, mesh, tuple(config.batch_axes), **spec)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.loss: {e}") from None
+
+
+class _StopFlag:
+    """Set by SIGTERM; the loop saves a checkpoint and stops at the next step boundary."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def install(self) -> None:
+        """Catches SIGTERM (only possible in the main thread)."""
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def uninstall(self) -> None:
+        """Restores the previous SIGTERM handler."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+
+def _any_process(flag: bool) -> bool:
+    """True if `flag` is set on any process (a collective when there are several)."""
     import jax
-    import jax.numpy as jnp
+    import numpy as np
 
-    from siglip_jax.sharding import follow_params, param_shardings, replicated
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
 
-    def init_params(rng):
-        image = jnp.zeros(batch_shapes["image"], jnp.float32)
-        text = jnp.zeros(batch_shapes["labels"], jnp.int32)
-        return model.init(rng, image, text)["params"]
-
-    def init_all(rng):
-        params = init_params(rng)
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
-    rng = jax.random.key(seed)
-    abstract = jax.eval_shape(init_all, rng)
-    pshard = param_shardings(abstract["params"], [tuple(r) for r in rules], mesh)
-    shardings = {
-        "params": pshard,
-        "opt_state": follow_params(abstract["opt_state"], abstract["params"], pshard, mesh),
-        "step": replicated(mesh),
-    }
-    state = jax.jit(init_all, out_shardings=shardings)(rng)
-    return state, shardings
-
-
-def make_train_step(model: Any, tx: Any, loss_fn: Callable, lr_fn: Callable) -> Callable:
-    """The pure step function (state, batch) → (state, metrics), to be jitted by the caller."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    def train_step(state, batch):
-        def compute_loss(params):
-            zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["labels"],
-                                          train=True)
-            return loss_fn(zimg, ztxt, jnp.reshape(out["t_prime"], ()),
-                           jnp.reshape(out.get("b", jnp.zeros(())), ()))
-
-        (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(
-            state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        grad_norm = optax.tree.norm(grads)
-        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state["step"]),
-                   "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
-
-    return train_step
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -235,27 +268,39 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) the run described by `config` in `workdir`; returns final metrics."""
     import jax
 
-    from siglip_jax import losses
+    from siglip_jax import step as step_lib
     from siglip_jax.checkpoints.orbax_io import Checkpointer, abstract_like
     from siglip_jax.evaluators.builder import build_evaluators
-    from siglip_jax.metrics import MetricWriter, Progress
-    from siglip_jax.optim import make_optimizer
-    from siglip_jax.sharding import make_global_batch, make_mesh
+    from siglip_jax.metrics import (
+        MetricWriter,
+        Progress,
+        compiled_flops,
+        default_peak_flops,
+        mfu,
+    )
+    from siglip_jax.optim import FROZEN, group_labels, make_optimizer
+    from siglip_jax.sharding import batch_sharding, make_global_batch, make_mesh
 
     started = time.monotonic()
     is_host0 = jax.process_index() == 0
     log = (lambda *a: print(*a, flush=True)) if is_host0 else (lambda *a: None)
     total_steps = int(config.total_steps)
+    on_nonfinite = config.get("on_nonfinite", "stop")
+    if on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"on_nonfinite {on_nonfinite!r} is not one of ('stop', 'skip')")
     mesh = make_mesh([tuple(axis) for axis in config.mesh])
     batch_axes = tuple(config.batch_axes)
-    log(f"devices: {jax.device_count()} × {jax.devices()[0].platform} in "
+    device = jax.devices()[0]
+    log(f"devices: {jax.device_count()} × {device.platform} ({device.device_kind}) in "
         f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}")
     if is_host0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(to_plain(config), f, indent=2, default=str)
 
-    checkpointer = Checkpointer(workdir, int(config.checkpoint.every_n_steps),
-                                keep=int(config.checkpoint.get("keep", 2)))
+    ckpt_cfg = config.checkpoint
+    checkpointer = Checkpointer(workdir, int(ckpt_cfg.every_n_steps),
+                                keep=int(ckpt_cfg.get("keep", 2)),
+                                keep_every_n_steps=ckpt_cfg.get("keep_every_n_steps"))
     start_step = checkpointer.latest_step() or 0
     batches, tokenizer, source = build_input(config, mesh, start_step)
     check_vocab(config, tokenizer)
@@ -263,35 +308,46 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     shapes = {k: (v.shape[0] * jax.process_count(), *v.shape[1:]) for k, v in first.items()}
 
     model = make_model(config)
-    abstract_params = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jax.numpy.zeros(shapes["image"]),
-                           jax.numpy.zeros(shapes["labels"], jax.numpy.int32))["params"])
-    tx, lr_fn = make_optimizer(config, abstract_params, total_steps)
-    state, shardings = init_state(model, tx, shapes, mesh, config.sharding_rules,
-                                  int(config.seed))
+    abstract = step_lib.abstract_params(model, shapes)
+    tx, lr_fn = make_optimizer(config, abstract, total_steps)
+    frozen = step_lib.frozen_mask(group_labels(config, abstract), FROZEN)
+    pretrained = load_model_init(config) if not start_step else {}
+    state, shardings = step_lib.init_state(model, tx, shapes, mesh, config.sharding_rules,
+                                           int(config.seed), pretrained)
     if start_step:
         state = checkpointer.restore(abstract_like(state), start_step)
         log(f"resumed from checkpoint at step {start_step}")
-    num_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
-    log(f"model: {num_params / 1e6:.2f} M parameters")
+    elif pretrained:
+        log(f"initialised {sorted(pretrained)} from model_init")
+    _log_param_counts(log, state["params"], frozen)
 
-    loss_cfg = to_plain(config.loss)
-    loss_fn = losses.make_loss(loss_cfg.pop("impl"), mesh, batch_axes, **loss_cfg)
-    data_sharding = {k: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes))
-                     for k in first}
-    step_fn = jax.jit(make_train_step(model, tx, loss_fn, lr_fn),
-                      in_shardings=(shardings, data_sharding),
+    accum = int(config.get("grad_accum_steps", 1) or 1)
+    train_step = step_lib.make_train_step(
+        model, tx, make_loss_fn(config, mesh), lr_fn, frozen=frozen, accum_steps=accum,
+        skip_nonfinite=on_nonfinite == "skip")
+    data_sharding = {k: batch_sharding(mesh, batch_axes) for k in first}
+    step_fn = jax.jit(train_step, in_shardings=(shardings, data_sharding),
                       out_shardings=(shardings, None), donate_argnums=(0,))
+    global_first = make_global_batch(first, mesh, batch_axes)
+    compile_start = time.monotonic()
+    step_fn = step_fn.lower(state, global_first).compile()
+    flops = compiled_flops(step_fn)
+    peak = config.get("peak_flops") or default_peak_flops(device.device_kind, device.platform)
+    chips = jax.process_count() if device.platform == "cpu" else jax.device_count()
+    log(f"compiled the train step in {time.monotonic() - compile_start:.1f}s"
+        + (f"; {flops / 1e9:.2f} GFLOPs per device per step" if flops else ""))
 
     evaluators = build_evaluators(config, model=model, mesh=mesh,
                                   param_shardings=shardings["params"], tokenizer=tokenizer)
-    writer = MetricWriter(workdir, enabled=is_host0)
+    writer = MetricWriter(workdir, enabled=is_host0,
+                          tensorboard=bool(config.get("tensorboard", True)))
     budget = float(config.get("time_budget_s", 0) or 0)
     deadline = started + budget if budget else None
     progress = Progress(total_steps, start_step, int(config.input.global_batch),
                         budget_deadline=deadline, enabled=is_host0)
     log_every = int(config.log_every)
     eval_seconds = 0.0
+    skipped_steps = 0
 
     def run_evals(step: int, names: Sequence[str]) -> dict[str, float]:
         nonlocal eval_seconds
@@ -309,66 +365,97 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
         progress.reset_clock(step)
         return results
 
-    step = start_step
-    pending = None  # (step, metrics) of the last dispatched step, read one step later.
-    batch = first
-    stopped_early = False
+    def check(step: int, metrics: dict) -> None:
+        nonlocal skipped_steps
+        if bool(jax.device_get(metrics["finite"])):
+            return
+        loss = float(jax.device_get(metrics["loss"]))
+        if on_nonfinite == "skip":
+            skipped_steps += 1
+            log(f"step {step}: non-finite loss or gradients (loss={loss}); update skipped")
+            return
+        raise NonFiniteError(f"non-finite loss or gradients at step {step} (loss={loss}); "
+                             "the last good checkpoint is kept. Lower lr or check the data, "
+                             "or set on_nonfinite='skip'.")
+
+    stop_flag = _StopFlag()
+    stop_flag.install()
+    step, batch, pending = start_step, global_first, None
+    stopped_early = preempted = False
     log(f"training from step {start_step} to {total_steps}"
         + (f" within {budget:.0f}s" if budget else ""))
-    while step < total_steps:
-        global_batch = make_global_batch(batch, mesh, batch_axes)
-        state, metrics = step_fn(state, global_batch)
-        step += 1
-        if pending is not None:
-            _check_finite(*pending)
-        pending = (step, metrics)
-        first_step = step == start_step + 1
-        if first_step or step % log_every == 0 or step == total_steps:
-            values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
-            if getattr(source, "skips", None) is not None:
-                values.update(source.skips.as_dict())
-            if first_step:
-                log(f"compiled and ran the first step in {time.monotonic() - started:.1f}s "
-                    "since start")
-                progress.reset_clock(step)
-            else:
-                values.update(progress.rates(step))
-            writer.write(step, values)
-            progress.print(step, values)
-        if checkpointer.is_due(step):
-            _check_finite(step, metrics)  # Never save a non-finite state.
-            checkpointer.maybe_save(step, state)
-        due = [n for n, e in evaluators.items() if e.every_n_steps and step % e.every_n_steps == 0
-               and step != total_steps]
-        if due:
-            run_evals(step, due)
-        if deadline is not None and step < total_steps:
-            reserve = (eval_seconds or 0.1 * budget) + 5.0
-            if time.monotonic() + reserve > deadline:
-                log(f"time budget of {budget:.0f}s reached at step {step} "
-                    f"(schedule was for {total_steps}); stopping training")
-                stopped_early = True
+    try:
+        while step < total_steps:
+            state, metrics = step_fn(state, batch)
+            step += 1
+            if pending is not None:
+                check(*pending)  # Read step N−1's metrics only after step N is dispatched.
+            pending = (step, metrics)
+            first_step = step == start_step + 1
+            if first_step or step % log_every == 0 or step == total_steps:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()
+                          if k != "finite"}
+                if first_step:
+                    progress.reset_clock(step)
+                else:
+                    values.update(progress.rates(step))
+                    values["mfu"] = mfu(flops, jax.device_count(), values["steps_per_s"], peak,
+                                        chips)
+                if getattr(source, "skips", None) is not None:
+                    values.update(source.skips.as_dict())
+                if skipped_steps:
+                    values["skipped_steps"] = skipped_steps
+                writer.write(step, {k: v for k, v in values.items() if v is not None})
+                progress.print(step, values)
+            if checkpointer.is_due(step):
+                check(step, metrics)  # Never save a non-finite state.
+                checkpointer.maybe_save(step, state)
+            due = [n for n, e in evaluators.items()
+                   if e.every_n_steps and step % e.every_n_steps == 0 and step != total_steps]
+            if due:
+                run_evals(step, due)
+            if (jax.process_count() == 1 or step % log_every == 0) and _any_process(
+                    stop_flag.raised):
+                log(f"SIGTERM: saving a checkpoint at step {step} and stopping")
+                preempted = True
                 break
-        batch = next(batches)
-    if pending is not None:
-        _check_finite(*pending)
-    checkpointer.maybe_save(step, state, force=True)
-    final = run_evals(step, list(evaluators))
-    checkpointer.close()
+            if deadline is not None and step < total_steps:
+                reserve = (eval_seconds or 0.1 * budget) + 5.0
+                if time.monotonic() + reserve > deadline:
+                    log(f"time budget of {budget:.0f}s reached at step {step} "
+                        f"(schedule was for {total_steps}); stopping training")
+                    stopped_early = True
+                    break
+            batch = make_global_batch(next(batches), mesh, batch_axes)
+        if pending is not None:
+            check(*pending)
+        checkpointer.maybe_save(step, state, force=True)
+        final = {} if preempted else run_evals(step, list(evaluators))
+    finally:
+        stop_flag.uninstall()
+        checkpointer.close()
+        writer.close()
     elapsed = time.monotonic() - started
-    summary = {"step": step, "stopped_early": stopped_early, "seconds": elapsed, **final}
+    summary = {"step": step, "stopped_early": stopped_early, "preempted": preempted,
+               "skipped_steps": skipped_steps, "seconds": elapsed, **final}
     log(f"done: {step} steps in {elapsed:.0f}s" + "".join(
         f"; {k} = {v:.1%}" for k, v in final.items() if k.endswith("top1")))
     return summary
 
 
-def _check_finite(step: int, metrics: dict) -> None:
+def _log_param_counts(log, params: Any, frozen: Any) -> None:
     import jax
 
-    if not bool(jax.device_get(metrics["finite"])):
-        loss = float(jax.device_get(metrics["loss"]))
-        raise NonFiniteError(f"non-finite loss or gradients at step {step} (loss={loss}); "
-                             "the last good checkpoint is kept. Lower lr or check the data.")
+    total = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    parts = ", ".join(f"{name} {sum(x.size for x in jax.tree_util.tree_leaves(p)) / 1e6:.2f} M"
+                      for name, p in params.items())
+    text = f"model: {total / 1e6:.2f} M parameters ({parts})"
+    if frozen is not None:
+        n_frozen = sum(x.size for x, f in zip(jax.tree_util.tree_leaves(params),
+                                              jax.tree_util.tree_leaves(frozen), strict=True)
+                       if f)
+        text += f"; {n_frozen / 1e6:.2f} M frozen"
+    log(text)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The tf.data pipeline: per-process shards → preprocess → shuffle/repeat/batch → numpy batches.
 
 Training iterators are infinite, deterministic given the seed, and resumable: `start_step`
-skips the batches already consumed, so a resumed run sees the next unseen batch. Evaluation
+skips the examples already consumed (before preprocessing, which is the expensive part), so a
+resumed run sees exactly the next unseen batch. Evaluation
 iterators are finite; the last batch is padded and carries a boolean `_mask` so no example is
 dropped or counted twice, and every process yields the same number of batches.
 """
@@ -46,10 +47,10 @@ def train_batches(dataset: tf.data.Dataset, preprocess: PreprocessFn, *, local_b
     dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.repeat()
     dataset = add_example_seeds(dataset, seed if example_seed is None else example_seed)
+    if start_step:  # Skip consumed examples before preprocessing them: resuming stays cheap.
+        dataset = dataset.skip(start_step * local_batch)
     dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(local_batch, drop_remainder=True)
-    if start_step:
-        dataset = dataset.skip(start_step)
     dataset = dataset.prefetch(prefetch).with_options(_options(threads))
     return dataset.as_numpy_iterator()
 

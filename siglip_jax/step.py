@@ -1,0 +1,161 @@
+"""The train state and the train step.
+
+`init_state` creates params and optimizer state already sharded (shapes first, then a jitted
+init with out_shardings), optionally overwriting towers with pretrained weights
+(`model_init`). `make_train_step` builds the pure step: loss and gradients (accumulated over
+micro-batches if asked), no backward pass through frozen parameters, the optax update, and
+optionally discarding an update whose loss or gradients are not finite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from siglip_jax.config import ConfigError
+from siglip_jax.sharding import follow_params, param_shardings, path_str, replicated
+
+State = dict[str, Any]  # {"params", "opt_state", "step"}
+
+
+def abstract_params(model: Any, batch_shapes: Mapping[str, tuple[int, ...]]) -> Any:
+    """Parameter shapes and dtypes, without allocating anything."""
+    def init(rng):
+        image = jnp.zeros(batch_shapes["image"], jnp.float32)
+        text = jnp.zeros(batch_shapes["labels"], jnp.int32)
+        return model.init(rng, image, text)["params"]
+
+    return jax.eval_shape(init, jax.random.key(0))
+
+
+def init_state(model: Any, tx: optax.GradientTransformation,
+               batch_shapes: Mapping[str, tuple[int, ...]], mesh: Any, rules: Sequence,
+               seed: int, pretrained: Mapping[str, Any] | None = None) -> tuple[State, State]:
+    """Creates the sharded train state; returns (state, state_shardings).
+
+    `pretrained` maps top-level param names ("img", "txt", "t", "b") to trees of arrays that
+    replace the random init of that part; shapes must match.
+    """
+    def init_all(rng, pretrained):
+        image = jnp.zeros(batch_shapes["image"], jnp.float32)
+        text = jnp.zeros(batch_shapes["labels"], jnp.int32)
+        params = dict(model.init(rng, image, text)["params"])
+        params.update(pretrained)
+        return {"params": params, "opt_state": tx.init(params),
+                "step": jnp.zeros((), jnp.int32)}
+
+    pretrained = dict(pretrained or {})
+    rng = jax.random.key(seed)
+    abstract = jax.eval_shape(init_all, rng, {})
+    check_pretrained(abstract["params"], pretrained)
+    pshard = param_shardings(abstract["params"], [tuple(r) for r in rules], mesh)
+    shardings = {
+        "params": pshard,
+        "opt_state": follow_params(abstract["opt_state"], abstract["params"], pshard, mesh),
+        "step": replicated(mesh),
+    }
+    pretrained_shardings = {k: pshard[k] for k in pretrained}
+    pretrained = jax.device_put(pretrained, pretrained_shardings)
+    state = jax.jit(init_all, out_shardings=shardings)(rng, pretrained)
+    return state, shardings
+
+
+def check_pretrained(abstract: Mapping[str, Any], pretrained: Mapping[str, Any]) -> None:
+    """Raises ConfigError listing the first mismatching keys between model and checkpoint."""
+    problems = []
+    for part, tree in pretrained.items():
+        if part not in abstract:
+            problems.append(f"{part}: not a part of the model (parts: {sorted(abstract)})")
+            continue
+        want = {path_str(p): tuple(x.shape) for p, x in
+                jax.tree_util.tree_flatten_with_path(abstract[part])[0]}
+        have = {path_str(p): tuple(np.shape(x)) for p, x in
+                jax.tree_util.tree_flatten_with_path(tree)[0]}
+        for key in sorted(set(want) | set(have)):
+            if want.get(key) != have.get(key):
+                problems.append(f"{part}/{key}: model {want.get(key, 'missing')}, "
+                                f"checkpoint {have.get(key, 'missing')}")
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ConfigError("model_init does not match the model: " + "; ".join(problems[:3])
+                          + more)
+
+
+def micro_batches(batch: Mapping[str, jax.Array], accum_steps: int) -> dict[str, jax.Array]:
+    """[B, ...] → [accum, B/accum, ...] where micro-batch m takes rows m, m+accum, …, so every
+    micro-batch is spread evenly over the devices holding the batch."""
+    out = {}
+    for key, x in batch.items():
+        if x.shape[0] % accum_steps:
+            raise ValueError(f"batch of {x.shape[0]} does not split into {accum_steps} "
+                             "micro-batches")
+        out[key] = jnp.swapaxes(x.reshape(x.shape[0] // accum_steps, accum_steps,
+                                          *x.shape[1:]), 0, 1)
+    return out
+
+
+def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: Callable,
+                    lr_fn: Callable, *, frozen: Any = None, accum_steps: int = 1,
+                    skip_nonfinite: bool = False) -> Callable[[State, Any], tuple[State, dict]]:
+    """The pure step (state, batch) → (state, metrics), to be jitted by the caller.
+
+    Args:
+      frozen: a tree of bools like the params (True = frozen); frozen params are wrapped in
+        stop_gradient, so XLA computes no backward pass for them.
+      accum_steps: micro-batches per step; the sigmoid loss of each micro-batch uses only its
+        own negatives, and gradients are averaged.
+      skip_nonfinite: if the loss or gradient norm is NaN/Inf, keep the old params and
+        optimizer state (the step counter still advances).
+    """
+    def loss_of(params, batch):
+        if frozen is not None:
+            params = jax.tree_util.tree_map(
+                lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+        zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["labels"],
+                                      train=True)
+        bias = out.get("b", jnp.zeros(()))
+        return loss_fn(zimg, ztxt, jnp.reshape(out["t_prime"], ()), jnp.reshape(bias, ()))
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+    def loss_and_grads(params, batch):
+        if accum_steps == 1:
+            return grad_fn(params, batch)
+        micro = micro_batches(batch, accum_steps)
+
+        def accumulate(carry, one):
+            (loss, metrics), grads = grad_fn(params, one)
+            return jax.tree_util.tree_map(jnp.add, carry, ((loss, metrics), grads)), None
+
+        first = jax.tree_util.tree_map(lambda x: x[0], micro)
+        zero = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first))
+        total, _ = jax.lax.scan(accumulate, zero, micro)
+        return jax.tree_util.tree_map(lambda x: x / accum_steps, total)
+
+    def train_step(state, batch):
+        (loss, metrics), grads = loss_and_grads(state["params"], batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree_util.tree_map(
+                lambda n, o: jnp.where(finite, n, o), new, old)
+            params = keep(params, state["params"])
+            opt_state = keep(opt_state, state["opt_state"])
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state["step"]),
+                   "finite": finite}
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    return train_step
+
+
+def frozen_mask(labels: Any, frozen_label: str) -> Any | None:
+    """Tree of bools from optimizer group labels; None when nothing is frozen."""
+    mask = jax.tree_util.tree_map(lambda label: label == frozen_label, labels)
+    return mask if any(jax.tree_util.tree_leaves(mask)) else None

@@ -5,8 +5,9 @@ versus the number of devices N, at a fixed local batch.
     python benchmarks/loss_memory.py --local_batch 128 --dim 64 --steps 2   # quick
 
 Memory is XLA's compile-time `memory_analysis().temp_size_in_bytes` of the jitted
-value_and_grad (per device: the program is SPMD). Times are wall-clock medians on emulated
-CPU devices, which share the host's cores: compare ratios between variants, not absolutes.
+value_and_grad (per device: the program is SPMD). Times are the best of --steps rounds, the
+variants interleaved within each round; emulated CPU devices share the host's cores, so
+compare ratios between variants, not absolutes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts N")
     p.add_argument("--impls", default="all_gather,ring,bidirectional,chunked,softmax")
     p.add_argument("--chunk_size", type=int, default=128, help="rows per chunk (chunked)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    p.add_argument("--steps", type=int, default=5, help="timed rounds (best reported)")
     p.add_argument("--no_time", action="store_true", help="memory only, skip timing")
     return p.parse_args(argv)
 
@@ -57,29 +58,32 @@ def main(argv: list[str] | None = None) -> None:
         x = jax.device_put(x, sharding)
         y = jax.device_put(jnp.roll(x, 1, axis=1), sharding)
         t_prime, bias = jnp.float32(np.log(10.0)), jnp.float32(-10.0)
+        compiled = {}
         for impl in impls:
             opts = {"chunk_size": args.chunk_size} if impl == "chunked" else {}
             loss_fn = losses.make_loss(impl, mesh, **opts)
             step = jax.jit(jax.value_and_grad(lambda *a, f=loss_fn: f(*a)[0],
                                               argnums=(0, 1, 2, 3)))
-            compiled = step.lower(x, y, t_prime, bias).compile()
-            temp = compiled.memory_analysis().temp_size_in_bytes
-            secs = float("nan")
-            if not args.no_time:
-                jax.block_until_ready(compiled(x, y, t_prime, bias))
-                times = []
-                for _ in range(args.steps):
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(compiled(x, y, t_prime, bias))
-                    times.append(time.perf_counter() - t0)
-                secs = float(np.median(times))
+            compiled[impl] = step.lower(x, y, t_prime, bias).compile()
+            if not args.no_time:  # warm up
+                jax.block_until_ready(compiled[impl](x, y, t_prime, bias))
+        # Interleave the variants round by round so load from other processes hits all alike.
+        times = {impl: [] for impl in impls}
+        for _ in range(0 if args.no_time else args.steps):
+            for impl in impls:
+                t0 = time.perf_counter()
+                jax.block_until_ready(compiled[impl](x, y, t_prime, bias))
+                times[impl].append(time.perf_counter() - t0)
+        for impl in impls:
+            temp = compiled[impl].memory_analysis().temp_size_in_bytes
+            secs = float(np.min(times[impl])) if times[impl] else float("nan")
             rows[(impl, n)] = (temp, secs)
             print(f"# {impl:14s} N={n}: {temp / 2**20:8.2f} MiB  {secs * 1e3:9.1f} ms",
                   file=sys.stderr, flush=True)
 
     mib = 2**20
     timed = not args.no_time
-    what = f"value+grad ms (median of {args.steps})" if timed else "(timing skipped)"
+    what = f"value+grad ms (best of {args.steps}, interleaved)" if timed else "(timing skipped)"
     print(f"\nlocal batch b={args.local_batch}, dim d={args.dim}, float32; "
           f"peak temp MiB per device | {what}\n")
 

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from siglip_jax.data.input import MASK_KEY, eval_batches, num_eval_batches
+from siglip_jax.evaluators import prompts as prompt_lib
 from siglip_jax.evaluators.common import Embedder
 from siglip_jax.evaluators.zeroshot import (
     ZeroShotEvaluator,
@@ -96,3 +97,97 @@ def test_eval_batches_pad_and_mask_exactly():
     assert [b[MASK_KEY].sum() for b in out] == [4, 4, 2, 0]
     seen = np.concatenate([b["x"][b[MASK_KEY]] for b in out])
     np.testing.assert_array_equal(seen, np.arange(10))
+
+
+# ----------------------------------------------------------------------------- assets, config
+
+
+def test_packaged_assets_are_the_standard_lists():
+    names = prompt_lib.class_names("imagenet")
+    assert len(names) == 1000
+    # Spot checks against the ImageNet-1k label order (CLIP notebook names).
+    assert (names[0], names[100], names[283], names[409], names[817], names[999]) == (
+        "tench", "black swan", "Persian cat", "analog clock", "sports car", "toilet paper")
+    # The CLIP list's two known duplicates are kept so numbers stay comparable.
+    assert names[657] == names[744] == "missile" and names[836] == names[837] == "sunglasses"
+    clip80, clip7 = prompt_lib.templates("clip80"), prompt_lib.templates("clip7")
+    assert len(clip80) == len(set(clip80)) == 80 and len(clip7) == 7
+    assert set(clip7) <= set(clip80)
+    assert clip80[0] == "a bad photo of a {}." and clip80[-1] == "a tattoo of the {}."
+    assert clip7[0] == "itap of a {}." and all(t.count("{}") == 1 for t in clip80)
+
+
+def test_prompt_values_lists_strings_and_errors():
+    assert prompt_lib.templates("a photo of a {}") == ["a photo of a {}"]
+    assert prompt_lib.class_names(("a", "b")) == ["a", "b"]
+    assert prompt_lib.prompts(["x{y}"], ["the {}."]) == ["the x{y}."]
+    with pytest.raises(ValueError, match="not a packaged asset"):
+        prompt_lib.class_names("imagnet")
+    with pytest.raises(ValueError, match=r"not a packaged asset \['clip7', 'clip80'\]"):
+        prompt_lib.templates("clip81")
+    with pytest.raises(ValueError, match="empty"):
+        prompt_lib.templates([])
+
+
+def _demo_config(tmp_path, **evals):
+    from pathlib import Path
+
+    from siglip_jax.config import load_config
+
+    demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+    data = str(tmp_path / "demo_data")
+    overrides = {"input.data.data_dir": data, "input.data.train_per_class": 2,
+                 "evals.zeroshot.data.data_dir": data, "evals.zeroshot.data.train_per_class": 2,
+                 "evals.zeroshot.data.test_per_class": 1}
+    overrides.update(evals)
+    return load_config(demo, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def _with_zeroshot(config, **changes):
+    """A copy of `config` whose evals.zeroshot section has `changes` (of any type)."""
+    import ml_collections
+
+    from siglip_jax.config import to_plain
+
+    config = ml_collections.ConfigDict(to_plain(config))
+    config.evals = ml_collections.ConfigDict(
+        {"zeroshot": {**to_plain(config.evals.zeroshot), **changes}})
+    return config
+
+
+def test_builder_rejects_unknown_asset_before_reading_data(tmp_path):
+    from siglip_jax.config import ConfigError
+    from siglip_jax.evaluators.builder import build_evaluators
+
+    never = tmp_path / "never"
+    config = _with_zeroshot(_demo_config(tmp_path), templates="clip90",
+                            data=dict(name="demo_shapes", split="test", data_dir=str(never)))
+    with pytest.raises(ConfigError, match=r"evals.zeroshot: templates 'clip90'"):
+        build_evaluators(config, model=None, mesh=None, param_shardings=None, tokenizer=None)
+    assert not never.exists()
+
+
+def test_builder_canonicalises_prompts_and_reads_asset_templates(tmp_path):
+    from siglip_jax.data.builder import make_source
+    from siglip_jax.evaluators.builder import build_evaluators
+    from siglip_jax.train import load_tokenizer
+
+    mesh = make_mesh([("data", -1)])
+    config = _demo_config(tmp_path, **{"evals.zeroshot.templates": "['A Photo of a {}!']"})
+    tokenizer = load_tokenizer(config, make_source(config.input.data))
+    model = _ToyModel(3)
+    params = model.init(jax.random.key(0), jnp.zeros((8, 4, 4, 3)),
+                        jnp.zeros((8, 2), jnp.int32))["params"]
+    shardings = jax.tree_util.tree_map(lambda _: replicated(mesh), params)
+    evaluator = build_evaluators(config, model=model, mesh=mesh, param_shardings=shardings,
+                                 tokenizer=tokenizer)["zeroshot"]
+    names = evaluator.class_names
+    want = tokenizer.encode([f"a photo of a {n}" for n in names], 8, "sticky")
+    np.testing.assert_array_equal(evaluator.tokens, want)
+    assert evaluator.every_n_steps == 500 and len(names) == 36
+
+    config = _with_zeroshot(config, templates="clip7", class_names=["red circle", "blue square"])
+    evaluator = build_evaluators(config, model=model, mesh=mesh, param_shardings=shardings,
+                                 tokenizer=tokenizer)["zeroshot"]
+    assert evaluator.tokens.shape == (2 * 7, 8)
+    assert evaluator.templates == prompt_lib.templates("clip7")

@@ -1,31 +1,52 @@
 """Builds the evaluators named in `config.evals` (each a dict with a `type`) for the trainer
-and the evaluation CLI.
+and the evaluation CLI. Every evaluator has `run(params) -> dict[str, float]` and an
+`every_n_steps` attribute; the caller logs the results as `<name>/<metric>`.
 
-Keys of a `zeroshot` evaluator:
-  data           data source section (see data/builder.py) of a labelled image set
-  pp             preprocessing string producing "image" (and keeping "label")
-  class_names    list of names, or a string: "from_data" = the source's class names
-  templates      prompt templates with "{}" for the class name
+Keys shared by all types:
+  type           "zeroshot" | "retrieval"
+  data           data source section (see data/builder.py); the source must know its size
+  pp             preprocessing string (see data/pp.py)
   every_n_steps  run every N training steps (0: only at the end)
-  batch_size     global evaluation batch size (rounded down to a multiple of the shards)
+  batch_size     global evaluation batch size (rounded down to a multiple of the batch shards)
+
+`zeroshot` (metrics top1, top5, mean_class_recall, num_examples) — pp must produce "image" and
+keep the integer "label":
+  class_names    a list of names, an asset name ("imagenet"), or "from_data" (the source's)
+  templates      a list of templates with "{}", one such string, or an asset ("clip80", "clip7")
+  canonicalize   prompts are lower-cased and stripped of punctuation before tokenizing, as
+                 big_vision and HF SigLIP do (default True)
+
+`retrieval` (metrics img2txt_r1/5/10, txt2img_r1/5/10, num_images, num_texts) — pp must produce
+"image" and "labels" = token ids [num_captions, L] (e.g. `tokenize(..., inkey="captions")` on a
+list of captions) or [L] for one caption:
+  max_captions   use at most this many captions per image and pad/mask images with fewer
+                 (required when the number varies, e.g. 5 for COCO); 0 = as produced
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import numpy as np
+import tensorflow as tf
 
 from siglip_jax.config import ConfigError, check_keys
 from siglip_jax.data import input as input_lib
 from siglip_jax.data.builder import make_source
 from siglip_jax.data.pp import get_preprocess_fn
+from siglip_jax.evaluators import prompts
 from siglip_jax.evaluators.common import Embedder
+from siglip_jax.evaluators.retrieval import CAPTION_MASK_KEY, RetrievalEvaluator
 from siglip_jax.evaluators.zeroshot import ZeroShotEvaluator
 
-EVALUATOR_TYPES = ("zeroshot",)
-ZEROSHOT_KEYS = ("type", "data", "pp", "class_names", "templates", "every_n_steps",
-                 "batch_size")
+_COMMON_KEYS = ("type", "data", "pp", "every_n_steps", "batch_size")
+EVALUATOR_KEYS = {
+    "zeroshot": (*_COMMON_KEYS, "class_names", "templates", "canonicalize"),
+    "retrieval": (*_COMMON_KEYS, "max_captions"),
+}
+EVALUATOR_TYPES = tuple(EVALUATOR_KEYS)
 
 
 def build_evaluators(config: Any, *, model: Any, mesh: Any, param_shardings: Any,
@@ -33,13 +54,11 @@ def build_evaluators(config: Any, *, model: Any, mesh: Any, param_shardings: Any
     """Evaluators named in config.evals, each with an `every_n_steps` attribute."""
     evaluators: dict[str, Any] = {}
     embedder = None
-    max_len, eos = int(config.tokenizer.max_len), config.tokenizer.eos
-    tokenize = lambda texts: tokenizer.encode(texts, max_len, eos)
     for name, cfg in (config.get("evals") or {}).items():
         where = f"evals.{name}"
-        if cfg.get("type") not in EVALUATOR_TYPES:
-            raise ConfigError(f"{where}.type {cfg.get('type')!r} is not one of {EVALUATOR_TYPES}")
-        check_keys(cfg, ZEROSHOT_KEYS, where)
+        check_evaluator_config(cfg, where)
+        if cfg.type == "zeroshot":
+            names, templates = _prompt_config(cfg, where)  # Cheap checks before any data.
         embedder = embedder or Embedder(model, mesh, tuple(config.batch_axes), param_shardings)
         source = make_source(cfg.data, f"{where}.data")
         if source.num_examples is None:
@@ -47,24 +66,106 @@ def build_evaluators(config: Any, *, model: Any, mesh: Any, param_shardings: Any
         preprocess = get_preprocess_fn(cfg.pp, tokenizer=tokenizer)
         shards = embedder.num_shards * jax.process_count()
         batch_size = max(shards, int(cfg.get("batch_size", 256)) // shards * shards)
-        num_batches = input_lib.num_eval_batches(source.num_examples, batch_size)
-        local_batch = batch_size // jax.process_count()
-
-        def batches(source=source, preprocess=preprocess, num_batches=num_batches,
-                    local=local_batch):
-            data = source.dataset(jax.process_index(), jax.process_count())
-            return input_lib.eval_batches(data, preprocess, local_batch=local,
-                                          num_batches=num_batches)
-
-        class_names = cfg.class_names
-        if isinstance(class_names, str):
-            if class_names != "from_data" or not getattr(source, "class_names", None):
-                raise ConfigError(f"{where}.class_names must be a list of names, or "
-                                  "'from_data' for a source that has class names")
-            class_names = source.class_names
-        evaluator = ZeroShotEvaluator(
-            embedder=embedder, class_names=list(class_names), templates=list(cfg.templates),
-            tokenize=tokenize, batches=batches)
+        if cfg.type == "zeroshot":
+            if names == "from_data":
+                names = getattr(source, "class_names", None)
+                if not names:
+                    raise ConfigError(f"{where}.class_names='from_data' but the source has no "
+                                      "class names; give a list or an asset name like "
+                                      "'imagenet'")
+            evaluator = _zeroshot(cfg, embedder, source, preprocess, batch_size, tokenizer,
+                                  config.tokenizer, list(names), templates)
+        else:
+            evaluator = _retrieval(cfg, where, embedder, source, preprocess, batch_size)
         evaluator.every_n_steps = int(cfg.get("every_n_steps", 0))
         evaluators[name] = evaluator
     return evaluators
+
+
+def check_evaluator_config(cfg: Any, where: str) -> None:
+    """Raises ConfigError for an unknown type or unknown keys of one evaluator section."""
+    kind = cfg.get("type") if hasattr(cfg, "get") else None
+    if kind not in EVALUATOR_KEYS:
+        raise ConfigError(f"{where}.type {kind!r} is not one of {EVALUATOR_TYPES}")
+    check_keys(cfg, EVALUATOR_KEYS[kind], where)
+
+
+def _batches_fn(source: Any, preprocess: Callable, batch_size: int
+                ) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+    num_batches = input_lib.num_eval_batches(source.num_examples, batch_size)
+    local_batch = batch_size // jax.process_count()
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+        data = source.dataset(jax.process_index(), jax.process_count())
+        return input_lib.eval_batches(data, preprocess, local_batch=local_batch,
+                                      num_batches=num_batches)
+
+    return batches
+
+
+def _prompt_config(cfg: Any, where: str) -> tuple[Any, list[str]]:
+    """(class names or "from_data", templates) of a zeroshot section; ConfigError if bad."""
+    names, templates = cfg.get("class_names"), cfg.get("templates")
+    if names is None or templates is None:
+        raise ConfigError(f"{where}: class_names and templates must be set (lists or asset "
+                          "names)")
+    try:
+        if names != "from_data":
+            names = prompts.class_names(names)
+        return names, prompts.templates(templates)
+    except prompts.PromptError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _zeroshot(cfg: Any, embedder: Embedder, source: Any, preprocess: Callable,
+              batch_size: int, tokenizer: Any, tok_cfg: Any, class_names: list[str],
+              templates: list[str]) -> ZeroShotEvaluator:
+    max_len, eos = int(tok_cfg.max_len), tok_cfg.eos
+    canonicalize = bool(cfg.get("canonicalize", True))
+    tokenize = lambda texts: tokenizer.encode(texts, max_len, eos, canonicalize=canonicalize)
+    return ZeroShotEvaluator(embedder=embedder, class_names=class_names, templates=templates,
+                             tokenize=tokenize,
+                             batches=_batches_fn(source, preprocess, batch_size))
+
+
+def fix_captions(max_captions: int) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+    """tf map: "labels" [n, L] (or [L]) → [max_captions, L] plus a "_caption_mask" [C]."""
+
+    def apply(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        labels = example["labels"]
+        if labels.shape.rank == 1:
+            labels = labels[None]
+        n = tf.shape(labels)[0]
+        if max_captions:
+            labels = labels[:max_captions]
+            mask = tf.range(max_captions) < tf.minimum(n, max_captions)
+            labels = tf.pad(labels, [[0, max_captions - tf.shape(labels)[0]], [0, 0]],
+                            constant_values=1)
+            labels = tf.ensure_shape(labels, [max_captions, labels.shape[-1]])
+        else:
+            mask = tf.ones([n], tf.bool)
+        return {**example, "labels": labels, CAPTION_MASK_KEY: mask}
+
+    return apply
+
+
+def _retrieval(cfg: Any, where: str, embedder: Embedder, source: Any, preprocess: Callable,
+               batch_size: int) -> RetrievalEvaluator:
+    max_captions = int(cfg.get("max_captions", 0) or 0)
+    if max_captions < 0:
+        raise ConfigError(f"{where}.max_captions must be >= 0, got {max_captions}")
+    spec = source.dataset(0, 1).map(preprocess).element_spec
+    if not isinstance(spec, dict) or "image" not in spec or "labels" not in spec:
+        keys = sorted(spec) if isinstance(spec, dict) else spec
+        raise ConfigError(f"{where}.pp must produce 'image' and 'labels' (token ids); "
+                          f"it produces {keys}")
+    labels = spec["labels"].shape
+    if labels.rank not in (1, 2):
+        raise ConfigError(f"{where}: 'labels' must be [num_captions, L] or [L], got {labels}")
+    if labels.rank == 2 and labels[0] is None and not max_captions:
+        raise ConfigError(f"{where}: the number of captions per image varies; set "
+                          f"{where}.max_captions (e.g. 5 for COCO)")
+    fix = fix_captions(max_captions)
+    return RetrievalEvaluator(embedder=embedder,
+                              batches=_batches_fn(source, lambda ex: fix(preprocess(ex)),
+                                                  batch_size))

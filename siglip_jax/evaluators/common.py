@@ -33,9 +33,20 @@ class Embedder:
             lambda params, texts: model.apply({"params": params}, None, texts)[1],
             in_shardings=(param_shardings, data), out_shardings=replicated(mesh))
 
+        def texts_nd(params, tokens):  # [B, ..., L] → [B, ..., D]
+            ztxt = model.apply({"params": params}, None, tokens.reshape(-1, tokens.shape[-1]))[1]
+            return ztxt.reshape(*tokens.shape[:-1], ztxt.shape[-1])
+
+        self._batch_text_fn = jax.jit(texts_nd, in_shardings=(param_shardings, data),
+                                      out_shardings=data)
+
     def image_fn(self, params: Any, images: jax.Array) -> jax.Array:
         """Normalised image embeddings of a global, batch-sharded image array."""
         return self._image_fn(params, images)
+
+    def batch_text_fn(self, params: Any, tokens: jax.Array) -> jax.Array:
+        """Normalised text embeddings [B, ..., D] of a global, batch-sharded [B, ..., L] array."""
+        return self._batch_text_fn(params, tokens)
 
     def embed_texts(self, params: Any, tokens: np.ndarray, batch_size: int = 1024) -> jax.Array:
         """Normalised text embeddings [N, D] (replicated) of token ids every process holds."""

@@ -1,10 +1,14 @@
 """Zero-shot classification: class names × prompt templates → text classifier → image top-k.
 
 Protocol (the standard one from CLIP/SigLIP papers): every class name is put into every
-template; the text embeddings (already L2-normalised by the model) are averaged over templates
-per class and renormalised; an image is assigned the class with the largest dot product.
-Metrics: top-1 and top-5 accuracy and mean per-class recall, from exact counts over the
-evaluation set (padding examples of the last batch are masked out).
+template (class names and templates may be packaged assets, see evaluators/prompts.py); the
+prompts are tokenized as the builder says (by default canonicalised: lower-cased, punctuation
+removed, as big_vision and HF SigLIP do); the text embeddings (L2-normalised by the model) are
+renormalised, averaged over templates per class and renormalised again; an image is assigned
+the class with the largest dot product (computed at full float32 precision). Metrics: top-1
+and top-5 accuracy and mean per-class recall, from exact counts over the evaluation set
+(padding examples of the last batch are masked out). A tie between the true class and another
+counts as a hit (the rank is the number of classes scoring strictly higher).
 """
 
 from __future__ import annotations
@@ -18,15 +22,10 @@ import numpy as np
 
 from siglip_jax.data.input import MASK_KEY
 from siglip_jax.evaluators.common import Embedder
+from siglip_jax.evaluators.prompts import prompts
 from siglip_jax.sharding import make_global_batch
 
-
-def prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
-    """All class × template prompts, class-major: prompts[c * T + t]."""
-    for template in templates:
-        if "{}" not in template:
-            raise ValueError(f"prompt template {template!r} has no '{{}}' for the class name")
-    return [template.format(name) for name in class_names for template in templates]
+__all__ = ["ZeroShotEvaluator", "accumulate", "class_embeddings", "prompts"]
 
 
 def class_embeddings(ztxt_ctxd: jax.Array, num_classes: int) -> jax.Array:
@@ -40,7 +39,7 @@ def class_embeddings(ztxt_ctxd: jax.Array, num_classes: int) -> jax.Array:
 @jax.jit
 def _counts(zimg_nxd, zcls_cxd, labels_n, mask_n):
     """Per-batch counts: top-1 and top-5 hits, and per-class hits/totals for mean recall."""
-    logits = zimg_nxd @ zcls_cxd.T
+    logits = jnp.matmul(zimg_nxd, zcls_cxd.T, precision=jax.lax.Precision.HIGHEST)
     num_classes = zcls_cxd.shape[0]
     k = min(5, num_classes)
     label_logit = jnp.take_along_axis(logits, labels_n[:, None], axis=1)

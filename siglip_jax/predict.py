@@ -1,0 +1,266 @@
+"""Zero-shot predictions: images + candidate labels → independent sigmoid probabilities.
+
+    python -m siglip_jax.predict --checkpoint DIR cat.jpg dog.png --labels "2 cats" "2 dogs"
+
+API: `predict(images, labels, checkpoint=DIR)` (or `Predictor(DIR)(images, labels)` to load
+once) returns {"probs": [N_img, N_label], "logits": ..., "texts": prompts}, with
+`logits = exp(t') · zimg · ztxtᵀ + b` and `probs = sigmoid(logits)`: each label is judged on
+its own (SigLIP is not a softmax over the labels; the probabilities need not sum to 1).
+
+Checkpoints: a HF SigLIP directory (with its `spiece.model`), our trainer's workdir or step
+directory, or a big_vision .npz (then pass model_config, image_size, text_len and tokenizer).
+Preprocessing is the HF SigLIP processor's: RGB, resize to the model's resolution with PIL
+(bilinear unless the directory's preprocessor_config.json says otherwise), × 1/255, then
+(x − 0.5) / 0.5 (or the config's mean/std), i.e. values in [−1, 1]. Texts are the template
+filled with each label, lower-cased and stripped of punctuation (HF `SiglipTokenizer` /
+big_vision canonicalisation), EOS-terminated and padded with EOS to the model's text length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+DEFAULT_TEMPLATE = "This is a photo of {}."
+PREPROCESSOR_FILE = "preprocessor_config.json"
+_PIL_RESAMPLE = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
+
+
+class PredictError(ValueError):
+    """Inputs or a checkpoint that predict cannot use; the message says what is missing."""
+
+
+def image_preprocessing(checkpoint: str | None, image_size: tuple[int, int]) -> dict[str, Any]:
+    """The preprocessing settings: HF preprocessor_config.json where present, else defaults."""
+    settings = {"size": tuple(image_size), "resample": 2, "rescale_factor": 1 / 255,
+                "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "do_resize": True,
+                "do_rescale": True, "do_normalize": True}
+    path = os.path.join(checkpoint, PREPROCESSOR_FILE) if checkpoint else None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            cfg = json.load(f)
+        size = cfg.get("size") or {}
+        if "height" in size and "width" in size:
+            settings["size"] = (int(size["height"]), int(size["width"]))
+        for ours, theirs in (("resample", "resample"), ("rescale_factor", "rescale_factor"),
+                             ("mean", "image_mean"), ("std", "image_std"),
+                             ("do_resize", "do_resize"), ("do_rescale", "do_rescale"),
+                             ("do_normalize", "do_normalize")):
+            if cfg.get(theirs) is not None:
+                settings[ours] = cfg[theirs]
+    if int(settings["resample"]) not in _PIL_RESAMPLE:
+        raise PredictError(f"{path}: unknown resample {settings['resample']!r}")
+    return settings
+
+
+def load_image(image: Any) -> Any:
+    """A PIL RGB image from a path, a PIL image or a uint8 [H, W, 3] array."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as img:
+                return img.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise PredictError(f"cannot read image {os.fspath(image)!r}: {e}") from None
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise PredictError(f"an image array must be uint8 [H, W, 3], got {array.dtype} "
+                           f"{array.shape}")
+    return Image.fromarray(array)
+
+
+def preprocess_images(images: Sequence[Any], settings: Mapping[str, Any]) -> np.ndarray:
+    """float32 [N, H, W, 3] model inputs, as the HF SigLIP image processor computes them."""
+    from PIL import Image
+
+    out = []
+    height, width = settings["size"]
+    resample = getattr(Image.Resampling, _PIL_RESAMPLE[int(settings["resample"])])
+    for image in images:
+        img = load_image(image)
+        if settings["do_resize"]:
+            img = img.resize((width, height), resample=resample)
+        x = np.asarray(img, np.float64)
+        if settings["do_rescale"]:
+            x = x * float(settings["rescale_factor"])
+        if settings["do_normalize"]:
+            x = (x - np.asarray(settings["mean"], np.float64)) / np.asarray(settings["std"],
+                                                                             np.float64)
+        if x.shape[:2] != (height, width):
+            raise PredictError(f"image of size {x.shape[:2]} is not the model's {height}x{width}"
+                               " and resizing is off")
+        out.append(x.astype(np.float32))
+    return np.stack(out)
+
+
+class Predictor:
+    """A loaded model + tokenizer + preprocessing; call it with images and labels."""
+
+    def __init__(self, checkpoint: str, *, model_config: Mapping[str, Any] | None = None,
+                 image_size: int | tuple[int, int] | None = None, text_len: int | None = None,
+                 tokenizer: str | None = None):
+        import jax
+
+        from siglip_jax.checkpoints.big_vision import load_params as fit_params
+        from siglip_jax.checkpoints.loader import checkpoint_info, load_params
+        from siglip_jax.data.tokenizer import Tokenizer
+        from siglip_jax.models.two_towers import Model
+
+        checkpoint = os.fspath(checkpoint)
+        info = checkpoint_info(checkpoint)
+        model_config = info["model"] or (dict(model_config) if model_config else None)
+        if model_config is None:
+            raise PredictError(f"checkpoint {checkpoint!r} ({info['format']}) carries no model "
+                               "config; pass model_config=")
+        text_len = int(text_len or info["text_len"] or 0)
+        if not text_len:
+            raise PredictError(f"checkpoint {checkpoint!r} does not say its text length; "
+                               "pass text_len=")
+        tokenizer = tokenizer or info["tokenizer"] or _run_tokenizer(info["run_config"])
+        if not tokenizer:
+            raise PredictError(f"checkpoint {checkpoint!r} has no tokenizer (spiece.model); "
+                               "pass tokenizer= (a sentencepiece .model file)")
+        self.tokenizer = Tokenizer(tokenizer)
+        self.text_len = text_len
+        run_tok = (info["run_config"] or {}).get("tokenizer") or {}
+        self.eos = run_tok.get("eos", "sticky")
+        self.model = Model(**model_config)
+        params, _ = load_params(checkpoint)
+        size = image_size or info["image_size"] or _image_size_from_params(params, model_config)
+        size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+        abstract = jax.eval_shape(lambda: self.model.init(
+            jax.random.key(0), jax.numpy.zeros((1, *size, 3)),
+            jax.numpy.zeros((1, text_len), jax.numpy.int32))["params"])
+        self.params = fit_params(params, abstract, source=checkpoint)
+        self.image_settings = image_preprocessing(
+            checkpoint if info["format"] == "hf" else None, size)
+        self._apply = jax.jit(self._forward)
+
+    def _forward(self, params, images, texts):
+        import jax
+        import jax.numpy as jnp
+
+        zimg, ztxt, out = self.model.apply({"params": params}, images, texts)
+        logits = jnp.matmul(zimg, ztxt.T, precision=jax.lax.Precision.HIGHEST) * out["t"]
+        return logits + out.get("b", 0.0)
+
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """Token ids [N, text_len] (canonicalised, sticky EOS) of the given texts."""
+        return self.tokenizer.encode(list(texts), self.text_len, self.eos, canonicalize=True)
+
+    def __call__(self, images: Sequence[Any], labels: Sequence[str], *,
+                 template: str = DEFAULT_TEMPLATE, batch_size: int = 32) -> dict[str, Any]:
+        """{"probs", "logits"} [N_img, N_label] float32 and the "texts" that were scored."""
+        if isinstance(labels, str):
+            labels = [labels]
+        if not labels:
+            raise PredictError("give at least one label")
+        if "{}" not in template:
+            raise PredictError(f"template {template!r} has no '{{}}' for the label")
+        if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
+            images = [images]
+        texts = [template.replace("{}", label) for label in labels]
+        tokens = self.tokenize(texts)
+        rows = []
+        for start in range(0, len(images), batch_size):
+            pixels = preprocess_images(images[start:start + batch_size], self.image_settings)
+            rows.append(np.asarray(self._apply(self.params, pixels, tokens)))
+        logits = np.concatenate(rows).astype(np.float32)
+        probs = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+        return {"probs": probs, "logits": logits, "texts": texts}
+
+
+def _run_tokenizer(run_config: Mapping[str, Any] | None) -> str | None:
+    """The tokenizer of one of our runs whose config names none: its data source's."""
+    if not run_config or "input" not in run_config:
+        return None
+    from siglip_jax.data.builder import make_source
+
+    return getattr(make_source(run_config["input"]["data"]), "tokenizer_path", None)
+
+
+def _image_size_from_params(params: Mapping[str, Any], model_config: Mapping[str, Any]
+                            ) -> tuple[int, int]:
+    """A square image size from a learned position embedding and the patch size."""
+    from siglip_jax.models import variants
+
+    posemb = params.get("img", {}).get("pos_embedding")
+    if posemb is None:
+        raise PredictError("cannot tell the model's image size (no learned position "
+                           "embedding); pass image_size=")
+    grid = int(round(np.sqrt(posemb.shape[1])))
+    patch = variants.image_kwargs(model_config.get("image")).get("patch_size", 16)
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    if grid * grid != posemb.shape[1]:
+        raise PredictError(f"position embedding of {posemb.shape[1]} tokens is not a square "
+                           "grid; pass image_size=")
+    return grid * int(ph), grid * int(pw)
+
+
+def predict(images: Sequence[Any], labels: Sequence[str], *, checkpoint: str,
+            template: str = DEFAULT_TEMPLATE, **kwargs: Any) -> dict[str, Any]:
+    """Sigmoid probabilities [N_img, N_label] (and logits) of `labels` for `images`."""
+    return Predictor(checkpoint, **kwargs)(images, labels, template=template)
+
+
+def format_table(names: Sequence[str], labels: Sequence[str], probs: np.ndarray) -> str:
+    """A text table: one row per image, one column per label, probabilities in percent."""
+    first = max([len("image"), *(len(n) for n in names)])
+    widths = [max(len(label), 7) for label in labels]
+    lines = ["  ".join(["image".ljust(first), *(lab.rjust(w) for lab, w in
+                                                  zip(labels, widths, strict=True))])]
+    for name, row in zip(names, probs, strict=True):
+        cells = [f"{100 * p:.1f}%".rjust(w) for p, w in zip(row, widths, strict=True)]
+        lines.append("  ".join([name.ljust(first), *cells]))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; prints a table of sigmoid probabilities."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = argparse.ArgumentParser(
+        prog="python -m siglip_jax.predict",
+        description="Zero-shot: independent sigmoid probability of each label for each image.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="HF SigLIP directory, our workdir/step dir, or a .npz")
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--labels", nargs="+", required=True, help="candidate labels")
+    parser.add_argument("--template", default=DEFAULT_TEMPLATE,
+                        help=f"prompt template with {{}} (default {DEFAULT_TEMPLATE!r})")
+    parser.add_argument("--json", help="also write probs and logits to this JSON file")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from siglip_jax.checkpoints.hf import HFCheckpointError
+    from siglip_jax.checkpoints.loader import (
+        CheckpointFormatError,
+        CheckpointMismatchError,
+        CheckpointNotFoundError,
+    )
+
+    try:
+        result = predict(args.images, args.labels, checkpoint=args.checkpoint,
+                         template=args.template)
+    except (PredictError, CheckpointNotFoundError, CheckpointFormatError,
+            CheckpointMismatchError, HFCheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_table([os.path.basename(p) for p in args.images], args.labels,
+                       result["probs"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"images": args.images, "labels": args.labels, "texts": result["texts"],
+                       "probs": result["probs"].tolist(), "logits": result["logits"].tolist()},
+                      f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

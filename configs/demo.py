@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.data = dict(split="train", **data)
     c.input.pp = 'value_range(-1, 1)|tokenize(max_len=8, eos="sticky", inkey="texts", outkey="labels")|keep("image", "labels")'  # noqa: E501
     c.input.global_batch = 128
-    c.input.shuffle_buffer = 10_000
+    c.input.shuffle_buffer = 2_000  # Examples buffered per batch shard (device).
     c.input.cache = True
     c.tokenizer = dict(model="", max_len=8, eos="sticky")  # "": the data source's tokenizer.
 
@@ -51,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.out_dim = 64
     c.model.temperature_init = 10.0
     c.model.bias_init = -10.0
+    c.model_init = dict(img="", txt="", full="")  # Checkpoint paths; "" = random init.
 
     c.loss = dict(impl="ring")
 
@@ -59,6 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.wd = 1e-4
     c.grad_clip_norm = 1.0
     c.schedule = dict(decay_type="cosine", warmup_frac=0.05)
+    c.grad_accum_steps = 1
+    c.on_nonfinite = "stop"  # Or "skip": drop the update and go on.
 
     c.evals = ml_collections.ConfigDict()
     c.evals.zeroshot = dict(
@@ -66,5 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         pp='value_range(-1, 1)|keep("image", "label")', class_names="from_data",
         templates=["a photo of a {}"], every_n_steps=500, batch_size=240)
 
-    c.checkpoint = dict(every_n_steps=500, keep=2)
+    c.checkpoint = dict(every_n_steps=500, keep=2, keep_every_n_steps=0)
+    c.tensorboard = True
+    c.peak_flops = None  # Per chip, for MFU; None = the default for the device kind.
     return c

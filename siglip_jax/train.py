@@ -138,7 +138,7 @@ def build_input(config: Any, mesh: Any, start_step: int) -> tuple[Iterator, Any,
     from siglip_jax.data import input as input_lib
     from siglip_jax.data.builder import make_source
     from siglip_jax.data.pp import get_preprocess_fn
-    from siglip_jax.sharding import num_batch_shards
+    from siglip_jax.sharding import batch_sharding, num_batch_shards
 
     cfg = config.input
     global_batch = int(cfg.global_batch)
@@ -151,12 +151,11 @@ def build_input(config: Any, mesh: Any, start_step: int) -> tuple[Iterator, Any,
     source = make_source(cfg.data)
     tokenizer = load_tokenizer(config, source)
     preprocess = get_preprocess_fn(cfg.pp, tokenizer=tokenizer)
-    seed = int(config.seed)
-    dataset = source.dataset(jax.process_index(), jax.process_count(), shuffle_files=True,
-                             seed=seed)
+    shard_ids = input_lib.local_shard_ids(batch_sharding(mesh, tuple(config.batch_axes)),
+                                          global_batch)
     batches = input_lib.train_batches(
-        dataset, preprocess, local_batch=global_batch // jax.process_count(),
-        seed=seed, example_seed=seed * 65_537 + jax.process_index(),
+        source, preprocess, shard_ids=shard_ids, num_shards=shards,
+        shard_batch=global_batch // shards, seed=int(config.seed),
         shuffle_buffer=int(cfg.get("shuffle_buffer", 10_000)),
         start_step=start_step, cache=bool(cfg.get("cache", False)))
     return batches, tokenizer, source

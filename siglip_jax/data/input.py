@@ -10,7 +10,7 @@ dropped or counted twice, and every process yields the same number of batches.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,31 +28,58 @@ def _options(threads: int | None) -> tf.data.Options:
     return options
 
 
-def train_batches(dataset: tf.data.Dataset, preprocess: PreprocessFn, *, local_batch: int,
-                  seed: int, example_seed: int | None = None,
-                  shuffle_buffer: int = 10_000, start_step: int = 0,
-                  prefetch: int = 2, threads: int | None = None,
+def train_batches(source: Any, preprocess: PreprocessFn, *, shard_ids: Sequence[int],
+                  num_shards: int, shard_batch: int, seed: int, shuffle_buffer: int = 10_000,
+                  start_step: int = 0, prefetch: int = 2, threads: int | None = None,
                   cache: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """Infinite iterator of this process's batches (dicts of numpy arrays).
 
-    `example_seed` (default: `seed`; give each process its own) seeds the random pp ops: each
-    example occurrence gets `[example_seed, position]`, so augmentations are reproducible.
+    The data is split into `num_shards` virtual shards, one per batch shard (device) of the
+    global batch; `source.dataset(shard, num_shards, ...)` gives shard `shard` (by files where
+    the source can). Each shard is shuffled with its own seed, repeated, and batched into
+    `shard_batch` examples; this process's batch is its shards' batches side by side, in
+    `shard_ids` order. So the global batch does not depend on how many processes read it, and a
+    run on 2 processes × 4 devices sees the same batches as 1 process × 8 devices.
+    `shuffle_buffer` is per shard: a process buffers `shuffle_buffer × len(shard_ids)` examples.
+
+    Random pp ops get a per-example seed `[seed·65537 + shard, position]`, so augmentations are
+    reproducible too. `start_step` skips the examples already consumed (before preprocessing,
+    the expensive part): a resumed run sees exactly the next unseen batch.
     """
     from siglip_jax.data.pp import add_example_seeds
 
-    if local_batch <= 0:
-        raise ValueError(f"local batch size must be positive, got {local_batch}")
-    if cache:
-        dataset = dataset.cache()
-    dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.repeat()
-    dataset = add_example_seeds(dataset, seed if example_seed is None else example_seed)
-    if start_step:  # Skip consumed examples before preprocessing them: resuming stays cheap.
-        dataset = dataset.skip(start_step * local_batch)
-    dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    dataset = dataset.batch(local_batch, drop_remainder=True)
+    if shard_batch <= 0:
+        raise ValueError(f"per-shard batch size must be positive, got {shard_batch}")
+    shards = []
+    for shard in shard_ids:
+        dataset = source.dataset(shard, num_shards, shuffle_files=True, seed=seed + shard)
+        if cache:
+            dataset = dataset.cache()
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed * 7919 + shard,
+                                  reshuffle_each_iteration=True).repeat()
+        dataset = add_example_seeds(dataset, seed * 65_537 + shard)
+        if start_step:
+            dataset = dataset.skip(start_step * shard_batch)
+        dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
+                              deterministic=True)
+        shards.append(dataset.batch(shard_batch, drop_remainder=True))
+    dataset = shards[0] if len(shards) == 1 else tf.data.Dataset.zip(tuple(shards)).map(
+        lambda *parts: {k: tf.concat([p[k] for p in parts], axis=0) for k in parts[0]})
     dataset = dataset.prefetch(prefetch).with_options(_options(threads))
     return dataset.as_numpy_iterator()
+
+
+def local_shard_ids(sharding: Any, global_batch: int) -> list[int]:
+    """Which batch shards this process's devices hold, in the order of its local rows."""
+    import jax
+
+    starts = sorted({index[0].start or 0 for device, index in
+                     sharding.addressable_devices_indices_map((global_batch,)).items()
+                     if device.process_index == jax.process_index()})
+    num_shards = len({index[0].start or 0 for index in
+                      sharding.devices_indices_map((global_batch,)).values()})
+    shard_batch = global_batch // num_shards
+    return [start // shard_batch for start in starts]
 
 
 def num_eval_batches(num_examples: int, global_batch: int) -> int:

@@ -1,0 +1,795 @@
+"""The planner: check a training config against a TPU slice before renting it.
+
+    python -m siglip_jax.plan --config configs/x.py[:arg] --topology v4-256 \
+        [--config.key=value ...] [--dataset-size N] [--mfu 0.4]
+
+Nothing is allocated: the parameter and optimizer-state shapes come from `jax.eval_shape`,
+their per-chip bytes from the config's sharding rules applied on an `AbstractMesh` of the
+slice's size. Printed: parameters per tower; params, optimizer state, gradients and
+activations per chip against the chip's HBM; the per-device batch; steps per epoch; FLOPs
+per step and a time estimate at an assumed MFU.
+
+What is exact and what is estimated:
+  * params, optimizer state, gradients: exact bytes of the sharded arrays (shapes × dtypes ÷
+    the shard counts the rules give), not counting XLA's buffer padding;
+  * activations: an ANALYTIC estimate of what the backward pass keeps (per block: residual,
+    LayerNorm outputs, q/k/v, attention logits and probabilities, MLP hidden), following the
+    towers' dtype and remat policy, plus the ring loss's per-device blocks; XLA may fuse some
+    of these away or keep extra temporaries (the test suite compares it with XLA's own
+    number for small models);
+  * FLOPs: ANALYTIC matmul FLOPs (2·m·n·k per dense/attention product), training =
+    3 × forward for trained towers and 1 × forward for frozen ones (the usual MFU
+    convention); recomputation under remat is reported separately, not counted as useful.
+
+It exits non-zero with one line per problem when: the config cannot be loaded or has unknown
+keys; the mesh does not fit the slice; the global batch does not divide over the batch axes,
+the hosts or the accumulation steps; a sharding rule matches no parameter; a schedule group
+is frozen but some of its parameters are trained by an earlier group (or a frozen tower would
+stay at its random init); a local checkpoint, tokenizer or data path is missing (or the data
+path is still the recipes' placeholder); or the estimated memory exceeds the chip's HBM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+GiB = 1024**3
+
+
+# ----------------------------------------------------------------------------- the slice
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One accelerator generation: memory, naming convention and hosts."""
+
+    kind: str  # Key of metrics.PEAK_FLOPS_PER_CHIP (the published bf16 peak per chip).
+    label: str
+    hbm_bytes: int
+    cores_per_chip: int  # The N in "v4-N" counts TensorCores (2 per chip on v4/v5p).
+    chips_per_host: int
+    source: str
+
+
+# HBM capacity per chip as the Cloud TPU documentation states it (GiB for v4; "GB" for
+# v5e/v5p/v6e, taken as 10^9 bytes, the conservative reading).
+CHIPS: dict[str, Chip] = {
+    "v4": Chip("tpu v4", "TPU v4", 32 * GiB, 2, 4, "https://cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip("tpu v5e", "TPU v5e", 16 * 10**9, 1, 8, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip("tpu v5p", "TPU v5p", 95 * 10**9, 2, 4,
+                "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip("tpu v6e", "TPU v6e", 32 * 10**9, 1, 8, "https://cloud.google.com/tpu/docs/v6e"),
+}
+_ALIASES = {"v5litepod": "v5e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A slice: how many JAX devices (chips), their memory and peak FLOP/s, and hosts."""
+
+    name: str
+    label: str
+    chips: int
+    hosts: int
+    hbm_bytes: int
+    peak_flops: float  # Per chip.
+    source: str
+
+
+class PlanError(ValueError):
+    """A topology or command-line value the planner cannot use."""
+
+
+def parse_topology(name: str, cpu_memory_bytes: int | None = None) -> Topology:
+    """"v4-256" → 128 chips of 32 GiB; also v5litepod-N / v5e-N, v5p-N, v6e-N and cpu-N."""
+    from siglip_jax.metrics import PEAK_FLOPS_PER_CHIP
+
+    m = re.fullmatch(r"([a-z0-9]+)-(\d+)", name.strip().lower())
+    if not m:
+        raise PlanError(f"topology {name!r} is not of the form v4-32, v5litepod-16, v5p-8, "
+                        "v6e-8 or cpu-8")
+    gen, count = _ALIASES.get(m.group(1), m.group(1)), int(m.group(2))
+    if count < 1:
+        raise PlanError(f"topology {name!r}: the size must be at least 1")
+    if gen == "cpu":
+        memory = cpu_memory_bytes or _host_memory_bytes()
+        return Topology(name, "emulated CPU device", count, 1, memory // count,
+                        PEAK_FLOPS_PER_CHIP["cpu"] / count,
+                        "host RAM (os.sysconf) and the measured CPU peak of siglip_jax.metrics, "
+                        "shared by the emulated devices")
+    if gen not in CHIPS:
+        raise PlanError(f"topology {name!r}: unknown TPU generation {m.group(1)!r}; known: "
+                        f"{', '.join(sorted(CHIPS))} (and v5litepod, cpu)")
+    chip = CHIPS[gen]
+    if count % chip.cores_per_chip:
+        raise PlanError(f"topology {name!r}: {m.group(1)}-N counts TensorCores, "
+                        f"{chip.cores_per_chip} per chip, so N must be a multiple of "
+                        f"{chip.cores_per_chip}")
+    chips = count // chip.cores_per_chip
+    hosts = max(1, math.ceil(chips / chip.chips_per_host))
+    return Topology(name, f"{chip.label} chip", chips, hosts, chip.hbm_bytes,
+                    PEAK_FLOPS_PER_CHIP[chip.kind],
+                    f"HBM, peak bf16 FLOP/s and chips per host as {chip.source} states them")
+
+
+def _host_memory_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 16 * GiB
+
+
+def resolve_mesh(mesh_spec: Sequence[tuple[str, int]], devices: int) -> dict[str, int]:
+    """Axis sizes of the config's mesh on `devices` devices (one size may be -1)."""
+    names = [str(n) for n, _ in mesh_spec]
+    sizes = [int(s) for _, s in mesh_spec]
+    if len(set(names)) != len(names):
+        raise PlanError(f"mesh axis names must be unique, got {names}")
+    if sizes.count(-1) > 1:
+        raise PlanError(f"at most one mesh axis may have size -1, got {list(mesh_spec)}")
+    known = math.prod(s for s in sizes if s != -1)
+    if known <= 0 or devices % known:
+        raise PlanError(f"mesh {list(mesh_spec)} does not divide the {devices} chips")
+    sizes = [devices // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != devices:
+        raise PlanError(f"mesh {list(mesh_spec)} uses {math.prod(sizes)} devices, but the "
+                        f"slice has {devices} chips")
+    return dict(zip(names, sizes, strict=True))
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclasses.dataclass(frozen=True)
+class Tower:
+    """The dimensions of one transformer tower that memory and FLOPs depend on."""
+
+    name: str
+    tokens: int
+    width: int
+    depth: int
+    mlp_dim: int
+    heads: int
+    act_bytes: int
+    remat: str
+    pool: str
+    out_dim: int | None
+    patch_input: int = 0  # patch_h * patch_w * channels (image tower), 0 for text.
+    vocab_size: int | None = None  # Text tower only.
+
+
+def towers_from_config(model_cfg: Mapping[str, Any], image_hw: tuple[int, int],
+                       text_len: int) -> tuple[Tower, Tower]:
+    """The image and text Tower of `config.model` at the given input sizes."""
+    import jax.numpy as jnp
+
+    from siglip_jax.models.two_towers import _out_dims, image_tower, text_tower
+
+    img_out, txt_out = _out_dims(model_cfg.get("out_dim", 128))
+    vit = image_tower(model_cfg.get("image"), img_out)
+    txt = text_tower(model_cfg.get("text"), txt_out)
+    ph, pw = (vit.patch_size, vit.patch_size) if isinstance(vit.patch_size, int) \
+        else tuple(vit.patch_size)
+    tokens = (image_hw[0] // ph) * (image_hw[1] // pw) + (1 if vit.pool_type == "tok" else 0)
+
+    def nbytes(dtype: Any) -> int:
+        return jnp.dtype(dtype or jnp.float32).itemsize
+
+    image = Tower("img", tokens, vit.width, vit.depth, vit.mlp_dim or 4 * vit.width,
+                  vit.num_heads, nbytes(vit.dtype), vit.remat_policy, vit.pool_type,
+                  vit.num_classes, ph * pw * 3)
+    text = Tower("txt", text_len, txt.width, txt.depth, txt.mlp_dim or 4 * txt.width,
+                 txt.num_heads, nbytes(txt.dtype), txt.remat_policy, txt.pool_type,
+                 txt.num_classes, vocab_size=txt.vocab_size)
+    return image, text
+
+
+def forward_flops(t: Tower) -> float:
+    """Matmul FLOPs of one example through the tower (analytic, 2 FLOPs per multiply-add)."""
+    n, d, m = t.tokens, t.width, t.mlp_dim
+    per_block = 2 * n * 4 * d * d + 2 * 2 * n * n * d + 2 * 2 * n * d * m
+    flops = t.depth * per_block + 2 * n * t.patch_input * d  # + patch embedding (image).
+    if t.pool == "map":  # One probe query: q/out projections, k/v over n tokens, MLP.
+        flops += 2 * 2 * d * d + 2 * 2 * n * d * d + 2 * 2 * n * d + 2 * 2 * d * m
+    if t.out_dim:
+        flops += 2 * d * t.out_dim
+    return float(flops)
+
+
+def _block_bytes(t: Tower) -> int:
+    """Bytes one block keeps for its backward pass, per example (no remat).
+
+    Per token: the block input, both residual streams, q/k/v and the attention output at the
+    activation dtype; LayerNorm normalised values and outputs in float32 (float32 scale and
+    bias); the MLP hidden before and after GELU plus its tanh; attention logits and
+    probabilities [heads, tokens, tokens].
+    """
+    a, f32 = t.act_bytes, 4
+    per_token_width = a + 3 * a + a + a + 4 * f32
+    return (t.tokens * t.width * per_token_width + 3 * t.tokens * t.mlp_dim * a
+            + 2 * t.heads * t.tokens * t.tokens * a)
+
+
+def activation_bytes(t: Tower, batch: int, trained: bool) -> tuple[int, int]:
+    """(bytes kept until the backward pass, peak working bytes) of the tower for `batch`.
+
+    A trained tower without remat keeps every block's tensors and needs one block's worth
+    more for the backward pass of a block; with `nothing_saveable` it keeps only each block's
+    input and works on one recomputed block plus its backward (2 blocks); other policies save
+    matmul outputs and are counted as no remat (an upper bound). A frozen tower keeps
+    nothing and works on one block at a time.
+    """
+    block = _block_bytes(t) * batch
+    embed = t.tokens * t.width * t.act_bytes * batch
+    if not trained:
+        return 0, block + embed
+    if t.remat == "nothing_saveable":
+        return t.depth * embed + embed, 2 * block
+    return t.depth * block + embed, block
+
+
+def loss_bytes(per_device_batch: int, global_batch: int, dim: int, impl: str) -> int:
+    """Per-device memory of the sigmoid loss: logits blocks and embedding blocks (float32)."""
+    b = per_device_batch
+    cols = global_batch if impl in ("all_gather", "softmax", "dense") else b
+    return 4 * (3 * b * cols + 4 * b * dim + 2 * cols * dim)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything the planner computed; `errors` non-empty means: do not launch."""
+
+    config_name: str
+    topology: Topology
+    mesh: dict[str, int] = dataclasses.field(default_factory=dict)
+    batch_axes: tuple[str, ...] = ()
+    params: dict[str, int] = dataclasses.field(default_factory=dict)
+    image_hw: tuple[int, int] | None = None
+    text_len: int | None = None
+    global_batch: int = 0
+    accum: int = 1
+    per_device_batch: float = 0.0
+    bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    flops: dict[str, float] = dataclasses.field(default_factory=dict)
+    total_steps: int = 0
+    dataset_size: int | None = None
+    mfu: float = 0.4
+    towers: tuple[Tower, ...] = ()
+    frozen: tuple[str, ...] = ()
+    errors: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def memory_total(self) -> int:
+        """Estimated peak bytes per chip."""
+        return sum(self.bytes.values())
+
+    @property
+    def step_seconds(self) -> float | None:
+        """Estimated seconds per step at the assumed MFU."""
+        flops = self.flops.get("model")
+        if not flops or not self.topology.peak_flops:
+            return None
+        return flops / (self.topology.chips * self.topology.peak_flops * self.mfu)
+
+
+_SIZE_OPS = ("resize", "central_crop", "random_crop", "inception_crop")
+
+
+def _pp_ops(pp: str) -> list[str]:
+    """Splits a pp string at the `|` that are outside quotes and brackets (as pp.parse does;
+    pp.py itself is not imported because it loads TensorFlow, which takes seconds)."""
+    ops, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(pp):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            ops.append(pp[start:i].strip())
+            start = i + 1
+    return ops + [pp[start:].strip()]
+
+
+def infer_image_size(config: Any) -> tuple[int, int] | None:
+    """The training image size: the last resize/crop op of input.pp, else input.data.image_size."""
+    import ast
+
+    size = None
+    for op in _pp_ops(str(config.input.pp)):
+        name, _, rest = op.partition("(")
+        if name.strip() not in _SIZE_OPS or not rest:
+            continue
+        try:
+            call = ast.parse(f"f({rest}", mode="eval").body
+            args = [ast.literal_eval(a) for a in call.args]
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        except (SyntaxError, ValueError):
+            continue
+        value = args[0] if args else kwargs.get("size")
+        if value is not None:
+            size = value
+    if size is None:
+        size = (config.input.get("data") or {}).get("image_size")
+    if size is None:
+        return None
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _sharded_bytes(abstract: Any, shardings: Any) -> int:
+    import jax
+    import numpy as np
+
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings),
+                              strict=True):
+        total += int(np.prod(sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+    return total
+
+
+def _schedule_groups(schedule: Any) -> list[tuple[str, Any]]:
+    from siglip_jax.config import to_plain
+
+    spec = to_plain(schedule)
+    if isinstance(spec, Mapping):
+        return [(".*", spec)]
+    return [(str(regex), group) for regex, group in spec]
+
+
+def check_frozen_groups(param_paths: Sequence[str], schedule: Any,
+                        model_init: Mapping[str, Any]) -> tuple[list[str], set[str]]:
+    """Errors for frozen (None) schedule groups that would not freeze what they name.
+
+    Returns (errors, the set of frozen parameter paths). A frozen group "has a schedule" when
+    some of the parameters its regex names are claimed first by an earlier, trained group;
+    the same regex listed twice is a conflict; a fully frozen tower loaded from nothing would
+    stay at its random initialisation.
+    """
+    groups = _schedule_groups(schedule)
+    errors: list[str] = []
+    seen: dict[str, Any] = {}
+    for regex, spec in groups:
+        if regex in seen and (seen[regex] is None) != (spec is None):
+            errors.append(f"schedule: group {regex!r} is listed both as frozen (None) and with "
+                          "a schedule")
+        seen.setdefault(regex, spec)
+    compiled = [re.compile(regex) for regex, _ in groups]
+    frozen: set[str] = set()
+    for i, (regex, spec) in enumerate(groups):
+        if spec is not None:
+            continue
+        stolen = []
+        for path in param_paths:
+            if not compiled[i].fullmatch(path):
+                continue
+            first = next(j for j, c in enumerate(compiled) if c.fullmatch(path))
+            if first < i and groups[first][1] is not None:
+                stolen.append((path, groups[first][0]))
+        if stolen:
+            errors.append(f"schedule: group {regex!r} is frozen (None) but {len(stolen)} of its "
+                          f"parameters (e.g. {stolen[0][0]!r}) get the schedule of the earlier "
+                          f"group {stolen[0][1]!r}; list the frozen group first")
+    for path in param_paths:
+        first = next((j for j, c in enumerate(compiled) if c.fullmatch(path)), None)
+        if first is not None and groups[first][1] is None:
+            frozen.add(path)
+    for tower in ("img", "txt"):
+        tower_paths = [p for p in param_paths if p.startswith(tower + "/")]
+        if tower_paths and all(p in frozen for p in tower_paths):
+            if not (model_init.get(tower) or model_init.get("full")):
+                errors.append(f"schedule freezes the whole {tower} tower but model_init.{tower} "
+                              "(and model_init.full) is empty: it would stay at its random init")
+    return errors, frozen
+
+
+def _check_path(what: str, path: str, notes: list[str], errors: list[str],
+                pattern: bool = False) -> None:
+    """A local path must exist (a glob must match); a remote one is noted, not checked; the
+    recipes' placeholders (containing YOUR_BUCKET) are errors."""
+    from siglip_jax.recipes import PLACEHOLDER
+
+    if not path:
+        return
+    if PLACEHOLDER in path:
+        errors.append(f"{what} is the placeholder {path!r}: pass the real path as a config "
+                      "argument (see the config's docstring)")
+        return
+    if "://" in path:
+        notes.append(f"{what} {path!r} is remote: not checked here")
+        return
+    expanded = os.path.expanduser(path)
+    if pattern:
+        if not glob.glob(expanded):
+            errors.append(f"{what}: no file matches {path!r}")
+    elif not os.path.exists(expanded):
+        errors.append(f"{what}: not found: {path!r}")
+
+
+def check_paths(config: Any, plan: Plan) -> None:
+    """model_init checkpoints, the tokenizer and the training data (local ones must exist)."""
+    from siglip_jax.config import to_plain
+
+    for key, path in (to_plain(config.get("model_init")) or {}).items():
+        _check_path(f"model_init.{key} checkpoint", str(path or ""), plan.notes, plan.errors)
+    tok = str((config.get("tokenizer") or {}).get("model") or "")
+    errors_before = len(plan.errors)
+    _check_path("tokenizer.model", tok, plan.notes, plan.errors)
+    if tok and "://" not in tok and len(plan.errors) == errors_before:
+        import sentencepiece as spm
+
+        pieces = spm.SentencePieceProcessor(model_file=os.path.expanduser(tok)).get_piece_size()
+        vocab = plan.towers[1].vocab_size if len(plan.towers) > 1 else None
+        if vocab is not None and pieces > vocab:
+            plan.errors.append(f"tokenizer.model {tok!r} has {pieces} pieces but "
+                               f"model.text.vocab_size is {vocab}: ids past it have no embedding")
+    data = to_plain(config.input.get("data") or {})
+    if data.get("name") == "tar":
+        patterns = data.get("pattern") or ""
+        if not patterns:
+            plan.errors.append("input.data.pattern is empty: pass the tar shards (data=...)")
+        for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
+            _check_path("input.data.pattern", pattern, plan.notes, plan.errors, pattern=True)
+
+
+def make_plan(config: Any, topology: Topology, *, config_name: str = "config",
+              dataset_size: int | None = None, mfu: float = 0.4) -> Plan:
+    """Computes the plan of `config` on `topology` (nothing is allocated; no data is read)."""
+    plan = Plan(config_name, topology, dataset_size=dataset_size, mfu=mfu)
+    if _analyse(config, plan):
+        check_paths(config, plan)
+    return plan
+
+
+def _analyse(config: Any, plan: Plan) -> bool:
+    """Fills `plan` in step by step; False if the config is too broken to check its paths."""
+    from siglip_jax.config import ConfigError, check_keys
+    from siglip_jax.train import TRAIN_KEYS
+
+    try:
+        check_keys(config, TRAIN_KEYS, "config")
+    except ConfigError as e:
+        plan.errors.append(str(e))
+        return False
+    plan.total_steps = int(config.total_steps)
+    if config.get("peak_flops"):
+        plan.topology = dataclasses.replace(plan.topology, peak_flops=float(config.peak_flops))
+    micro = _mesh_and_batch(config, plan)
+    if micro is None:
+        return True
+    shapes = _model_shapes(config, plan)
+    if shapes is None:
+        return True
+    _memory(config, plan, shapes, micro)
+    _flops(plan)
+    return True
+
+
+def _mesh_and_batch(config: Any, plan: Plan) -> int | None:
+    """Mesh axis sizes and batch divisibility; returns the per-device micro-batch."""
+    topology = plan.topology
+    try:
+        plan.mesh = resolve_mesh([tuple(a) for a in config.mesh], topology.chips)
+    except PlanError as e:
+        plan.errors.append(str(e))
+        return None
+    plan.batch_axes = tuple(config.batch_axes)
+    missing = [a for a in plan.batch_axes if a not in plan.mesh]
+    if missing:
+        plan.errors.append(f"batch_axes {plan.batch_axes} name {missing[0]!r}, which is not a "
+                           f"mesh axis ({', '.join(plan.mesh)})")
+        return None
+    shards = math.prod(plan.mesh[a] for a in plan.batch_axes)
+    plan.global_batch = int(config.input.global_batch)
+    plan.accum = int(config.get("grad_accum_steps", 1) or 1)
+    axes = " × ".join(f"{a}={plan.mesh[a]}" for a in plan.batch_axes)
+    if plan.global_batch % shards:
+        plan.errors.append(f"input.global_batch={plan.global_batch} does not divide over the "
+                           f"{shards} batch shards ({axes}) of {topology.name}")
+    elif plan.global_batch % (shards * plan.accum):
+        plan.errors.append(f"input.global_batch={plan.global_batch} does not split into "
+                           f"grad_accum_steps={plan.accum} micro-batches over {shards} shards")
+    if plan.global_batch % topology.hosts:
+        plan.errors.append(f"input.global_batch={plan.global_batch} does not divide over the "
+                           f"{topology.hosts} hosts of {topology.name}")
+    plan.per_device_batch = plan.global_batch / shards
+    return max(1, plan.global_batch // (shards * plan.accum))
+
+
+@dataclasses.dataclass
+class _Shapes:
+    params: Any  # Abstract params.
+    param_shardings: Any
+    opt_state: Any
+    opt_shardings: Any
+    frozen: set[str]
+
+
+def _model_shapes(config: Any, plan: Plan) -> _Shapes | None:
+    """Abstract params and optimizer state with their shardings; schedule-group checks."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import AbstractMesh
+
+    from siglip_jax.config import ConfigError, to_plain
+    from siglip_jax.optim import make_optimizer
+    from siglip_jax.sharding import follow_params, param_shardings, tree_paths
+    from siglip_jax.train import make_model
+
+    plan.image_hw = infer_image_size(config)
+    plan.text_len = int(config.tokenizer.max_len)
+    if plan.image_hw is None:
+        plan.errors.append("cannot tell the training image size: input.pp has no resize/crop "
+                           "op and input.data has no image_size")
+        return None
+    try:
+        model = make_model(config)
+        image = jax.ShapeDtypeStruct((1, *plan.image_hw, 3), jnp.float32)
+        text = jax.ShapeDtypeStruct((1, plan.text_len), jnp.int32)
+        abstract = jax.eval_shape(model.init, jax.random.key(0), image, text)["params"]
+        plan.towers = towers_from_config(to_plain(config.model), plan.image_hw, plan.text_len)
+    except (ValueError, KeyError, TypeError) as e:
+        plan.errors.append(f"config.model: {e}")
+        return None
+    for name in ("img", "txt"):
+        plan.params[name] = _count(abstract.get(name, {}))
+    plan.params["total"] = _count(abstract)
+    plan.params["other"] = plan.params["total"] - plan.params["img"] - plan.params["txt"]
+
+    mesh = AbstractMesh(tuple(plan.mesh.values()), tuple(plan.mesh))
+    try:
+        pshard = param_shardings(abstract, [tuple(r) for r in config.sharding_rules], mesh)
+    except ValueError as e:
+        plan.errors.append(f"sharding_rules: {e}")
+        return None
+    _note_unsharded(abstract, pshard, config.sharding_rules, plan)
+
+    paths = tree_paths(abstract)
+    errors, frozen = check_frozen_groups(paths, config.schedule,
+                                         to_plain(config.get("model_init")) or {})
+    plan.errors.extend(errors)
+    plan.frozen = tuple(t for t in ("img", "txt")
+                        if any(p.startswith(t + "/") for p in paths)
+                        and all(p in frozen for p in paths if p.startswith(t + "/")))
+    try:
+        tx, _ = make_optimizer(config, abstract, plan.total_steps)
+        opt_state = jax.eval_shape(tx.init, abstract)
+    except (ConfigError, ValueError) as e:
+        plan.errors.append(f"optimizer/schedule: {e}")
+        return None
+    return _Shapes(abstract, pshard, opt_state, follow_params(opt_state, abstract, pshard, mesh),
+                   frozen)
+
+
+def _memory(config: Any, plan: Plan, shapes: _Shapes, micro: int) -> None:
+    """Bytes per chip: exact for the state, analytic for activations; the HBM check."""
+    import jax
+
+    from siglip_jax.sharding import tree_paths
+
+    leaves = list(zip(tree_paths(shapes.params), jax.tree.leaves(shapes.params),
+                      jax.tree.leaves(shapes.param_shardings), strict=True))
+
+    def shard_bytes(leaf: Any, sharding: Any) -> int:
+        return math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+
+    plan.bytes["params"] = sum(shard_bytes(leaf, s) for _, leaf, s in leaves)
+    plan.bytes["optimizer state"] = _sharded_bytes(shapes.opt_state, shapes.opt_shardings)
+    # Frozen params get no backward pass (step.py wraps them in stop_gradient).
+    plan.bytes["gradients"] = sum(shard_bytes(leaf, s) for p, leaf, s in leaves
+                                  if p not in shapes.frozen)
+    if plan.accum > 1:  # step.py accumulates the full gradient tree (zeros for frozen params).
+        plan.bytes["gradient accumulator"] = plan.bytes["params"]
+
+    kept, working = 0, 0
+    for tower in plan.towers:
+        k, w = activation_bytes(tower, micro, trained=tower.name not in plan.frozen)
+        kept, working = kept + k, max(working, w)
+    plan.bytes["activations"] = kept + working
+    impl = str((config.get("loss") or {}).get("impl", "ring"))
+    plan.bytes["loss"] = loss_bytes(micro, plan.global_batch // plan.accum, _embed_dim(plan),
+                                    impl)
+    per_example = plan.image_hw[0] * plan.image_hw[1] * 3 * 4 + plan.text_len * 4
+    plan.bytes["input batch"] = int(plan.per_device_batch) * per_example  # All micro-batches.
+    topology = plan.topology
+    if plan.memory_total > topology.hbm_bytes:
+        parts = ", ".join(f"{k} {_gib(v)}" for k, v in plan.bytes.items())
+        plan.errors.append(f"estimated memory per chip {_gib(plan.memory_total)} exceeds the "
+                           f"{_gib(topology.hbm_bytes)} HBM of a {topology.label} ({parts});"
+                           " use more chips, fsdp, remat or grad_accum_steps")
+    elif plan.memory_total > 0.85 * topology.hbm_bytes:
+        plan.notes.append(f"the estimate uses {plan.memory_total / topology.hbm_bytes:.0%} of "
+                          "HBM: little headroom for XLA's own buffers")
+
+
+def _embed_dim(plan: Plan) -> int:
+    text = plan.towers[1]
+    return text.out_dim or text.width
+
+
+def _flops(plan: Plan) -> None:
+    """Analytic FLOPs per step: 3 × forward for trained towers, 1 × for frozen, plus the loss."""
+    model_flops = remat_flops = 0.0
+    for tower in plan.towers:
+        fwd = forward_flops(tower) * plan.global_batch
+        trained = tower.name not in plan.frozen
+        model_flops += fwd * (3 if trained else 1)
+        if trained and tower.remat != "none":
+            remat_flops += fwd
+    loss_fwd = 2.0 * plan.global_batch * (plan.global_batch / plan.accum) * _embed_dim(plan)
+    plan.flops = {"model": model_flops + 3 * loss_fwd, "remat recompute": remat_flops}
+
+
+def _count(tree: Any) -> int:
+    import jax
+
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def _note_unsharded(abstract: Any, shardings: Any, rules: Any, plan: Plan) -> None:
+    """A note for large parameters an fsdp rule had to leave replicated (no divisible dim)."""
+    import jax
+
+    from siglip_jax.sharding import tree_paths
+
+    if not any(str(rule).startswith("fsdp") for _, rule in rules):
+        return
+    left = [(p, x) for p, x, s in zip(tree_paths(abstract), jax.tree.leaves(abstract),
+                                      jax.tree.leaves(shardings), strict=True)
+            if math.prod(x.shape) >= 1_000_000 and tuple(s.shard_shape(x.shape)) == x.shape]
+    if left:
+        plan.notes.append(f"{len(left)} parameter(s) of >= 1M elements stay replicated under "
+                          f"the fsdp rule (no dimension divisible by the axis), e.g. "
+                          f"{left[0][0]!r} {tuple(left[0][1].shape)}")
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+def _rate(flops: float) -> str:
+    return f"{flops / 1e12:.0f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.0f} GFLOP/s"
+
+
+def _m(n: int) -> str:
+    return f"{n / 1e6:.1f} M"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def format_plan(plan: Plan) -> str:
+    """The human-readable report (errors are printed separately, one a line)."""
+    t = plan.topology
+    lines = [f"plan {plan.config_name} on {t.name}: {t.chips} × {t.label} "
+             f"({_gib(t.hbm_bytes)}, peak {_rate(t.peak_flops)} each), {t.hosts} host(s)",
+             f"  chip facts    {t.source}"]
+    if plan.mesh:
+        mesh = " × ".join(f"{k}={v}" for k, v in plan.mesh.items())
+        lines.append(f"  mesh          {mesh}; batch split over {', '.join(plan.batch_axes)}")
+    if plan.params:
+        p = plan.params
+        lines.append(f"  parameters    img {_m(p['img'])} | txt {_m(p['txt'])} | "
+                     f"t, b {p['other']} | total {_m(p['total'])}"
+                     + (f"  (frozen: {', '.join(plan.frozen)})" if plan.frozen else ""))
+    for tower in plan.towers:
+        lines.append(f"  {tower.name} tower     {tower.tokens} tokens × width {tower.width}, "
+                     f"depth {tower.depth}, mlp {tower.mlp_dim}, {tower.heads} heads, "
+                     f"{8 * tower.act_bytes}-bit activations, remat {tower.remat}")
+    if plan.global_batch:
+        micro = plan.per_device_batch / plan.accum
+        lines.append(f"  batch         global {plan.global_batch} | per device "
+                     f"{plan.per_device_batch:g}" + (f" in {plan.accum} micro-batches of "
+                                                     f"{micro:g}" if plan.accum > 1 else ""))
+    if plan.bytes:
+        lines.append("  memory/chip   (params, optimizer state, gradients: exact from shapes and "
+                     "sharding rules; activations, loss: analytic estimate)")
+        for key, value in plan.bytes.items():
+            lines.append(f"    {key:<21}{_gib(value):>11}")
+        share = plan.memory_total / t.hbm_bytes
+        lines.append(f"    {'total':<21}{_gib(plan.memory_total):>11}  = {share:.0%} of the "
+                     f"{_gib(t.hbm_bytes)} per chip")
+    if plan.flops:
+        line = (f"  FLOPs/step    {plan.flops['model']:.3g} (analytic matmul FLOPs: 3 × forward "
+                "for trained towers, 1 × for frozen")
+        if plan.flops.get("remat recompute"):
+            line += f"; + {plan.flops['remat recompute']:.3g} recomputed under remat"
+        lines.append(line + ")")
+        seconds = plan.step_seconds
+        if seconds:
+            lines.append(f"  time          {seconds:.3g} s/step at an assumed {plan.mfu:.0%} MFU; "
+                         f"{plan.total_steps} steps ≈ {_duration(seconds * plan.total_steps)}")
+    if plan.global_batch:
+        if plan.dataset_size:
+            epoch = plan.dataset_size / plan.global_batch
+            lines.append(f"  data          {plan.dataset_size} examples = {epoch:,.0f} steps per "
+                         f"epoch; the run sees {plan.total_steps / epoch:.2f} epochs")
+        else:
+            lines.append("  data          steps per epoch: pass --dataset-size N")
+    for note in plan.notes:
+        lines.append(f"  note: {note}")
+    lines.append("  result        " + ("FAILED: " + f"{len(plan.errors)} problem(s)"
+                                      if plan.errors else "ok: no problem found"))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Parses the planner's flags and the trainer's `--config.key=value` overrides."""
+    parser = argparse.ArgumentParser(
+        prog="python -m siglip_jax.plan",
+        description="Check a training config against a TPU slice without allocating anything. "
+                    "Extra flags --config.KEY=VALUE override config keys, as for training.")
+    parser.add_argument("--config", required=True, help="configs/file.py or configs/file.py:arg")
+    parser.add_argument("--topology", required=True,
+                        help="slice type: v4-32, v4-256, v5litepod-16, v5p-128, v6e-64, cpu-8")
+    parser.add_argument("--dataset-size", type=int, default=None,
+                        help="examples in the training set (for steps per epoch)")
+    parser.add_argument("--mfu", type=float, default=0.4,
+                        help="assumed model FLOPs utilisation for the time estimate")
+    args, rest = parser.parse_known_args(argv)
+    overrides, i = [], 0
+    while i < len(rest):  # Same forms as the trainer: --config.a.b=v or --config.a.b v.
+        item = rest[i]
+        if not item.startswith("--config."):
+            parser.error(f"unrecognized argument {item!r} (overrides look like --config.key=value)")
+        item = item[len("--config."):]
+        if "=" not in item:
+            if i + 1 >= len(rest):
+                parser.error(f"override --config.{item} has no value")
+            item, i = f"{item}={rest[i + 1]}", i + 1
+        overrides.append(item)
+        i += 1
+    return args, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: 0 = the plan is fine, 1 = problems found, 2 = bad input."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    from siglip_jax.config import ConfigError, load_config
+
+    try:
+        topology = parse_topology(args.topology)
+        if not 0 < args.mfu <= 1:
+            raise PlanError(f"--mfu {args.mfu} must be in (0, 1]")
+        config = load_config(args.config, overrides)
+    except (ConfigError, PlanError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    plan = make_plan(config, topology, config_name=args.config,
+                     dataset_size=args.dataset_size, mfu=args.mfu)
+    print(format_plan(plan), flush=True)
+    for error in plan.errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 1 if plan.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Shared builders for the paper-recipe config files (`configs/siglip_*.py`, `lit_b16.py`,
+`siglip_finetune_res.py`): one function per kind of run, so the recipes cannot drift apart.
+
+The SigLIP recipe (Zhai et al. 2023, arXiv:2303.15343; big_vision `proj/image_text`):
+  * two towers: ViT `variant` with MAP pooling and no image projection (`out_dim=(None, D)`),
+    text transformer of the matching size, 64 tokens, c4_en 32k sentencepiece vocabulary;
+  * sigmoid loss with t' = log 10 (`temperature_init=10`) and b = -10, computed with the ring
+    implementation (memory flat in the number of devices);
+  * batch 32k (32 768), Adam with β2 = 0.95 (the paper's fix for large-batch gradient spikes),
+    decoupled weight decay 1e-4, peak lr 1e-3, linear warmup then cosine decay, clip 1.0;
+  * pp: `decode|resize(res)|value_range(-1, 1)` and `tokenize(max_len=64, eos="sticky")` (the
+    model cards: resize to the resolution, mean = std = 0.5, pad to 64 tokens);
+  * evaluation hooks: zero-shot ImageNet (tfds `imagenet2012` validation, class names
+    "imagenet", the 80 CLIP templates "clip80") and COCO image<->text retrieval.
+
+Config arguments (`configs/x.py:k=v,k2=v2`) are documented in ARG_DOCS and checked: an unknown
+argument is an error. Paths are arguments because nothing here can be downloaded at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from siglip_jax.config import ConfigError, parse_config_arg
+from siglip_jax.models import variants
+
+C4_EN_TOKENIZER = "gs://t5-data/vocabs/cc_en.32000/sentencepiece.model"  # big_vision "c4_en".
+PLACEHOLDER_DATA = "gs://YOUR_BUCKET/webli/*.tar"
+PLACEHOLDER_INIT = "gs://YOUR_BUCKET/siglip_b16_224/checkpoints/STEP"
+PLACEHOLDER = "YOUR_BUCKET"  # The planner rejects any path containing it.
+PAPER_BATCH = 32_768  # "32k" in the paper (big_vision writes 32 * 1024).
+# Examples seen. The SigLIP text we could check does not state the schedule length of the
+# released checkpoints; SigLIP 2 (which keeps this recipe: batch 32k, lr 1e-3, wd 1e-4, cosine,
+# 20k warmup) trains on 40B examples, and the paper's batch-size study used 9B.
+DEFAULT_EXAMPLES = 40_000_000_000
+DEFAULT_WARMUP = 20_000
+
+ARG_DOCS: dict[str, str] = {
+    "data": "image-text tar shards (glob, local or gs://), e.g. gs://bucket/webli/*.tar",
+    "tokenizer": "sentencepiece model (default: big_vision's c4_en 32k vocabulary on gs://)",
+    "batch": "global batch size (default 32768)",
+    "examples": "examples seen; total_steps = examples // batch (default 40e9)",
+    "steps": "total steps (overrides examples)",
+    "warmup": "linear warmup steps (default 20000)",
+    "lr": "peak learning rate (default 1e-3)",
+    "wd": "decoupled weight decay (default 1e-4)",
+    "imagenet_dir": "tfds data_dir holding imagenet2012 (default: tfds' own default)",
+    "coco_dir": "tfds data_dir holding coco_captions (default: tfds' own default)",
+    "eval_every": "run the evaluators every N steps (default 10000; 0: only at the end)",
+    "fsdp": "size of the mesh's fsdp axis over which params and optimizer state are sharded",
+    "accum": "gradient accumulation steps (>1 splits the batch: the loss sees batch/accum "
+             "negatives per example)",
+    "remat": "remat policy of both towers ('none', 'nothing_saveable', ...)",
+    "dtype": "activation/matmul dtype of both towers (default bfloat16)",
+    "init": "checkpoint to start from (fine-tune: our orbax step dir, big_vision .npz or HF dir)",
+    "img": "image-tower checkpoint (LiT)",
+    "variant": "image variant, e.g. B/16",
+    "txt": "text variant, e.g. B",
+    "res": "image resolution",
+    "pool": "image pooling (map, gap, tok)",
+}
+
+
+def parse_args(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """Parses `k=v,...` over `defaults`; unknown keys are a ConfigError naming the valid ones."""
+    given = parse_config_arg(arg or "")
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown config argument {unknown[0]!r}; valid arguments: "
+                          f"{', '.join(sorted(defaults))}")
+    return {**defaults, **given}
+
+
+def _text_size(image_variant: str) -> str:
+    """The text tower size paired with an image variant in the released SigLIP models."""
+    return image_variant.partition("/")[0]
+
+
+def image_pp(res: int) -> str:
+    """Image preprocessing of the SigLIP model cards: resize, then mean = std = 0.5."""
+    return f"decode|resize({res})|value_range(-1, 1)"
+
+
+def text_pp(max_len: int = 64, inkey: str = "texts") -> str:
+    """Text preprocessing: sentencepiece ids with sticky EOS padding (big_vision SigLIP)."""
+    return f'tokenize(max_len={max_len}, eos="sticky", inkey="{inkey}", outkey="labels")'
+
+
+def tower_configs(image_variant: str, text_variant: str, *, dtype: str, remat: str,
+                  scan: bool = True, pool: str = "map") -> tuple[dict, dict, tuple]:
+    """(image config, text config, out_dim) of a released-SigLIP-shaped two-tower model.
+
+    The image tower has no projection head; the text head maps to the image tower's width.
+    """
+    variants.decode_variant(text_variant, allow_patch=False)  # Validates the name.
+    width = variants.decode_variant(image_variant)["width"]
+    image = dict(variant=image_variant, pool_type=pool, scan=scan, remat_policy=remat,
+                 dtype=dtype)
+    text = dict(variant=text_variant, vocab_size=32_000, pool_type="last", scan=scan,
+                remat_policy=remat, dtype=dtype)
+    return image, text, (None, width)
+
+
+def evals(res: int, *, imagenet_dir: str, coco_dir: str, every: int,
+          max_len: int = 64) -> ml_collections.ConfigDict:
+    """Zero-shot ImageNet (val, 80 CLIP prompts) and COCO retrieval (val) evaluators."""
+    c = ml_collections.ConfigDict()
+    c.imagenet = dict(
+        type="zeroshot",
+        data=dict(name="tfds", tfds_name="imagenet2012", split="validation",
+                  data_dir=imagenet_dir or None),
+        pp=f'{image_pp(res)}|keep("image", "label")',
+        class_names="imagenet", templates="clip80", every_n_steps=every, batch_size=1024)
+    c.coco = dict(
+        type="retrieval",
+        data=dict(name="tfds", tfds_name="coco_captions", split="val",
+                  data_dir=coco_dir or None),
+        pp=f'{image_pp(res)}|{text_pp(max_len, inkey="captions/text")}|keep("image", "labels")',
+        every_n_steps=every, batch_size=1024)
+    return c
+
+
+def _base(args: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """Keys shared by every recipe: seed, logging, checkpoints, loss, optimizer, safety."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.log_every = 50
+    c.time_budget_s = 0.0
+    c.cpu_devices = 8
+    c.loss = dict(impl="ring")
+    c.optim = dict(name="adam", b1=0.9, b2=0.95)
+    c.lr = float(args["lr"])
+    c.wd = float(args["wd"])
+    c.grad_clip_norm = 1.0
+    c.grad_accum_steps = int(args["accum"])
+    c.on_nonfinite = "stop"
+    c.peak_flops = None
+    c.checkpoint = dict(every_n_steps=2_000, keep=2, keep_every_n_steps=50_000)
+    return c
+
+
+def _mesh(c: ml_collections.ConfigDict, fsdp: int) -> None:
+    """Data parallel over all chips; params and optimizer state sharded over `fsdp` of them."""
+    fsdp = int(fsdp)
+    if fsdp < 1:
+        raise ConfigError(f"config argument fsdp={fsdp} must be >= 1")
+    if fsdp == 1:
+        c.mesh = [("data", -1)]
+        c.batch_axes = ("data",)
+        c.sharding_rules = [(".*", "replicate")]
+    else:
+        c.mesh = [("data", -1), ("fsdp", fsdp)]
+        c.batch_axes = ("data", "fsdp")  # The batch is split over every chip.
+        c.sharding_rules = [(".*", "fsdp")]
+
+
+def _input(c: ml_collections.ConfigDict, args: Mapping[str, Any], res: int) -> None:
+    c.input = ml_collections.ConfigDict()
+    c.input.data = dict(name="tar", pattern=args["data"])
+    c.input.pp = f'{image_pp(res)}|{text_pp()}|keep("image", "labels")'
+    c.input.global_batch = int(args["batch"])
+    c.input.shuffle_buffer = 250_000
+    c.input.cache = False
+    c.tokenizer = dict(model=args["tokenizer"], max_len=64, eos="sticky")
+
+
+def _total_steps(args: Mapping[str, Any]) -> int:
+    if args.get("steps"):
+        return int(args["steps"])
+    return max(1, int(float(args["examples"])) // int(args["batch"]))
+
+
+PRETRAIN_DEFAULTS: dict[str, Any] = dict(
+    data=PLACEHOLDER_DATA, tokenizer=C4_EN_TOKENIZER, batch=PAPER_BATCH,
+    examples=DEFAULT_EXAMPLES, steps=0, warmup=DEFAULT_WARMUP, lr=1e-3, wd=1e-4,
+    imagenet_dir="", coco_dir="", eval_every=10_000, fsdp=1, accum=1,
+    remat="nothing_saveable", dtype="bfloat16",
+)
+
+
+def pretrain_config(image_variant: str, res: int, arg: str | None, *,
+                    defaults: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """A SigLIP pretraining recipe: `image_variant` at `res` px from random init on tar shards."""
+    args = parse_args(arg, {**PRETRAIN_DEFAULTS, **(defaults or {})})
+    c = _base(args)
+    c.total_steps = _total_steps(args)
+    _mesh(c, args["fsdp"])
+    _input(c, args, res)
+    c.model = ml_collections.ConfigDict()
+    image, text, out_dim = tower_configs(image_variant, _text_size(image_variant),
+                                         dtype=args["dtype"], remat=args["remat"])
+    c.model.image, c.model.text, c.model.out_dim = image, text, out_dim
+    c.model.temperature_init = 10.0  # t' = log 10
+    c.model.bias_init = -10.0
+    c.model_init = dict(img="", txt="", full="")
+    c.schedule = dict(decay_type="cosine", warmup_steps=int(args["warmup"]))
+    c.evals = evals(res, imagenet_dir=args["imagenet_dir"], coco_dir=args["coco_dir"],
+                    every=int(args["eval_every"]))
+    return c
+
+
+FINETUNE_DEFAULTS: dict[str, Any] = dict(
+    PRETRAIN_DEFAULTS, init=PLACEHOLDER_INIT, variant="B/16", res=384, examples=0, steps=20_000,
+    warmup=1_000, lr=1e-4, wd=1e-4, eval_every=2_000,
+)
+
+
+def finetune_res_config(arg: str | None) -> ml_collections.ConfigDict:
+    """Continue training a SigLIP checkpoint at a higher resolution (posemb interpolated)."""
+    args = parse_args(arg, FINETUNE_DEFAULTS)
+    res = int(args["res"])
+    c = pretrain_config(args["variant"], res, None, defaults={
+        k: v for k, v in args.items() if k in PRETRAIN_DEFAULTS})
+    c.model_init = dict(img="", txt="", full=str(args["init"]))
+    return c
+
+
+LIT_DEFAULTS: dict[str, Any] = dict(
+    PRETRAIN_DEFAULTS, img="gs://big_vision/siglip/webli_en_b16_224_63724782.npz",
+    variant="B/16", txt="B", res=224, pool="map", batch=16_384, examples=0, steps=60_000,
+    warmup=6_000, lr=1e-3, wd=1e-4, eval_every=5_000,
+)
+
+
+def lit_config(arg: str | None) -> ml_collections.ConfigDict:
+    """LiT ("locked-image tuning"): a published image tower, frozen; a text tower trained."""
+    args = parse_args(arg, LIT_DEFAULTS)
+    res = int(args["res"])
+    c = _base(args)
+    c.total_steps = _total_steps(args)
+    _mesh(c, args["fsdp"])
+    _input(c, args, res)
+    c.model = ml_collections.ConfigDict()
+    image, text, out_dim = tower_configs(args["variant"], args["txt"], dtype=args["dtype"],
+                                         remat=args["remat"], pool=args["pool"])
+    c.model.image, c.model.text, c.model.out_dim = image, text, out_dim
+    c.model.temperature_init = 10.0
+    c.model.bias_init = -10.0
+    c.model_init = dict(img=str(args["img"]), txt="", full="")
+    c.schedule = [
+        ("img/.*", None),  # Frozen: no update, no optimizer state, no image-tower gradients.
+        (".*", dict(decay_type="cosine", warmup_steps=int(args["warmup"]))),
+    ]
+    c.evals = evals(res, imagenet_dir=args["imagenet_dir"], coco_dir=args["coco_dir"],
+                    every=int(args["eval_every"]))
+    return c

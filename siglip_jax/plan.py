@@ -26,7 +26,8 @@ keys; the mesh does not fit the slice; the global batch does not divide over the
 the hosts or the accumulation steps; a sharding rule matches no parameter; a schedule group
 is frozen but some of its parameters are trained by an earlier group (or a frozen tower would
 stay at its random init); a local checkpoint, tokenizer or data path is missing (or the data
-path is still the recipes' placeholder); or the estimated memory exceeds the chip's HBM.
+path is still the recipes' placeholder); a pp string names an unknown op or passes it bad
+arguments; or the estimated memory exceeds the chip's HBM.
 """
 
 from __future__ import annotations
@@ -420,6 +421,34 @@ def _check_path(what: str, path: str, notes: list[str], errors: list[str],
         errors.append(f"{what}: not found: {path!r}")
 
 
+def check_pp_strings(config: Any, plan: Plan) -> None:
+    """Every pp string (input.pp, evals.*.pp) parses, names registered ops, and passes each op
+    arguments its signature accepts (the ops are not built: that needs the tokenizer)."""
+    import inspect
+
+    from siglip_jax.data import pp
+
+    strings = [("input.pp", config.input.pp)]
+    strings += [(f"evals.{name}.pp", e.get("pp")) for name, e in (config.get("evals") or {}).items()
+                if e.get("pp")]
+    for where, pp_string in strings:
+        try:
+            calls = pp.parse(str(pp_string))
+        except pp.PPError as e:
+            plan.errors.append(f"{where}: {e}")
+            continue
+        for call in calls:
+            op = f"pp op #{call.index + 1} {call.text!r}"
+            if call.name not in pp.OPS:
+                plan.errors.append(f"{where}: {op}: unknown op {call.name!r}; registered ops: "
+                                   f"{', '.join(sorted(pp.OPS))}")
+                continue
+            try:
+                inspect.signature(pp.OPS[call.name]).bind(None, *call.args, **call.kwargs)
+            except TypeError as e:
+                plan.errors.append(f"{where}: {op}: {e}")
+
+
 def check_paths(config: Any, plan: Plan) -> None:
     """model_init checkpoints, the tokenizer and the training data (local ones must exist)."""
     from siglip_jax.config import to_plain
@@ -451,6 +480,7 @@ def make_plan(config: Any, topology: Topology, *, config_name: str = "config",
     """Computes the plan of `config` on `topology` (nothing is allocated; no data is read)."""
     plan = Plan(config_name, topology, dataset_size=dataset_size, mfu=mfu)
     if _analyse(config, plan):
+        check_pp_strings(config, plan)
         check_paths(config, plan)
     return plan
 

@@ -114,12 +114,14 @@ def evals(res: int, *, imagenet_dir: str, coco_dir: str, every: int,
                   data_dir=imagenet_dir or None),
         pp=f'{image_pp(res)}|keep("image", "label")',
         class_names="imagenet", templates="clip80", every_n_steps=every, batch_size=1024)
+    # COCO 5k (Karpathy test split: 5000 images, first 5 of their captions). tfds nests the
+    # captions as {"captions": {"text": [N]}}; the pp reads them as "captions/text".
     c.coco = dict(
         type="retrieval",
-        data=dict(name="tfds", tfds_name="coco_captions", split="val",
+        data=dict(name="tfds", tfds_name="coco_captions", split="test",
                   data_dir=coco_dir or None),
         pp=f'{image_pp(res)}|{text_pp(max_len, inkey="captions/text")}|keep("image", "labels")',
-        every_n_steps=every, batch_size=1024)
+        max_captions=5, every_n_steps=every, batch_size=1024)
     return c
 
 

@@ -286,6 +286,16 @@ def test_image_size_comes_from_the_last_resize_or_crop_op():
     assert plan.infer_image_size(config) == (32, 32)  # The demo source's image_size.
 
 
+def test_pp_strings_with_unknown_ops_or_bad_arguments_fail():
+    errors = _errors(["input.pp=decode|flatten|value_range(-1, 1)",
+                      "evals.zeroshot.pp=resize(32, colour=1)|keep('image', 'label')"])
+    assert len(errors) == 2
+    assert errors[0].startswith("input.pp: pp op #2 'flatten': unknown op 'flatten'; "
+                                "registered ops: central_crop, ")
+    assert errors[1] == ("evals.zeroshot.pp: pp op #1 'resize(32, colour=1)': got an unexpected "
+                         "keyword argument 'colour'")
+
+
 def test_mesh_that_does_not_fit_the_slice_fails():
     assert _errors(["mesh=[('data', -1), ('fsdp', 3)]"]) == [
         "mesh [('data', -1), ('fsdp', 3)] does not divide the 8 chips"]

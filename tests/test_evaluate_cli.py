@@ -82,7 +82,7 @@ def test_results_equal_training_evaluation_and_numpy(trained):
         [f"a photo of a {name}" for name in test.class_names], 8, "sticky")
     model = Model(**to_plain(config.model))
     images = data["image"].astype(np.float32) / 127.5 - 1  # value_range(-1, 1) of uint8.
-    zimg, ztxt, _ = model.apply({"params": state["params"]}, images, tokens)
+    zimg, ztxt, _ = jax.jit(model.apply)({"params": state["params"]}, images, tokens)
     predicted = np.argmax(np.asarray(zimg, np.float64) @ np.asarray(ztxt, np.float64).T, 1)
     assert results["zeroshot/top1"] == pytest.approx(np.mean(predicted == data["label"]))
 

@@ -126,7 +126,7 @@ def _reference(params, spiece, images, text_len):
     tokens = Tokenizer(spiece).encode([TEMPLATE.format(x) for x in LABELS], text_len,
                                       canonicalize=True)
     pixels = np.stack(images).astype(np.float32) / 127.5 - 1
-    zimg, ztxt, out = Model(**MODEL).apply({"params": params}, pixels, tokens)
+    zimg, ztxt, out = jax.jit(Model(**MODEL).apply)({"params": params}, pixels, tokens)
     sims = np.asarray(zimg, np.float64) @ np.asarray(ztxt, np.float64).T
     return np.exp(float(params["t"][0])) * sims + float(params["b"][0])
 
@@ -135,8 +135,8 @@ def test_our_orbax_workdir_and_npz(hf_dir, tmp_path):
     from siglip_jax.checkpoints.orbax_io import Checkpointer
 
     spiece = str(hf_dir[0] / "spiece.model")
-    params = Model(**MODEL).init(jax.random.key(3), np.zeros((1, 32, 32, 3), np.float32),
-                                 np.zeros((1, 8), np.int32))["params"]
+    params = jax.jit(Model(**MODEL).init)(jax.random.key(3), np.zeros((1, 32, 32, 3), np.float32),
+                                          np.zeros((1, 8), np.int32))["params"]
     workdir = tmp_path / "run"
     checkpointer = Checkpointer(str(workdir), 0, use_async=False)
     checkpointer.maybe_save(7, {"params": params, "opt_state": {"count": np.zeros(())},

@@ -191,3 +191,18 @@ def test_builder_canonicalises_prompts_and_reads_asset_templates(tmp_path):
                                  tokenizer=tokenizer)["zeroshot"]
     assert evaluator.tokens.shape == (2 * 7, 8)
     assert evaluator.templates == prompt_lib.templates("clip7")
+
+
+def test_builder_checks_pp_outputs_at_build_time(tmp_path):
+    from siglip_jax.config import ConfigError
+    from siglip_jax.evaluators.builder import build_evaluators
+
+    mesh = make_mesh([("data", -1)])
+    config = _with_zeroshot(_demo_config(tmp_path), pp='value_range(-1, 1)|keep("image")')
+    with pytest.raises(ConfigError, match=r"evals.zeroshot.pp must produce \['image', 'label'\]"
+                                          r"; it produces \['image'\]"):
+        build_evaluators(config, model=None, mesh=mesh, param_shardings=None, tokenizer=None)
+    config = _with_zeroshot(config, pp='keep("image", "labels")')
+    with pytest.raises(ConfigError, match=r"evals.zeroshot.pp: PPKeyError: pp op 'keep' needs "
+                                          r"key 'labels'; example has \['image', 'label', "):
+        build_evaluators(config, model=None, mesh=mesh, param_shardings=None, tokenizer=None)

@@ -73,8 +73,8 @@ def build_evaluators(config: Any, *, model: Any, mesh: Any, param_shardings: Any
                     raise ConfigError(f"{where}.class_names='from_data' but the source has no "
                                       "class names; give a list or an asset name like "
                                       "'imagenet'")
-            evaluator = _zeroshot(cfg, embedder, source, preprocess, batch_size, tokenizer,
-                                  config.tokenizer, list(names), templates)
+            evaluator = _zeroshot(cfg, where, embedder, source, preprocess, batch_size,
+                                  tokenizer, config.tokenizer, list(names), templates)
         else:
             evaluator = _retrieval(cfg, where, embedder, source, preprocess, batch_size)
         evaluator.every_n_steps = int(cfg.get("every_n_steps", 0))
@@ -88,6 +88,22 @@ def check_evaluator_config(cfg: Any, where: str) -> None:
     if kind not in EVALUATOR_KEYS:
         raise ConfigError(f"{where}.type {kind!r} is not one of {EVALUATOR_TYPES}")
     check_keys(cfg, EVALUATOR_KEYS[kind], where)
+
+
+def pp_output_spec(source: Any, preprocess: Callable, keys: tuple[str, ...], where: str
+                   ) -> dict[str, tf.TensorSpec]:
+    """The element spec of the preprocessed data (traced, nothing is read); ConfigError if the
+    pp string fails or does not produce `keys` — at build time, not hours into training."""
+    try:
+        spec = source.dataset(0, 1).map(preprocess).element_spec
+    except Exception as e:  # tf.data traces with AutoGraph, which wraps the op's own error.
+        text = str(e).strip()
+        last = text.splitlines()[-1].strip() if text else type(e).__name__
+        raise ConfigError(f"{where}.pp: {last}") from None
+    if not isinstance(spec, dict) or not set(keys) <= set(spec):
+        produced = sorted(spec) if isinstance(spec, dict) else spec
+        raise ConfigError(f"{where}.pp must produce {list(keys)}; it produces {produced}")
+    return spec
 
 
 def _batches_fn(source: Any, preprocess: Callable, batch_size: int
@@ -117,9 +133,10 @@ def _prompt_config(cfg: Any, where: str) -> tuple[Any, list[str]]:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def _zeroshot(cfg: Any, embedder: Embedder, source: Any, preprocess: Callable,
+def _zeroshot(cfg: Any, where: str, embedder: Embedder, source: Any, preprocess: Callable,
               batch_size: int, tokenizer: Any, tok_cfg: Any, class_names: list[str],
               templates: list[str]) -> ZeroShotEvaluator:
+    pp_output_spec(source, preprocess, ("image", "label"), where)
     max_len, eos = int(tok_cfg.max_len), tok_cfg.eos
     canonicalize = bool(cfg.get("canonicalize", True))
     tokenize = lambda texts: tokenizer.encode(texts, max_len, eos, canonicalize=canonicalize)
@@ -154,12 +171,7 @@ def _retrieval(cfg: Any, where: str, embedder: Embedder, source: Any, preprocess
     max_captions = int(cfg.get("max_captions", 0) or 0)
     if max_captions < 0:
         raise ConfigError(f"{where}.max_captions must be >= 0, got {max_captions}")
-    spec = source.dataset(0, 1).map(preprocess).element_spec
-    if not isinstance(spec, dict) or "image" not in spec or "labels" not in spec:
-        keys = sorted(spec) if isinstance(spec, dict) else spec
-        raise ConfigError(f"{where}.pp must produce 'image' and 'labels' (token ids); "
-                          f"it produces {keys}")
-    labels = spec["labels"].shape
+    labels = pp_output_spec(source, preprocess, ("image", "labels"), where)["labels"].shape
     if labels.rank not in (1, 2):
         raise ConfigError(f"{where}: 'labels' must be [num_captions, L] or [L], got {labels}")
     if labels.rank == 2 and labels[0] is None and not max_captions:

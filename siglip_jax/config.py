@@ -96,7 +96,11 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     old = node[leaf]
     value = _parse_value(raw, old, key)
     try:
-        node[leaf] = value
+        if isinstance(old, ml_collections.ConfigDict):  # A whole new group replaces the old.
+            with node.ignore_type():
+                node[leaf] = value
+        else:
+            node[leaf] = value
     except TypeError as e:
         raise ConfigError(f"config key {key!r} expects {_type_name(old)}, got {raw!r}") from e
 
@@ -133,8 +137,10 @@ def _parse_value(raw: str, old: Any, key: str) -> Any:
     if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
         return type(old)(value)
     if isinstance(old, ml_collections.ConfigDict):
+        if isinstance(value, (dict, list, tuple)):
+            return value  # A whole new group (e.g. schedule groups); checked where it is read.
         raise ConfigError(f"config key {key!r} is a group; set its fields one by one "
-                          f"(valid: {', '.join(sorted(old.keys()))})")
+                          f"(valid: {', '.join(sorted(old.keys()))}) or give a whole dict")
     if value is None or isinstance(value, type(old)):
         return value
     raise ConfigError(f"config key {key!r} expects {_type_name(old)}, got {raw!r}")

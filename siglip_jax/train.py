@@ -189,8 +189,16 @@ def make_model(config: Any) -> Any:
     return Model(**to_plain(config.model))
 
 
-def load_model_init(config: Any) -> dict[str, Any]:
-    """Pretrained parts named by config.model_init: {"img": tree, "txt": tree, ...}."""
+def load_model_init(config: Any, abstract: Any) -> dict[str, Any]:
+    """Pretrained parts named by config.model_init, fitted to the model: {"img": tree, ...}.
+
+    Each part is converted to the model's block layout (scanned or not) and dtypes, and the
+    image position embedding is resampled if the resolution differs (fine-tuning at a higher
+    resolution); names and shapes must otherwise match.
+    """
+    from siglip_jax.checkpoints import big_vision
+    from siglip_jax.checkpoints.loader import load_params
+
     spec = to_plain(config.get("model_init") or {})
     check_keys(spec, ("img", "txt", "full"), "model_init")
     parts: dict[str, Any] = {}
@@ -199,16 +207,17 @@ def load_model_init(config: Any) -> dict[str, Any]:
             continue
         if not (os.path.exists(path) or "://" in path):
             raise ConfigError(f"model_init.{part}: no such checkpoint {path!r}")
-        from siglip_jax.checkpoints.loader import load_params
-
         params, _ = load_params(path)
-        if part == "full":
-            parts.update(params)
-        elif part not in params:
-            raise ConfigError(f"model_init.{part}: checkpoint {path!r} has no {part!r} tower "
-                              f"(it has {sorted(params)})")
-        else:
-            parts[part] = params[part]
+        names = sorted(abstract) if part == "full" else [part]
+        for name in names:
+            if name not in params:
+                raise ConfigError(f"model_init.{part}: checkpoint {path!r} has no {name!r} "
+                                  f"part (it has {sorted(params)})")
+            try:
+                parts[name] = big_vision.load_params(params[name], abstract[name],
+                                                     source=path, resample_posemb=True)
+            except (ValueError, KeyError) as e:
+                raise ConfigError(f"model_init.{part}: {e}") from None
     return parts
 
 
@@ -310,7 +319,7 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     abstract = step_lib.abstract_params(model, shapes)
     tx, lr_fn = make_optimizer(config, abstract, total_steps)
     frozen = step_lib.frozen_mask(group_labels(config, abstract), FROZEN)
-    pretrained = load_model_init(config) if not start_step else {}
+    pretrained = load_model_init(config, abstract) if not start_step else {}
     state, shardings = step_lib.init_state(model, tx, shapes, mesh, config.sharding_rules,
                                            int(config.seed), pretrained)
     if start_step:

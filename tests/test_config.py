@@ -52,6 +52,13 @@ def test_overrides_are_typed(config_file):
     assert c.arg == "hello"
 
 
+def test_a_group_can_be_replaced_by_a_whole_dict_or_list(config_file):
+    c = load_config(config_file, ['optim=[("img/.*", None), (".*", {"name": "sgd"})]'])
+    assert c.optim == [("img/.*", None), (".*", {"name": "sgd"})]
+    c = load_config(config_file, ['optim={"name": "sgd"}'])
+    assert c.optim.to_dict() == {"name": "sgd"}
+
+
 def test_config_is_locked(config_file):
     c = load_config(config_file)
     with pytest.raises(AttributeError):

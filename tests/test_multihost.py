@@ -12,33 +12,18 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from tiny import tiny_config, tiny_overrides
 
-from siglip_jax.config import load_config
 from siglip_jax.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "local_multihost.sh"
 
 
-def overrides(data_dir, **extra):
-    values = {
-        "log_every": 5, "time_budget_s": 0, "checkpoint.every_n_steps": 10,
-        "input.data.data_dir": str(data_dir), "input.data.train_per_class": 10,
-        "input.global_batch": 32, "input.shuffle_buffer": 256,
-        "evals.zeroshot.data.data_dir": str(data_dir),
-        "evals.zeroshot.data.train_per_class": 10, "evals.zeroshot.data.test_per_class": 1,
-        "evals.zeroshot.every_n_steps": 0,
-        "model.image.width": 32, "model.image.depth": 1, "model.image.mlp_dim": 64,
-        "model.image.num_heads": 2, "model.image.patch_size": 8,
-        "model.text.width": 32, "model.text.depth": 1, "model.text.mlp_dim": 64,
-        "model.text.num_heads": 2, "model.out_dim": 32, "tensorboard": False, **extra}
-    return [f"{k}={v}" for k, v in values.items()]
-
-
 def launch(num, workdir, data_dir, steps, logdir, **kwargs):
     args = [str(SCRIPT), str(num), "--logdir", str(logdir), *kwargs.pop("script_args", []),
             "--", "--config", f"{REPO}/configs/demo.py:steps={steps}", "--workdir",
-            str(workdir), *[f"--config.{o}" for o in overrides(data_dir)]]
+            str(workdir), *[f"--config.{o}" for o in tiny_overrides(data_dir)]]
     env = {**os.environ, "PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, cwd=REPO, **kwargs)
@@ -66,7 +51,7 @@ def test_two_processes_equal_one_process_and_checkpoints_move_between_them(tmp_p
 
     single = tmp_path / "single"
     single.mkdir()
-    config = load_config(f"{REPO}/configs/demo.py:steps=20", overrides(data_dir))
+    config = tiny_config(data_dir, 20)
     train(config, str(single))
     multi_losses, single_losses = losses(multi), losses(single)
     assert sorted(multi_losses) == [1, 5, 10, 15, 20]

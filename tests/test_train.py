@@ -2,30 +2,16 @@
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny
 
-from siglip_jax.config import load_config
 from siglip_jax.train import NonFiniteError, train
-
-DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
 
 
 def tiny_config(tmp_path, steps=20, **extra):
-    data = tmp_path.parent / "demo_data"
-    overrides = {
-        "log_every": 5, "time_budget_s": 0, "checkpoint.every_n_steps": 10,
-        "input.data.data_dir": str(data), "input.data.train_per_class": 20,
-        "input.global_batch": 64, "input.shuffle_buffer": 512,
-        "evals.zeroshot.data.data_dir": str(data), "evals.zeroshot.data.train_per_class": 20,
-        "evals.zeroshot.data.test_per_class": 2, "evals.zeroshot.every_n_steps": 0,
-        "model.image.width": 32, "model.image.depth": 1, "model.image.mlp_dim": 64,
-        "model.image.num_heads": 2, "model.image.patch_size": 8,
-        "model.text.width": 32, "model.text.depth": 1, "model.text.mlp_dim": 64,
-        "model.text.num_heads": 2, "model.out_dim": 32, **extra}
-    return load_config(f"{DEMO}:steps={steps}", [f"{k}={v}" for k, v in overrides.items()])
+    return tiny.tiny_config(tmp_path.parent / "demo_data", steps, tensorboard=True, **extra)
 
 
 def read_metrics(workdir):

@@ -1,0 +1,139 @@
+"""Trainer modes through config: FSDP meshes, LiT from a checkpoint, preemption, resharding."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from tiny import DEMO, REPO, tiny_config, tiny_overrides
+
+from siglip_jax.train import train
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def restore(workdir, step):
+    return ocp.StandardCheckpointer().restore(
+        os.path.join(workdir, "checkpoints", str(step), "default"))
+
+
+def leaves(tree):
+    return {jax.tree_util.keystr(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def run(tmp_path, name, steps=10, **overrides):
+    workdir = tmp_path / name
+    workdir.mkdir()
+    summary = train(tiny_config(tmp_path / "data", steps, **overrides), str(workdir))
+    return workdir, summary
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A 10-step data-parallel run: the baseline curve and the checkpoint LiT starts from."""
+    tmp = tmp_path_factory.mktemp("modes")
+    workdir, _ = run(tmp, "dp")
+    return tmp, workdir
+
+
+@pytest.mark.parametrize("data, fsdp", [(4, 2), (2, 4)])
+def test_fsdp_mesh_gives_the_data_parallel_loss_curve(pretrained, data, fsdp):
+    tmp, dp = pretrained
+    workdir, _ = run(tmp, f"fsdp_{data}x{fsdp}", mesh=[("data", data), ("fsdp", fsdp)],
+                     batch_axes=("data", "fsdp"), sharding_rules=[(".*", "fsdp")])
+    expected, got = losses(dp), losses(workdir)
+    assert sorted(got) == [1, 5, 10]
+    for step, value in expected.items():
+        np.testing.assert_allclose(got[step], value, rtol=1e-5, err_msg=f"step {step}")
+
+
+def test_lit_keeps_the_loaded_image_tower_bit_identical(pretrained):
+    tmp, dp = pretrained
+    lit = [("img/.*", None), (".*", dict(decay_type="cosine", warmup_steps=1))]
+    workdir, _ = run(tmp, "lit", steps=5, **{"model_init.img": str(dp), "schedule": lit})
+    loaded = leaves(restore(dp, 10)["params"]["img"])
+    state = restore(workdir, 5)
+    for key, value in leaves(state["params"]["img"]).items():
+        np.testing.assert_array_equal(value, loaded[key], err_msg=key)
+    random_init = leaves(restore(dp, 10)["params"]["txt"])  # Text tower was not loaded:
+    trained = leaves(state["params"]["txt"])
+    assert any(not np.array_equal(trained[k], random_init[k]) for k in trained)
+    img_state = [k for k in leaves(state["opt_state"]) if "'img'" in k]
+    assert img_state == []  # No optimizer buffers for the frozen tower.
+
+
+def _cli(workdir, steps, *extra, data_dir):
+    args = [sys.executable, "-m", "siglip_jax.train", "--config", f"{DEMO}:steps={steps}",
+            "--workdir", str(workdir), *[f"--config.{o}" for o in tiny_overrides(data_dir)],
+            *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+def _wait_for_step(workdir, proc, step, timeout=300):
+    deadline = time.monotonic() + timeout
+    while True:
+        if os.path.exists(workdir / "metrics.jsonl") and max(losses(workdir), default=0) >= step:
+            return
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+    workdir = tmp_path / "preempted"
+    proc = _cli(workdir, 100_000, "--config.log_every=1", data_dir=tmp_path / "data")
+    _wait_for_step(workdir, proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-2000:]
+    saved = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 3
+    assert f"SIGTERM: saving a checkpoint at step {saved[0]}" in out
+    assert int(restore(workdir, saved[0])["step"]) == saved[0]
+
+
+def test_checkpoint_restores_on_a_mesh_of_four_devices(pretrained):
+    tmp, dp = pretrained
+    workdir = tmp / "four"
+    (workdir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(dp / "checkpoints" / "10", workdir / "checkpoints" / "10")
+    proc = _cli(workdir, 15, "--config.cpu_devices=4", data_dir=tmp / "data")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    assert "devices: 4 × cpu" in out and "resumed from checkpoint at step 10" in out
+    before, after = leaves(restore(dp, 10)["params"]), leaves(restore(workdir, 15)["params"])
+    assert before.keys() == after.keys()
+    assert int(restore(workdir, 15)["step"]) == 15
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    """Slow: the cheaper test_train.py::test_rerun_resumes_from_checkpoint_exactly covers the
+    resume code; this one adds a real SIGKILL at an arbitrary point."""
+    reference, _ = run(tmp_path, "reference", steps=30)
+    workdir = tmp_path / "killed"
+    proc = _cli(workdir, 30, "--config.log_every=1", data_dir=tmp_path / "data")
+    _wait_for_step(workdir, proc, 14)
+    while not (workdir / "checkpoints" / "10" / "commit_success.txt").exists():
+        assert proc.poll() is None, proc.stdout.read()  # Kill after step 10 is committed.
+        time.sleep(0.2)
+    proc.kill()
+    proc.communicate()
+    proc = _cli(workdir, 30, data_dir=tmp_path / "data")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "resumed from checkpoint" in out, out[-2000:]
+    expected, got = leaves(restore(reference, 30)["params"]), leaves(restore(workdir, 30)["params"])
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)

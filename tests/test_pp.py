@@ -351,3 +351,17 @@ def test_parse_args_and_pipe_inside_quotes():
 def test_parse_errors_name_op_and_position(bad, msg):
     with pytest.raises(PPError, match=msg):
         get_preprocess_fn(bad)
+
+
+def test_nested_keys_are_read_with_slashes():
+    """TFDS nests features (COCO: {"captions": {"text": [N]}}); ops read them as a/b."""
+    data = {"image": tf.zeros((2, 2, 3), tf.uint8),
+            "captions": {"text": tf.constant(["A Cat", "a dog"]), "id": tf.constant([1, 2])}}
+    out = get_preprocess_fn('lower(key="captions/text")|copy("captions/text", "texts")|'
+                            'keep("texts")')(data)
+    assert out["texts"].numpy().tolist() == [b"a cat", b"a dog"]
+    ds = tf.data.Dataset.from_tensors(data).map(get_preprocess_fn('copy("captions/id", "ids")'))
+    assert next(iter(ds))["ids"].numpy().tolist() == [1, 2]
+    with pytest.raises(KeyError, match=r"needs key 'captions/txt'; example has \['captions/id', "
+                                       r"'captions/text', 'image'\]"):
+        get_preprocess_fn('copy("captions/txt", "t")')(data)

@@ -89,9 +89,26 @@ def _pair(size: int | Sequence[int], what: str) -> tuple[int, int]:
 
 
 def _get(data: Example, key: str, op: str) -> tf.Tensor:
-    if key not in data:
-        raise PPKeyError(f"pp op {op!r} needs key {key!r}; example has {sorted(data)}")
-    return data[key]
+    """data[key]; a key with "/" walks nested features (TFDS "captions/text")."""
+    if key in data:
+        return data[key]
+    node: Any = data
+    for part in key.split("/"):
+        if not isinstance(node, dict) or part not in node:
+            raise PPKeyError(f"pp op {op!r} needs key {key!r}; example has {_keys(data)}")
+        node = node[part]
+    return node
+
+
+def _keys(data: Example, prefix: str = "") -> list[str]:
+    """All keys, nested ones written as `outer/inner`."""
+    keys = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            keys += _keys(value, f"{prefix}{key}/")
+        else:
+            keys.append(f"{prefix}{key}")
+    return sorted(keys)
 
 
 def _seed(data: Example, ctx: OpContext, salt: int = 0) -> tf.Tensor:

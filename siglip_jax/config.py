@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import ml_collections
@@ -63,6 +63,24 @@ def _call_get_config(path: str, arg: str | None) -> ml_collections.ConfigDict:
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, "
                           "expected ml_collections.ConfigDict")
     return config
+
+
+def collect_overrides(rest: Sequence[str], error: Callable[[str], Any]) -> list[str]:
+    """`--config.a.b=v` / `--config.a.b v` flags → ["a.b=v", …]; `error(msg)` for anything else
+    (pass argparse's `parser.error`)."""
+    overrides, i = [], 0
+    while i < len(rest):
+        item = rest[i]
+        if not item.startswith("--config."):
+            error(f"unrecognized argument {item!r} (overrides look like --config.key=value)")
+        item = item[len("--config."):]
+        if "=" not in item:
+            if i + 1 >= len(rest):
+                error(f"override --config.{item} has no value")
+            item, i = f"{item}={rest[i + 1]}", i + 1
+        overrides.append(item)
+        i += 1
+    return overrides
 
 
 def parse_config_arg(arg: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from siglip_jax.config import ConfigError, load_config, to_plain
+from siglip_jax.config import ConfigError, collect_overrides, load_config, to_plain
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -38,19 +38,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="our workdir or step dir, a big_vision .npz, or a HF SigLIP dir")
     parser.add_argument("--json", help="write the results to this JSON file")
     args, rest = parser.parse_known_args(argv)
-    overrides, i = [], 0
-    while i < len(rest):
-        item = rest[i]
-        if not item.startswith("--config."):
-            parser.error(f"unrecognized argument {item!r} (overrides look like --config.key=value)")
-        item = item[len("--config."):]
-        if "=" not in item:
-            if i + 1 >= len(rest):
-                parser.error(f"override --config.{item} has no value")
-            item, i = f"{item}={rest[i + 1]}", i + 1
-        overrides.append(item)
-        i += 1
-    return args, overrides
+    return args, collect_overrides(rest, parser.error)
 
 
 def _tokenizer(config: Any, info: dict[str, Any]) -> Any:

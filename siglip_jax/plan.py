@@ -129,21 +129,13 @@ def _host_memory_bytes() -> int:
 
 
 def resolve_mesh(mesh_spec: Sequence[tuple[str, int]], devices: int) -> dict[str, int]:
-    """Axis sizes of the config's mesh on `devices` devices (one size may be -1)."""
-    names = [str(n) for n, _ in mesh_spec]
-    sizes = [int(s) for _, s in mesh_spec]
-    if len(set(names)) != len(names):
-        raise PlanError(f"mesh axis names must be unique, got {names}")
-    if sizes.count(-1) > 1:
-        raise PlanError(f"at most one mesh axis may have size -1, got {list(mesh_spec)}")
-    known = math.prod(s for s in sizes if s != -1)
-    if known <= 0 or devices % known:
-        raise PlanError(f"mesh {list(mesh_spec)} does not divide the {devices} chips")
-    sizes = [devices // known if s == -1 else s for s in sizes]
-    if math.prod(sizes) != devices:
-        raise PlanError(f"mesh {list(mesh_spec)} uses {math.prod(sizes)} devices, but the "
-                        f"slice has {devices} chips")
-    return dict(zip(names, sizes, strict=True))
+    """Axis sizes of the config's mesh on `devices` chips (one size may be -1)."""
+    from siglip_jax.sharding import mesh_shape
+
+    try:
+        return mesh_shape(mesh_spec, devices)
+    except ValueError as e:
+        raise PlanError(str(e).replace("devices", "chips")) from None
 
 
 # ----------------------------------------------------------------------------- the model
@@ -784,19 +776,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--mfu", type=float, default=0.4,
                         help="assumed model FLOPs utilisation for the time estimate")
     args, rest = parser.parse_known_args(argv)
-    overrides, i = [], 0
-    while i < len(rest):  # Same forms as the trainer: --config.a.b=v or --config.a.b v.
-        item = rest[i]
-        if not item.startswith("--config."):
-            parser.error(f"unrecognized argument {item!r} (overrides look like --config.key=value)")
-        item = item[len("--config."):]
-        if "=" not in item:
-            if i + 1 >= len(rest):
-                parser.error(f"override --config.{item} has no value")
-            item, i = f"{item}={rest[i + 1]}", i + 1
-        overrides.append(item)
-        i += 1
-    return args, overrides
+    from siglip_jax.config import collect_overrides
+
+    return args, collect_overrides(rest, parser.error)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,9 +21,8 @@ MeshSpec = Sequence[tuple[str, int]]
 Rule = tuple[str, Any]
 
 
-def make_mesh(mesh_spec: MeshSpec, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds a Mesh with the named axes of `mesh_spec`; one size may be -1 (the rest)."""
-    devices = list(jax.devices() if devices is None else devices)
+def mesh_shape(mesh_spec: MeshSpec, num_devices: int) -> dict[str, int]:
+    """Axis sizes of `mesh_spec` on `num_devices` devices (one size may be -1: the rest)."""
     names = [str(name) for name, _ in mesh_spec]
     sizes = [int(size) for _, size in mesh_spec]
     if len(set(names)) != len(names):
@@ -31,13 +30,20 @@ def make_mesh(mesh_spec: MeshSpec, devices: Sequence[jax.Device] | None = None) 
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may have size -1, got {list(mesh_spec)}")
     known = int(np.prod([s for s in sizes if s != -1]))
-    if known <= 0 or len(devices) % known:
-        raise ValueError(f"mesh {list(mesh_spec)} does not divide the {len(devices)} devices")
-    sizes = [len(devices) // known if s == -1 else s for s in sizes]
-    if int(np.prod(sizes)) != len(devices):
+    if known <= 0 or num_devices % known:
+        raise ValueError(f"mesh {list(mesh_spec)} does not divide the {num_devices} devices")
+    sizes = [num_devices // known if s == -1 else s for s in sizes]
+    if int(np.prod(sizes)) != num_devices:
         raise ValueError(f"mesh {list(mesh_spec)} uses {int(np.prod(sizes))} devices, "
-                         f"but there are {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(sizes), tuple(names))
+                         f"but there are {num_devices}")
+    return dict(zip(names, sizes, strict=True))
+
+
+def make_mesh(mesh_spec: MeshSpec, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a Mesh with the named axes of `mesh_spec`; one size may be -1 (the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_spec, len(devices))
+    return Mesh(np.asarray(devices).reshape(list(shape.values())), tuple(shape))
 
 
 def batch_spec(batch_axes: Sequence[str]) -> PartitionSpec:

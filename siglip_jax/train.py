@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from siglip_jax.config import ConfigError, check_keys, load_config, to_plain
+from siglip_jax.config import ConfigError, check_keys, collect_overrides, load_config, to_plain
 
 TRAIN_KEYS = (
     "seed", "total_steps", "log_every", "time_budget_s", "cpu_devices", "mesh", "batch_axes",
@@ -62,19 +62,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--heartbeat_timeout", type=int,
                         help="seconds after which a silent process counts as dead (default 100)")
     args, rest = parser.parse_known_args(argv)
-    overrides, i = [], 0
-    while i < len(rest):
-        item = rest[i]
-        if not item.startswith("--config."):
-            parser.error(f"unrecognized argument {item!r} (overrides look like --config.key=value)")
-        item = item[len("--config."):]
-        if "=" not in item:
-            if i + 1 >= len(rest):
-                parser.error(f"override --config.{item} has no value")
-            item, i = f"{item}={rest[i + 1]}", i + 1
-        overrides.append(item)
-        i += 1
-    return args, overrides
+    return args, collect_overrides(rest, parser.error)
 
 
 def prepare_workdir(workdir: str) -> None:

@@ -2,9 +2,10 @@
 
 MFU = achieved FLOP/s ÷ peak FLOP/s. Achieved FLOPs per step come from the compiled step's
 `cost_analysis()` (per device, summed over devices). Peak FLOP/s per chip come from
-`config.peak_flops`, or else from `PEAK_FLOPS_PER_CHIP` by device kind (published bf16 peaks;
-for CPU a measured f32 matmul rate of a 2-core machine). On CPU all emulated devices of a
-process share one host, so the peak is per process, not per device.
+`config.peak_flops`, or else from `PEAK_FLOPS_PER_CHIP` by device kind (published bf16 peaks).
+CPUs differ too much for a table, so on CPU the trainer measures a large f32 matmul at start
+(`measure_matmul_flops`) and uses that. On CPU all emulated devices of a process share one
+host, so the peak is per process, not per device.
 """
 
 from __future__ import annotations
@@ -128,8 +129,8 @@ class Progress:
             print(self.line(step, metrics), file=self.stream, flush=True)
 
 
-# Peak dense FLOP/s per chip by `device_kind` (lower-cased prefix match). TPU numbers are the
-# published bf16 peaks; "cpu" is a measured large f32 matmul on a 2-core AMD Zen3 machine.
+# Peak dense FLOP/s per chip by `device_kind` (lower-cased prefix match): published bf16 peaks.
+# "cpu" (a 2-core AMD Zen3 f32 matmul) is only the fallback when measuring is not possible.
 PEAK_FLOPS_PER_CHIP: dict[str, float] = {
     "tpu v4": 275e12,
     "tpu v5 lite": 197e12,
@@ -149,6 +150,24 @@ def default_peak_flops(device_kind: str, platform: str) -> float | None:
         if kind.startswith(prefix):
             return PEAK_FLOPS_PER_CHIP[prefix]
     return PEAK_FLOPS_PER_CHIP.get(platform.lower())
+
+
+def measure_matmul_flops(size: int = 2048, seconds: float = 0.3) -> float:
+    """Best FLOP/s of a size×size f32 matmul on the first device (the CPU's practical peak)."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.device_put(jnp.ones((size, size), jnp.float32), jax.devices()[0])
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == float("inf"):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
 
 
 def compiled_flops(compiled: Any) -> float | None:

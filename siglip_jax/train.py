@@ -272,6 +272,7 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
         Progress,
         compiled_flops,
         default_peak_flops,
+        measure_matmul_flops,
         mfu,
     )
     from siglip_jax.optim import FROZEN, group_labels, make_optimizer
@@ -328,7 +329,11 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     compile_start = time.monotonic()
     step_fn = step_fn.lower(state, global_first).compile()
     flops = compiled_flops(step_fn)
-    peak = config.get("peak_flops") or default_peak_flops(device.device_kind, device.platform)
+    peak = config.get("peak_flops")
+    if not peak and device.platform == "cpu":
+        peak = measure_matmul_flops()
+        log(f"peak for MFU: {peak / 1e9:.0f} GFLOP/s (f32 matmul measured on this host)")
+    peak = peak or default_peak_flops(device.device_kind, device.platform)
     chips = jax.process_count() if device.platform == "cpu" else jax.device_count()
     log(f"compiled the train step in {time.monotonic() - compile_start:.1f}s"
         + (f"; {flops / 1e9:.2f} GFLOPs per device per step" if flops else ""))

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 
 from siglip_jax import losses
 from siglip_jax.metrics import compiled_flops
@@ -126,3 +127,15 @@ def test_fsdp_params_and_optimizer_state_are_sharded():
           and "head" in jax.tree_util.keystr(p) and "kernel" in jax.tree_util.keystr(p)]
     assert len(mu) == 1 and {s.data.shape for s in mu[0].addressable_shards} == {(8, 16)}
     assert isinstance(optax.tree.norm(state["params"]), jax.Array)
+
+
+def test_mfu_formula_and_measured_peak():
+    from siglip_jax.metrics import default_peak_flops, measure_matmul_flops, mfu
+
+    # 2 GFLOP per device per step, 8 devices, 5 steps/s on one host of 100 GFLOP/s peak.
+    assert mfu(2e9, 8, 5.0, 100e9, 1) == pytest.approx(0.8)
+    assert mfu(None, 8, 5.0, 100e9, 1) is None
+    assert default_peak_flops("TPU v4", "tpu") == 275e12
+    assert default_peak_flops("TPU v5 lite", "tpu") == 197e12
+    peak = measure_matmul_flops(size=512, seconds=0.05)
+    assert 1e9 < peak < 1e13  # A real CPU does between 1 GFLOP/s and 10 TFLOP/s.

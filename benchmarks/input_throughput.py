@@ -63,20 +63,15 @@ def demo_step_rate(steps: int = 20) -> float:
     jax.config.update("jax_num_cpu_devices", 8)
     from siglip_jax import step as step_lib
     from siglip_jax.config import load_config
-    from siglip_jax.optim import make_optimizer
-    from siglip_jax.sharding import batch_sharding, make_global_batch, make_mesh
-    from siglip_jax.train import make_loss_fn, make_model
+    from siglip_jax.sharding import make_global_batch, make_mesh
+    from siglip_jax.train import build_step
 
     config = load_config("configs/demo.py")
     mesh = make_mesh(config.mesh)
     shapes = {"image": (128, 32, 32, 3), "labels": (128, 8)}
-    model = make_model(config)
-    abstract = step_lib.abstract_params(model, shapes)
-    tx, lr_fn = make_optimizer(config, abstract, 1000)
-    state, shardings = step_lib.init_state(model, tx, shapes, mesh, config.sharding_rules, 0)
-    fn = jax.jit(step_lib.make_train_step(model, tx, make_loss_fn(config, mesh), lr_fn),
-                 in_shardings=(shardings, {k: batch_sharding(mesh, ("data",)) for k in shapes}),
-                 out_shardings=(shardings, None), donate_argnums=(0,))
+    parts = build_step(config, mesh, shapes)
+    state, _ = step_lib.init_state(parts.model, parts.tx, shapes, mesh, config.sharding_rules, 0)
+    fn = parts.step_fn
     batch = make_global_batch({"image": np.zeros(shapes["image"], np.float32),
                                "labels": np.ones(shapes["labels"], np.int32)}, mesh, ("data",))
     for _ in range(3):

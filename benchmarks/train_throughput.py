@@ -175,26 +175,13 @@ def _config_spec(arg: str) -> str:
     return f"{os.path.abspath(__file__)}:{arg}" if arg else os.path.abspath(__file__)
 
 
-def trainer_parts(config: Any, devices: list, batch: dict[str, Any]) -> dict[str, Any]:
-    """The trainer's step function and its pieces, built as `siglip_jax.train.train` does."""
-    from siglip_jax import step as step_lib
-    from siglip_jax import train as train_lib
-    from siglip_jax.optim import FROZEN, group_labels, make_optimizer
-    from siglip_jax.sharding import batch_sharding, make_mesh
+def trainer_parts(config: Any, devices: list, batch: dict[str, Any]) -> Any:
+    """The trainer's step and its pieces, from `siglip_jax.train.build_step` as train() uses."""
+    from siglip_jax.sharding import make_mesh
+    from siglip_jax.train import build_step
 
     mesh = make_mesh([tuple(axis) for axis in config.mesh], devices)
-    batch_axes = tuple(config.batch_axes)
-    shapes = {k: v.shape for k, v in batch.items()}
-    model = train_lib.make_model(config)
-    abstract = step_lib.abstract_params(model, shapes)
-    tx, lr_fn = make_optimizer(config, abstract, int(config.total_steps))
-    frozen = step_lib.frozen_mask(group_labels(config, abstract), FROZEN)
-    train_step = step_lib.make_train_step(
-        model, tx, train_lib.make_loss_fn(config, mesh), lr_fn, frozen=frozen,
-        accum_steps=int(config.grad_accum_steps), skip_nonfinite=config.on_nonfinite == "skip")
-    data_sharding = {k: batch_sharding(mesh, batch_axes) for k in batch}
-    return dict(mesh=mesh, model=model, tx=tx, train_step=train_step, shapes=shapes,
-                data_sharding=data_sharding)
+    return mesh, build_step(config, mesh, {k: v.shape for k, v in batch.items()})
 
 
 def trainer_variant(name: str, arg: str, devices: list, batch: dict[str, Any],
@@ -206,13 +193,11 @@ def trainer_variant(name: str, arg: str, devices: list, batch: dict[str, Any],
     from siglip_jax.config import load_config
 
     config = load_config(_config_spec(arg))
-    p = trainer_parts(config, devices, batch)
-    state, shardings = step_lib.init_state(p["model"], p["tx"], p["shapes"], p["mesh"],
-                                           config.sharding_rules, int(config.seed))
-    step_fn = jax.jit(p["train_step"], in_shardings=(shardings, p["data_sharding"]),
-                      out_shardings=(shardings, None), donate_argnums=(0,))
-    global_batch = jax.device_put(batch, p["data_sharding"])
-    compiled = step_fn.lower(state, global_batch).compile()
+    mesh, parts = trainer_parts(config, devices, batch)
+    state, _ = step_lib.init_state(parts.model, parts.tx, {k: v.shape for k, v in batch.items()},
+                                   mesh, config.sharding_rules, int(config.seed))
+    global_batch = jax.device_put(batch, parts.data_sharding)
+    compiled = parts.step_fn.lower(state, global_batch).compile()
     holder = {"state": state}
 
     def run():
@@ -333,32 +318,16 @@ def scan_remat_memory(devices: list, batch: dict[str, Any], depth: int
     step with and without scan and remat (abstract state: nothing is allocated)."""
     import jax
 
-    from siglip_jax import step as step_lib
     from siglip_jax.config import load_config
-    from siglip_jax.sharding import follow_params, param_shardings, replicated
 
     rows = []
     for scan, remat in ((0, "none"), (1, "none"), (0, "nothing_saveable"),
                         (1, "nothing_saveable")):
         config = load_config(_config_spec(f"depth={depth},scan={scan},remat={remat}"))
-        p = trainer_parts(config, devices, batch)
-        mesh, tx = p["mesh"], p["tx"]
-
-        params = step_lib.abstract_params(p["model"], p["shapes"])
-        abstract = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
-                    "step": jax.ShapeDtypeStruct((), jax.numpy.int32)}
-        pshard = param_shardings(abstract["params"], [tuple(r) for r in config.sharding_rules],
-                                 mesh)
-        shardings = {"params": pshard,
-                     "opt_state": follow_params(abstract["opt_state"], abstract["params"],
-                                                pshard, mesh),
-                     "step": replicated(mesh)}
-        state = jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-        global_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=p["data_sharding"][k])
+        _, parts = trainer_parts(config, devices, batch)
+        global_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parts.data_sharding[k])
                         for k, v in batch.items()}
-        step_fn = jax.jit(p["train_step"], in_shardings=(shardings, p["data_sharding"]),
-                          out_shardings=(shardings, None), donate_argnums=(0,))
+        state, step_fn = parts.abstract_state, parts.step_fn
         t0 = time.perf_counter()
         m = step_fn.lower(state, global_batch).compile().memory_analysis()
         seconds = time.perf_counter() - t0
@@ -477,7 +446,7 @@ def spawn_worker(devices: int, args: argparse.Namespace) -> dict[str, Any]:
 RESULT_PREFIX = "RESULT "
 
 
-def report(runs: list[dict[str, Any]], rounds: int) -> None:
+def report(runs: list[dict[str, Any]], rounds: int, scan_depth: int) -> None:
     """Prints the markdown table, the ratios and the scan/remat table."""
     peak = max(p for run in runs for p in run["peaks"])
     rows = [dict(v, devices=run["devices"]) for run in runs for v in run["variants"].values()]
@@ -543,7 +512,8 @@ def report(runs: list[dict[str, Any]], rounds: int) -> None:
               f"{model_flops['full'] / best(full) / peak:.1%}   (target >= 65%)")
     scan_rows = [row for run in runs for row in run["scan_remat"]]
     if scan_rows:
-        print("\nscan/remat: full B/16 towers (depth 12), batch 32, 1 device; the trainer step "
+        print(f"\nscan/remat: B/16-wide towers of depth {scan_depth}, batch 32, 1 device; "
+              "the trainer step "
               "compiled from abstract state (not run):\n")
         print("| layout | temp MiB/dev | args MiB/dev | compile s |")
         print("|---|---|---|---|")
@@ -571,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --devices must be among {sorted(GROUPS)}, got {counts}")
     started = time.perf_counter()
     runs = [spawn_worker(n, args) for n in counts]
-    report(runs, args.rounds)
+    report(runs, args.rounds, args.scan_depth)
     print(f"\n(total {time.perf_counter() - started:.0f}s)")
 
 

@@ -33,6 +33,38 @@ def abstract_params(model: Any, batch_shapes: Mapping[str, tuple[int, ...]]) -> 
     return jax.eval_shape(init, jax.random.key(0))
 
 
+def _init_fn(model: Any, tx: optax.GradientTransformation,
+             batch_shapes: Mapping[str, tuple[int, ...]]) -> Callable:
+    def init_all(rng, pretrained):
+        image = jnp.zeros(batch_shapes["image"], jnp.float32)
+        text = jnp.zeros(batch_shapes["labels"], jnp.int32)
+        params = dict(model.init(rng, image, text)["params"])
+        params.update(pretrained)
+        return {"params": params, "opt_state": tx.init(params),
+                "step": jnp.zeros((), jnp.int32)}
+    return init_all
+
+
+def state_shardings(model: Any, tx: optax.GradientTransformation,
+                    batch_shapes: Mapping[str, tuple[int, ...]], mesh: Any, rules: Sequence
+                    ) -> tuple[State, State]:
+    """(abstract state, shardings): shapes from `jax.eval_shape`, shardings from the rules.
+
+    Nothing is allocated; the abstract state's leaves carry their shardings, so it can be
+    passed to `jit(...).lower()` to compile a step without creating the model.
+    """
+    abstract = jax.eval_shape(_init_fn(model, tx, batch_shapes), jax.random.key(0), {})
+    pshard = param_shardings(abstract["params"], [tuple(r) for r in rules], mesh)
+    shardings = {
+        "params": pshard,
+        "opt_state": follow_params(abstract["opt_state"], abstract["params"], pshard, mesh),
+        "step": replicated(mesh),
+    }
+    abstract = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    return abstract, shardings
+
+
 def init_state(model: Any, tx: optax.GradientTransformation,
                batch_shapes: Mapping[str, tuple[int, ...]], mesh: Any, rules: Sequence,
                seed: int, pretrained: Mapping[str, Any] | None = None) -> tuple[State, State]:
@@ -41,27 +73,12 @@ def init_state(model: Any, tx: optax.GradientTransformation,
     `pretrained` maps top-level param names ("img", "txt", "t", "b") to trees of arrays that
     replace the random init of that part; shapes must match.
     """
-    def init_all(rng, pretrained):
-        image = jnp.zeros(batch_shapes["image"], jnp.float32)
-        text = jnp.zeros(batch_shapes["labels"], jnp.int32)
-        params = dict(model.init(rng, image, text)["params"])
-        params.update(pretrained)
-        return {"params": params, "opt_state": tx.init(params),
-                "step": jnp.zeros((), jnp.int32)}
-
     pretrained = dict(pretrained or {})
-    rng = jax.random.key(seed)
-    abstract = jax.eval_shape(init_all, rng, {})
+    abstract, shardings = state_shardings(model, tx, batch_shapes, mesh, rules)
     check_pretrained(abstract["params"], pretrained)
-    pshard = param_shardings(abstract["params"], [tuple(r) for r in rules], mesh)
-    shardings = {
-        "params": pshard,
-        "opt_state": follow_params(abstract["opt_state"], abstract["params"], pshard, mesh),
-        "step": replicated(mesh),
-    }
-    pretrained_shardings = {k: pshard[k] for k in pretrained}
-    pretrained = jax.device_put(pretrained, pretrained_shardings)
-    state = jax.jit(init_all, out_shardings=shardings)(rng, pretrained)
+    pretrained = jax.device_put(pretrained, {k: shardings["params"][k] for k in pretrained})
+    init_all = _init_fn(model, tx, batch_shapes)
+    state = jax.jit(init_all, out_shardings=shardings)(jax.random.key(seed), pretrained)
     return state, shardings
 
 

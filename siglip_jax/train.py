@@ -22,6 +22,7 @@ Top-level config keys read here (sections are documented in the module that read
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -221,6 +222,47 @@ def make_loss_fn(config: Any, mesh: Any) -> Any:
         raise ConfigError(f"config.loss: {e}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """Everything the jitted train step is made of, built from a config (see build_step)."""
+
+    model: Any
+    tx: Any
+    lr_fn: Any
+    frozen: Any
+    abstract_state: Any
+    shardings: Any
+    data_sharding: Any
+    step_fn: Any  # jax.jit-wrapped (state, batch) → (state, metrics), state donated.
+
+
+def build_step(config: Any, mesh: Any, batch_shapes: dict[str, tuple[int, ...]]) -> StepParts:
+    """The model, optimizer, shardings and jitted train step of `config`, nothing allocated."""
+    import jax
+
+    from siglip_jax import step as step_lib
+    from siglip_jax.optim import FROZEN, group_labels, make_optimizer
+    from siglip_jax.sharding import batch_sharding
+
+    on_nonfinite = config.get("on_nonfinite", "stop")
+    if on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"on_nonfinite {on_nonfinite!r} is not one of ('stop', 'skip')")
+    model = make_model(config)
+    abstract_params = step_lib.abstract_params(model, batch_shapes)
+    tx, lr_fn = make_optimizer(config, abstract_params, int(config.total_steps))
+    frozen = step_lib.frozen_mask(group_labels(config, abstract_params), FROZEN)
+    abstract, shardings = step_lib.state_shardings(model, tx, batch_shapes, mesh,
+                                                   config.sharding_rules)
+    train_step = step_lib.make_train_step(
+        model, tx, make_loss_fn(config, mesh), lr_fn, frozen=frozen,
+        accum_steps=int(config.get("grad_accum_steps", 1) or 1),
+        skip_nonfinite=on_nonfinite == "skip")
+    data_sharding = {k: batch_sharding(mesh, tuple(config.batch_axes)) for k in batch_shapes}
+    step_fn = jax.jit(train_step, in_shardings=(shardings, data_sharding),
+                      out_shardings=(shardings, None), donate_argnums=(0,))
+    return StepParts(model, tx, lr_fn, frozen, abstract, shardings, data_sharding, step_fn)
+
+
 class _StopFlag:
     """Set by SIGTERM; the loop saves a checkpoint and stops at the next step boundary."""
 
@@ -265,7 +307,7 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     import jax
 
     from siglip_jax import step as step_lib
-    from siglip_jax.checkpoints.orbax_io import Checkpointer, abstract_like
+    from siglip_jax.checkpoints.orbax_io import Checkpointer
     from siglip_jax.evaluators.builder import build_evaluators
     from siglip_jax.metrics import (
         MetricWriter,
@@ -275,16 +317,13 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
         measure_matmul_flops,
         mfu,
     )
-    from siglip_jax.optim import FROZEN, group_labels, make_optimizer
-    from siglip_jax.sharding import batch_sharding, make_global_batch, make_mesh
+    from siglip_jax.sharding import make_global_batch, make_mesh
 
     started = time.monotonic()
     is_host0 = jax.process_index() == 0
     log = (lambda *a: print(*a, flush=True)) if is_host0 else (lambda *a: None)
     total_steps = int(config.total_steps)
     on_nonfinite = config.get("on_nonfinite", "stop")
-    if on_nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"on_nonfinite {on_nonfinite!r} is not one of ('stop', 'skip')")
     mesh = make_mesh([tuple(axis) for axis in config.mesh])
     batch_axes = tuple(config.batch_axes)
     device = jax.devices()[0]
@@ -304,39 +343,32 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     first = next(batches)
     shapes = {k: (v.shape[0] * jax.process_count(), *v.shape[1:]) for k, v in first.items()}
 
-    model = make_model(config)
-    abstract = step_lib.abstract_params(model, shapes)
-    tx, lr_fn = make_optimizer(config, abstract, total_steps)
-    frozen = step_lib.frozen_mask(group_labels(config, abstract), FROZEN)
-    pretrained = load_model_init(config, abstract) if not start_step else {}
-    state, shardings = step_lib.init_state(model, tx, shapes, mesh, config.sharding_rules,
-                                           int(config.seed), pretrained)
-    if start_step:
-        state = checkpointer.restore(abstract_like(state), start_step)
+    parts = build_step(config, mesh, shapes)
+    shardings = parts.shardings
+    if start_step:  # Straight into the target shardings: no random init held alongside.
+        state = checkpointer.restore(parts.abstract_state, start_step)
         log(f"resumed from checkpoint at step {start_step}")
-    elif pretrained:
-        log(f"initialised {sorted(pretrained)} from model_init")
-    _log_param_counts(log, state["params"], frozen)
+    else:
+        pretrained = load_model_init(config, parts.abstract_state["params"])
+        state, _ = step_lib.init_state(parts.model, parts.tx, shapes, mesh,
+                                       config.sharding_rules, int(config.seed), pretrained)
+        if pretrained:
+            log(f"initialised {sorted(pretrained)} from model_init")
+    _log_param_counts(log, state["params"], parts.frozen)
+    model = parts.model
 
-    accum = int(config.get("grad_accum_steps", 1) or 1)
-    train_step = step_lib.make_train_step(
-        model, tx, make_loss_fn(config, mesh), lr_fn, frozen=frozen, accum_steps=accum,
-        skip_nonfinite=on_nonfinite == "skip")
-    data_sharding = {k: batch_sharding(mesh, batch_axes) for k in first}
-    step_fn = jax.jit(train_step, in_shardings=(shardings, data_sharding),
-                      out_shardings=(shardings, None), donate_argnums=(0,))
     global_first = make_global_batch(first, mesh, batch_axes)
     compile_start = time.monotonic()
-    step_fn = step_fn.lower(state, global_first).compile()
+    step_fn = parts.step_fn.lower(state, global_first).compile()
     flops = compiled_flops(step_fn)
+    log(f"compiled the train step in {time.monotonic() - compile_start:.1f}s"
+        + (f"; {flops / 1e9:.2f} GFLOPs per device per step" if flops else ""))
     peak = config.get("peak_flops")
     if not peak and device.platform == "cpu":
         peak = measure_matmul_flops()
         log(f"peak for MFU: {peak / 1e9:.0f} GFLOP/s (f32 matmul measured on this host)")
     peak = peak or default_peak_flops(device.device_kind, device.platform)
     chips = jax.process_count() if device.platform == "cpu" else jax.device_count()
-    log(f"compiled the train step in {time.monotonic() - compile_start:.1f}s"
-        + (f"; {flops / 1e9:.2f} GFLOPs per device per step" if flops else ""))
 
     evaluators = build_evaluators(config, model=model, mesh=mesh,
                                   param_shardings=shardings["params"], tokenizer=tokenizer)

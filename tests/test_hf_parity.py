@@ -194,7 +194,7 @@ def test_weights_not_matching_config_name_keys(hf_dir, tmp_path):
 
 
 def test_readme_recipe_matches_hf_tokenizer_processor_and_model(tmp_path):
-    """The docs/models.md recipe (PIL resize, [-1, 1], our Tokenizer) equals HF's pipeline."""
+    """The README recipe (PIL resize, [-1, 1], our Tokenizer) equals HF's pipeline."""
     from PIL import Image
 
     from siglip_jax.data.tokenizer import Tokenizer, train_sentencepiece
@@ -216,7 +216,7 @@ def test_readme_recipe_matches_hf_tokenizer_processor_and_model(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "cats.png")
     captions = ["A photo of 2 cats!", "a photo of 2 dogs"]
 
-    # Ours, as in docs/models.md.
+    # Ours, as in the README.
     params, spec = hf.load_hf(tmp_path)
     image = Image.open(tmp_path / "cats.png").convert("RGB")
     image = image.resize(spec["image_size"][::-1], Image.BICUBIC)

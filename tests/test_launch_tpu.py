@@ -579,8 +579,8 @@ def test_run_aborts_when_the_planner_fails(tmp_path):
 
 
 def test_docs_examples_are_the_real_dry_run_output(tmp_path):
-    """Every `$ launch/tpu.sh ... --dry-run` in docs/launch.md prints exactly what follows it."""
-    doc = (REPO / "docs" / "launch.md").read_text()
+    """Every `$ launch/tpu.sh ... --dry-run` in README.md prints exactly what follows it."""
+    doc = (REPO / "README.md").read_text()
     root = make_repo(tmp_path)
     (root / "configs" / "demo.py").write_text("")
     env = {"SIGLIP_TPU_PROJECT": "my-project", "SIGLIP_TPU_ZONE": "us-central2-b",

@@ -43,18 +43,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def _tokenizer(config: Any, info: dict[str, Any]) -> Any:
     from siglip_jax.data.builder import make_source
-    from siglip_jax.data.tokenizer import Tokenizer
+    from siglip_jax.train import load_tokenizer
 
-    path = config.tokenizer.get("model") or info["tokenizer"]
-    if not path:
-        source = make_source(config.input.data) if config.get("input") else None
-        path = getattr(source, "tokenizer_path", None)
-    if not path:
-        raise ConfigError("no tokenizer: config.tokenizer.model is not set and neither the "
-                          "checkpoint nor the config's data source provides one")
-    if not os.path.exists(path) and "://" not in path:
-        raise ConfigError(f"tokenizer file {path!r} does not exist")
-    return Tokenizer(path)
+    source = (lambda: make_source(config.input.data)) if config.get("input") else None
+    return load_tokenizer(config, source, info["tokenizer"])
 
 
 def eval_image_shape(config: Any, tokenizer: Any) -> tuple[int, ...]:

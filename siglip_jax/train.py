@@ -150,16 +150,20 @@ def build_input(config: Any, mesh: Any, start_step: int) -> tuple[Iterator, Any,
     return batches, tokenizer, source
 
 
-def load_tokenizer(config: Any, source: Any = None) -> Any:
-    """The sentencepiece tokenizer named by config.tokenizer.model (or the data source's)."""
+def load_tokenizer(config: Any, source: Any = None, default: str | None = None) -> Any:
+    """The sentencepiece tokenizer: config.tokenizer.model, else `default` (e.g. the one a
+    checkpoint ships), else the data source's (`source` may be a callable making it)."""
     from siglip_jax.data.tokenizer import Tokenizer
 
-    path = config.tokenizer.get("model") or getattr(source, "tokenizer_path", None)
+    path = config.tokenizer.get("model") or default
     if not path:
-        raise ConfigError("config.tokenizer.model is not set and the data source provides no "
-                          "tokenizer; give the path of a sentencepiece .model file")
+        source = source() if callable(source) else source
+        path = getattr(source, "tokenizer_path", None)
+    if not path:
+        raise ConfigError("config.tokenizer.model is not set and neither a checkpoint nor the "
+                          "data source provides a tokenizer; give a sentencepiece .model path")
     if not os.path.exists(path) and "://" not in path:
-        raise ConfigError(f"config.tokenizer.model: no such file {path!r}")
+        raise ConfigError(f"tokenizer file {path!r} does not exist")
     return Tokenizer(path)
 
 

@@ -118,10 +118,8 @@ def test_checkpoint_restores_on_a_mesh_of_four_devices(pretrained):
     assert int(restore(workdir, 15)["step"]) == 15
 
 
-@pytest.mark.slow
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
-    """Slow: the cheaper test_train.py::test_rerun_resumes_from_checkpoint_exactly covers the
-    resume code; this one adds a real SIGKILL at an arbitrary point."""
+    """A real SIGKILL after a committed checkpoint; the rerun ends bit-identical."""
     reference, _ = run(tmp_path, "reference", steps=30)
     workdir = tmp_path / "killed"
     proc = _cli(workdir, 30, "--config.log_every=1", data_dir=tmp_path / "data")

@@ -334,8 +334,10 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     log(f"devices: {jax.device_count()} × {device.platform} ({device.device_kind}) in "
         f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}")
     if is_host0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(to_plain(config), f, indent=2, default=str)
+        import tensorflow as tf  # gfile: the workdir may be gs://.
+
+        with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(json.dumps(to_plain(config), indent=2, default=str))
 
     ckpt_cfg = config.checkpoint
     checkpointer = Checkpointer(workdir, int(ckpt_cfg.every_n_steps),

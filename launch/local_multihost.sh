@@ -76,6 +76,9 @@ first_failure="" failed_code=0 deadline=""
 remaining=$num
 declare -A done_pids=()
 while [[ $remaining -gt 0 ]]; do
+  # Failures seen in one poll: a process killed by a signal (code > 128) is taken as the cause,
+  # since the others then fail in their next collective.
+  round_failure="" round_code=0
   for i in "${!pids[@]}"; do
     pid=${pids[$i]}
     [[ -n "${done_pids[$pid]:-}" ]] && continue
@@ -84,13 +87,19 @@ while [[ $remaining -gt 0 ]]; do
       wait "$pid" || code=$?
       done_pids[$pid]=1
       remaining=$((remaining - 1))
-      if [[ $code -ne 0 && -z "$first_failure" ]]; then
-        first_failure=$i failed_code=$code deadline=$((SECONDS + grace))
-        echo "local_multihost: process $i exited with code $code; the others get ${grace}s" \
-             "to stop (log: $logdir/process_$i.log)" >&2
+      if [[ $code -ne 0 ]]; then
+        echo "local_multihost: process $i exited with code $code" \
+             "(log: $logdir/process_$i.log)" >&2
+        if [[ -z "$round_failure" ]] || { [[ $code -gt 128 ]] && [[ $round_code -le 128 ]]; }; then
+          round_failure=$i round_code=$code
+        fi
       fi
     fi
   done
+  if [[ -n "$round_failure" && -z "$first_failure" ]]; then
+    first_failure=$round_failure failed_code=$round_code deadline=$((SECONDS + grace))
+    [[ $remaining -gt 0 ]] && echo "local_multihost: the other processes get ${grace}s to stop" >&2
+  fi
   if [[ -n "$deadline" && $SECONDS -ge $deadline && $remaining -gt 0 ]]; then
     echo "local_multihost: killing the $remaining process(es) still running" >&2
     cleanup

@@ -150,6 +150,13 @@ class Encoder(nn.Module):
         )
 
 
+def tower_encoder(tower: nn.Module, name: str) -> Encoder:
+    """The Encoder configured by a tower's own fields (depth, widths, scan, remat, dtypes)."""
+    return Encoder(depth=tower.depth, mlp_dim=tower.mlp_dim, num_heads=tower.num_heads,
+                   dropout=tower.dropout, scan=tower.scan, remat_policy=tower.remat_policy,
+                   dtype=tower.dtype, param_dtype=tower.param_dtype, name=name)
+
+
 class MAPHead(nn.Module):
     """Multihead attention pooling: a learned probe attends over the tokens, then x + MLP(LN(x)).
 

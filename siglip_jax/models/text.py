@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from siglip_jax.models.common import REMAT_NONE, Encoder, MAPHead
+from siglip_jax.models.common import REMAT_NONE, MAPHead, tower_encoder
 
 POOL_TYPES = ("last", "first", "map", "gap")
 
@@ -58,17 +58,7 @@ class TextTransformer(nn.Module):
         )
         x = x + pe.astype(x.dtype)
         x = nn.Dropout(rate=self.dropout)(x, not train)
-        x = Encoder(
-            depth=self.depth,
-            mlp_dim=self.mlp_dim,
-            num_heads=self.num_heads,
-            dropout=self.dropout,
-            scan=self.scan,
-            remat_policy=self.remat_policy,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="Encoder_0",
-        )(x, deterministic=not train)
+        x = tower_encoder(self, "Encoder_0")(x, deterministic=not train)
         out["encoded"] = x
 
         if self.pool_type == "last":  # Sticky EOS: the last position is always EOS.

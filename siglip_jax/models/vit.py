@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from siglip_jax.models.common import REMAT_NONE, Encoder, MAPHead
+from siglip_jax.models.common import REMAT_NONE, MAPHead, tower_encoder
 
 POOL_TYPES = ("map", "gap", "tok", "none")
 POSEMB_TYPES = ("learn", "sincos2d")
@@ -125,17 +125,7 @@ class ViT(nn.Module):
             x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], axis=1)
 
         x = nn.Dropout(rate=self.dropout)(x, not train)
-        x = Encoder(
-            depth=self.depth,
-            mlp_dim=self.mlp_dim,
-            num_heads=self.num_heads,
-            dropout=self.dropout,
-            scan=self.scan,
-            remat_policy=self.remat_policy,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="Transformer",
-        )(x, deterministic=not train)
+        x = tower_encoder(self, "Transformer")(x, deterministic=not train)
         out["encoded"] = x
 
         if self.pool_type == "map":

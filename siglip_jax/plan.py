@@ -280,41 +280,23 @@ class Plan:
 _SIZE_OPS = ("resize", "central_crop", "random_crop", "inception_crop")
 
 
-def _pp_ops(pp: str) -> list[str]:
-    """Splits a pp string at the `|` that are outside quotes and brackets (as pp.parse does;
-    pp.py itself is not imported because it loads TensorFlow, which takes seconds)."""
-    ops, depth, quote, start = [], 0, "", 0
-    for i, ch in enumerate(pp):
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "|" and depth == 0:
-            ops.append(pp[start:i].strip())
-            start = i + 1
-    return ops + [pp[start:].strip()]
-
-
 def infer_image_size(config: Any) -> tuple[int, int] | None:
-    """The training image size: the last resize/crop op of input.pp, else input.data.image_size."""
-    import ast
+    """The training image size: the last resize/crop op of input.pp, else input.data.image_size.
+
+    A pp string that does not parse is reported by check_pp_strings; here it only means the
+    size falls back to input.data.image_size.
+    """
+    from siglip_jax.data import pp
 
     size = None
-    for op in _pp_ops(str(config.input.pp)):
-        name, _, rest = op.partition("(")
-        if name.strip() not in _SIZE_OPS or not rest:
+    try:
+        calls = pp.parse(str(config.input.pp))
+    except pp.PPError:
+        calls = []
+    for call in calls:
+        if call.name not in _SIZE_OPS:
             continue
-        try:
-            call = ast.parse(f"f({rest}", mode="eval").body
-            args = [ast.literal_eval(a) for a in call.args]
-            kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
-        except (SyntaxError, ValueError):
-            continue
-        value = args[0] if args else kwargs.get("size")
+        value = call.args[0] if call.args else call.kwargs.get("size")
         if value is not None:
             size = value
     if size is None:

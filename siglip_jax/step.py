@@ -45,15 +45,15 @@ def _init_fn(model: Any, tx: optax.GradientTransformation,
     return init_all
 
 
-def state_shardings(model: Any, tx: optax.GradientTransformation,
-                    batch_shapes: Mapping[str, tuple[int, ...]], mesh: Any, rules: Sequence
-                    ) -> tuple[State, State]:
-    """(abstract state, shardings): shapes from `jax.eval_shape`, shardings from the rules.
+def state_shardings(abstract_params: Any, tx: optax.GradientTransformation, mesh: Any,
+                    rules: Sequence) -> tuple[State, State]:
+    """(abstract state, shardings) for params of the given shapes; nothing is allocated.
 
-    Nothing is allocated; the abstract state's leaves carry their shardings, so it can be
-    passed to `jit(...).lower()` to compile a step without creating the model.
+    The abstract state's leaves carry their shardings, so it can be passed to
+    `jit(...).lower()` to compile a step without creating the model.
     """
-    abstract = jax.eval_shape(_init_fn(model, tx, batch_shapes), jax.random.key(0), {})
+    abstract = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
+                "step": jax.ShapeDtypeStruct((), jnp.int32)}
     pshard = param_shardings(abstract["params"], [tuple(r) for r in rules], mesh)
     shardings = {
         "params": pshard,
@@ -74,7 +74,7 @@ def init_state(model: Any, tx: optax.GradientTransformation,
     replace the random init of that part; shapes must match.
     """
     pretrained = dict(pretrained or {})
-    abstract, shardings = state_shardings(model, tx, batch_shapes, mesh, rules)
+    abstract, shardings = state_shardings(abstract_params(model, batch_shapes), tx, mesh, rules)
     check_pretrained(abstract["params"], pretrained)
     pretrained = jax.device_put(pretrained, {k: shardings["params"][k] for k in pretrained})
     init_all = _init_fn(model, tx, batch_shapes)

@@ -255,7 +255,7 @@ def build_step(config: Any, mesh: Any, batch_shapes: dict[str, tuple[int, ...]])
     abstract_params = step_lib.abstract_params(model, batch_shapes)
     tx, lr_fn = make_optimizer(config, abstract_params, int(config.total_steps))
     frozen = step_lib.frozen_mask(group_labels(config, abstract_params), FROZEN)
-    abstract, shardings = step_lib.state_shardings(model, tx, batch_shapes, mesh,
+    abstract, shardings = step_lib.state_shardings(abstract_params, tx, mesh,
                                                    config.sharding_rules)
     train_step = step_lib.make_train_step(
         model, tx, make_loss_fn(config, mesh), lr_fn, frozen=frozen,

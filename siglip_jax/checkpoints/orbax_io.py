@@ -9,15 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
-
-
-def abstract_like(state: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) describing `state`, as restore() wants."""
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        state)
 
 
 class Checkpointer:

@@ -11,6 +11,7 @@ sentencepiece model trained on the caption vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import numpy as np
@@ -175,9 +176,14 @@ class DemoShapes:
         """Zero-shot class names in label order."""
         return class_names()
 
+    @functools.cached_property
+    def _arrays(self) -> dict[str, np.ndarray]:
+        """The split, read once: every virtual shard slices the same arrays."""
+        return self.load()
+
     def dataset(self, process_index: int = 0, process_count: int = 1,
                 shuffle_files: bool = False, seed: int = 0) -> tf.data.Dataset:
         """This process's share of the split (every process_count-th example) as tf.data."""
         del shuffle_files, seed  # One file; the pipeline shuffles examples.
-        share = {k: v[process_index::process_count] for k, v in self.load().items()}
+        share = {k: v[process_index::process_count] for k, v in self._arrays.items()}
         return tf.data.Dataset.from_tensor_slices(share)

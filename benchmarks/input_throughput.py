@@ -61,16 +61,16 @@ def demo_step_rate(steps: int = 20) -> float:
     import jax
 
     jax.config.update("jax_num_cpu_devices", 8)
-    from siglip_jax import step as step_lib
+    from siglip_jax import experiment
     from siglip_jax.config import load_config
-    from siglip_jax.sharding import make_global_batch, make_mesh
-    from siglip_jax.train import build_step
+    from siglip_jax.schema import parse
+    from siglip_jax.sharding import make_global_batch
 
-    config = load_config("configs/demo.py")
-    mesh = make_mesh(config.mesh)
+    config = parse(load_config("configs/demo.py"))
+    mesh = config.mesh.make()
     shapes = {"image": (128, 32, 32, 3), "labels": (128, 8)}
-    parts = build_step(config, mesh, shapes)
-    state, _ = step_lib.init_state(parts.model, parts.tx, shapes, mesh, config.sharding_rules, 0)
+    parts = experiment.build_step(config, mesh, shapes)
+    state = experiment.init_state(config, parts, mesh, shapes)
     fn = parts.step_fn
     batch = make_global_batch({"image": np.zeros(shapes["image"], np.float32),
                                "labels": np.ones(shapes["labels"], np.int32)}, mesh, ("data",))

@@ -176,11 +176,10 @@ def _config_spec(arg: str) -> str:
 
 
 def trainer_parts(config: Any, devices: list, batch: dict[str, Any]) -> Any:
-    """The trainer's step and its pieces, from `siglip_jax.train.build_step` as train() uses."""
-    from siglip_jax.sharding import make_mesh
-    from siglip_jax.train import build_step
+    """The trainer's step and its pieces, from `experiment.build_step` as train() uses."""
+    from siglip_jax.experiment import build_step
 
-    mesh = make_mesh([tuple(axis) for axis in config.mesh], devices)
+    mesh = config.mesh.make(devices)
     return mesh, build_step(config, mesh, {k: v.shape for k, v in batch.items()})
 
 
@@ -189,13 +188,13 @@ def trainer_variant(name: str, arg: str, devices: list, batch: dict[str, Any],
     """Our trainer's compiled step for `get_config(arg)` on `devices`."""
     import jax
 
-    from siglip_jax import step as step_lib
+    from siglip_jax import experiment
     from siglip_jax.config import load_config
+    from siglip_jax.schema import parse
 
-    config = load_config(_config_spec(arg))
+    config = parse(load_config(_config_spec(arg)))
     mesh, parts = trainer_parts(config, devices, batch)
-    state, _ = step_lib.init_state(parts.model, parts.tx, {k: v.shape for k, v in batch.items()},
-                                   mesh, config.sharding_rules, int(config.seed))
+    state = experiment.init_state(config, parts, mesh, {k: v.shape for k, v in batch.items()})
     global_batch = jax.device_put(batch, parts.data_sharding)
     compiled = parts.step_fn.lower(state, global_batch).compile()
     holder = {"state": state}
@@ -319,11 +318,12 @@ def scan_remat_memory(devices: list, batch: dict[str, Any], depth: int
     import jax
 
     from siglip_jax.config import load_config
+    from siglip_jax.schema import parse
 
     rows = []
     for scan, remat in ((0, "none"), (1, "none"), (0, "nothing_saveable"),
                         (1, "nothing_saveable")):
-        config = load_config(_config_spec(f"depth={depth},scan={scan},remat={remat}"))
+        config = parse(load_config(_config_spec(f"depth={depth},scan={scan},remat={remat}")))
         _, parts = trainer_parts(config, devices, batch)
         global_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parts.data_sharding[k])
                         for k, v in batch.items()}
@@ -366,14 +366,15 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Times this process's variants (all on `args.worker` devices); returns the results."""
     import jax
 
-    from siglip_jax.config import load_config, to_plain
+    from siglip_jax.config import load_config
+    from siglip_jax.schema import parse
 
     started = time.perf_counter()
     log = lambda msg: print(f"# [{args.worker} dev, {time.perf_counter() - started:4.0f}s] "
                             f"{msg}", file=sys.stderr, flush=True)
     devices = jax.devices()
     batch = random_batch()
-    model_kwargs = to_plain(load_config(_config_spec("")).model)
+    model_kwargs = parse(load_config(_config_spec(""))).model.kwargs()
     skip = set(args.skip.split(","))
     builders = {
         "trainer": lambda: trainer_variant("trainer", "", devices, batch),

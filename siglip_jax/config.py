@@ -1,7 +1,8 @@
 """Experiment configs: load a `configs/*.py` file, apply `a.b=value` overrides, lock.
 
 A config file defines `get_config(arg=None) -> ml_collections.ConfigDict`. It is named on the
-command line as `path/to/file.py` or `path/to/file.py:arg`. Overrides name an existing key with
+command line as `path/to/file.py` or `path/to/file.py:arg`; a run's saved `config.json` loads
+too. Overrides name an existing key with
 a dotted path; the value is parsed as a Python literal and must have the key's type. Unknown
 keys, wrong types and missing files are `ConfigError`s with a one-line message.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -42,6 +44,14 @@ def split_spec(spec: str) -> tuple[str, str | None]:
 def _call_get_config(path: str, arg: str | None) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path!r}")
+    if path.endswith(".json"):  # A run's saved config.json (written by the trainer).
+        if arg is not None:
+            raise ConfigError(f"{path}: a .json config takes no argument")
+        try:
+            with open(path) as f:
+                return ml_collections.ConfigDict(json.load(f))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read config file {path!r}: {e}") from None
     module_spec = importlib.util.spec_from_file_location(
         f"siglip_jax_config_{abs(hash(os.path.abspath(path)))}", path
     )

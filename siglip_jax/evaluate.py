@@ -1,15 +1,16 @@
 """Standalone evaluation: run a config's evaluators on a checkpoint and print a table.
 
-    python -m siglip_jax.evaluate --config configs/x.py[:arg] --checkpoint PATH \\
+    python -m siglip_jax.evaluate --checkpoint PATH [--config configs/x.py[:arg]] \
         [--config.a.b=value ...] [--json results.json]
 
 PATH is our trainer's workdir (newest step) or step directory, a big_vision .npz, or a Hugging
-Face SigLIP directory (format auto-detected, see checkpoints/loader.py). The evaluators are
+Face SigLIP directory, opened with `checkpoints.open.open_model`. `--config` defaults to the
+run's own config (`<workdir>/config.json`) when PATH is one of our runs. The evaluators are
 those of `config.evals`, built exactly as during training (evaluators/builder.py) and sharded
-on the mesh of `config.mesh` / `config.batch_axes` with `config.sharding_rules`.
+on the config's mesh with its sharding rules.
 
-The model is the checkpoint's own (our run's config.json, the HF config.json) when it has one,
-else `config.model` (a .npz). The tokenizer is `config.tokenizer.model` if set, else the
+The model is the checkpoint's own (our run's config.json, the HF config.json); a .npz has
+none, so it is `config.model`. The tokenizer is `config.tokenizer.model` if set, else the
 checkpoint's (HF `spiece.model`, our run's tokenizer), else the config's training data
 source's. Prompts are tokenized to `config.tokenizer.max_len`, which must equal the model's
 text length. Exit codes: 0 ok, 1 checkpoint problem, 2 bad config or arguments.
@@ -24,7 +25,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from siglip_jax.config import ConfigError, collect_overrides, load_config, to_plain
+from siglip_jax.config import ConfigError, collect_overrides, load_config
+from siglip_jax.schema import ModelConfig, RunConfig, parse
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -33,32 +35,36 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         prog="python -m siglip_jax.evaluate",
         description="Evaluate a checkpoint with the evaluators of a config (config.evals). "
                     "Extra flags --config.KEY=VALUE override config keys.")
-    parser.add_argument("--config", required=True, help="configs/file.py or configs/file.py:arg")
     parser.add_argument("--checkpoint", required=True,
                         help="our workdir or step dir, a big_vision .npz, or a HF SigLIP dir")
+    parser.add_argument("--config", help="configs/file.py or configs/file.py:arg (default: the "
+                                         "run's own config.json when the checkpoint is ours)")
     parser.add_argument("--json", help="write the results to this JSON file")
     args, rest = parser.parse_known_args(argv)
     return args, collect_overrides(rest, parser.error)
 
 
-def _tokenizer(config: Any, info: dict[str, Any]) -> Any:
-    from siglip_jax.data.builder import make_source
-    from siglip_jax.train import load_tokenizer
+def run_config_spec(checkpoint: str) -> str:
+    """The config.json of the run a checkpoint of ours belongs to; ConfigError if none."""
+    from siglip_jax.checkpoints import loader
+    from siglip_jax.checkpoints.open import resolve_path
 
-    source = (lambda: make_source(config.input.data)) if config.get("input") else None
-    return load_tokenizer(config, source, info["tokenizer"])
+    info = loader.checkpoint_info(resolve_path(checkpoint))
+    workdir = info.get("workdir")
+    if info["run_config"] is None or not workdir:
+        raise ConfigError(f"checkpoint {checkpoint!r} ({info['format']}) has no run config; "
+                          "pass --config (a config file with evals)")
+    return os.path.join(workdir, "config.json")
 
 
-def eval_image_shape(config: Any, tokenizer: Any) -> tuple[int, ...]:
+def eval_image_shape(run: RunConfig, tokenizer: Any) -> tuple[int, ...]:
     """[H, W, 3] of the images the first evaluator's pp produces (read from one example)."""
     from siglip_jax.data.builder import make_source
     from siglip_jax.data.pp import get_preprocess_fn
-    from siglip_jax.evaluators.builder import check_evaluator_config
 
-    name, cfg = next(iter(config.evals.items()))
-    check_evaluator_config(cfg, f"evals.{name}")
-    data = make_source(cfg.data, f"evals.{name}.data").dataset(0, 1)
-    data = data.map(get_preprocess_fn(cfg.pp, tokenizer=tokenizer))
+    spec = run.evals[0]
+    data = make_source(spec.data, f"evals.{spec.name}.data").dataset(0, 1)
+    data = data.map(get_preprocess_fn(spec.pp, tokenizer=tokenizer))
     shape = data.element_spec["image"].shape
     if not shape.is_fully_defined():
         shape = next(iter(data.take(1)))["image"].shape
@@ -69,41 +75,38 @@ def evaluate(config: Any, checkpoint: str, log: Callable[[str], None] = print
              ) -> dict[str, float]:
     """Runs every evaluator of config.evals on the checkpoint; returns {"<name>/<metric>": v}."""
     import jax
-    import jax.numpy as jnp
 
-    from siglip_jax.checkpoints.loader import checkpoint_info, load_params
+    from siglip_jax.checkpoints.open import open_model
+    from siglip_jax.data.builder import make_source
     from siglip_jax.evaluators.builder import build_evaluators
-    from siglip_jax.models.two_towers import Model
-    from siglip_jax.sharding import make_mesh, param_shardings
+    from siglip_jax.experiment import resolve_tokenizer
+    from siglip_jax.models.params import param_shapes
+    from siglip_jax.sharding import param_shardings
 
-    if not config.get("evals"):
+    run = parse(config)
+    if not run.evals:
         raise ConfigError("config.evals is empty: there is nothing to evaluate")
-    info = checkpoint_info(checkpoint)
-    model_config = info["model"] or to_plain(config.model)
-    tokenizer = _tokenizer(config, info)
-    max_len = int(config.tokenizer.max_len)
-    if info["text_len"] and int(info["text_len"]) != max_len:
+    max_len = run.tokenizer.max_len
+    opened = open_model(checkpoint, defaults={"model": run.model.kwargs(), "text_len": max_len})
+    if opened.text_len != max_len:
         raise ConfigError(f"config.tokenizer.max_len={max_len} but the checkpoint's text tower "
-                          f"takes {info['text_len']} tokens; pass "
-                          f"--config.tokenizer.max_len={info['text_len']}")
-    vocab = (model_config.get("text") or {}).get("vocab_size")
-    if vocab is not None and tokenizer.vocab_size > int(vocab):
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's "
-                          f"vocab_size is {vocab}")
-    model = Model(**model_config)
-    image_shape = eval_image_shape(config, tokenizer)
-    abstract = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.zeros((1, *image_shape)), jnp.zeros((1, max_len), jnp.int32)
-    )["params"])
-    mesh = make_mesh([tuple(axis) for axis in config.mesh])
-    shardings = param_shardings(abstract, [tuple(r) for r in config.sharding_rules], mesh)
-    log(f"checkpoint {checkpoint} ({info['format']}); mesh {dict(mesh.shape)}; "
+                          f"takes {opened.text_len} tokens; pass "
+                          f"--config.tokenizer.max_len={opened.text_len}")
+    model = opened.make_model()
+    tokenizer = resolve_tokenizer(run.tokenizer, opened.tokenizer,
+                                  lambda: make_source(run.input.data),
+                                  vocab_size=ModelConfig.parse(opened.model_config).vocab_size)
+    image_shape = eval_image_shape(run, tokenizer)
+    abstract = param_shapes(model, tuple(image_shape[:2]), max_len)
+    mesh = run.mesh.make()
+    shardings = param_shardings(abstract, run.mesh.rules, mesh)
+    log(f"checkpoint {opened.path} ({opened.format}); mesh {dict(mesh.shape)}; "
         f"images {image_shape}, text length {max_len}")
-    params, _ = load_params(checkpoint, target=abstract)
+    params = opened.fitted_params(abstract)
     params = jax.tree_util.tree_map(
         lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: x[idx]),
         params, shardings)
-    evaluators = build_evaluators(config, model=model, mesh=mesh, param_shardings=shardings,
+    evaluators = build_evaluators(run, model=model, mesh=mesh, param_shardings=shardings,
                                   tokenizer=tokenizer)
     results: dict[str, float] = {}
     for name, evaluator in evaluators.items():
@@ -133,22 +136,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         CheckpointMismatchError,
         CheckpointNotFoundError,
     )
-    from siglip_jax.train import setup_jax
+    from siglip_jax.experiment import setup_jax
 
+    checkpoint_errors = (CheckpointNotFoundError, CheckpointFormatError,
+                         CheckpointMismatchError, HFCheckpointError)
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        config = load_config(args.config, overrides)
+        spec = args.config or run_config_spec(args.checkpoint)
+        run = parse(load_config(spec, overrides))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    setup_jax(config)
+    except checkpoint_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    setup_jax(run)
     try:
-        results = evaluate(config, args.checkpoint)
+        results = evaluate(run, args.checkpoint)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointNotFoundError, CheckpointFormatError, CheckpointMismatchError,
-            HFCheckpointError) as e:
+    except checkpoint_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_table(results))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -328,6 +328,17 @@ def _softmax_local(x_bxd: Array, y_bxd: Array, t_prime: Array, bias: Array, *,
 # Public factory.
 
 
+def check_options(impl: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The impl's options with defaults filled in; ValueError for an unknown impl or option."""
+    if impl not in _OPTIONS:
+        raise ValueError(f"unknown loss impl {impl!r}; choose one of {', '.join(LOSS_IMPLS)}")
+    unknown = sorted(set(options) - set(_OPTIONS[impl]))
+    if unknown:
+        raise ValueError(f"loss impl {impl!r} got unknown option(s) {unknown}; "
+                         f"accepted: {sorted(_OPTIONS[impl]) or 'none'}")
+    return {**_OPTIONS[impl], **options}
+
+
 def make_loss(impl: str, mesh: Mesh, batch_axes: Sequence[str] | str = ("data",),
               **options: Any) -> LossFn:
     """Loss fn (zimg_bxd, ztxt_bxd, t_prime, b) -> (loss, metrics) for global sharded arrays.
@@ -336,13 +347,7 @@ def make_loss(impl: str, mesh: Mesh, batch_axes: Sequence[str] | str = ("data",)
     one ring, row-major); other mesh axes see replicated copies. Options: chunked takes
     `chunk_size` (rows of the local image block per logits chunk). `b` may be None (no bias).
     """
-    if impl not in _OPTIONS:
-        raise ValueError(f"unknown loss impl {impl!r}; choose one of {', '.join(LOSS_IMPLS)}")
-    unknown = sorted(set(options) - set(_OPTIONS[impl]))
-    if unknown:
-        raise ValueError(f"loss impl {impl!r} got unknown option(s) {unknown}; "
-                         f"accepted: {sorted(_OPTIONS[impl]) or 'none'}")
-    opts = {**_OPTIONS[impl], **options}
+    opts = check_options(impl, options)
     if impl == "dense":
         return sigmoid_loss_dense
 

@@ -1,17 +1,15 @@
-"""Optimizer from config: optax chain, learning-rate schedules and regex parameter groups.
+"""Optimizer from the parsed config: optax chain, learning-rate schedules, regex param groups.
 
-Config keys read here (all under the top-level config):
-  optim.name           "adam" (scale_by_adam; AdamW with `wd`), "sgd" (momentum) or "adafactor".
-  optim.b1, optim.b2, optim.eps, optim.momentum   the optimizer's hyper-parameters.
-  lr                   peak learning rate.
-  wd                   decoupled weight decay, applied to `*/kernel` params and multiplied by
-                       the schedule (not by lr), as in big_vision: p -= s(t)·(lr·u + wd·p).
-  grad_clip_norm       clip gradients by global norm (0 or None: off).
-  schedule             one schedule dict for all params, or a list of (regex, dict | None)
-                       groups matched in order against `/`-joined param paths; None freezes
-                       the group (no update, no optimizer state).
-A schedule dict: decay_type ("cosine" | "linear" | "rsqrt" | "constant"), warmup_steps (int)
-or warmup_frac (fraction of total steps), and for rsqrt `timescale`.
+Reads a `schema.OptimConfig` (keys optim, lr, wd, grad_clip_norm, schedule; defaults and
+checks live in schema.py):
+  optimizer        "adam" (scale_by_adam; AdamW with `wd`), "sgd" (momentum) or "adafactor".
+  lr               peak learning rate.
+  wd               decoupled weight decay, applied to `*/kernel` params and multiplied by
+                   the schedule (not by lr), as in big_vision: p -= s(t)·(lr·u + wd·p).
+  grad_clip_norm   clip gradients by global norm (0: off).
+  groups           (regex, ScheduleConfig | None) matched in order against `/`-joined param
+                   paths; None freezes the group (no update, no optimizer state).
+A schedule: linear warmup then decay_type ("cosine" | "linear" | "rsqrt" | "constant").
 """
 
 from __future__ import annotations
@@ -24,27 +22,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from siglip_jax.config import ConfigError, check_keys, to_plain
+from siglip_jax.config import ConfigError
+from siglip_jax.schema import OptimConfig, ScheduleConfig
 from siglip_jax.sharding import path_str, tree_paths
 
 Schedule = Callable[[jax.Array], jax.Array]
 FROZEN = "frozen"
-OPTIMIZERS = ("adam", "sgd", "adafactor")
-DECAY_TYPES = ("cosine", "linear", "rsqrt", "constant")
 
 
-def make_schedule(spec: Mapping[str, Any], total_steps: int) -> Schedule:
+def make_schedule(spec: ScheduleConfig | Mapping[str, Any], total_steps: int) -> Schedule:
     """A multiplier in [0, 1] per step: linear warmup then the chosen decay."""
-    spec = dict(spec)
-    check_keys(spec, ("decay_type", "warmup_steps", "warmup_frac", "timescale"), "schedule")
-    decay_type = spec.get("decay_type", "cosine")
-    if decay_type not in DECAY_TYPES:
-        raise ConfigError(f"schedule.decay_type {decay_type!r} is not one of {DECAY_TYPES}")
-    if "warmup_steps" in spec and "warmup_frac" in spec:
-        raise ConfigError("schedule: give warmup_steps or warmup_frac, not both")
-    warmup = int(spec["warmup_steps"]) if "warmup_steps" in spec else int(
-        round(float(spec.get("warmup_frac", 0.0)) * total_steps))
-    timescale = float(spec.get("timescale", max(warmup, 1)))
+    if not isinstance(spec, ScheduleConfig):
+        spec = ScheduleConfig.parse(spec)
+    decay_type = spec.decay_type
+    warmup = spec.warmup(total_steps)
+    timescale = float(spec.timescale if spec.timescale is not None else max(warmup, 1))
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
@@ -63,38 +55,15 @@ def make_schedule(spec: Mapping[str, Any], total_steps: int) -> Schedule:
     return schedule
 
 
-def _base_optimizer(optim: Mapping[str, Any]) -> optax.GradientTransformation:
-    optim = dict(optim)
-    name = optim.pop("name", "adam")
-    if name == "adam":
-        check_keys(optim, ("b1", "b2", "eps"), "optim")
-        return optax.scale_by_adam(b1=optim.get("b1", 0.9), b2=optim.get("b2", 0.999),
-                                   eps=optim.get("eps", 1e-8))
-    if name == "sgd":
-        check_keys(optim, ("momentum", "nesterov"), "optim")
-        momentum = optim.get("momentum", 0.9)
-        return optax.trace(decay=momentum, nesterov=optim.get("nesterov", False)) \
-            if momentum else optax.identity()
-    if name == "adafactor":
-        check_keys(optim, ("decay_rate", "min_dim_size_to_factor"), "optim")
-        return optax.scale_by_factored_rms(
-            decay_rate=optim.get("decay_rate", 0.8),
-            min_dim_size_to_factor=optim.get("min_dim_size_to_factor", 128))
-    raise ConfigError(f"optim.name {name!r} is not one of {OPTIMIZERS}")
-
-
-def _groups(schedule_config: Any) -> list[tuple[str, Any]]:
-    spec = to_plain(schedule_config)
-    if isinstance(spec, Mapping):
-        return [(".*", spec)]
-    if isinstance(spec, Sequence) and not isinstance(spec, str):
-        groups = []
-        for entry in spec:
-            if not (isinstance(entry, Sequence) and len(entry) == 2):
-                raise ConfigError(f"schedule entry {entry!r} is not a (regex, schedule) pair")
-            groups.append((str(entry[0]), entry[1]))
-        return groups
-    raise ConfigError(f"schedule must be a dict or a list of (regex, dict|None), got {spec!r}")
+def _base_optimizer(optim: OptimConfig) -> optax.GradientTransformation:
+    h = optim.hparams
+    if optim.name == "adam":
+        return optax.scale_by_adam(b1=h["b1"], b2=h["b2"], eps=h["eps"])
+    if optim.name == "sgd":
+        return optax.trace(decay=h["momentum"], nesterov=h["nesterov"]) \
+            if h["momentum"] else optax.identity()
+    return optax.scale_by_factored_rms(decay_rate=h["decay_rate"],
+                                       min_dim_size_to_factor=h["min_dim_size_to_factor"])
 
 
 def param_labels(params: Any, groups: Sequence[tuple[str, Any]]) -> Any:
@@ -119,22 +88,19 @@ def param_labels(params: Any, groups: Sequence[tuple[str, Any]]) -> Any:
     return labels
 
 
-def group_labels(config: Any, params: Any) -> Any:
-    """Each parameter's group label from config.schedule (`frozen` for schedule None)."""
-    return param_labels(params, _groups(config.schedule))
+def group_labels(optim: OptimConfig, params: Any) -> Any:
+    """Each parameter's group label (`frozen` for schedule None)."""
+    return param_labels(params, optim.groups)
 
 
-def make_optimizer(config: Any, params: Any, total_steps: int
+def make_optimizer(optim: OptimConfig, params: Any, total_steps: int
                    ) -> tuple[optax.GradientTransformation, Schedule]:
     """Builds the optax chain for `params` (abstract is fine) and the first group's lr(step)."""
-    groups = _groups(config.schedule)
-    labels = param_labels(params, groups)
-    if all(spec is None for _, spec in groups):
-        raise ConfigError("every schedule group is frozen (None): nothing would be trained")
-    lr, wd = float(config.lr), float(config.get("wd", 0.0) or 0.0)
+    labels = param_labels(params, optim.groups)
+    lr, wd = optim.lr, optim.wd
     transforms: dict[str, optax.GradientTransformation] = {FROZEN: optax.set_to_zero()}
     first_lr: Schedule | None = None
-    for i, (_, spec) in enumerate(groups):
+    for i, (_, spec) in enumerate(optim.groups):
         if spec is None:
             continue
         schedule = make_schedule(spec, total_steps)
@@ -143,13 +109,43 @@ def make_optimizer(config: Any, params: Any, total_steps: int
         decay_mask = lambda p: jax.tree_util.tree_map_with_path(
             lambda path, _: path_str(path).endswith("kernel"), p)
         transforms[f"g{i}"] = optax.chain(
-            _base_optimizer(config.optim),
+            _base_optimizer(optim),
             optax.scale(lr),
             optax.add_decayed_weights(wd, mask=decay_mask) if wd else optax.identity(),
             optax.scale_by_schedule(lambda step, s=schedule: -s(step)),
         )
     chain = [optax.multi_transform(transforms, labels)]
-    clip = config.get("grad_clip_norm", None)
-    if clip:
-        chain.insert(0, optax.clip_by_global_norm(float(clip)))
+    if optim.grad_clip_norm:
+        chain.insert(0, optax.clip_by_global_norm(optim.grad_clip_norm))
     return optax.chain(*chain), first_lr
+
+
+def frozen_group_problems(optim: OptimConfig, params: Any,
+                          model_init: Mapping[str, str]) -> list[str]:
+    """Frozen (None) groups that would not freeze what they name, or would freeze a random init.
+
+    A frozen group's parameters may be claimed first by an earlier, trained group (first match
+    wins in `param_labels`); a tower frozen entirely while `model_init` loads neither it nor the
+    full model would stay at its random initialisation.
+    """
+    labels = dict(zip(tree_paths(params), jax.tree_util.tree_leaves(
+        param_labels(params, optim.groups)), strict=True))
+    problems = []
+    for i, (regex, spec) in enumerate(optim.groups):
+        if spec is not None:
+            continue
+        pattern = re.compile(regex)
+        stolen = [(path, label) for path, label in labels.items()
+                  if pattern.fullmatch(path) and label not in (FROZEN, f"g{i}")]
+        if stolen:
+            earlier = optim.groups[int(stolen[0][1][1:])][0]
+            problems.append(f"schedule: group {regex!r} is frozen (None) but {len(stolen)} of "
+                            f"its parameters (e.g. {stolen[0][0]!r}) get the schedule of the "
+                            f"earlier group {earlier!r}; list the frozen group first")
+    for tower in ("img", "txt"):
+        tower_labels = [label for path, label in labels.items() if path.startswith(tower + "/")]
+        if tower_labels and all(label == FROZEN for label in tower_labels) and not (
+                model_init.get(tower) or model_init.get("full")):
+            problems.append(f"schedule freezes the whole {tower} tower but model_init.{tower} "
+                            "(and model_init.full) is empty: it would stay at its random init")
+    return problems

@@ -39,8 +39,13 @@ import math
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
+
+import jax
+
+from siglip_jax.config import ConfigError
+from siglip_jax.schema import RunConfig, parse
 
 GiB = 1024**3
 
@@ -159,16 +164,14 @@ class Tower:
     vocab_size: int | None = None  # Text tower only.
 
 
-def towers_from_config(model_cfg: Mapping[str, Any], image_hw: tuple[int, int],
-                       text_len: int) -> tuple[Tower, Tower]:
-    """The image and text Tower of `config.model` at the given input sizes."""
+def towers_from_model(model: Any, image_hw: tuple[int, int], text_len: int
+                      ) -> tuple[Tower, Tower]:
+    """The image and text Tower of a two-towers model at the given input sizes."""
     import jax.numpy as jnp
 
-    from siglip_jax.models.two_towers import _out_dims, image_tower, text_tower
+    from siglip_jax.models.two_towers import towers
 
-    img_out, txt_out = _out_dims(model_cfg.get("out_dim", 128))
-    vit = image_tower(model_cfg.get("image"), img_out)
-    txt = text_tower(model_cfg.get("text"), txt_out)
+    vit, txt = towers(model)
     ph, pw = (vit.patch_size, vit.patch_size) if isinstance(vit.patch_size, int) \
         else tuple(vit.patch_size)
     tokens = (image_hw[0] // ph) * (image_hw[1] // pw) + (1 if vit.pool_type == "tok" else 0)
@@ -277,101 +280,6 @@ class Plan:
         return flops / (self.topology.chips * self.topology.peak_flops * self.mfu)
 
 
-_SIZE_OPS = ("resize", "central_crop", "random_crop", "inception_crop")
-
-
-def infer_image_size(config: Any) -> tuple[int, int] | None:
-    """The training image size: the last resize/crop op of input.pp, else input.data.image_size.
-
-    A pp string that does not parse is reported by check_pp_strings; here it only means the
-    size falls back to input.data.image_size.
-    """
-    from siglip_jax.data import pp
-
-    size = None
-    try:
-        calls = pp.parse(str(config.input.pp))
-    except pp.PPError:
-        calls = []
-    for call in calls:
-        if call.name not in _SIZE_OPS:
-            continue
-        value = call.args[0] if call.args else call.kwargs.get("size")
-        if value is not None:
-            size = value
-    if size is None:
-        size = (config.input.get("data") or {}).get("image_size")
-    if size is None:
-        return None
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def _sharded_bytes(abstract: Any, shardings: Any) -> int:
-    import jax
-    import numpy as np
-
-    total = 0
-    for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings),
-                              strict=True):
-        total += int(np.prod(sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
-    return total
-
-
-def _schedule_groups(schedule: Any) -> list[tuple[str, Any]]:
-    from siglip_jax.config import to_plain
-
-    spec = to_plain(schedule)
-    if isinstance(spec, Mapping):
-        return [(".*", spec)]
-    return [(str(regex), group) for regex, group in spec]
-
-
-def check_frozen_groups(param_paths: Sequence[str], schedule: Any,
-                        model_init: Mapping[str, Any]) -> tuple[list[str], set[str]]:
-    """Errors for frozen (None) schedule groups that would not freeze what they name.
-
-    Returns (errors, the set of frozen parameter paths). A frozen group "has a schedule" when
-    some of the parameters its regex names are claimed first by an earlier, trained group;
-    the same regex listed twice is a conflict; a fully frozen tower loaded from nothing would
-    stay at its random initialisation.
-    """
-    groups = _schedule_groups(schedule)
-    errors: list[str] = []
-    seen: dict[str, Any] = {}
-    for regex, spec in groups:
-        if regex in seen and (seen[regex] is None) != (spec is None):
-            errors.append(f"schedule: group {regex!r} is listed both as frozen (None) and with "
-                          "a schedule")
-        seen.setdefault(regex, spec)
-    compiled = [re.compile(regex) for regex, _ in groups]
-    frozen: set[str] = set()
-    for i, (regex, spec) in enumerate(groups):
-        if spec is not None:
-            continue
-        stolen = []
-        for path in param_paths:
-            if not compiled[i].fullmatch(path):
-                continue
-            first = next(j for j, c in enumerate(compiled) if c.fullmatch(path))
-            if first < i and groups[first][1] is not None:
-                stolen.append((path, groups[first][0]))
-        if stolen:
-            errors.append(f"schedule: group {regex!r} is frozen (None) but {len(stolen)} of its "
-                          f"parameters (e.g. {stolen[0][0]!r}) get the schedule of the earlier "
-                          f"group {stolen[0][1]!r}; list the frozen group first")
-    for path in param_paths:
-        first = next((j for j, c in enumerate(compiled) if c.fullmatch(path)), None)
-        if first is not None and groups[first][1] is None:
-            frozen.add(path)
-    for tower in ("img", "txt"):
-        tower_paths = [p for p in param_paths if p.startswith(tower + "/")]
-        if tower_paths and all(p in frozen for p in tower_paths):
-            if not (model_init.get(tower) or model_init.get("full")):
-                errors.append(f"schedule freezes the whole {tower} tower but model_init.{tower} "
-                              "(and model_init.full) is empty: it would stay at its random init")
-    return errors, frozen
-
-
 def _check_path(what: str, path: str, notes: list[str], errors: list[str],
                 pattern: bool = False) -> None:
     """A local path must exist (a glob must match); a remote one is noted, not checked; the
@@ -395,16 +303,15 @@ def _check_path(what: str, path: str, notes: list[str], errors: list[str],
         errors.append(f"{what}: not found: {path!r}")
 
 
-def check_pp_strings(config: Any, plan: Plan) -> None:
+def check_pp_strings(run: RunConfig, plan: Plan) -> None:
     """Every pp string (input.pp, evals.*.pp) parses, names registered ops, and passes each op
     arguments its signature accepts (the ops are not built: that needs the tokenizer)."""
     import inspect
 
     from siglip_jax.data import pp
 
-    strings = [("input.pp", config.input.pp)]
-    strings += [(f"evals.{name}.pp", e.get("pp")) for name, e in (config.get("evals") or {}).items()
-                if e.get("pp")]
+    strings = [("input.pp", run.input.pp)]
+    strings += [(f"evals.{e.name}.pp", e.pp) for e in run.evals]
     for where, pp_string in strings:
         try:
             calls = pp.parse(str(pp_string))
@@ -423,25 +330,24 @@ def check_pp_strings(config: Any, plan: Plan) -> None:
                 plan.errors.append(f"{where}: {op}: {e}")
 
 
-def check_paths(config: Any, plan: Plan) -> None:
+def check_paths(run: RunConfig, plan: Plan) -> None:
     """model_init checkpoints, the tokenizer and the training data (local ones must exist)."""
-    from siglip_jax.config import to_plain
-
-    for key, path in (to_plain(config.get("model_init")) or {}).items():
-        _check_path(f"model_init.{key} checkpoint", str(path or ""), plan.notes, plan.errors)
-    tok = str((config.get("tokenizer") or {}).get("model") or "")
+    for key, path in run.model_init.parts().items():
+        _check_path(f"model_init.{key} checkpoint", path, plan.notes, plan.errors)
+    tok = run.tokenizer.model
     errors_before = len(plan.errors)
     _check_path("tokenizer.model", tok, plan.notes, plan.errors)
     if tok and "://" not in tok and len(plan.errors) == errors_before:
-        import sentencepiece as spm
+        from siglip_jax.data.tokenizer import Tokenizer
+        from siglip_jax.experiment import check_vocab
 
-        pieces = spm.SentencePieceProcessor(model_file=os.path.expanduser(tok)).get_piece_size()
         vocab = plan.towers[1].vocab_size if len(plan.towers) > 1 else None
-        if vocab is not None and pieces > vocab:
-            plan.errors.append(f"tokenizer.model {tok!r} has {pieces} pieces but "
-                               f"model.text.vocab_size is {vocab}: ids past it have no embedding")
-    data = to_plain(config.input.get("data") or {})
-    if data.get("name") == "tar":
+        try:
+            check_vocab(Tokenizer(tok), vocab)
+        except ConfigError as e:
+            plan.errors.append(str(e))
+    data = run.input.data
+    if data["name"] == "tar":
         patterns = data.get("pattern") or ""
         if not patterns:
             plan.errors.append("input.data.pattern is empty: pass the tar shards (data=...)")
@@ -453,171 +359,138 @@ def make_plan(config: Any, topology: Topology, *, config_name: str = "config",
               dataset_size: int | None = None, mfu: float = 0.4) -> Plan:
     """Computes the plan of `config` on `topology` (nothing is allocated; no data is read)."""
     plan = Plan(config_name, topology, dataset_size=dataset_size, mfu=mfu)
-    if _analyse(config, plan):
-        check_pp_strings(config, plan)
-        check_paths(config, plan)
+    try:
+        run = parse(config)
+    except ConfigError as e:
+        plan.errors.append(str(e))
+        return plan
+    _analyse(run, plan)
+    check_pp_strings(run, plan)
+    check_paths(run, plan)
     return plan
 
 
-def _analyse(config: Any, plan: Plan) -> bool:
-    """Fills `plan` in step by step; False if the config is too broken to check its paths."""
-    from siglip_jax.config import ConfigError, check_keys
-    from siglip_jax.train import TRAIN_KEYS
+def _analyse(run: RunConfig, plan: Plan) -> None:
+    """Fills `plan` in step by step, from the trainer's own builders on an abstract mesh."""
+    plan.total_steps = run.total_steps
+    if run.peak_flops:
+        plan.topology = dataclasses.replace(plan.topology, peak_flops=run.peak_flops)
+    if not _mesh_and_batch(run, plan):
+        return
+    parts = _step_parts(run, plan)
+    if parts is None:
+        return
+    _memory(run, plan, parts)
+    _flops(plan)
 
+
+def _mesh_and_batch(run: RunConfig, plan: Plan) -> bool:
+    """Mesh axis sizes and batch divisibility (the trainer's own check)."""
+    topology = plan.topology
     try:
-        check_keys(config, TRAIN_KEYS, "config")
-    except ConfigError as e:
+        plan.mesh = resolve_mesh(run.mesh.axes, topology.chips)
+    except PlanError as e:
         plan.errors.append(str(e))
         return False
-    plan.total_steps = int(config.total_steps)
-    if config.get("peak_flops"):
-        plan.topology = dataclasses.replace(plan.topology, peak_flops=float(config.peak_flops))
-    micro = _mesh_and_batch(config, plan)
-    if micro is None:
-        return True
-    shapes = _model_shapes(config, plan)
-    if shapes is None:
-        return True
-    _memory(config, plan, shapes, micro)
-    _flops(plan)
+    plan.batch_axes = run.mesh.batch_axes
+    shards = math.prod(plan.mesh[a] for a in plan.batch_axes)
+    plan.global_batch, plan.accum = run.input.global_batch, run.grad_accum_steps
+    axes = " × ".join(f"{a}={plan.mesh[a]}" for a in plan.batch_axes)
+    try:
+        run.check_batch(shards, topology.hosts, f"({axes}) of {topology.name}")
+    except ConfigError as e:
+        plan.errors.append(str(e))
+    plan.per_device_batch = plan.global_batch / shards
     return True
 
 
-def _mesh_and_batch(config: Any, plan: Plan) -> int | None:
-    """Mesh axis sizes and batch divisibility; returns the per-device micro-batch."""
-    topology = plan.topology
-    try:
-        plan.mesh = resolve_mesh([tuple(a) for a in config.mesh], topology.chips)
-    except PlanError as e:
-        plan.errors.append(str(e))
-        return None
-    plan.batch_axes = tuple(config.batch_axes)
-    missing = [a for a in plan.batch_axes if a not in plan.mesh]
-    if missing:
-        plan.errors.append(f"batch_axes {plan.batch_axes} name {missing[0]!r}, which is not a "
-                           f"mesh axis ({', '.join(plan.mesh)})")
-        return None
-    shards = math.prod(plan.mesh[a] for a in plan.batch_axes)
-    plan.global_batch = int(config.input.global_batch)
-    plan.accum = int(config.get("grad_accum_steps", 1) or 1)
-    axes = " × ".join(f"{a}={plan.mesh[a]}" for a in plan.batch_axes)
-    if plan.global_batch % shards:
-        plan.errors.append(f"input.global_batch={plan.global_batch} does not divide over the "
-                           f"{shards} batch shards ({axes}) of {topology.name}")
-    elif plan.global_batch % (shards * plan.accum):
-        plan.errors.append(f"input.global_batch={plan.global_batch} does not split into "
-                           f"grad_accum_steps={plan.accum} micro-batches over {shards} shards")
-    if plan.global_batch % topology.hosts:
-        plan.errors.append(f"input.global_batch={plan.global_batch} does not divide over the "
-                           f"{topology.hosts} hosts of {topology.name}")
-    plan.per_device_batch = plan.global_batch / shards
-    return max(1, plan.global_batch // (shards * plan.accum))
-
-
-@dataclasses.dataclass
-class _Shapes:
-    params: Any  # Abstract params.
-    param_shardings: Any
-    opt_state: Any
-    opt_shardings: Any
-    frozen: set[str]
-
-
-def _model_shapes(config: Any, plan: Plan) -> _Shapes | None:
-    """Abstract params and optimizer state with their shardings; schedule-group checks."""
-    import jax
-    import jax.numpy as jnp
+def _step_parts(run: RunConfig, plan: Plan) -> Any:
+    """The trainer's StepParts (model, optimizer, abstract state, shardings) on an abstract
+    mesh of the slice's shape; None (with the errors noted) if the config cannot build them."""
     from jax.sharding import AbstractMesh
 
-    from siglip_jax.config import ConfigError, to_plain
-    from siglip_jax.optim import make_optimizer
-    from siglip_jax.sharding import follow_params, param_shardings, tree_paths
-    from siglip_jax.train import make_model
+    from siglip_jax.experiment import batch_shapes, build_step, infer_image_size
+    from siglip_jax.optim import frozen_group_problems
+    from siglip_jax.sharding import ShardingError, tree_paths
 
-    plan.image_hw = infer_image_size(config)
-    plan.text_len = int(config.tokenizer.max_len)
+    plan.image_hw = infer_image_size(run)
+    plan.text_len = run.tokenizer.max_len
     if plan.image_hw is None:
         plan.errors.append("cannot tell the training image size: input.pp has no resize/crop "
                            "op and input.data has no image_size")
         return None
+    mesh = AbstractMesh(tuple(plan.mesh.values()), tuple(plan.mesh))
+    micro = max(1, plan.global_batch // plan.accum)
     try:
-        model = make_model(config)
-        image = jax.ShapeDtypeStruct((1, *plan.image_hw, 3), jnp.float32)
-        text = jax.ShapeDtypeStruct((1, plan.text_len), jnp.int32)
-        abstract = jax.eval_shape(model.init, jax.random.key(0), image, text)["params"]
-        plan.towers = towers_from_config(to_plain(config.model), plan.image_hw, plan.text_len)
+        parts = build_step(run, mesh, batch_shapes(run, plan.image_hw, micro))
+        plan.towers = towers_from_model(parts.model, plan.image_hw, plan.text_len)
+    except ShardingError as e:
+        plan.errors.append(f"sharding_rules: {e}")
+        return None
+    except ConfigError as e:
+        plan.errors.append(str(e))
+        return None
     except (ValueError, KeyError, TypeError) as e:
         plan.errors.append(f"config.model: {e}")
         return None
+    params = parts.abstract_state["params"]
     for name in ("img", "txt"):
-        plan.params[name] = _count(abstract.get(name, {}))
-    plan.params["total"] = _count(abstract)
+        plan.params[name] = _count(params.get(name, {}))
+    plan.params["total"] = _count(params)
     plan.params["other"] = plan.params["total"] - plan.params["img"] - plan.params["txt"]
-
-    mesh = AbstractMesh(tuple(plan.mesh.values()), tuple(plan.mesh))
-    try:
-        pshard = param_shardings(abstract, [tuple(r) for r in config.sharding_rules], mesh)
-    except ValueError as e:
-        plan.errors.append(f"sharding_rules: {e}")
-        return None
-    _note_unsharded(abstract, pshard, config.sharding_rules, plan)
-
-    paths = tree_paths(abstract)
-    errors, frozen = check_frozen_groups(paths, config.schedule,
-                                         to_plain(config.get("model_init")) or {})
-    plan.errors.extend(errors)
+    _note_unsharded(params, parts.shardings["params"], run.mesh.rules, plan)
+    plan.errors.extend(frozen_group_problems(run.optim, params, run.model_init.parts()))
+    paths = tree_paths(params)
+    frozen = parts.frozen or jax.tree.map(lambda _: False, params)
+    frozen_paths = {p for p, f in zip(paths, jax.tree.leaves(frozen), strict=True) if f}
     plan.frozen = tuple(t for t in ("img", "txt")
                         if any(p.startswith(t + "/") for p in paths)
-                        and all(p in frozen for p in paths if p.startswith(t + "/")))
-    try:
-        tx, _ = make_optimizer(config, abstract, plan.total_steps)
-        opt_state = jax.eval_shape(tx.init, abstract)
-    except (ConfigError, ValueError) as e:
-        plan.errors.append(f"optimizer/schedule: {e}")
-        return None
-    return _Shapes(abstract, pshard, opt_state, follow_params(opt_state, abstract, pshard, mesh),
-                   frozen)
+                        and all(p in frozen_paths for p in paths if p.startswith(t + "/")))
+    return parts
 
 
-def _memory(config: Any, plan: Plan, shapes: _Shapes, micro: int) -> None:
-    """Bytes per chip: exact for the state, analytic for activations; the HBM check."""
-    import jax
-
-    from siglip_jax.sharding import tree_paths
-
-    leaves = list(zip(tree_paths(shapes.params), jax.tree.leaves(shapes.params),
-                      jax.tree.leaves(shapes.param_shardings), strict=True))
-
-    def shard_bytes(leaf: Any, sharding: Any) -> int:
-        return math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-
-    plan.bytes["params"] = sum(shard_bytes(leaf, s) for _, leaf, s in leaves)
-    plan.bytes["optimizer state"] = _sharded_bytes(shapes.opt_state, shapes.opt_shardings)
+def _memory(run: RunConfig, plan: Plan, parts: Any) -> None:
+    """Bytes per chip: exact for the trainer's sharded state, analytic for activations."""
+    state, shardings = parts.abstract_state, parts.shardings
+    frozen = parts.frozen or jax.tree.map(lambda _: False, state["params"])
+    plan.bytes["params"] = sharded_bytes(state["params"], shardings["params"])
+    plan.bytes["optimizer state"] = sharded_bytes(state["opt_state"], shardings["opt_state"])
     # Frozen params get no backward pass (step.py wraps them in stop_gradient).
-    plan.bytes["gradients"] = sum(shard_bytes(leaf, s) for p, leaf, s in leaves
-                                  if p not in shapes.frozen)
+    trained = jax.tree.map(lambda f, x: None if f else x, frozen, state["params"])
+    plan.bytes["gradients"] = sharded_bytes(trained, jax.tree.map(
+        lambda f, s: None if f else s, frozen, shardings["params"]))
     if plan.accum > 1:  # step.py accumulates the full gradient tree (zeros for frozen params).
         plan.bytes["gradient accumulator"] = plan.bytes["params"]
 
+    micro = max(1, plan.global_batch // (math.prod(plan.mesh[a] for a in plan.batch_axes)
+                                         * plan.accum))
     kept, working = 0, 0
     for tower in plan.towers:
         k, w = activation_bytes(tower, micro, trained=tower.name not in plan.frozen)
         kept, working = kept + k, max(working, w)
     plan.bytes["activations"] = kept + working
-    impl = str((config.get("loss") or {}).get("impl", "ring"))
     plan.bytes["loss"] = loss_bytes(micro, plan.global_batch // plan.accum, _embed_dim(plan),
-                                    impl)
+                                    run.loss.impl)
     per_example = plan.image_hw[0] * plan.image_hw[1] * 3 * 4 + plan.text_len * 4
     plan.bytes["input batch"] = int(plan.per_device_batch) * per_example  # All micro-batches.
     topology = plan.topology
     if plan.memory_total > topology.hbm_bytes:
-        parts = ", ".join(f"{k} {_gib(v)}" for k, v in plan.bytes.items())
+        parts_text = ", ".join(f"{k} {_gib(v)}" for k, v in plan.bytes.items())
         plan.errors.append(f"estimated memory per chip {_gib(plan.memory_total)} exceeds the "
-                           f"{_gib(topology.hbm_bytes)} HBM of a {topology.label} ({parts});"
-                           " use more chips, fsdp, remat or grad_accum_steps")
+                           f"{_gib(topology.hbm_bytes)} HBM of a {topology.label} "
+                           f"({parts_text}); use more chips, fsdp, remat or grad_accum_steps")
     elif plan.memory_total > 0.85 * topology.hbm_bytes:
         plan.notes.append(f"the estimate uses {plan.memory_total / topology.hbm_bytes:.0%} of "
                           "HBM: little headroom for XLA's own buffers")
+
+
+def sharded_bytes(abstract: Any, shardings: Any) -> int:
+    """Bytes one device holds of `abstract` laid out by `shardings` (None leaves skipped)."""
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings),
+                              strict=True):
+        total += math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+    return total
 
 
 def _embed_dim(plan: Plan) -> int:

@@ -7,8 +7,10 @@ once) returns {"probs": [N_img, N_label], "logits": ..., "texts": prompts}, with
 `logits = exp(t') · zimg · ztxtᵀ + b` and `probs = sigmoid(logits)`: each label is judged on
 its own (SigLIP is not a softmax over the labels; the probabilities need not sum to 1).
 
-Checkpoints: a HF SigLIP directory (with its `spiece.model`), our trainer's workdir or step
-directory, or a big_vision .npz (then pass model_config, image_size, text_len and tokenizer).
+Checkpoints (opened with `checkpoints.open.open_model`): a HF SigLIP directory (with its
+`spiece.model`), our trainer's workdir or step directory, or a big_vision .npz (its model,
+image size and text length are read off the arrays; pass tokenizer=). Keyword arguments
+model_config, image_size, text_len and tokenizer override what the checkpoint says.
 Preprocessing is the HF SigLIP processor's: RGB, resize to the model's resolution with PIL
 (bilinear unless the directory's preprocessor_config.json says otherwise), × 1/255, then
 (x − 0.5) / 0.5 (or the config's mean/std), i.e. values in [−1, 1]. Texts are the template
@@ -110,39 +112,28 @@ class Predictor:
                  tokenizer: str | None = None):
         import jax
 
-        from siglip_jax.checkpoints.big_vision import load_params as fit_params
-        from siglip_jax.checkpoints.loader import checkpoint_info, load_params
+        from siglip_jax.checkpoints.open import open_model
         from siglip_jax.data.tokenizer import Tokenizer
-        from siglip_jax.models.two_towers import Model
 
-        checkpoint = os.fspath(checkpoint)
-        info = checkpoint_info(checkpoint)
-        model_config = info["model"] or (dict(model_config) if model_config else None)
-        if model_config is None:
-            raise PredictError(f"checkpoint {checkpoint!r} ({info['format']}) carries no model "
-                               "config; pass model_config=")
-        text_len = int(text_len or info["text_len"] or 0)
-        if not text_len:
+        opened = open_model(checkpoint, overrides={
+            "model": model_config, "image_size": image_size, "text_len": text_len,
+            "tokenizer": tokenizer})
+        if not opened.text_len:
             raise PredictError(f"checkpoint {checkpoint!r} does not say its text length; "
                                "pass text_len=")
-        tokenizer = tokenizer or info["tokenizer"] or _run_tokenizer(info["run_config"])
-        if not tokenizer:
+        if not opened.tokenizer:
             raise PredictError(f"checkpoint {checkpoint!r} has no tokenizer (spiece.model); "
                                "pass tokenizer= (a sentencepiece .model file)")
-        self.tokenizer = Tokenizer(tokenizer)
-        self.text_len = text_len
-        run_tok = (info["run_config"] or {}).get("tokenizer") or {}
-        self.eos = run_tok.get("eos", "sticky")
-        self.model = Model(**model_config)
-        params, _ = load_params(checkpoint)
-        size = image_size or info["image_size"] or _image_size_from_params(params, model_config)
-        size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
-        abstract = jax.eval_shape(lambda: self.model.init(
-            jax.random.key(0), jax.numpy.zeros((1, *size, 3)),
-            jax.numpy.zeros((1, text_len), jax.numpy.int32))["params"])
-        self.params = fit_params(params, abstract, source=checkpoint)
+        if opened.image_size is None:
+            raise PredictError("cannot tell the model's image size (no learned square position "
+                               "embedding); pass image_size=")
+        self.tokenizer = Tokenizer(opened.tokenizer)
+        self.text_len = opened.text_len
+        self.eos = opened.eos
+        self.model = opened.make_model()
+        self.params = opened.fitted_params()
         self.image_settings = image_preprocessing(
-            checkpoint if info["format"] == "hf" else None, size)
+            opened.path if opened.format == "hf" else None, opened.image_size)
         self._apply = jax.jit(self._forward)
 
     def _forward(self, params, images, texts):
@@ -177,33 +168,6 @@ class Predictor:
         logits = np.concatenate(rows).astype(np.float32)
         probs = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
         return {"probs": probs, "logits": logits, "texts": texts}
-
-
-def _run_tokenizer(run_config: Mapping[str, Any] | None) -> str | None:
-    """The tokenizer of one of our runs whose config names none: its data source's."""
-    if not run_config or "input" not in run_config:
-        return None
-    from siglip_jax.data.builder import make_source
-
-    return getattr(make_source(run_config["input"]["data"]), "tokenizer_path", None)
-
-
-def _image_size_from_params(params: Mapping[str, Any], model_config: Mapping[str, Any]
-                            ) -> tuple[int, int]:
-    """A square image size from a learned position embedding and the patch size."""
-    from siglip_jax.models import variants
-
-    posemb = params.get("img", {}).get("pos_embedding")
-    if posemb is None:
-        raise PredictError("cannot tell the model's image size (no learned position "
-                           "embedding); pass image_size=")
-    grid = int(round(np.sqrt(posemb.shape[1])))
-    patch = variants.image_kwargs(model_config.get("image")).get("patch_size", 16)
-    ph, pw = (patch, patch) if isinstance(patch, int) else patch
-    if grid * grid != posemb.shape[1]:
-        raise PredictError(f"position embedding of {posemb.shape[1]} tokens is not a square "
-                           "grid; pass image_size=")
-    return grid * int(ph), grid * int(pw)
 
 
 def predict(images: Sequence[Any], labels: Sequence[str], *, checkpoint: str,

@@ -54,7 +54,7 @@ def state_shardings(abstract_params: Any, tx: optax.GradientTransformation, mesh
     """
     abstract = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
                 "step": jax.ShapeDtypeStruct((), jnp.int32)}
-    pshard = param_shardings(abstract["params"], [tuple(r) for r in rules], mesh)
+    pshard = param_shardings(abstract["params"], rules, mesh)
     shardings = {
         "params": pshard,
         "opt_state": follow_params(abstract["opt_state"], abstract["params"], pshard, mesh),

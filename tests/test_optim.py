@@ -11,6 +11,7 @@ import pytest
 
 from siglip_jax.config import ConfigError
 from siglip_jax.optim import make_optimizer, make_schedule
+from siglip_jax.schema import OptimConfig
 
 
 def test_warmup_cosine_matches_formula():
@@ -39,7 +40,7 @@ def test_bad_schedule_names_the_choices():
 def _config(**overrides):
     defaults = dict(optim=dict(name="sgd", momentum=0.0), lr=0.1, wd=0.01, grad_clip_norm=0.0,
                     schedule=dict(decay_type="constant"))
-    return ml_collections.ConfigDict({**defaults, **overrides})
+    return OptimConfig.from_config(ml_collections.ConfigDict({**defaults, **overrides}))
 
 
 def test_sgd_step_with_decoupled_weight_decay():

@@ -12,7 +12,9 @@ import pytest
 
 from siglip_jax import plan
 from siglip_jax.config import load_config
+from siglip_jax.experiment import infer_image_size
 from siglip_jax.models.two_towers import Model
+from siglip_jax.schema import parse
 
 DEMO = "configs/demo.py"
 
@@ -63,22 +65,24 @@ def test_mesh_resolution():
 ])
 def test_param_and_optimizer_bytes_equal_a_real_sharded_allocation(mesh, rules):
     """The planner's abstract bytes per chip == the bytes device 0 really holds after init."""
+    from siglip_jax.experiment import make_model
     from siglip_jax.optim import make_optimizer
+    from siglip_jax.schema import parse
     from siglip_jax.sharding import make_mesh
     from siglip_jax.step import init_state
-    from siglip_jax.train import make_model
 
     overrides = [f"mesh={mesh}", f"sharding_rules={rules}", "batch_axes=('data',)"]
     p = demo_plan(overrides)
     assert not p.errors, p.errors
     config = load_config(DEMO, overrides)
-    model = make_model(config)
+    run = parse(config)
+    model = make_model(run.model)
     shapes = {"image": (8, 32, 32, 3), "labels": (8, 8)}
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shapes["image"]),
                               jnp.zeros(shapes["labels"], jnp.int32))["params"]
-    tx, _ = make_optimizer(config, abstract, 10)
-    real_mesh = make_mesh([tuple(a) for a in config.mesh])
-    state, _ = init_state(model, tx, shapes, real_mesh, config.sharding_rules, 0)
+    tx, _ = make_optimizer(run.optim, abstract, 10)
+    real_mesh = make_mesh(run.mesh.axes)
+    state, _ = init_state(model, tx, shapes, real_mesh, run.mesh.rules, 0)
     device = real_mesh.devices.flat[0]
 
     def on_device(tree):
@@ -113,7 +117,7 @@ def test_analytic_forward_flops_match_xla_cost_analysis(width, depth, pool):
     lowered = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)[:2]).lower(
         params, image, text)
     xla_flops = lowered.cost_analysis()["flops"]
-    towers = plan.towers_from_config(model_cfg, (res, res), text_len)
+    towers = plan.towers_from_model(Model(**model_cfg), (res, res), text_len)
     analytic = batch * sum(plan.forward_flops(t) for t in towers)
     assert 0.93 * xla_flops <= analytic <= xla_flops
 
@@ -154,7 +158,7 @@ def test_activation_estimate_is_close_to_xla_cpu_temp_memory(scan, remat):
     compiled = jax.jit(jax.grad(loss)).lower(params, image, text).compile()
     measured = compiled.memory_analysis().temp_size_in_bytes
     kept = working = 0
-    for tower in plan.towers_from_config(model_cfg, (res, res), text_len):
+    for tower in plan.towers_from_model(Model(**model_cfg), (res, res), text_len):
         k, w = plan.activation_bytes(tower, batch, trained=True)
         kept, working = kept + k, max(working, w)
     estimate = kept + working + plan.loss_bytes(batch, batch, width, "dense")
@@ -276,11 +280,11 @@ def test_image_size_comes_from_the_last_resize_or_crop_op():
     pp = ('decode|resize((256, 320))|copy("texts", "x|y")|central_crop(size=224)|'
           'tokenize(max_len=8, inkey="x|y")|keep("image", "labels")')
     config = load_config(DEMO, [f"input.pp={pp}"])
-    assert plan.infer_image_size(config) == (224, 224)
+    assert infer_image_size(parse(config)) == (224, 224)
     config = load_config(DEMO, ["input.pp=decode|resize((256, 320))"])
-    assert plan.infer_image_size(config) == (256, 320)
+    assert infer_image_size(parse(config)) == (256, 320)
     config = load_config(DEMO, ["input.pp=decode"])
-    assert plan.infer_image_size(config) == (32, 32)  # The demo source's image_size.
+    assert infer_image_size(parse(config)) == (32, 32)  # The demo source's image_size.
 
 
 def test_pp_strings_with_unknown_ops_or_bad_arguments_fail():
@@ -331,3 +335,30 @@ def test_time_estimate_follows_flops_peak_and_mfu():
     # FLOPs scale linearly with the batch (the loss term quadratically, but it is tiny here).
     p2 = demo_plan(["input.global_batch=256"])
     assert np.isclose(p2.flops["model"] / p.flops["model"], 2.0, rtol=0.01)
+
+
+def test_planner_bytes_are_the_trainers_sharded_abstract_state():
+    """Params/optimizer bytes of the plan == per-device bytes of experiment.build_step's
+    abstract state on a real 4 × 2 mesh (the planner builds through the trainer's code)."""
+    from siglip_jax import experiment
+
+    overrides = ["mesh=[('data', 4), ('fsdp', 2)]", "sharding_rules=[('.*', 'fsdp')]"]
+    p = demo_plan(overrides)
+    run = parse(load_config(DEMO, overrides))
+    mesh = run.mesh.make()
+    parts = experiment.build_step(run, mesh, experiment.batch_shapes(run, (32, 32)))
+    device = mesh.devices.flat[0]
+
+    def device_bytes(abstract):
+        total = 0
+        for leaf in jax.tree.leaves(abstract):
+            index = leaf.sharding.devices_indices_map(leaf.shape)[device]
+            shard = [len(range(*s.indices(n))) for s, n in zip(index, leaf.shape, strict=True)]
+            total += math.prod(shard) * leaf.dtype.itemsize
+        return total
+
+    assert p.bytes["params"] == device_bytes(parts.abstract_state["params"])
+    assert p.bytes["optimizer state"] == device_bytes(parts.abstract_state["opt_state"])
+    assert p.bytes["params"] < device_bytes(jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec())), parts.abstract_state["params"]))

@@ -153,7 +153,7 @@ def test_our_orbax_workdir_and_npz(hf_dir, tmp_path):
 
     npz = str(tmp_path / "p.npz")
     bv.save_npz(npz, params)
-    with pytest.raises(PredictError, match="carries no model config; pass model_config="):
+    with pytest.raises(PredictError, match="has no tokenizer"):  # The model: from the arrays.
         predict(images, LABELS, checkpoint=npz)
     result = predict(images, LABELS, checkpoint=npz, model_config=MODEL, text_len=8,
                      tokenizer=spiece)

@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -11,6 +10,7 @@ from siglip_jax import losses
 from siglip_jax.metrics import compiled_flops
 from siglip_jax.models.two_towers import Model
 from siglip_jax.optim import FROZEN, group_labels, make_optimizer
+from siglip_jax.schema import OptimConfig
 from siglip_jax.sharding import make_mesh
 from siglip_jax.step import abstract_params, frozen_mask, init_state, make_train_step
 
@@ -28,7 +28,7 @@ def _batch(seed=0, n=16):
 
 
 def _config(schedule=None, optim="sgd"):
-    return ml_collections.ConfigDict(dict(
+    return OptimConfig.from_config(dict(
         optim=dict(name=optim) if optim == "adam" else dict(name="sgd", momentum=0.0),
         lr=0.1, wd=0.0, grad_clip_norm=0.0,
         schedule=schedule or dict(decay_type="constant")))

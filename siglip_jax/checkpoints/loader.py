@@ -46,24 +46,48 @@ class CheckpointFormatError(ValueError):
     """The path exists but is not a checkpoint format we can read."""
 
 
+def _gfile(path: str) -> Any:
+    """tf.io.gfile for remote (`scheme://`) paths, None for local ones (plain os is faster)."""
+    if "://" not in path:
+        return None
+    import tensorflow as tf
+
+    return tf.io.gfile
+
+
+def _exists(path: str) -> bool:
+    fs = _gfile(path)
+    return fs.exists(path) if fs else os.path.exists(path)
+
+
+def _isdir(path: str) -> bool:
+    fs = _gfile(path)
+    return fs.isdir(path) if fs else os.path.isdir(path)
+
+
+def _listdir(path: str) -> list[str]:
+    fs = _gfile(path)
+    return [d.rstrip("/") for d in fs.listdir(path)] if fs else os.listdir(path)
+
+
 def _latest_step_dir(checkpoints_dir: str) -> str | None:
-    steps = [int(d) for d in os.listdir(checkpoints_dir)
-             if _STEP_RE.match(d) and os.path.isdir(os.path.join(checkpoints_dir, d, "default"))]
+    steps = [int(d) for d in _listdir(checkpoints_dir)
+             if _STEP_RE.match(d) and _isdir(os.path.join(checkpoints_dir, d, "default"))]
     return os.path.join(checkpoints_dir, str(max(steps))) if steps else None
 
 
 def _orbax_item_dir(path: str) -> tuple[str | None, str | None]:
     """(…/<step>/default item dir, the run's workdir) if `path` is one of our checkpoints."""
-    if os.path.isdir(os.path.join(path, "checkpoints")):  # A workdir.
+    if _isdir(os.path.join(path, "checkpoints")):  # A workdir.
         step = _latest_step_dir(os.path.join(path, "checkpoints"))
         if step is None:
             raise CheckpointNotFoundError(f"checkpoint {path!r}: the workdir has no saved step "
                                           "in checkpoints/ yet")
         return os.path.join(step, "default"), path
-    if os.path.basename(path) == "default" and os.path.exists(os.path.join(path, "_METADATA")):
+    if os.path.basename(path) == "default" and _exists(os.path.join(path, "_METADATA")):
         step = os.path.dirname(path)
         return path, os.path.dirname(os.path.dirname(step))
-    if os.path.exists(os.path.join(path, "default", "_METADATA")):  # A step dir.
+    if _exists(os.path.join(path, "default", "_METADATA")):  # A step dir.
         return os.path.join(path, "default"), os.path.dirname(os.path.dirname(path))
     return None, None
 
@@ -71,18 +95,18 @@ def _orbax_item_dir(path: str) -> tuple[str | None, str | None]:
 def detect_format(path: str | os.PathLike) -> str:
     """"orbax", "npz" or "hf" for a checkpoint path; raises a one-line error otherwise."""
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not _exists(path):
         raise CheckpointNotFoundError(f"checkpoint {path!r} does not exist")
-    if os.path.isfile(path):
+    if not _isdir(path):
         if path.endswith(".npz"):
             return "npz"
         raise CheckpointFormatError(f"checkpoint {path!r}: a file that is not a .npz; expected "
                                     "a big_vision .npz, a HF SigLIP directory or our workdir")
     if _orbax_item_dir(path)[0] is not None:
         return "orbax"
-    if os.path.exists(os.path.join(path, hf.CONFIG_FILE)) and (
-            os.path.exists(os.path.join(path, hf.WEIGHTS_FILE))
-            or os.path.exists(os.path.join(path, hf.INDEX_FILE))):
+    if _exists(os.path.join(path, hf.CONFIG_FILE)) and (
+            _exists(os.path.join(path, hf.WEIGHTS_FILE))
+            or _exists(os.path.join(path, hf.INDEX_FILE))):
         return "hf"
     raise CheckpointFormatError(
         f"checkpoint {path!r}: not a workdir or step directory of ours (checkpoints/<step>/"
@@ -90,9 +114,10 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.exists(path):
+    if not _exists(path):
         return None
-    with open(path) as f:
+    fs = _gfile(path)
+    with fs.GFile(path) if fs else open(path) as f:
         return json.load(f)
 
 
@@ -115,20 +140,22 @@ def _orbax_params(item_dir: str) -> dict[str, Any]:
 
 def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     """What a checkpoint says about itself without reading weights: format, model config,
-    image_size (h, w), text_len, tokenizer (file path) and run config where known (else None).
+    image_size (h, w), text_len, tokenizer (file path), run config and workdir where known
+    (else None).
     """
     path = os.fspath(path)
     fmt = detect_format(path)
     info: dict[str, Any] = {"format": fmt, "model": None, "image_size": None, "text_len": None,
-                            "tokenizer": None, "run_config": None}
+                            "tokenizer": None, "run_config": None, "workdir": None}
     if fmt == "hf":
         spec = hf.model_config_from_hf(path)
         info.update(model=spec["model"], image_size=tuple(spec["image_size"]),
                     text_len=int(spec["text_len"]))
         spiece = os.path.join(path, "spiece.model")
-        info["tokenizer"] = spiece if os.path.exists(spiece) else None
+        info["tokenizer"] = spiece if _exists(spiece) else None
     elif fmt == "orbax":
         workdir = _orbax_item_dir(path)[1]
+        info["workdir"] = workdir
         run = _read_json(os.path.join(workdir, "config.json")) if workdir else None
         if run is not None:
             info["run_config"] = run

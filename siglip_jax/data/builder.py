@@ -18,7 +18,8 @@ Keys by `name`:
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from siglip_jax.config import ConfigError, check_keys, to_plain
 
@@ -34,15 +35,41 @@ _KEYS = {
 SOURCES = tuple(_KEYS)
 
 
-def make_source(data_cfg: Any, where: str = "input.data") -> Any:
-    """The source named by `data_cfg.name`, configured by the section's other keys."""
-    from siglip_jax.data import sources
+class Source(Protocol):
+    """What the input pipeline and the evaluators need of a data source (bound to a split)."""
 
-    cfg = dict(to_plain(data_cfg))
+    num_examples: int | None
+    skips: Any  # sources.SkipCounter: bad examples skipped, by reason.
+    class_names: Sequence[str] | None
+    tokenizer_path: str | None
+
+    def dataset(self, process_index: int, process_count: int, shuffle_files: bool = False,
+                seed: int = 0) -> Any:
+        """This process's examples as a tf.data.Dataset of dicts."""
+
+
+def _plain(data_cfg: Any) -> dict[str, Any]:
+    from siglip_jax.schema import thaw
+
+    return dict(thaw(to_plain(data_cfg)))
+
+
+def check_source_config(data_cfg: Any, where: str = "input.data") -> None:
+    """ConfigError for an unknown source name or a key the source does not take."""
+    cfg = _plain(data_cfg)
     name = cfg.pop("name", None)
     if name not in _KEYS:
         raise ConfigError(f"{where}.name {name!r} is not one of {SOURCES}")
     check_keys(cfg, _KEYS[name], where)
+
+
+def make_source(data_cfg: Any, where: str = "input.data") -> Source:
+    """The source named by `data_cfg.name`, configured by the section's other keys."""
+    from siglip_jax.data import sources
+
+    check_source_config(data_cfg, where)
+    cfg = _plain(data_cfg)
+    name = cfg.pop("name")
     try:
         if name == "demo_shapes":
             from siglip_jax.data.demo_shapes import DemoShapes

@@ -119,6 +119,8 @@ class DemoShapes:
     test_per_class: int = 20
     vocab_size: int = 64
 
+    skips = None  # Generated data has no bad examples to skip.
+
     def __post_init__(self):
         if self.split not in ("train", "test"):
             raise ValueError(f"demo_shapes has splits 'train' and 'test', not {self.split!r}")

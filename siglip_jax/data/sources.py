@@ -168,6 +168,8 @@ def _files_dataset(
 class ImageFolderSource:
     """root/<class name>/<image> -> {"image": bytes, "label": int64}; classes sorted by name."""
 
+    tokenizer_path = None  # Sources without captions ship no tokenizer.
+
     def __init__(self, root: str, *, check_images: bool = True):
         if not tf.io.gfile.isdir(root):
             raise SourceError(f"ImageFolderSource: {root!r} is not a directory")
@@ -209,6 +211,9 @@ class CsvSource:
     Relative image paths are resolved against `image_root` (default: the CSV's directory).
     The delimiter defaults to tab for .tsv files, else comma.
     """
+
+    class_names = None
+    tokenizer_path = None
 
     def __init__(self, path: str, image_col: str = "image", caption_col: str = "caption",
                  delimiter: str | None = None, *, image_root: str | None = None,
@@ -346,6 +351,9 @@ class TarShardSource:
     pairs are read by offset — `cycle_length` shards at a time, interleaved.
     """
 
+    class_names = None
+    tokenizer_path = None
+
     def __init__(self, pattern: str | Sequence[str], *, check_images: bool = True,
                  cycle_length: int = 4):
         patterns = [pattern] if isinstance(pattern, str) else list(pattern)
@@ -417,6 +425,9 @@ class TfdsSource:
     Processes read disjoint, even sub-splits (`tfds.even_splits`); TFDS reads only the
     needed file ranges.
     """
+
+    class_names = None
+    tokenizer_path = None
 
     def __init__(self, name: str, split: str, data_dir: str | None = None, *,
                  image_keys: Sequence[str] | None = None, text_key: str | None = None,

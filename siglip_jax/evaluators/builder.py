@@ -26,13 +26,13 @@ list of captions) or [L] for one caption:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 import tensorflow as tf
 
-from siglip_jax.config import ConfigError, check_keys
+from siglip_jax.config import ConfigError
 from siglip_jax.data import input as input_lib
 from siglip_jax.data.builder import make_source
 from siglip_jax.data.pp import get_preprocess_fn
@@ -40,54 +40,47 @@ from siglip_jax.evaluators import prompts
 from siglip_jax.evaluators.common import Embedder
 from siglip_jax.evaluators.retrieval import CAPTION_MASK_KEY, RetrievalEvaluator
 from siglip_jax.evaluators.zeroshot import ZeroShotEvaluator
+from siglip_jax.schema import EvalConfig, TokenizerConfig, parse
 
-_COMMON_KEYS = ("type", "data", "pp", "every_n_steps", "batch_size")
-EVALUATOR_KEYS = {
-    "zeroshot": (*_COMMON_KEYS, "class_names", "templates", "canonicalize"),
-    "retrieval": (*_COMMON_KEYS, "max_captions"),
-}
-EVALUATOR_TYPES = tuple(EVALUATOR_KEYS)
 
+class Evaluator(Protocol):
+    """A periodic evaluation: its cadence and a run over the current params."""
+
+    every_n_steps: int  # 0: only at the end of training.
+
+    def run(self, params: Any) -> dict[str, float]:
+        """Metrics of the params, e.g. {"top1": 0.9, ...}."""
 
 def build_evaluators(config: Any, *, model: Any, mesh: Any, param_shardings: Any,
-                     tokenizer: Any) -> dict[str, Any]:
-    """Evaluators named in config.evals, each with an `every_n_steps` attribute."""
-    evaluators: dict[str, Any] = {}
+                     tokenizer: Any) -> dict[str, Evaluator]:
+    """The evaluators of config.evals (a RunConfig, or a config parsed here), by name."""
+    run = parse(config)
+    evaluators: dict[str, Evaluator] = {}
     embedder = None
-    for name, cfg in (config.get("evals") or {}).items():
-        where = f"evals.{name}"
-        check_evaluator_config(cfg, where)
-        if cfg.type == "zeroshot":
-            names, templates = _prompt_config(cfg, where)  # Cheap checks before any data.
-        embedder = embedder or Embedder(model, mesh, tuple(config.batch_axes), param_shardings)
-        source = make_source(cfg.data, f"{where}.data")
+    for spec in run.evals:
+        where = f"evals.{spec.name}"
+        if spec.type == "zeroshot":
+            names, templates = _prompt_config(spec, where)  # Cheap checks before any data.
+        embedder = embedder or Embedder(model, mesh, run.mesh.batch_axes, param_shardings)
+        source = make_source(spec.data, f"{where}.data")
         if source.num_examples is None:
             raise ConfigError(f"{where}.data: the evaluation source must know its size")
-        preprocess = get_preprocess_fn(cfg.pp, tokenizer=tokenizer)
+        preprocess = get_preprocess_fn(spec.pp, tokenizer=tokenizer)
         shards = embedder.num_shards * jax.process_count()
-        batch_size = max(shards, int(cfg.get("batch_size", 256)) // shards * shards)
-        if cfg.type == "zeroshot":
+        batch_size = max(shards, spec.batch_size // shards * shards)
+        if spec.type == "zeroshot":
             if names == "from_data":
-                names = getattr(source, "class_names", None)
+                names = source.class_names
                 if not names:
                     raise ConfigError(f"{where}.class_names='from_data' but the source has no "
                                       "class names; give a list or an asset name like "
                                       "'imagenet'")
-            evaluator = _zeroshot(cfg, where, embedder, source, preprocess, batch_size,
-                                  tokenizer, config.tokenizer, list(names), templates)
+            evaluator = _zeroshot(spec, where, embedder, source, preprocess, batch_size,
+                                  tokenizer, run.tokenizer, list(names), templates)
         else:
-            evaluator = _retrieval(cfg, where, embedder, source, preprocess, batch_size)
-        evaluator.every_n_steps = int(cfg.get("every_n_steps", 0))
-        evaluators[name] = evaluator
+            evaluator = _retrieval(spec, where, embedder, source, preprocess, batch_size)
+        evaluators[spec.name] = evaluator
     return evaluators
-
-
-def check_evaluator_config(cfg: Any, where: str) -> None:
-    """Raises ConfigError for an unknown type or unknown keys of one evaluator section."""
-    kind = cfg.get("type") if hasattr(cfg, "get") else None
-    if kind not in EVALUATOR_KEYS:
-        raise ConfigError(f"{where}.type {kind!r} is not one of {EVALUATOR_TYPES}")
-    check_keys(cfg, EVALUATOR_KEYS[kind], where)
 
 
 def pp_output_spec(source: Any, preprocess: Callable, keys: tuple[str, ...], where: str
@@ -119,9 +112,9 @@ def _batches_fn(source: Any, preprocess: Callable, batch_size: int
     return batches
 
 
-def _prompt_config(cfg: Any, where: str) -> tuple[Any, list[str]]:
+def _prompt_config(spec: EvalConfig, where: str) -> tuple[Any, list[str]]:
     """(class names or "from_data", templates) of a zeroshot section; ConfigError if bad."""
-    names, templates = cfg.get("class_names"), cfg.get("templates")
+    names, templates = spec.options["class_names"], spec.options["templates"]
     if names is None or templates is None:
         raise ConfigError(f"{where}: class_names and templates must be set (lists or asset "
                           "names)")
@@ -133,15 +126,15 @@ def _prompt_config(cfg: Any, where: str) -> tuple[Any, list[str]]:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def _zeroshot(cfg: Any, where: str, embedder: Embedder, source: Any, preprocess: Callable,
-              batch_size: int, tokenizer: Any, tok_cfg: Any, class_names: list[str],
-              templates: list[str]) -> ZeroShotEvaluator:
+def _zeroshot(spec: EvalConfig, where: str, embedder: Embedder, source: Any,
+              preprocess: Callable, batch_size: int, tokenizer: Any, tok_cfg: TokenizerConfig,
+              class_names: list[str], templates: list[str]) -> ZeroShotEvaluator:
     pp_output_spec(source, preprocess, ("image", "label"), where)
-    max_len, eos = int(tok_cfg.max_len), tok_cfg.eos
-    canonicalize = bool(cfg.get("canonicalize", True))
+    max_len, eos = tok_cfg.max_len, tok_cfg.eos
+    canonicalize = bool(spec.options["canonicalize"])
     tokenize = lambda texts: tokenizer.encode(texts, max_len, eos, canonicalize=canonicalize)
     return ZeroShotEvaluator(embedder=embedder, class_names=class_names, templates=templates,
-                             tokenize=tokenize,
+                             tokenize=tokenize, every_n_steps=spec.every_n_steps,
                              batches=_batches_fn(source, preprocess, batch_size))
 
 
@@ -166,11 +159,9 @@ def fix_captions(max_captions: int) -> Callable[[dict[str, tf.Tensor]], dict[str
     return apply
 
 
-def _retrieval(cfg: Any, where: str, embedder: Embedder, source: Any, preprocess: Callable,
-               batch_size: int) -> RetrievalEvaluator:
-    max_captions = int(cfg.get("max_captions", 0) or 0)
-    if max_captions < 0:
-        raise ConfigError(f"{where}.max_captions must be >= 0, got {max_captions}")
+def _retrieval(spec: EvalConfig, where: str, embedder: Embedder, source: Any,
+               preprocess: Callable, batch_size: int) -> RetrievalEvaluator:
+    max_captions = spec.options["max_captions"]
     labels = pp_output_spec(source, preprocess, ("image", "labels"), where)["labels"].shape
     if labels.rank not in (1, 2):
         raise ConfigError(f"{where}: 'labels' must be [num_captions, L] or [L], got {labels}")
@@ -178,6 +169,6 @@ def _retrieval(cfg: Any, where: str, embedder: Embedder, source: Any, preprocess
         raise ConfigError(f"{where}: the number of captions per image varies; set "
                           f"{where}.max_captions (e.g. 5 for COCO)")
     fix = fix_captions(max_captions)
-    return RetrievalEvaluator(embedder=embedder,
+    return RetrievalEvaluator(embedder=embedder, every_n_steps=spec.every_n_steps,
                               batches=_batches_fn(source, lambda ex: fix(preprocess(ex)),
                                                   batch_size))

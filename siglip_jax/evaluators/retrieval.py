@@ -81,8 +81,9 @@ class RetrievalEvaluator:
 
     def __init__(self, *, embedder: Embedder,
                  batches: Callable[[], Iterator[dict[str, np.ndarray]]],
-                 ks: Sequence[int] = RECALL_KS):
+                 ks: Sequence[int] = RECALL_KS, every_n_steps: int = 0):
         self.embedder = embedder
+        self.every_n_steps = every_n_steps  # Cadence during training (0: only at the end).
         self.batches = batches
         self.ks = tuple(int(k) for k in ks)
 

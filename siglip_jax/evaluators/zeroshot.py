@@ -65,8 +65,10 @@ class ZeroShotEvaluator:
 
     def __init__(self, *, embedder: Embedder, class_names: Sequence[str],
                  templates: Sequence[str], tokenize: Callable[[list[str]], np.ndarray],
-                 batches: Callable[[], Iterator[dict[str, np.ndarray]]]):
+                 batches: Callable[[], Iterator[dict[str, np.ndarray]]],
+                 every_n_steps: int = 0):
         self.embedder = embedder
+        self.every_n_steps = every_n_steps  # Cadence during training (0: only at the end).
         self.class_names = list(class_names)
         self.templates = list(templates)
         self.tokens = tokenize(prompts(self.class_names, self.templates))

@@ -11,6 +11,7 @@ Numerics follow big_vision and Hugging Face SigLIP: pre-LN blocks, LayerNorm eps
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -150,11 +151,33 @@ class Encoder(nn.Module):
         )
 
 
-def tower_encoder(tower: nn.Module, name: str) -> Encoder:
-    """The Encoder configured by a tower's own fields (depth, widths, scan, remat, dtypes)."""
-    return Encoder(depth=tower.depth, mlp_dim=tower.mlp_dim, num_heads=tower.num_heads,
-                   dropout=tower.dropout, scan=tower.scan, remat_policy=tower.remat_policy,
-                   dtype=tower.dtype, param_dtype=tower.param_dtype, name=name)
+class EncoderSettings(nn.Module):
+    """The transformer settings both towers share: the one record a new encoder setting is
+    added to. `ViT` and `TextTransformer` inherit these fields (a tower may re-declare one to
+    change its default); their config keys (models/variants.py) and the Encoder a tower builds
+    (`tower_encoder`) derive from them."""
+
+    width: int = 768
+    depth: int = 12
+    mlp_dim: int | None = None
+    num_heads: int = 12
+    dropout: float = 0.0
+    scan: bool = False
+    remat_policy: str = REMAT_NONE
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+
+def setting_names(module_cls: type) -> tuple[str, ...]:
+    """The configurable fields of a flax module class (its dataclass fields, minus flax's)."""
+    return tuple(f.name for f in dataclasses.fields(module_cls)
+                 if f.name not in ("parent", "name") and f.init)
+
+
+def tower_encoder(tower: EncoderSettings, name: str) -> Encoder:
+    """The Encoder configured by a tower's own encoder settings."""
+    fields = [f for f in setting_names(Encoder) if f in setting_names(EncoderSettings)]
+    return Encoder(**{f: getattr(tower, f) for f in fields}, name=name)
 
 
 class MAPHead(nn.Module):

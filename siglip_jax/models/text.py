@@ -8,33 +8,24 @@ are right-padded with the EOS id 1, "sticky EOS"), pooling `last` (x[:, -1]) | `
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from siglip_jax.models.common import REMAT_NONE, MAPHead, tower_encoder
+from siglip_jax.models.common import EncoderSettings, MAPHead, tower_encoder
 
 POOL_TYPES = ("last", "first", "map", "gap")
 
 
-class TextTransformer(nn.Module):
+class TextTransformer(EncoderSettings):
     """Text encoder; returns (features, out) with out["encoded"], out["pre_logits"]."""
 
-    num_classes: int | None = None
-    width: int = 512
-    depth: int = 12
+    width: int = 512  # Text-tower defaults of three EncoderSettings fields.
     mlp_dim: int | None = 2048
     num_heads: int = 8
+    num_classes: int | None = None
     vocab_size: int = 32_000
     pool_type: str = "last"
-    dropout: float = 0.0
-    scan: bool = False
-    remat_policy: str = REMAT_NONE
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, text_bxl: jax.Array, *, train: bool = False):

@@ -23,7 +23,8 @@ from siglip_jax.models.text import TextTransformer
 from siglip_jax.models.vit import ViT
 
 
-def _out_dims(out_dim: int | tuple[int | None, int | None] | None) -> tuple[Any, Any]:
+def out_dims(out_dim: int | tuple[int | None, int | None] | None) -> tuple[Any, Any]:
+    """(image head dim, text head dim) from `out_dim`: one int for both, or a pair."""
     if out_dim is None or isinstance(out_dim, int):
         return (out_dim, out_dim)
     img_dim, txt_dim = out_dim
@@ -40,6 +41,12 @@ def text_tower(cfg: Mapping[str, Any] | None, out_dim: int | None, **kw: Any) ->
     return TextTransformer(num_classes=out_dim, **variants.text_kwargs(cfg), **kw)
 
 
+def towers(model: Model) -> tuple[ViT, TextTransformer]:
+    """The (unbound) image and text towers of a two-towers model, with every field resolved."""
+    img_dim, txt_dim = out_dims(model.out_dim)
+    return image_tower(model.image, img_dim), text_tower(model.text, txt_dim)
+
+
 class Model(nn.Module):
     """SigLIP image-text model (big_vision `proj.image_text.two_towers` param tree)."""
 
@@ -51,9 +58,7 @@ class Model(nn.Module):
 
     def setup(self) -> None:
         """Validates both tower configs up front (unknown keys raise here)."""
-        img_dim, txt_dim = _out_dims(self.out_dim)
-        self.img = image_tower(self.image, img_dim)
-        self.txt = text_tower(self.text, txt_dim)
+        self.img, self.txt = towers(self)
         t_init = float(np.log(self.temperature_init))
         self.t = self.param("t", lambda _, s, d: jnp.full(s, t_init, d), (1,), jnp.float32)
         if self.bias_init is not None:

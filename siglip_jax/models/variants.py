@@ -29,14 +29,26 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
     "e": (1792, 56, 15360, 16),
 }
 
-IMAGE_KEYS = (
-    "variant", "width", "depth", "mlp_dim", "num_heads", "patch_size", "posemb", "pool_type",
-    "head_zeroinit", "scan", "remat_policy", "dtype", "param_dtype", "dropout",
-)  # fmt: skip
-TEXT_KEYS = (
-    "variant", "vocab_size", "width", "depth", "mlp_dim", "num_heads", "pool_type", "scan",
-    "remat_policy", "dtype", "param_dtype", "dropout",
-)  # fmt: skip
+
+
+def _tower_keys(tower_cls: type) -> tuple[str, ...]:
+    from siglip_jax.models.common import setting_names
+
+    return ("variant", *(k for k in setting_names(tower_cls) if k != "num_classes"))
+
+
+def image_keys() -> tuple[str, ...]:
+    """Valid keys of an image tower config: "variant" plus the ViT's settings."""
+    from siglip_jax.models.vit import ViT
+
+    return _tower_keys(ViT)
+
+
+def text_keys() -> tuple[str, ...]:
+    """Valid keys of a text tower config: "variant" plus the TextTransformer's settings."""
+    from siglip_jax.models.text import TextTransformer
+
+    return _tower_keys(TextTransformer)
 
 
 class ConfigKeyError(KeyError):
@@ -89,13 +101,13 @@ def _resolve(cfg: Mapping[str, Any] | None, valid: tuple[str, ...], tower: str) 
 
 
 def image_kwargs(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Image tower config (keys IMAGE_KEYS) -> `vit.ViT` keyword arguments."""
-    return _resolve(cfg, IMAGE_KEYS, "image")
+    """Image tower config (keys image_keys()) -> `vit.ViT` keyword arguments."""
+    return _resolve(cfg, image_keys(), "image")
 
 
 def text_kwargs(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Text tower config (keys TEXT_KEYS) -> `text.TextTransformer` keyword arguments."""
-    return _resolve(cfg, TEXT_KEYS, "text")
+    """Text tower config (keys text_keys()) -> `text.TextTransformer` keyword arguments."""
+    return _resolve(cfg, text_keys(), "text")
 
 
 # The published SigLIP checkpoints (Hugging Face model cards google/<name>): model config,

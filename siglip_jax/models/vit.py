@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from siglip_jax.models.common import REMAT_NONE, MAPHead, tower_encoder
+from siglip_jax.models.common import EncoderSettings, MAPHead, tower_encoder
 
 POOL_TYPES = ("map", "gap", "tok", "none")
 POSEMB_TYPES = ("learn", "sincos2d")
@@ -66,26 +66,18 @@ def _pair(patch_size: int | Sequence[int]) -> tuple[int, int]:
     return (int(ph), int(pw))
 
 
-class ViT(nn.Module):
+class ViT(EncoderSettings):
     """ViT image encoder; returns (features, out) with out["encoded"], out["pre_logits"].
 
-    `num_classes` (the two-towers out dim) adds a Dense `head`; None means no head.
+    Encoder settings (width, depth, ...) are inherited from EncoderSettings. `num_classes`
+    (the two-towers out dim) adds a Dense `head`; None means no head.
     """
 
     num_classes: int | None = None
     patch_size: int | Sequence[int] = 16
-    width: int = 768
-    depth: int = 12
-    mlp_dim: int | None = None
-    num_heads: int = 12
     posemb: str = "learn"
     pool_type: str = "gap"
     head_zeroinit: bool = False
-    dropout: float = 0.0
-    scan: bool = False
-    remat_policy: str = REMAT_NONE
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, image_bxhxwx3: jax.Array, *, train: bool = False):

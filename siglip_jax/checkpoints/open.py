@@ -1,0 +1,212 @@
+"""One way to open a checkpoint: `open_model(path)` → model, params, tokenizer, input sizes.
+
+Every entry point that starts from a checkpoint (evaluate, predict, the trainer's
+`model_init`) opens it here, so they agree on paths, formats and precedence.
+
+Paths (`resolve_path`): absolute, relative (to the current directory), `~` and `gs://`.
+Formats: our trainer's workdir / step directory, a big_vision `.npz`, a Hugging Face SigLIP
+directory (see checkpoints/loader.py).
+
+Precedence, for each of model config, tokenizer, image size, text length and eos (the keys
+of `overrides` and `defaults`):
+  1. `overrides` given by the caller;
+  2. what the checkpoint stores about itself: our run's config.json (model, tokenizer.model,
+     tokenizer.max_len, tokenizer.eos, else the run's data source's tokenizer), or a HF
+     config.json + spiece.model;
+  3. `defaults` given by the caller (e.g. the evaluation config's model for a .npz);
+  4. what the arrays' shapes fix (`infer_model_config`; this is how a big_vision .npz, which
+     stores no config, opens with none: widths, depths, heads, MLP, patch, vocabulary,
+     pooling, scanned or not, head dims, bias, image size from the position embedding, text
+     length); the image size of a learned square position embedding for any format;
+  5. otherwise None (the caller decides whether that is an error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from siglip_jax.checkpoints import loader
+
+OVERRIDE_KEYS = ("model", "tokenizer", "image_size", "text_len", "eos")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenedModel:
+    """A checkpoint, opened: what it is, the model it holds and how to feed that model."""
+
+    path: str
+    format: str  # "orbax" | "npz" | "hf"
+    model_config: dict[str, Any]  # two_towers.Model keyword arguments.
+    params: dict[str, Any] | None  # numpy, in the checkpoint's own block layout; None if not read.
+    tokenizer: str | None  # sentencepiece .model path.
+    image_size: tuple[int, int] | None
+    text_len: int | None
+    eos: str = "sticky"
+    run_config: Mapping[str, Any] | None = None
+
+    def make_model(self) -> Any:
+        """The two-towers flax Model of this checkpoint."""
+        from siglip_jax.models.two_towers import Model
+
+        return Model(**self.model_config)
+
+    def abstract_params(self) -> Any:
+        """The model's parameter shapes (ShapeDtypeStructs) at this checkpoint's input sizes."""
+        from siglip_jax.models.params import param_shapes
+
+        if self.image_size is None or self.text_len is None:
+            raise loader.CheckpointFormatError(
+                f"checkpoint {self.path!r}: image size or text length unknown; pass them as "
+                "overrides (image_size=, text_len=)")
+        return param_shapes(self.make_model(), self.image_size, self.text_len)
+
+    def fitted_params(self, target: Any = None, resample_posemb: bool = False) -> dict[str, Any]:
+        """The params converted to `target`'s layout and dtypes (default: this model's)."""
+        from siglip_jax.checkpoints.big_vision import load_params
+
+        if self.params is None:
+            raise ValueError(f"checkpoint {self.path!r} was opened without its params")
+        target = self.abstract_params() if target is None else target
+        return load_params(self.params, target, source=self.path,
+                           resample_posemb=resample_posemb)
+
+
+def resolve_path(path: str | os.PathLike) -> str:
+    """`~` expanded, relative paths made absolute; `scheme://` paths unchanged."""
+    path = os.fspath(path)
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def open_model(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None, *,
+               defaults: Mapping[str, Any] | None = None, read_params: bool = True
+               ) -> OpenedModel:
+    """Opens a checkpoint (see the module docstring for formats and precedence)."""
+    overrides, defaults = dict(overrides or {}), dict(defaults or {})
+    unknown = sorted((set(overrides) | set(defaults)) - set(OVERRIDE_KEYS))
+    if unknown:
+        raise ValueError(f"open_model: unknown key {unknown[0]!r}; valid: {OVERRIDE_KEYS}")
+    path = resolve_path(path)
+    info = loader.checkpoint_info(path)
+    params = loader.load_params(path)[0] if read_params or info["format"] == "npz" else None
+    found: dict[str, Any] = {
+        "model": info["model"], "tokenizer": info["tokenizer"],
+        "image_size": info["image_size"], "text_len": info["text_len"], "eos": None}
+    run = info["run_config"]
+    if run is not None:
+        found["eos"] = (run.get("tokenizer") or {}).get("eos")
+        if not found["tokenizer"]:
+            found["tokenizer"] = _run_data_tokenizer(run)
+    inferred = infer_model_config(params) if info["format"] == "npz" else {}
+    chosen = {k: _first(overrides.get(k), found[k], defaults.get(k), inferred.get(k))
+              for k in OVERRIDE_KEYS}
+    if chosen["model"] is None:
+        raise loader.CheckpointFormatError(f"checkpoint {path!r} ({info['format']}) carries no "
+                                           "model config; pass overrides={'model': ...}")
+    model_config = dict(chosen["model"])
+    if chosen["image_size"] is None and params is not None:
+        chosen["image_size"] = _image_size_from_params(params, model_config)
+    size = chosen["image_size"]
+    if isinstance(size, int):
+        size = (size, size)
+    return OpenedModel(
+        path=path, format=info["format"], model_config=model_config,
+        params=params if read_params else None, tokenizer=chosen["tokenizer"] or None,
+        image_size=None if size is None else (int(size[0]), int(size[1])),
+        text_len=None if chosen["text_len"] is None else int(chosen["text_len"]),
+        eos=chosen["eos"] or "sticky", run_config=run)
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _run_data_tokenizer(run: Mapping[str, Any]) -> str | None:
+    """The tokenizer of one of our runs whose config names none: its data source's."""
+    data = (run.get("input") or {}).get("data")
+    if not data:
+        return None
+    from siglip_jax.data.builder import make_source
+
+    return make_source(data).tokenizer_path
+
+
+def _image_size_from_params(params: Mapping[str, Any], model_config: Mapping[str, Any]
+                            ) -> tuple[int, int] | None:
+    """A square image size from a learned position embedding and the patch size."""
+    from siglip_jax.models import variants
+
+    posemb = (params.get("img") or {}).get("pos_embedding")
+    if posemb is None:
+        return None
+    grid = int(round(np.sqrt(posemb.shape[1])))
+    if grid * grid != posemb.shape[1]:
+        return None
+    patch = variants.image_kwargs(model_config.get("image")).get("patch_size", 16)
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    return grid * int(ph), grid * int(pw)
+
+
+# ----------------------------------------------------------------------------- .npz → config
+
+
+def _encoder_shape(encoder: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """depth, mlp_dim, num_heads and scan of an encoder's params (scanned or unscanned)."""
+    if "encoderblock" in encoder:
+        block, scan = encoder["encoderblock"], True
+        depth = int(np.shape(block["LayerNorm_0"]["scale"])[0])
+    else:
+        blocks = [k for k in encoder if k.startswith("encoderblock_")]
+        if not blocks:
+            raise loader.CheckpointFormatError(f"{where}: no encoder blocks found")
+        block, scan, depth = encoder["encoderblock_0"], False, len(blocks)
+    query = np.shape(block["MultiHeadDotProductAttention_0"]["query"]["kernel"])
+    mlp = np.shape(block["MlpBlock_0"]["Dense_0"]["kernel"])
+    return {"depth": depth, "mlp_dim": int(mlp[-1]), "num_heads": int(query[-2]), "scan": scan}
+
+
+def _head_dim(tower: Mapping[str, Any]) -> int | None:
+    head = tower.get("head")
+    return None if head is None else int(np.shape(head["kernel"])[-1])
+
+
+def infer_model_config(params: Mapping[str, Any]) -> dict[str, Any]:
+    """{"model": Model kwargs, "image_size", "text_len"} from a big_vision params tree alone.
+
+    Works on arrays or ShapeDtypeStructs (only shapes are read). The image size is the exact
+    size of the position embedding's patch grid (So400m/14 at 384 px gives 378: the patch
+    convolution ignores the last pixels either way). What shapes cannot tell is taken as
+    SigLIP has it: an image tower without MAP head or class token pools by global
+    average, a text tower without MAP head pools the last token.
+    """
+    try:
+        img, txt = params["img"], params["txt"]
+        embed = np.shape(img["embedding"]["kernel"])  # [ph, pw, 3, width]
+        image = {"width": int(embed[-1]), "patch_size": (int(embed[0]), int(embed[1])),
+                 "posemb": "learn" if "pos_embedding" in img else "sincos2d",
+                 "pool_type": "map" if "MAPHead_0" in img else "tok" if "cls" in img else "gap",
+                 **_encoder_shape(img["Transformer"], "img/Transformer")}
+        vocab, width = np.shape(txt["Embed_0"]["embedding"])
+        text = {"vocab_size": int(vocab), "width": int(width),
+                "pool_type": "map" if "MAPHead_0" in txt else "last",
+                **_encoder_shape(txt["Encoder_0"], "txt/Encoder_0")}
+        text_len = int(np.shape(txt["pos_embedding"])[1])
+    except (KeyError, TypeError, IndexError) as e:
+        raise loader.CheckpointFormatError(
+            f"cannot infer the model from the checkpoint's arrays: missing {e}") from None
+    image_size = None
+    if "pos_embedding" in img:
+        tokens = int(np.shape(img["pos_embedding"])[1])
+        grid = int(round(np.sqrt(tokens)))
+        if grid * grid == tokens:
+            image_size = (grid * image["patch_size"][0], grid * image["patch_size"][1])
+    # Only the presence of a bias matters here: its trained value comes with the params.
+    model = {"image": image, "text": text, "out_dim": (_head_dim(img), _head_dim(txt)),
+             "bias_init": -10.0 if "b" in params else None}
+    return {"model": model, "image_size": image_size, "text_len": text_len}

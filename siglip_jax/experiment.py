@@ -1,0 +1,239 @@
+"""Experiment builders: from a parsed config and a device set, everything a run is made of.
+
+The one place where a `RunConfig` (schema.py) becomes objects: the model, the tokenizer, the
+input (batch shapes and the iterator), the pretrained parts of `model_init`, the optimizer,
+the abstract train state with its shardings, and the jitted train step. The trainer, the
+planner, the evaluation CLI and the benchmarks all build through here; the device set may be
+real devices or compile-only ones (a TPU slice compiled on a CPU machine), since nothing here
+allocates the model until `init_state` is called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from siglip_jax.config import ConfigError
+from siglip_jax.schema import ModelConfig, RunConfig, TokenizerConfig, parse
+
+BatchShapes = dict[str, tuple[int, ...]]
+
+
+def setup_jax(run: RunConfig, num_processes: int = 1) -> None:
+    """JAX settings that must be made before the backend starts (CPU device count, RNG)."""
+    import jax
+
+    if run.cpu_devices % num_processes:
+        raise ConfigError(f"cpu_devices={run.cpu_devices} does not split over {num_processes} "
+                          "processes")
+    jax.config.update("jax_threefry_partitionable", True)
+    jax.config.update("jax_num_cpu_devices", run.cpu_devices // num_processes)
+
+
+def make_model(model: ModelConfig) -> Any:
+    """The two-tower flax model of the config's model section."""
+    from siglip_jax.models.two_towers import Model
+
+    return Model(**model.kwargs())
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def resolve_tokenizer(tokenizer: TokenizerConfig, *fallbacks: Any, vocab_size: int | None = None
+                      ) -> Any:
+    """The sentencepiece tokenizer: `tokenizer.model` if set, else the first fallback that gives
+    a path (a path string, a data source with `tokenizer_path`, or a callable returning either);
+    checked against the text tower's `vocab_size`."""
+    from siglip_jax.data.tokenizer import Tokenizer
+
+    path = tokenizer.model
+    for fallback in fallbacks:
+        if path:
+            break
+        value = fallback() if callable(fallback) else fallback
+        path = value if isinstance(value, str) or value is None else getattr(
+            value, "tokenizer_path", None)
+    if not path:
+        raise ConfigError("config.tokenizer.model is not set and neither a checkpoint nor the "
+                          "data source provides a tokenizer; give a sentencepiece .model path")
+    if "://" not in path and not os.path.exists(os.path.expanduser(path)):
+        raise ConfigError(f"tokenizer file {path!r} does not exist")
+    result = Tokenizer(os.path.expanduser(path) if "://" not in path else path)
+    check_vocab(result, vocab_size)
+    return result
+
+
+def check_vocab(tokenizer: Any, vocab_size: int | None) -> None:
+    """The text tower's embedding table must cover every id the tokenizer produces."""
+    if vocab_size is not None and tokenizer.vocab_size > int(vocab_size):
+        raise ConfigError(f"tokenizer.model {tokenizer.model_path!r} has {tokenizer.vocab_size} "
+                          f"pieces but model.text.vocab_size is {vocab_size}: ids past it have "
+                          "no embedding")
+
+
+# ----------------------------------------------------------------------------- input
+
+
+_SIZE_OPS = ("resize", "central_crop", "random_crop", "inception_crop")
+
+
+def infer_image_size(run: RunConfig) -> tuple[int, int] | None:
+    """The training image size without reading data: the last resize/crop op of input.pp,
+    else input.data.image_size; None if neither says."""
+    from siglip_jax.data import pp
+
+    size = None
+    try:
+        calls = pp.parse(run.input.pp)
+    except pp.PPError:
+        calls = []
+    for call in calls:
+        if call.name in _SIZE_OPS:
+            value = call.args[0] if call.args else call.kwargs.get("size")
+            size = value if value is not None else size
+    if size is None:
+        size = run.input.image_size
+    if size is None:
+        return None
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def batch_shapes(run: RunConfig, image_hw: tuple[int, int], batch: int | None = None
+                 ) -> BatchShapes:
+    """The global batch's shapes: images [B, H, W, 3] and token ids [B, max_len]."""
+    batch = run.input.global_batch if batch is None else batch
+    return {"image": (batch, *image_hw, 3), "labels": (batch, run.tokenizer.max_len)}
+
+
+def build_input(run: RunConfig, mesh: Any, start_step: int, *, source: Any = None,
+                tokenizer: Any = None) -> tuple[Iterator[dict[str, Any]], Any, Any]:
+    """(this process's batch iterator, the tokenizer, the data source) for training."""
+    import jax
+
+    from siglip_jax.data import input as input_lib
+    from siglip_jax.data.builder import make_source
+    from siglip_jax.data.pp import get_preprocess_fn
+    from siglip_jax.sharding import batch_sharding, num_batch_shards
+
+    shards = num_batch_shards(mesh, run.mesh.batch_axes)
+    run.check_batch(shards, jax.process_count())
+    source = source or make_source(run.input.data)
+    tokenizer = tokenizer or resolve_tokenizer(run.tokenizer, source,
+                                               vocab_size=run.model.vocab_size)
+    preprocess = get_preprocess_fn(run.input.pp, tokenizer=tokenizer)
+    global_batch = run.input.global_batch
+    shard_ids = input_lib.local_shard_ids(batch_sharding(mesh, run.mesh.batch_axes),
+                                          global_batch)
+    batches = input_lib.train_batches(
+        source, preprocess, shard_ids=shard_ids, num_shards=shards,
+        shard_batch=global_batch // shards, seed=run.seed,
+        shuffle_buffer=run.input.shuffle_buffer, start_step=start_step, cache=run.input.cache)
+    return batches, tokenizer, source
+
+
+# ----------------------------------------------------------------------------- model_init
+
+
+def load_model_init(run: RunConfig, abstract_params: Mapping[str, Any]) -> dict[str, Any]:
+    """Pretrained parts named by run.model_init, fitted to the model: {"img": tree, ...}.
+
+    Each checkpoint is opened with `open_model` (ours, big_vision .npz or HF directory),
+    converted to the model's block layout (scanned or not) and dtypes, and the image position
+    embedding is resampled if the resolution differs; names and shapes must otherwise match.
+    `full` loads every part the model has (img, txt, t, b).
+    """
+    from siglip_jax.checkpoints import big_vision, loader
+    from siglip_jax.checkpoints.hf import HFCheckpointError
+    from siglip_jax.checkpoints.open import open_model
+
+    parts: dict[str, Any] = {}
+    for part, path in run.model_init.parts().items():
+        try:
+            params = open_model(path).params
+        except (loader.CheckpointNotFoundError, loader.CheckpointFormatError,
+                HFCheckpointError) as e:
+            raise ConfigError(f"model_init.{part}: {e}") from None
+        names = sorted(abstract_params) if part == "full" else [part]
+        for name in names:
+            if name not in params:
+                raise ConfigError(f"model_init.{part}: checkpoint {path!r} has no {name!r} "
+                                  f"part (it has {sorted(params)})")
+            try:
+                parts[name] = big_vision.load_params(params[name], abstract_params[name],
+                                                     source=path, resample_posemb=True)
+            except (ValueError, KeyError) as e:
+                raise ConfigError(f"model_init.{part}: {e}") from None
+    return parts
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """Everything the jitted train step is made of (see build_step); nothing allocated."""
+
+    model: Any  # two_towers.Model
+    tx: Any  # optax.GradientTransformation
+    lr_fn: Callable[[Any], Any]  # step -> learning rate (first trained group)
+    frozen: Any | None  # tree of bools like the params (True = frozen), None if none is
+    abstract_state: dict[str, Any]  # ShapeDtypeStructs carrying their shardings
+    shardings: dict[str, Any]  # NamedShardings of the state
+    data_sharding: dict[str, Any]  # NamedSharding per batch key
+    step_fn: Any  # jax.jit of (state, batch) -> (state, metrics), state donated
+
+
+def make_loss_fn(run: RunConfig, mesh: Any) -> Callable[..., Any]:
+    """The loss named by run.loss.impl over the mesh's batch axes."""
+    from siglip_jax import losses
+
+    return losses.make_loss(run.loss.impl, mesh, run.mesh.batch_axes, **run.loss.options)
+
+
+def build_step(config: RunConfig | Any, mesh: Any, shapes: Mapping[str, Sequence[int]]
+               ) -> StepParts:
+    """The model, optimizer, abstract state + shardings and jitted train step, for `mesh`
+    (real or compile-only devices) and global batch `shapes`; nothing is allocated."""
+    import jax
+
+    from siglip_jax import step as step_lib
+    from siglip_jax.optim import FROZEN, group_labels, make_optimizer
+    from siglip_jax.sharding import batch_sharding
+
+    run = parse(config)
+    shapes = {k: tuple(v) for k, v in shapes.items()}
+    model = make_model(run.model)
+    abstract_params = step_lib.abstract_params(model, shapes)
+    tx, lr_fn = make_optimizer(run.optim, abstract_params, run.total_steps)
+    frozen = step_lib.frozen_mask(group_labels(run.optim, abstract_params), FROZEN)
+    abstract, shardings = step_lib.state_shardings(abstract_params, tx, mesh, run.mesh.rules)
+    train_step = step_lib.make_train_step(
+        model, tx, make_loss_fn(run, mesh), lr_fn, frozen=frozen,
+        accum_steps=run.grad_accum_steps, skip_nonfinite=run.on_nonfinite == "skip")
+    data_sharding = {k: batch_sharding(mesh, run.mesh.batch_axes) for k in shapes}
+    step_fn = jax.jit(train_step, in_shardings=(shardings, data_sharding),
+                      out_shardings=(shardings, None), donate_argnums=(0,))
+    return StepParts(model, tx, lr_fn, frozen, abstract, shardings, data_sharding, step_fn)
+
+
+def abstract_batch(parts: StepParts, shapes: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+    """ShapeDtypeStructs of a global batch with the step's data shardings (for `.lower`)."""
+    import jax
+    import jax.numpy as jnp
+
+    dtypes = {"image": jnp.float32, "labels": jnp.int32}
+    return {k: jax.ShapeDtypeStruct(tuple(v), dtypes.get(k, jnp.float32),
+                                    sharding=parts.data_sharding[k]) for k, v in shapes.items()}
+
+
+def init_state(run: RunConfig, parts: StepParts, mesh: Any, shapes: Mapping[str, Any],
+               pretrained: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The train state, created already sharded (random init, then the pretrained parts)."""
+    from siglip_jax import step as step_lib
+
+    state, _ = step_lib.init_state(parts.model, parts.tx, shapes, mesh, run.mesh.rules,
+                                   run.seed, pretrained)
+    return state

@@ -162,3 +162,34 @@ def test_bad_arguments_and_images():
         fn({"image": tf.zeros([48, 32, 3])})
     with pytest.raises(naflex.NaFlexError, match="uint8"):
         naflex.naflex_preprocess([np.zeros((4, 4, 3), np.float32)])
+
+
+def test_demo_shapes_aspect_gives_mixed_shapes_that_batch_with_naflex(tmp_path):
+    from siglip_jax.data import demo_shapes
+    from siglip_jax.data.demo_shapes import ASPECTS, COLOURS, SHAPES, DemoShapes
+
+    src = DemoShapes(str(tmp_path), image_size=32, train_per_class=2, test_per_class=1,
+                     aspect=True)
+    src.prepare()
+    examples = list(src.dataset().as_numpy_iterator())
+    assert len(examples) == src.num_examples == 72 and "hw" not in examples[0]
+    want_shapes = {(round(32 * ah / max(ah, aw)), round(32 * aw / max(ah, aw)))
+                   for ah, aw in ASPECTS}
+    shapes = {ex["image"].shape[:2] for ex in examples}
+    assert shapes == want_shapes  # every aspect ratio occurs, longer side 32
+    palette = np.array(list(COLOURS.values()), np.float32)
+    for ex in examples:  # the shape is drawn inside the visible image, in its class colour
+        colour = palette[ex["label"] // len(SHAPES)]
+        near = np.abs(ex["image"].astype(np.float32) - colour).max(-1) < 50
+        assert near.mean() > 0.03, (ex["image"].shape, ex["texts"])
+    # Square demo data is unchanged by the option (same files as before, no "hw").
+    assert "hw" not in demo_shapes.make_split(1, 0, 8)
+    pp_string = "resize_to_patches(4, 48)|value_range(-1, 1)|patchify(4, 48)|keep('image')"
+    batch = next(src.dataset().map(get_preprocess_fn(pp_string)).batch(72)
+                 .as_numpy_iterator())["image"]
+    assert batch["patches"].shape == (72, 48, 48)
+    want = [hf_siglip2.get_image_size_for_max_num_patches(*ex["image"].shape[:2], 4, 48)
+            for ex in examples]
+    np.testing.assert_array_equal(batch["spatial_shapes"], np.array(want) // 4)
+    np.testing.assert_array_equal(batch["mask"].sum(-1), batch["spatial_shapes"].prod(-1))
+    assert len({tuple(s) for s in batch["spatial_shapes"]}) == len(ASPECTS)

@@ -193,3 +193,27 @@ def test_demo_shapes_aspect_gives_mixed_shapes_that_batch_with_naflex(tmp_path):
     np.testing.assert_array_equal(batch["spatial_shapes"], np.array(want) // 4)
     np.testing.assert_array_equal(batch["mask"].sum(-1), batch["spatial_shapes"].prod(-1))
     assert len({tuple(s) for s in batch["spatial_shapes"]}) == len(ASPECTS)
+
+
+def test_predict_naflex_reads_hf_preprocessor_config_and_matches_hf(tmp_path):
+    from siglip_jax import predict
+
+    proc = hf_siglip2.Siglip2ImageProcessorPil(patch_size=8, max_num_patches=40,
+                                               image_mean=[0.4, 0.5, 0.6],
+                                               image_std=[0.2, 0.3, 0.25])
+    proc.save_pretrained(str(tmp_path))
+    settings = predict.naflex_settings(str(tmp_path))
+    assert (settings["patch_size"], settings["max_num_patches"]) == (8, 40)
+    images = list(_images().values())[:5]
+    path = tmp_path / "coffee.png"
+    path.write_bytes(_png(images[1]))
+    inputs = [images[0], str(path), Image.fromarray(images[2]), images[3], images[4]]
+    got = predict.preprocess_images_naflex(inputs, settings)
+    want = proc(images=[Image.fromarray(a) for a in images], return_tensors="np")
+    np.testing.assert_array_equal(got["patches"], want["pixel_values"])
+    np.testing.assert_array_equal(got["mask"], want["pixel_attention_mask"].astype(bool))
+    np.testing.assert_array_equal(got["spatial_shapes"], want["spatial_shapes"])
+    defaults = predict.naflex_settings(None, max_num_patches=64)
+    assert (defaults["patch_size"], defaults["max_num_patches"]) == (16, 64)
+    with pytest.raises(predict.PredictError, match="uint8"):
+        predict.preprocess_images_naflex([np.zeros((4, 4), np.float32)], defaults)

@@ -216,3 +216,39 @@ def test_predict_naflex_reads_hf_preprocessor_config_and_matches_hf(tmp_path):
     assert (defaults["patch_size"], defaults["max_num_patches"]) == (16, 64)
     with pytest.raises(predict.PredictError, match="uint8"):
         predict.preprocess_images_naflex([np.zeros((4, 4), np.float32)], defaults)
+
+
+def test_input_pipeline_carries_naflex_dicts_to_global_arrays(tmp_path):
+    """train/eval batches and make_global_batch handle the nested image dict (8 devices)."""
+    import jax
+
+    from siglip_jax.data.demo_shapes import DemoShapes
+    from siglip_jax.data.input import MASK_KEY, eval_batches, train_batches
+    from siglip_jax.data.tokenizer import Tokenizer
+    from siglip_jax.sharding import make_global_batch, make_mesh
+
+    src = DemoShapes(str(tmp_path), image_size=32, train_per_class=1, test_per_class=1,
+                     aspect=True)
+    src.prepare()
+    pp_string = ('resize_to_patches(8, 16)|value_range(-1, 1)|patchify(8, 16)'
+                 '|tokenize(convention="siglip2", max_len=8)|keep("image", "labels")')
+    fn = get_preprocess_fn(pp_string, tokenizer=Tokenizer(src.tokenizer_path))
+    batch = next(train_batches(src, fn, shard_ids=list(range(8)), num_shards=8,
+                               shard_batch=2, seed=0))
+    img = batch["image"]
+    assert img["patches"].shape == (16, 16, 192) and img["mask"].shape == (16, 16)
+    np.testing.assert_array_equal(img["mask"].sum(-1), img["spatial_shapes"].prod(-1))
+    assert len({tuple(s) for s in img["spatial_shapes"]}) > 1  # mixed aspect ratios
+    assert batch["labels"].shape == (16, 8)
+    mesh = make_mesh([("data", -1)])
+    glob = make_global_batch(batch, mesh, ("data",))
+    assert glob["image"]["patches"].shape == (16, 16, 192)
+    assert len(glob["image"]["mask"].sharding.device_set) == jax.device_count() == 8
+    np.testing.assert_array_equal(np.asarray(glob["image"]["spatial_shapes"]),
+                                  img["spatial_shapes"])
+    # Eval: the last batch is zero-padded inside the nested dict too.
+    batches = list(eval_batches(src.dataset().take(5), fn, local_batch=4, num_batches=2))
+    last = batches[-1]
+    np.testing.assert_array_equal(last[MASK_KEY], [True, False, False, False])
+    assert last["image"]["patches"].shape == (4, 16, 192)
+    assert not last["image"]["mask"][1:].any() and not last["image"]["patches"][1:].any()

@@ -17,6 +17,8 @@ always get the same crop/flip/caption, eagerly and in tf.data, whatever the para
 and a deterministic pipeline). ``"_seed"`` is removed from the output.
 
 Registered ops (``OPS``, read-only): see ``OPS.keys()``; each factory's docstring documents it.
+NaFlex (SigLIP 2) images: ``resize_to_patches(16, 256)|value_range(-1, 1)|patchify(16, 256)``
+turns ``image`` into ``{"patches", "mask", "spatial_shapes"}`` of fixed shapes (naflex.py).
 """
 
 from __future__ import annotations

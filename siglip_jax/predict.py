@@ -104,6 +104,57 @@ def preprocess_images(images: Sequence[Any], settings: Mapping[str, Any]) -> np.
     return np.stack(out)
 
 
+def naflex_settings(checkpoint: str | None, *, max_num_patches: int | None = None,
+                    patch_size: int | None = None) -> dict[str, Any]:
+    """NaFlex preprocessing settings: preprocessor_config.json where present, else SigLIP 2's.
+
+    Defaults are the released NaFlex processors' (patch 16, 256 patches, PIL bilinear,
+    x/255, mean = std = 0.5); explicit arguments override the file.
+    """
+    settings: dict[str, Any] = {"patch_size": 16, "max_num_patches": 256, "resample": 2,
+                                "rescale_factor": 1 / 255, "mean": (0.5, 0.5, 0.5),
+                                "std": (0.5, 0.5, 0.5), "do_resize": True,
+                                "do_rescale": True, "do_normalize": True}
+    path = os.path.join(checkpoint, PREPROCESSOR_FILE) if checkpoint else None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            cfg = json.load(f)
+        for ours, theirs in (("patch_size", "patch_size"), ("max_num_patches", "max_num_patches"),
+                             ("resample", "resample"), ("rescale_factor", "rescale_factor"),
+                             ("mean", "image_mean"), ("std", "image_std"),
+                             ("do_resize", "do_resize"), ("do_rescale", "do_rescale"),
+                             ("do_normalize", "do_normalize")):
+            if cfg.get(theirs) is not None:
+                settings[ours] = cfg[theirs]
+    if max_num_patches is not None:
+        settings["max_num_patches"] = max_num_patches
+    if patch_size is not None:
+        settings["patch_size"] = patch_size
+    if int(settings["resample"]) not in _PIL_RESAMPLE:
+        raise PredictError(f"{path}: unknown resample {settings['resample']!r}")
+    if not settings["do_resize"]:
+        raise PredictError(f"{path}: do_resize=false is not supported for NaFlex (images are "
+                           "always resized to the patch budget)")
+    return settings
+
+
+def preprocess_images_naflex(images: Sequence[Any], settings: Mapping[str, Any]
+                             ) -> dict[str, np.ndarray]:
+    """NaFlex model inputs {"patches" [N, P, p·p·3] float32, "mask" [N, P] bool,
+    "spatial_shapes" [N, 2] int32}, bit-equal to HF Siglip2ImageProcessor's (PIL backend)."""
+    from siglip_jax.data.naflex import NaFlexError, naflex_preprocess
+
+    try:
+        return naflex_preprocess(
+            [load_image(image) for image in images], int(settings["max_num_patches"]),
+            int(settings["patch_size"]), resample=int(settings["resample"]),
+            rescale_factor=float(settings["rescale_factor"]) if settings["do_rescale"] else 1.0,
+            mean=settings["mean"] if settings["do_normalize"] else 0.0,
+            std=settings["std"] if settings["do_normalize"] else 1.0)
+    except NaFlexError as e:
+        raise PredictError(f"NaFlex preprocessing: {e}") from None
+
+
 class Predictor:
     """A loaded model + tokenizer + preprocessing; call it with images and labels."""
 

@@ -168,3 +168,120 @@ def test_cli_train_and_encode(tmp_path, capsys):
     assert text == "a red star"
     np.testing.assert_array_equal([int(i) for i in ids.split()],
                                   Tokenizer(str(out)).encode("a red star", 5))
+
+
+# ------------------------------------------------------------------------------------------
+# SigLIP 2: the Gemma special-token layout and the "siglip2" convention
+
+GEMMA_TEXTS = SENTENCES + [
+    "A Photo of a CAT, sitting on the MAT!",
+    "Two dogs play in the snow in 2024.",
+    "Οδός and Straße",
+    " ".join(CAPTIONS[:12]),  # long: truncated, the last kept id must be EOS
+]
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory):
+    """A tiny Gemma-layout BPE model saved as <dir>/tokenizer.model (how HF finds it)."""
+    d = tmp_path_factory.mktemp("gemma")
+    corpus = CAPTIONS + ["two dogs play in the snow in 2024", "οδος and straße"]
+    train_sentencepiece(corpus, 400, str(d / "tokenizer.model"), model_type="bpe",
+                        layout="gemma")
+    return d
+
+
+def _hf_gemma(cls_name, gemma_dir):
+    transformers = pytest.importorskip("transformers")
+    # The settings of the released SigLIP 2 tokenizers (transformers' convert_siglip2_to_hf).
+    return getattr(transformers, cls_name).from_pretrained(
+        str(gemma_dir), add_bos_token=False, add_eos_token=True, padding_side="right")
+
+
+def test_gemma_layout_special_ids(gemma_dir):
+    sp = spm.SentencePieceProcessor(model_file=str(gemma_dir / "tokenizer.model"))
+    assert [sp.id_to_piece(i) for i in range(4)] == ["<pad>", "<eos>", "<bos>", "<unk>"]
+    tok = Tokenizer(str(gemma_dir / "tokenizer.model"))
+    assert (tok.model_pad_id, tok.eos_id, tok.unk_id) == (0, 1, 3)
+    assert tok.convention_pad("siglip2") == 0 and tok.convention_pad("siglip") == 1
+
+
+@pytest.mark.parametrize("max_len", [1, 5, 16, 64])
+def test_siglip2_convention_matches_hf_siglip2_tokenizer(gemma_dir, max_len):
+    hf = _hf_gemma("Siglip2Tokenizer", gemma_dir)
+    want = np.array(hf(GEMMA_TEXTS, padding="max_length", truncation=True,
+                       max_length=max_len)["input_ids"])
+    tok = Tokenizer(str(gemma_dir / "tokenizer.model"))
+    got = tok.encode_as(GEMMA_TEXTS, "siglip2", max_len)
+    assert got.shape == (len(GEMMA_TEXTS), max_len)
+    np.testing.assert_array_equal(got, want)
+    # The plain GemmaTokenizer(Fast) does not lower-case: equal on lower-cased input.
+    gemma = _hf_gemma("GemmaTokenizer", gemma_dir)
+    lowered = [t.lower() for t in GEMMA_TEXTS]
+    np.testing.assert_array_equal(
+        got, gemma(lowered, padding="max_length", truncation=True, max_length=max_len)[
+            "input_ids"])
+    # The long text (> 64 pieces) is truncated and still ends in EOS (1); a short one is
+    # EOS then <pad> (0) to the end.
+    assert len(tok.encode(GEMMA_TEXTS[-1], 1000, "none").nonzero()[0]) > 64
+    assert got[-1, -1] == 1
+    if max_len >= 16:
+        np.testing.assert_array_equal(got[SENTENCES.index("a blue star"), -2:], [0, 0])
+
+
+def test_siglip2_processor_defaults_and_pp_op(gemma_dir):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.siglip2.image_processing_pil_siglip2 import (
+        Siglip2ImageProcessorPil,
+    )
+
+    proc = transformers.Siglip2Processor(image_processor=Siglip2ImageProcessorPil(),
+                                         tokenizer=_hf_gemma("Siglip2Tokenizer", gemma_dir))
+    want = np.array(proc(text=GEMMA_TEXTS)["input_ids"])  # its defaults: 64, max_length pad
+    assert want.shape == (len(GEMMA_TEXTS), 64)
+    tok = Tokenizer(str(gemma_dir / "tokenizer.model"))
+    np.testing.assert_array_equal(tok.encode_as(GEMMA_TEXTS, "siglip2"), want)
+    from siglip_jax.data.pp import get_preprocess_fn
+
+    fn = get_preprocess_fn('tokenize(convention="siglip2")', tokenizer=tok)
+    ds = tf.data.Dataset.from_tensor_slices({"texts": GEMMA_TEXTS}).map(fn)
+    np.testing.assert_array_equal(np.stack([e["labels"] for e in ds.as_numpy_iterator()]), want)
+    np.testing.assert_array_equal(fn({"texts": tf.constant(GEMMA_TEXTS)})["labels"], want)
+    # Explicit arguments override the convention's: the SigLIP 1 EOS padding.
+    sticky_eos = get_preprocess_fn('tokenize(16, convention="siglip2", pad_value=1)',
+                                   tokenizer=tok)
+    np.testing.assert_array_equal(sticky_eos({"texts": tf.constant(GEMMA_TEXTS)})["labels"],
+                                  tok.encode(GEMMA_TEXTS, 16, "sticky", pad_value=1))
+
+
+def test_siglip2_lowercases_like_big_vision_not_like_hf_normalizer(gemma_dir):
+    # Upper-case final sigma: Python's and TF's lower() (big_vision's `lower` op, which SigLIP 2
+    # was trained with) give "ς"; HF Siglip2Tokenizer's Lowercase normaliser maps per
+    # character and gives "σ". We follow big_vision; the ids differ only in such words.
+    text = ["ΟΔΟΣ and Straße"]
+    tf_lower = tf.strings.lower(tf.constant(text), encoding="utf-8").numpy()[0].decode()
+    assert tf_lower == text[0].lower() == "οδος and straße"
+    tok = Tokenizer(str(gemma_dir / "tokenizer.model"))
+    ours = tok.encode_as(text, "siglip2", 16)
+    gemma = _hf_gemma("Gemma" + "Tokenizer", gemma_dir)
+    np.testing.assert_array_equal(
+        ours, gemma([tf_lower], padding="max_length", truncation=True, max_length=16)[
+            "input_ids"])
+    hf = _hf_gemma("Siglip2Tokenizer", gemma_dir)
+    theirs = np.array(hf(text, padding="max_length", truncation=True, max_length=16)[
+        "input_ids"])
+    assert not np.array_equal(ours, theirs)
+
+
+def test_convention_errors(models, gemma_dir):
+    from siglip_jax.data.pp import PPError, get_preprocess_fn
+
+    tok = Tokenizer(str(gemma_dir / "tokenizer.model"))
+    with pytest.raises(TokenizerError, match="unknown text convention 'siglip3'"):
+        tok.encode_as(["a"], "siglip3")
+    with pytest.raises(PPError, match="unknown convention 'gemma'"):
+        get_preprocess_fn('tokenize(convention="gemma")', tokenizer=tok)
+    with pytest.raises(PPError, match="give max_len"):
+        get_preprocess_fn("tokenize()", tokenizer=tok)
+    with pytest.raises(TokenizerError, match="layout must be one of"):
+        train_sentencepiece(CAPTIONS, 64, "/tmp/never.model", layout="llama")

@@ -35,6 +35,7 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
     "a picture of a {size} {colour} {shape}",
 )
 ZEROSHOT_TEMPLATE = "a photo of a {}"
+ASPECTS: tuple[tuple[int, int], ...] = ((1, 2), (2, 3), (1, 1), (3, 2), (2, 1))  # height:width
 _VERSION = "v1"
 
 
@@ -44,12 +45,14 @@ def class_names() -> list[str]:
 
 
 def render(colour_ids: np.ndarray, shape_ids: np.ndarray, rng: np.random.Generator,
-           size: int = 32) -> np.ndarray:
-    """Draws one shape per image; returns uint8 [N, size, size, 3]."""
+           size: int = 32, width: int | None = None) -> np.ndarray:
+    """Draws one shape per image; returns uint8 [N, size, width (default size), 3]."""
     n = len(colour_ids)
-    radius = rng.uniform(0.22, 0.36, n) * size
-    centre = rng.uniform(0.0, 1.0, (n, 2)) * (size - 2 * radius[:, None]) + radius[:, None]
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    width = size if width is None else width
+    radius = rng.uniform(0.22, 0.36, n) * min(size, width)
+    room = np.array([size, width], np.float64) - 2 * radius[:, None]
+    centre = rng.uniform(0.0, 1.0, (n, 2)) * room + radius[:, None]
+    yy, xx = np.mgrid[0:size, 0:width].astype(np.float32) + 0.5
     dy = yy[None] - centre[:, 0, None, None]
     dx = xx[None] - centre[:, 1, None, None]
     r = radius[:, None, None]
@@ -66,26 +69,50 @@ def render(colour_ids: np.ndarray, shape_ids: np.ndarray, rng: np.random.Generat
     mask = masks[np.arange(n), shape_ids][..., None]
     palette = np.array(list(COLOURS.values()), np.float32)
     colour = palette[colour_ids] + rng.normal(0, 12, (n, 3))
-    background = rng.uniform(0, 70, (n, 1, 1, 1)) + rng.normal(0, 8, (n, size, size, 3))
+    background = rng.uniform(0, 70, (n, 1, 1, 1)) + rng.normal(0, 8, (n, size, width, 3))
     image = np.where(mask, colour[:, None, None, :], background)
     image = image + rng.normal(0, 6, image.shape)
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
-def make_split(num_per_class: int, seed: int, size: int = 32) -> dict[str, np.ndarray]:
-    """Generates a balanced split: images, integer labels and one caption per image."""
+def aspect_size(size: int, ah: int, aw: int) -> tuple[int, int]:
+    """(height, width) with ratio ah:aw and the longer side = size."""
+    scale = size / max(ah, aw)
+    return max(1, round(ah * scale)), max(1, round(aw * scale))
+
+
+def make_split(num_per_class: int, seed: int, size: int = 32,
+               aspect: bool = False) -> dict[str, np.ndarray]:
+    """Generates a balanced split: images, integer labels and one caption per image.
+
+    With aspect=True each image gets one of ASPECTS (height:width, longer side = size); it
+    is stored top-left in a size×size zero canvas with its (height, width) in "hw".
+    """
     rng = np.random.default_rng(seed)
     num_classes = len(COLOURS) * len(SHAPES)
     labels = rng.permutation(np.repeat(np.arange(num_classes), num_per_class))
     colour_ids, shape_ids = labels // len(SHAPES), labels % len(SHAPES)
-    images = render(colour_ids, shape_ids, rng, size)
+    extra = {}
+    if not aspect:
+        images = render(colour_ids, shape_ids, rng, size)
+    else:
+        images = np.zeros((len(labels), size, size, 3), np.uint8)
+        which = rng.integers(0, len(ASPECTS), len(labels))
+        hw = np.zeros((len(labels), 2), np.int32)
+        for k, (ah, aw) in enumerate(ASPECTS):
+            idx = np.flatnonzero(which == k)
+            h, w = aspect_size(size, ah, aw)
+            images[idx, :h, :w] = render(colour_ids[idx], shape_ids[idx], rng, h, w)
+            hw[idx] = (h, w)
+        extra["hw"] = hw
     colour_names, templates = list(COLOURS), rng.integers(0, len(CAPTION_TEMPLATES), len(labels))
     sizes = rng.choice(["small", "large"], len(labels))
     captions = [
         CAPTION_TEMPLATES[t].format(colour=colour_names[c], shape=SHAPES[s], size=z)
         for t, c, s, z in zip(templates, colour_ids, shape_ids, sizes, strict=True)
     ]
-    return {"image": images, "label": labels.astype(np.int32), "texts": np.array(captions)}
+    return {"image": images, "label": labels.astype(np.int32), "texts": np.array(captions),
+            **extra}
 
 
 def tokenizer_corpus() -> list[str]:
@@ -110,6 +137,8 @@ class DemoShapes:
       image_size: side of the square images in pixels.
       train_per_class / test_per_class: examples per class (36 classes) in each split.
       vocab_size: size of the sentencepiece vocabulary trained on the captions.
+      aspect: mixed aspect ratios (ASPECTS, longer side image_size) instead of squares:
+        `dataset()` then yields images of varying shape, for NaFlex preprocessing.
     """
 
     data_dir: str
@@ -118,6 +147,7 @@ class DemoShapes:
     train_per_class: int = 250
     test_per_class: int = 20
     vocab_size: int = 64
+    aspect: bool = False
 
     skips = None  # Generated data has no bad examples to skip.
 
@@ -129,7 +159,7 @@ class DemoShapes:
     def root(self) -> str:
         """The folder holding this configuration's files."""
         name = (f"demo_shapes_{_VERSION}_{self.image_size}px_{self.train_per_class}"
-                f"_{self.test_per_class}")
+                f"_{self.test_per_class}{'_aspect' if self.aspect else ''}")
         return os.path.join(os.path.expanduser(self.data_dir), name)
 
     @property
@@ -150,7 +180,7 @@ class DemoShapes:
                                        ("test", self.test_per_class, 1)):
             path = self.split_path(split)
             if not os.path.exists(path):
-                arrays = make_split(per_class, seed, self.image_size)
+                arrays = make_split(per_class, seed, self.image_size, self.aspect)
                 tmp = f"{path}.{os.getpid()}.tmp.npz"
                 np.savez(tmp, **arrays)
                 os.replace(tmp, path)
@@ -188,4 +218,15 @@ class DemoShapes:
         """This process's share of the split (every process_count-th example) as tf.data."""
         del shuffle_files, seed  # One file; the pipeline shuffles examples.
         share = {k: v[process_index::process_count] for k, v in self._arrays.items()}
-        return tf.data.Dataset.from_tensor_slices(share)
+        ds = tf.data.Dataset.from_tensor_slices(share)
+        if "hw" in share:  # aspect: cut each image out of its canvas
+            ds = ds.map(_crop_to_hw, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds
+
+
+def _crop_to_hw(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """{"image" canvas, "hw", ...} → {"image" [h, w, 3], ...} (drops "hw")."""
+    example = dict(example)
+    hw = example.pop("hw")
+    example["image"] = example["image"][: hw[0], : hw[1]]
+    return example

@@ -64,7 +64,7 @@ def train_batches(source: Any, preprocess: PreprocessFn, *, shard_ids: Sequence[
                               deterministic=True)
         shards.append(dataset.batch(shard_batch, drop_remainder=True))
     dataset = shards[0] if len(shards) == 1 else tf.data.Dataset.zip(tuple(shards)).map(
-        lambda *parts: {k: tf.concat([p[k] for p in parts], axis=0) for k in parts[0]})
+        lambda *parts: tf.nest.map_structure(lambda *xs: tf.concat(xs, axis=0), *parts))
     dataset = dataset.prefetch(prefetch).with_options(_options(threads))
     return dataset.as_numpy_iterator()
 
@@ -105,16 +105,19 @@ def eval_batches(dataset: tf.data.Dataset, preprocess: PreprocessFn, *, local_ba
     while produced < num_batches:  # Processes with fewer examples send empty, masked batches.
         if template is None:
             raise ValueError("this process's share of the evaluation data is empty")
-        yield _pad({k: v[:0] for k, v in template.items()}, local_batch)
+        yield _pad(tf.nest.map_structure(lambda v: v[:0], template), local_batch)
         produced += 1
 
 
-def _pad(batch: dict[str, Any], size: int) -> dict[str, np.ndarray]:
-    n = len(next(iter(batch.values())))
-    out = {}
-    for key, value in batch.items():
+def _pad(batch: dict[str, Any], size: int) -> dict[str, Any]:
+    """Zero-pad every array (nested dicts too, e.g. NaFlex images) to `size` rows + a mask."""
+    n = len(tf.nest.flatten(batch)[0])
+
+    def pad(value: Any) -> np.ndarray:
         value = np.asarray(value)
-        pad = np.zeros((size - n, *value.shape[1:]), value.dtype)
-        out[key] = np.concatenate([value, pad]) if n < size else value
+        zeros = np.zeros((size - n, *value.shape[1:]), value.dtype)
+        return np.concatenate([value, zeros]) if n < size else value
+
+    out = tf.nest.map_structure(pad, dict(batch))
     out[MASK_KEY] = np.arange(size) < n
     return out

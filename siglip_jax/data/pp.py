@@ -17,6 +17,8 @@ always get the same crop/flip/caption, eagerly and in tf.data, whatever the para
 and a deterministic pipeline). ``"_seed"`` is removed from the output.
 
 Registered ops (``OPS``, read-only): see ``OPS.keys()``; each factory's docstring documents it.
+NaFlex (SigLIP 2) images: ``resize_to_patches(16, 256)|value_range(-1, 1)|patchify(16, 256)``
+turns ``image`` into ``{"patches", "mask", "spatial_shapes"}`` of fixed shapes (naflex.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from siglip_jax.data.tokenizer import Tokenizer
+from siglip_jax.data import naflex
+from siglip_jax.data.tokenizer import CONVENTIONS, Tokenizer
 
 SEED_KEY = "_seed"
 Example = dict[str, Any]
@@ -132,6 +135,10 @@ def _resize(image: tf.Tensor, hw: Any, method: str, antialias: bool) -> tf.Tenso
     else:
         out = tf.cast(out, dtype)
     return out
+
+
+_RESIZE_METHODS = ("pil", "bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5",
+                   "gaussian", "mitchellcubic")
 
 
 def _image_op(key: str, op: str, fn: Callable[[tf.Tensor, Example], tf.Tensor]) -> PPFn:
@@ -319,6 +326,44 @@ def get_normalize(
     return _image_op(key, "normalize", lambda x, _: (tf.cast(x, tf.float32) - mean_c) / std_c)
 
 
+@_register("resize_to_patches")
+def get_resize_to_patches(
+    ctx: OpContext,
+    patch_size: int,
+    max_num_patches: int,
+    method: str = "bilinear",
+    antialias: bool = True,
+    key: str = "image",
+) -> PPFn:
+    """NaFlex: keep the aspect ratio, sides multiples of patch_size, grid <= max_num_patches.
+
+    The size rule is HF Siglip2ImageProcessor's exactly. method="pil" (uint8 in) runs PIL
+    bilinear in the graph and equals the HF processor; TF methods differ by <= 1 grey level.
+    """
+    del ctx
+    if method not in _RESIZE_METHODS:
+        raise PPError(f"resize_to_patches: method must be one of {_RESIZE_METHODS}, got "
+                      f"{method!r}")
+    naflex.target_size(1, 1, patch_size, max_num_patches)  # validates the budget now
+
+    def fn(x: tf.Tensor, _: Example) -> tf.Tensor:
+        return naflex.tf_resize_to_patches(x, patch_size, max_num_patches, method, antialias)
+
+    return _image_op(key, "resize_to_patches", fn)
+
+
+@_register("patchify")
+def get_patchify(
+    ctx: OpContext, patch_size: int, max_num_patches: int, key: str = "image"
+) -> PPFn:
+    """NaFlex: image -> {"patches" [N, p*p*C], "mask" [N], "spatial_shapes" (h, w)}, padded."""
+    del ctx
+    naflex.target_size(1, 1, patch_size, max_num_patches)  # validates the budget now
+
+    return _image_op(key, "patchify",
+                     lambda x, _: naflex.tf_patchify(x, patch_size, max_num_patches))
+
+
 # ------------------------------------------------------------------------------------------
 # text ops
 
@@ -326,22 +371,43 @@ def get_normalize(
 @_register("tokenize")
 def get_tokenize(
     ctx: OpContext,
-    max_len: int,
+    max_len: int | None = None,
     model: str | None = None,
-    eos: str = "sticky",
+    eos: str | None = None,
     inkey: str = "texts",
     outkey: str = "labels",
-    lower: bool = True,
-    canonicalize: bool = False,
+    lower: bool | None = None,
+    canonicalize: bool | None = None,
     pad_value: int | None = None,
+    convention: str | None = None,
 ) -> PPFn:
-    """Sentencepiece ids int32 [max_len] (or [N, max_len] for N texts); see tokenizer.py."""
+    """Sentencepiece ids int32 [max_len] (or [N, max_len] for N texts); see tokenizer.py.
+
+    convention="siglip2" (or "siglip") supplies max_len, eos, pad_value, lower and
+    canonicalize; arguments given explicitly override it. Without one: eos="sticky",
+    lower=True, canonicalize=False, max_len required.
+    """
     if model is not None:
         tok = Tokenizer(model)
     elif ctx.tokenizer is not None:
         tok = ctx.tokenizer
     else:
         raise PPError("tokenize: pass model='path.model' or get_preprocess_fn(tokenizer=...)")
+    if convention is not None:
+        if convention not in CONVENTIONS:
+            raise PPError(f"tokenize: unknown convention {convention!r}; known: "
+                          f"{sorted(CONVENTIONS)}")
+        conv = CONVENTIONS[convention]
+        max_len = conv.max_len if max_len is None else max_len
+        eos = conv.eos if eos is None else eos
+        lower = conv.lower if lower is None else lower
+        canonicalize = conv.canonicalize if canonicalize is None else canonicalize
+        pad_value = tok.convention_pad(conv) if pad_value is None else pad_value
+    if max_len is None:
+        raise PPError("tokenize: give max_len (or a convention, e.g. convention='siglip2')")
+    eos = "sticky" if eos is None else eos
+    lower = True if lower is None else lower
+    canonicalize = False if canonicalize is None else canonicalize
     tok.encode([], max_len, eos, pad_value=pad_value)  # validates max_len/eos now
 
     def apply(data: Example) -> Example:

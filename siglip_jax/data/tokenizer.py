@@ -19,6 +19,19 @@ Text normalisation before sentencepiece: ``lower=True`` lower-cases (big_vision'
 default); ``canonicalize=True`` additionally removes ASCII punctuation and collapses
 whitespace, which is what HF ``SiglipTokenizer`` always does (and big_vision does to prompts).
 
+Conventions (``CONVENTIONS``; ``Tokenizer.encode_as(texts, "siglip2")``) bundle these choices
+per model family:
+
+- ``"siglip"``: T5 ``c4_en`` model, lower-cased and canonicalised, sticky EOS, padded with EOS
+  (id 1), 64 tokens = HF ``SiglipTokenizer``.
+- ``"siglip2"``: Gemma model (``<pad>`` = 0, ``<eos>`` = 1, ``<bos>`` = 2, ``<unk>`` = 3),
+  lower-cased (no punctuation stripping), no BOS, sticky EOS, padded with ``<pad>`` = 0 on the
+  right, 64 tokens. This is HF ``Siglip2Tokenizer`` (``GemmaTokenizerFast`` with
+  ``add_bos_token=False, add_eos_token=True``, right padding, plus a lower-casing normaliser)
+  called with ``padding="max_length", truncation=True, max_length=64`` (the
+  ``Siglip2Processor`` defaults), and big_vision's SigLIP 2
+  ``lower|tok(length=64, model="gemma", bos="no", eos="sticky")``.
+
 CLI::
 
     python -m siglip_jax.data.tokenizer train --input captions.txt --vocab-size 64 --out m.model
@@ -28,6 +41,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import re
 import string
@@ -45,6 +59,32 @@ _WS_RE = re.compile(r"\s+")
 
 class TokenizerError(ValueError):
     """A tokenizer model file or an encode argument is invalid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConvention:
+    """How one model family turns texts into ids (see the module docstring)."""
+
+    max_len: int
+    eos: str           # one of EOS_MODES
+    pad: str           # "eos": pad with the EOS id; "pad": with the model's <pad> id
+    lower: bool
+    canonicalize: bool
+
+
+CONVENTIONS: dict[str, TextConvention] = {
+    "siglip": TextConvention(64, "sticky", "eos", lower=True, canonicalize=True),
+    "siglip2": TextConvention(64, "sticky", "pad", lower=True, canonicalize=False),
+}
+
+
+def get_convention(name: str | TextConvention) -> TextConvention:
+    """The TextConvention called name (or name itself); TokenizerError if unknown."""
+    if isinstance(name, TextConvention):
+        return name
+    if name not in CONVENTIONS:
+        raise TokenizerError(f"unknown text convention {name!r}; known: {sorted(CONVENTIONS)}")
+    return CONVENTIONS[name]
 
 
 def canonicalize_text(text: str, lower: bool = True) -> str:
@@ -152,6 +192,23 @@ class Tokenizer:
             out[i, : len(ids)] = ids
         return out[0] if single else out
 
+    def convention_pad(self, convention: str | TextConvention) -> int:
+        """The padding id a convention uses with this model."""
+        conv = get_convention(convention)
+        pad = self.eos_id if conv.pad == "eos" else self.model_pad_id
+        if pad < 0:
+            raise TokenizerError(f"{self.model_path!r} has no {conv.pad!r} piece, which text "
+                                 f"convention {convention!r} pads with")
+        return pad
+
+    def encode_as(self, texts: Sequence[str] | str, convention: str | TextConvention,
+                  max_len: int | None = None) -> np.ndarray:
+        """``encode`` with a convention's EOS, padding, lower-casing and length."""
+        conv = get_convention(convention)
+        return self.encode(texts, max_len or conv.max_len, conv.eos,
+                           pad_value=self.convention_pad(conv), lower=conv.lower,
+                           canonicalize=conv.canonicalize)
+
     def decode(self, ids: np.ndarray | Sequence[int] | Sequence[Sequence[int]]) -> str | list[str]:
         """Text of 1-D ids (stops at the first EOS), or a list for 2-D ids."""
         arr = np.asarray(ids)
@@ -193,6 +250,17 @@ class Tokenizer:
         return out
 
 
+_LAYOUTS: dict[str, dict[str, object]] = {
+    "t5": dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>",
+               unk_piece="<unk>"),
+    "gemma": dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+                  bos_piece="<bos>", unk_piece="<unk>", byte_fallback=True,
+                  add_dummy_prefix=False, normalization_rule_name="identity",
+                  remove_extra_whitespaces=False, split_digits=True,
+                  allow_whitespace_only_pieces=True),
+}
+
+
 def train_sentencepiece(
     sentences: Iterable[str],
     vocab_size: int,
@@ -201,14 +269,21 @@ def train_sentencepiece(
     model_type: str = "unigram",
     lowercase: bool = True,
     hard_vocab_limit: bool = False,
+    layout: str = "t5",
 ) -> str:
-    """Train a sentencepiece model (<pad>=0, </s>=1, <unk>=2, no BOS) and write it to out_path.
+    """Train a sentencepiece model and write it to out_path.
 
+    ``layout="t5"``: <pad>=0, </s>=1, <unk>=2, no BOS (SigLIP's c4_en layout).
+    ``layout="gemma"``: <pad>=0, <eos>=1, <bos>=2, <unk>=3 and Gemma's options (byte
+    fallback, so vocab_size must exceed 256 + 4 + the corpus' characters; no dummy prefix;
+    identity normalisation; digits split) — a tiny stand-in for SigLIP 2's Gemma tokenizer.
     With ``hard_vocab_limit=False`` (default) a small corpus may yield fewer pieces than
     ``vocab_size``; ``Tokenizer(out_path).vocab_size`` is the real size.
     """
     if model_type not in ("unigram", "bpe", "word", "char"):
         raise TokenizerError(f"model_type must be unigram|bpe|word|char, got {model_type!r}")
+    if layout not in _LAYOUTS:
+        raise TokenizerError(f"layout must be one of {sorted(_LAYOUTS)}, got {layout!r}")
     sents = [s.lower() if lowercase else s for s in sentences]
     sents = [s for s in (x.strip() for x in sents) if s]
     if not sents:
@@ -220,17 +295,11 @@ def train_sentencepiece(
             model_writer=buf,
             vocab_size=int(vocab_size),
             model_type=model_type,
-            pad_id=0,
-            eos_id=1,
-            unk_id=2,
-            bos_id=-1,
-            pad_piece="<pad>",
-            eos_piece="</s>",
-            unk_piece="<unk>",
             hard_vocab_limit=hard_vocab_limit,
             character_coverage=1.0,
             num_threads=1,
             minloglevel=2,
+            **_LAYOUTS[layout],
         )
     except RuntimeError as e:
         raise TokenizerError(

@@ -283,3 +283,28 @@ def test_bad_naflex_inputs_are_one_line_errors():
     with pytest.raises(KeyError, match="need kind='naflex'"):
         Model(image=dict(variant="mu/4", posemb_grid=4), text=dict(variant="mu")).init(
             jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32), None)
+
+
+def test_docs_loading_recipe_runs_and_matches_pytorch(naflex_dir, tmp_path):
+    """docs/siglip2.md's NaFlex recipe, run as written on a random-weight transformers dir."""
+    import pathlib
+    import re
+
+    path, torch_model = naflex_dir
+    doc = (pathlib.Path(__file__).parents[1] / "docs" / "siglip2.md").read_text()
+    code = re.search(r"<!-- recipe:naflex -->\n```python\n(.*?)```", doc, re.S).group(1)
+    rng = np.random.default_rng(4)
+    for name, hw in (("cat.png", (40, 36)), ("panorama.png", (20, 90))):
+        Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(tmp_path / name)
+    code = code.replace('"siglip2-base-patch16-naflex"', repr(str(path)))
+    code = code.replace('"cat.png"', repr(str(tmp_path / "cat.png")))
+    code = code.replace('"panorama.png"', repr(str(tmp_path / "panorama.png")))
+    ids = rng.integers(3, 300, (2, 10)).astype(np.int32)
+    ids[:, -3:] = 1
+    scope = {"tokenize": lambda texts: ids[: len(texts)]}
+    exec(compile(code, "docs/siglip2.md", "exec"), scope)
+    feats = scope["feats"]
+    assert [tuple(s) for s in feats["spatial_shapes"]] != [(4, 4), (4, 4)]  # Not square.
+    _, _, logits_ref = _hf_naflex(torch_model, feats, ids.astype(np.int64))
+    want = torch.sigmoid(torch.from_numpy(logits_ref)).numpy()
+    np.testing.assert_allclose(np.asarray(scope["probs"]), want, atol=1e-5)

@@ -63,10 +63,13 @@ def num_batch_shards(mesh: Mesh, batch_axes: Sequence[str]) -> int:
 
 def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
                       batch_axes: Sequence[str]) -> dict[str, jax.Array]:
-    """Turns this process's share of a batch into global arrays sharded over batch_axes."""
+    """Turns this process's share of a batch into global arrays sharded over batch_axes
+    (nested dicts, e.g. a NaFlex image {"patches", "mask", "spatial_shapes"}, keep their shape).
+    """
     sharding = batch_sharding(mesh, batch_axes)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in local_batch.items()}
+    return jax.tree_util.tree_map(
+        lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)),
+        dict(local_batch))
 
 
 def tree_paths(tree: Any) -> list[str]:

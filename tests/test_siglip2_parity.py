@@ -114,6 +114,12 @@ def test_posemb_resize_equals_torch_interpolate_antialias():
         ref = F.interpolate(src, size=(int(h), int(w)), mode="bilinear", align_corners=False,
                             antialias=True)[0].permute(1, 2, 0).reshape(h * w, -1).numpy()
         np.testing.assert_allclose(got[b, : h * w], ref, atol=1e-6)
+        # big_vision naflex_vit.py resizes with jax.image.scale_and_translate: same numbers.
+        bv_ref = jax.image.scale_and_translate(
+            grid, (int(h), int(w), 6), (0, 1), np.array([h / 4, w / 4], np.float32),
+            np.zeros(2, np.float32), method="bilinear", antialias=True)
+        np.testing.assert_allclose(got[b, : h * w], np.asarray(bv_ref).reshape(h * w, 6),
+                                   atol=1e-6)
         # Padding tokens take the first position's embedding (as HF; they are masked anyway).
         np.testing.assert_allclose(got[b, h * w:], np.broadcast_to(ref[:1], (25 - h * w, 6)),
                                    atol=1e-6)

@@ -314,3 +314,25 @@ def test_docs_loading_recipe_runs_and_matches_pytorch(naflex_dir, tmp_path):
     _, _, logits_ref = _hf_naflex(torch_model, feats, ids.astype(np.int64))
     want = torch.sigmoid(torch.from_numpy(logits_ref)).numpy()
     np.testing.assert_allclose(np.asarray(scope["probs"]), want, atol=1e-5)
+
+
+def test_naflex_equals_fixres_vit_on_a_full_square_grid():
+    """FixRes ViT params re-laid out (image_params_from_fixres) give the NaFlex tower the same
+    function on a g×g-patch image: conv == Dense on HF-flattened patches, the g×g resize is
+    the identity, and extra padded tokens change nothing."""
+    fix = dict(image=dict(variant="mu/4", pool_type="map"), text=dict(variant="mu"),
+               out_dim=(None, 32))  # fmt: skip
+    nf = dict(fix, image=dict(fix["image"], kind="naflex", posemb_grid=4))
+    rng = np.random.default_rng(5)
+    img = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    params = Model(**fix).init(jax.random.key(0), img, None)["params"]
+    params = jax.tree.map(lambda x: x + 0.05 * rng.normal(size=x.shape).astype(x.dtype), params)
+    zi_fix, _, _ = Model(**fix).apply({"params": params}, img, None)
+    patches = np.stack([convert_image_to_patches(x.transpose(2, 0, 1), 4) for x in img])
+    n = 20  # 16 real patches + 4 padding.
+    image = {"patches": np.pad(patches, ((0, 0), (0, n - 16), (0, 0)), constant_values=7.0),
+             "mask": np.arange(n)[None].repeat(2, 0) < 16,
+             "spatial_shapes": np.full((2, 2), 4, np.int32)}
+    nf_params = {**params, "img": naflex.image_params_from_fixres(params["img"])}
+    zi_nf, _, _ = Model(**nf).apply({"params": nf_params}, image, None)
+    np.testing.assert_allclose(np.asarray(zi_nf), np.asarray(zi_fix), atol=1e-5)

@@ -100,6 +100,25 @@ def dense_to_conv_kernel(kernel: np.ndarray, patch_size: int | Sequence[int],
     return k.reshape(ph, pw, channels, k.shape[-1])
 
 
+def image_params_from_fixres(img: Mapping[str, Any]) -> dict[str, Any]:
+    """A FixRes ViT `img` params tree -> the NaFlex one (exact re-layout, no resampling).
+
+    `embedding/kernel` [p, p, 3, D] -> [p·p·3, D]; `pos_embedding` [1, g·g, D] -> [g, g, D]
+    (a square grid; the NaFlex tower then resizes it per image). Everything else is shared.
+    On a g×g-patch image the two towers compute the same function (tested).
+    """
+    out = dict(img)
+    emb = dict(img["embedding"])
+    emb["kernel"] = conv_to_dense_kernel(emb["kernel"])
+    out["embedding"] = emb
+    pe = np.asarray(img["pos_embedding"])
+    g = int(round(np.sqrt(pe.shape[1])))
+    if pe.ndim != 3 or pe.shape[0] != 1 or g * g != pe.shape[1]:
+        raise ValueError(f"FixRes pos_embedding must be [1, g*g, D], got {pe.shape}")
+    out["pos_embedding"] = pe.reshape(g, g, pe.shape[-1])
+    return out
+
+
 def example_input(batch: int, num_patches: int, patch_size: int | Sequence[int],
                   channels: int = 3) -> dict[str, jax.ShapeDtypeStruct]:
     """ShapeDtypeStructs of a NaFlex image batch (for jax.eval_shape / model.init specs)."""

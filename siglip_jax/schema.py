@@ -13,7 +13,8 @@ Sections (top-level keys in brackets):
   InputConfig     [input]: data (a data-source section, see data/builder.py), pp, global_batch,
                   shuffle_buffer, cache
   TokenizerConfig [tokenizer]: model (sentencepiece path; "" = the checkpoint's or the data
-                  source's), max_len, eos ("sticky" | "yes" | "no")
+                  source's), max_len, eos ("sticky" | "yes" | "no"), convention ("" |
+                  "siglip" | "siglip2": a model family's text rules for prompts)
   ModelConfig     [model]: image, text (tower dicts, see models/variants.py), out_dim,
                   temperature_init, bias_init
   ModelInitConfig [model_init]: img, txt, full (checkpoint paths; "" = random init)
@@ -194,10 +195,21 @@ class TokenizerConfig:
     max_len: int
     model: str = ""
     eos: str = "sticky"
+    convention: str = ""  # "" | "siglip" | "siglip2": how prompts are tokenized (tokenizer.py)
 
     def __post_init__(self) -> None:
+        from siglip_jax.data.tokenizer import CONVENTIONS
+
         _set(self, max_len=_int(self.max_len, "tokenizer.max_len", 1), model=str(self.model or ""),
-             eos=_choice(self.eos, "tokenizer.eos", ("sticky", "yes", "no")))
+             eos=_choice(self.eos, "tokenizer.eos", ("sticky", "yes", "no")),
+             convention=_choice(self.convention, "tokenizer.convention", ("", *CONVENTIONS)))
+
+    def encode(self, tokenizer: Any, texts: Sequence[str], canonicalize: bool = True) -> Any:
+        """Token ids [N, max_len] of prompts: the convention's rules if one is set, else
+        sticky/yes/no EOS with big_vision's canonicalisation (lower-case, no punctuation)."""
+        if self.convention:
+            return tokenizer.encode_as(list(texts), self.convention, self.max_len)
+        return tokenizer.encode(list(texts), self.max_len, self.eos, canonicalize=canonicalize)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,10 +23,20 @@ from siglip_jax.sharding import follow_params, param_shardings, path_str, replic
 State = dict[str, Any]  # {"params", "opt_state", "step"}
 
 
-def abstract_params(model: Any, batch_shapes: Mapping[str, tuple[int, ...]]) -> Any:
+def example_image(shape: tuple[int, ...] | Mapping[str, tuple[int, ...]]) -> Any:
+    """A dummy image batch for model.init: zeros [B, H, W, 3], or for a NaFlex shape dict
+    {"patches", "mask", "spatial_shapes"} a patch batch whose images are 1x1 patch grids."""
+    if isinstance(shape, Mapping):
+        return {"patches": jnp.zeros(shape["patches"], jnp.float32),
+                "mask": jnp.ones(shape["mask"], bool),
+                "spatial_shapes": jnp.ones(shape["spatial_shapes"], jnp.int32)}
+    return jnp.zeros(shape, jnp.float32)
+
+
+def abstract_params(model: Any, batch_shapes: Mapping[str, Any]) -> Any:
     """Parameter shapes and dtypes, without allocating anything."""
     def init(rng):
-        image = jnp.zeros(batch_shapes["image"], jnp.float32)
+        image = example_image(batch_shapes["image"])
         text = jnp.zeros(batch_shapes["labels"], jnp.int32)
         return model.init(rng, image, text)["params"]
 
@@ -36,7 +46,7 @@ def abstract_params(model: Any, batch_shapes: Mapping[str, tuple[int, ...]]) -> 
 def _init_fn(model: Any, tx: optax.GradientTransformation,
              batch_shapes: Mapping[str, tuple[int, ...]]) -> Callable:
     def init_all(rng, pretrained):
-        image = jnp.zeros(batch_shapes["image"], jnp.float32)
+        image = example_image(batch_shapes["image"])
         text = jnp.zeros(batch_shapes["labels"], jnp.int32)
         params = dict(model.init(rng, image, text)["params"])
         params.update(pretrained)
@@ -103,17 +113,17 @@ def check_pretrained(abstract: Mapping[str, Any], pretrained: Mapping[str, Any])
                           + more)
 
 
-def micro_batches(batch: Mapping[str, jax.Array], accum_steps: int) -> dict[str, jax.Array]:
+def micro_batches(batch: Mapping[str, Any], accum_steps: int) -> dict[str, Any]:
     """[B, ...] → [accum, B/accum, ...] where micro-batch m takes rows m, m+accum, …, so every
-    micro-batch is spread evenly over the devices holding the batch."""
-    out = {}
-    for key, x in batch.items():
+    micro-batch is spread evenly over the devices holding the batch (any nesting of leaves,
+    e.g. a NaFlex image dict)."""
+    def split(x):
         if x.shape[0] % accum_steps:
             raise ValueError(f"batch of {x.shape[0]} does not split into {accum_steps} "
                              "micro-batches")
-        out[key] = jnp.swapaxes(x.reshape(x.shape[0] // accum_steps, accum_steps,
-                                          *x.shape[1:]), 0, 1)
-    return out
+        return jnp.swapaxes(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]),
+                            0, 1)
+    return jax.tree_util.tree_map(split, dict(batch))
 
 
 def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: Callable,

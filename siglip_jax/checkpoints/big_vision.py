@@ -137,6 +137,8 @@ def _maybe_resample_posemb(params: dict[str, Any], target: Mapping[str, Any]) ->
     if not isinstance(img, Mapping) or not isinstance(timg, Mapping):
         return params
     if "pos_embedding" in img and "pos_embedding" in timg:
+        if np.shape(img["pos_embedding"])[0] != 1:  # NaFlex [G, G, D]: resized per image.
+            return params
         new_len = timg["pos_embedding"].shape[1]
         params = {**params, "img": {**img}}
         params["img"]["pos_embedding"] = _resample_posemb(img["pos_embedding"], new_len)

@@ -1,4 +1,5 @@
-"""Hugging Face SigLIP (`SiglipModel`) checkpoints: load and save, numpy + safetensors only.
+"""Hugging Face SigLIP / SigLIP 2 checkpoints (`SiglipModel`, `Siglip2Model`): load and save,
+numpy + safetensors only.
 
 A HF SigLIP directory holds `config.json` and `model.safetensors` (or shards listed in
 `model.safetensors.index.json`). Torch layout: Linear weights are (out, in); the image MAP
@@ -7,6 +8,13 @@ head is a `torch.nn.MultiheadAttention` with q, k, v packed in `in_proj_weight` 
 fields, and transformers 5 writes "dtype" where 4.x wrote "torch_dtype": `read_hf_config`
 fills the defaults in. `load_hf` gives our (unscanned) big_vision-layout params and the
 two-tower model config; `save_hf` writes a directory `SiglipModel.from_pretrained` reads.
+
+SigLIP 2 FixRes checkpoints are `SiglipModel` directories (model_type "siglip", 256k vocab).
+SigLIP 2 NaFlex checkpoints are `Siglip2Model` directories (model_type "siglip2"): the same
+tensor names except the image stem — `vision_model.embeddings.patch_embedding` is a Linear
+(D, p·p·3) over patches flattened as (py, px, c) (our NaFlex `img/embedding/kernel` [p·p·3, D]
+is its transpose) and `position_embedding.weight` is the (G·G, D) grid (ours: [G, G, D]);
+config `vision_config.num_patches` = G·G (no image_size). They load as `image.kind="naflex"`.
 """
 
 from __future__ import annotations
@@ -38,6 +46,10 @@ VISION_DEFAULTS: dict[str, Any] = dict(
     num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh",
     layer_norm_eps=1e-6, attention_dropout=0.0, vision_use_head=True,
 )  # fmt: skip
+# transformers' Siglip2VisionConfig defaults: no image_size, a num_patches position grid.
+VISION2_DEFAULTS: dict[str, Any] = {
+    **{k: v for k, v in VISION_DEFAULTS.items() if k != "image_size"}, "num_patches": 256}
+MODEL_TYPES = ("siglip", "siglip2")
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 
 
@@ -55,14 +67,29 @@ def read_hf_config(path: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any
         file = os.path.join(path, CONFIG_FILE) if os.path.isdir(path) else path
         with open(file) as f:
             raw = json.load(f)
-    if raw.get("model_type", "siglip") != "siglip":
-        raise HFCheckpointError(f"expected model_type 'siglip', got {raw.get('model_type')!r}")
+    model_type = raw.get("model_type", "siglip")
+    if model_type not in MODEL_TYPES:
+        raise HFCheckpointError(f"expected model_type in {MODEL_TYPES}, got {model_type!r}")
     text = {**TEXT_DEFAULTS, **(raw.get("text_config") or {})}
     if text["projection_size"] is None:
         text["projection_size"] = text["hidden_size"]
-    vision = {**VISION_DEFAULTS, **(raw.get("vision_config") or {})}
+    defaults = VISION2_DEFAULTS if model_type == "siglip2" else VISION_DEFAULTS
+    vision = {**defaults, **(raw.get("vision_config") or {})}
     dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-    return {**raw, "text_config": text, "vision_config": vision, "dtype": dtype}
+    return {**raw, "model_type": model_type, "text_config": text, "vision_config": vision,
+            "dtype": dtype}
+
+
+def is_naflex(cfg: Mapping[str, Any]) -> bool:
+    """True for a HF Siglip2Model (NaFlex) config, False for SiglipModel (FixRes)."""
+    return cfg.get("model_type", "siglip") == "siglip2"
+
+
+def _posemb_grid(num_patches: int) -> int:
+    grid = int(round(np.sqrt(num_patches)))
+    if grid * grid != num_patches:
+        raise HFCheckpointError(f"vision_config.num_patches={num_patches} is not a square grid")
+    return grid
 
 
 def _check_supported(cfg: Mapping[str, Any]) -> None:
@@ -86,7 +113,13 @@ def _pair(x: Any) -> tuple[int, int]:
 
 
 def model_config_from_hf(cfg: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """HF config -> {"model": two_towers.Model kwargs, "image_size": (h, w), "text_len": L}."""
+    """HF config -> {"model": two_towers.Model kwargs, "image_size": (h, w) | None,
+    "max_num_patches": N | None, "text_len": L}.
+
+    FixRes (SiglipModel): image_size set, max_num_patches None. NaFlex (Siglip2Model):
+    image_size None, max_num_patches = vision_config.num_patches (the position-grid size,
+    which is also the released checkpoints' default patch budget, 256).
+    """
     cfg = read_hf_config(cfg)
     _check_supported(cfg)
     t, v = cfg["text_config"], cfg["vision_config"]
@@ -95,21 +128,31 @@ def model_config_from_hf(cfg: str | os.PathLike | Mapping[str, Any]) -> dict[str
         num_heads=v["num_attention_heads"], patch_size=_pair(v["patch_size"]), posemb="learn",
         pool_type="map",
     )  # fmt: skip
+    if is_naflex(cfg):
+        p = int(v["patch_size"]) if isinstance(v["patch_size"], int) else int(v["patch_size"][0])
+        image = {**image, "kind": "naflex", "patch_size": p,
+                 "posemb_grid": _posemb_grid(int(v["num_patches"]))}
+        del image["posemb"]
     text = dict(
         vocab_size=t["vocab_size"], width=t["hidden_size"], depth=t["num_hidden_layers"],
         mlp_dim=t["intermediate_size"], num_heads=t["num_attention_heads"], pool_type="last",
     )  # fmt: skip
+    naflex = is_naflex(cfg)
     return dict(
         model=dict(image=image, text=text, out_dim=(None, t["projection_size"])),
-        image_size=_pair(v["image_size"]),
+        image_size=None if naflex else _pair(v["image_size"]),
+        max_num_patches=int(v["num_patches"]) if naflex else None,
         text_len=t["max_position_embeddings"],
     )
 
 
 def hf_config_from_model(
-    model_kwargs: Mapping[str, Any], image_size: int | tuple[int, int], text_len: int
+    model_kwargs: Mapping[str, Any], image_size: int | tuple[int, int] | None, text_len: int
 ) -> dict[str, Any]:
-    """Our two-tower config -> a HF SiglipModel config.json dict (errors if not representable)."""
+    """Our two-tower config -> a HF config.json dict: SiglipModel for a FixRes image tower,
+    Siglip2Model for `kind="naflex"` (image_size is then ignored); errors if not representable.
+    """
+    naflex = variants.image_kind(model_kwargs.get("image")) == "naflex"
     img = variants.image_kwargs(model_kwargs.get("image"))
     txt = variants.text_kwargs(model_kwargs.get("text"))
     out_dim = model_kwargs.get("out_dim")
@@ -117,7 +160,7 @@ def hf_config_from_model(
     problems = []
     if img.get("pool_type") != "map":
         problems.append(f"image pool_type must be 'map' (got {img.get('pool_type', 'gap')!r})")
-    if img.get("posemb", "learn") != "learn":
+    if not naflex and img.get("posemb", "learn") != "learn":
         problems.append("image posemb must be 'learn'")
     if img_dim:
         problems.append(f"image out_dim must be None (HF has no image head), got {img_dim}")
@@ -131,30 +174,35 @@ def hf_config_from_model(
         raise HFCheckpointError("model not representable as HF SiglipModel: " + "; ".join(problems))
     mlp_img = img.get("mlp_dim") or 4 * img["width"]
     mlp_txt = txt.get("mlp_dim") or 4 * txt["width"]
-    ph, pw = _pair(img["patch_size"])
-    ih, iw = _pair(image_size)
+    ph, pw = _pair(img.get("patch_size", 16))
+    ih, iw = (0, 0) if naflex else _pair(image_size)
     if ph != pw or ih != iw:
         raise HFCheckpointError(f"HF SigLIP needs square patches/images, got {ph}x{pw}, {ih}x{iw}")
+    prefix = "siglip2" if naflex else "siglip"
+    vision: dict[str, Any] = {
+        "model_type": f"{prefix}_vision_model", "hidden_size": img["width"],
+        "intermediate_size": mlp_img, "num_hidden_layers": img["depth"],
+        "num_attention_heads": img["num_heads"], "num_channels": 3, "image_size": ih,
+        "patch_size": ph, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
+        "attention_dropout": 0.0, "vision_use_head": True,
+    }  # fmt: skip
+    if naflex:
+        del vision["image_size"]
+        vision["num_patches"] = img.get("posemb_grid", 16) ** 2
     return {
-        "architectures": ["SiglipModel"],
-        "model_type": "siglip",
+        "architectures": ["Siglip2Model" if naflex else "SiglipModel"],
+        "model_type": prefix,
         "initializer_factor": 1.0,
         "dtype": "float32",
         "text_config": {
-            "model_type": "siglip_text_model", "vocab_size": txt["vocab_size"],
+            "model_type": f"{prefix}_text_model", "vocab_size": txt["vocab_size"],
             "hidden_size": txt["width"], "intermediate_size": mlp_txt,
             "num_hidden_layers": txt["depth"], "num_attention_heads": txt["num_heads"],
             "max_position_embeddings": text_len, "hidden_act": "gelu_pytorch_tanh",
             "layer_norm_eps": 1e-6, "attention_dropout": 0.0, "projection_size": txt_dim,
             "pad_token_id": 1, "eos_token_id": 1, "bos_token_id": None,
         },
-        "vision_config": {
-            "model_type": "siglip_vision_model", "hidden_size": img["width"],
-            "intermediate_size": mlp_img, "num_hidden_layers": img["depth"],
-            "num_attention_heads": img["num_heads"], "num_channels": 3, "image_size": ih,
-            "patch_size": ph, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
-            "attention_dropout": 0.0, "vision_use_head": True,
-        },
+        "vision_config": vision,
     }  # fmt: skip
 
 
@@ -214,15 +262,23 @@ def _rules(cfg: Mapping[str, Any]) -> list[tuple[str, str, Fn, Fn]]:
     encoder("text_model.encoder", "txt/Encoder_0", t)
     norm("text_model.final_layer_norm", "txt/Encoder_0/encoder_norm")
     linear("text_model.head", "txt/head")
-    # Image tower. Conv weight (D, C, ph, pw) <-> flax kernel (ph, pw, C, D).
-    conv_to_ours: Fn = lambda w: w.transpose(2, 3, 1, 0)
-    conv_to_hf: Fn = lambda k: k.transpose(3, 2, 0, 1)
-    rules.append(("vision_model.embeddings.patch_embedding.weight", "img/embedding/kernel",
-                  conv_to_ours, conv_to_hf))  # fmt: skip
-    rules.append(("vision_model.embeddings.patch_embedding.bias", "img/embedding/bias",
-                  ident, ident))  # fmt: skip
-    rules.append(("vision_model.embeddings.position_embedding.weight", "img/pos_embedding",
-                  add_dim, drop_dim))  # fmt: skip
+    if is_naflex(cfg):
+        # NaFlex: Linear (D, p·p·C) <-> Dense kernel (p·p·C, D), both over (py, px, c) patches;
+        # position grid (G·G, D) <-> (G, G, D), row-major.
+        linear("vision_model.embeddings.patch_embedding", "img/embedding")
+        g = _posemb_grid(int(v["num_patches"]))
+        rules.append(("vision_model.embeddings.position_embedding.weight", "img/pos_embedding",
+                      lambda w: w.reshape(g, g, -1), lambda p: p.reshape(g * g, -1)))  # fmt: skip
+    else:
+        # Image tower. Conv weight (D, C, ph, pw) <-> flax kernel (ph, pw, C, D).
+        conv_to_ours: Fn = lambda w: w.transpose(2, 3, 1, 0)
+        conv_to_hf: Fn = lambda k: k.transpose(3, 2, 0, 1)
+        rules.append(("vision_model.embeddings.patch_embedding.weight", "img/embedding/kernel",
+                      conv_to_ours, conv_to_hf))  # fmt: skip
+        rules.append(("vision_model.embeddings.patch_embedding.bias", "img/embedding/bias",
+                      ident, ident))  # fmt: skip
+        rules.append(("vision_model.embeddings.position_embedding.weight", "img/pos_embedding",
+                      add_dim, drop_dim))  # fmt: skip
     encoder("vision_model.encoder", "img/Transformer", v)
     norm("vision_model.post_layernorm", "img/Transformer/encoder_norm")
     rules.append(("vision_model.head.probe", "img/MAPHead_0/probe", ident, ident))
@@ -298,7 +354,9 @@ def params_to_hf(params: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str,
     used |= {f"{_MAP_ATTN}/{n}/{p}" for n in names for p in ("kernel", "bias")}
     unused = sorted(set(flat) - used)
     if unused:
-        raise HFCheckpointError(f"params not representable in HF SiglipModel: {unused[:5]}")
+        raise HFCheckpointError(f"params not representable in HF "
+                                f"{'Siglip2Model' if is_naflex(cfg) else 'SiglipModel'}: "
+                                f"{unused[:5]}")
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
@@ -379,10 +437,11 @@ def save_hf(
     directory: str | os.PathLike,
     params: Mapping[str, Any],
     model_kwargs: Mapping[str, Any],
-    image_size: int | tuple[int, int],
+    image_size: int | tuple[int, int] | None,
     text_len: int,
 ) -> None:
-    """Writes config.json + model.safetensors that transformers' SiglipModel loads."""
+    """Writes config.json + model.safetensors that transformers' SiglipModel (FixRes) or
+    Siglip2Model (NaFlex image tower; `image_size` unused, may be None) loads."""
     from safetensors.numpy import save_file
 
     cfg = hf_config_from_model(model_kwargs, image_size, text_len)

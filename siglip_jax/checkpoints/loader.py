@@ -140,19 +140,25 @@ def _orbax_params(item_dir: str) -> dict[str, Any]:
 
 def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     """What a checkpoint says about itself without reading weights: format, model config,
-    image_size (h, w), text_len, tokenizer (file path), run config and workdir where known
-    (else None).
+    image_size (h, w), max_num_patches (NaFlex patch budget), text_len, tokenizer (file path),
+    run config and workdir where known (else None). HF SigLIP 2 NaFlex (Siglip2Model)
+    directories give image_size None and max_num_patches; their sentencepiece file is
+    `tokenizer.model`.
     """
     path = os.fspath(path)
     fmt = detect_format(path)
     info: dict[str, Any] = {"format": fmt, "model": None, "image_size": None, "text_len": None,
-                            "tokenizer": None, "run_config": None, "workdir": None}
+                            "max_num_patches": None, "tokenizer": None, "run_config": None,
+                            "workdir": None}
     if fmt == "hf":
         spec = hf.model_config_from_hf(path)
-        info.update(model=spec["model"], image_size=tuple(spec["image_size"]),
-                    text_len=int(spec["text_len"]))
-        spiece = os.path.join(path, "spiece.model")
-        info["tokenizer"] = spiece if _exists(spiece) else None
+        size = spec["image_size"]
+        info.update(model=spec["model"], image_size=None if size is None else tuple(size),
+                    max_num_patches=spec["max_num_patches"], text_len=int(spec["text_len"]))
+        for name in ("spiece.model", "tokenizer.model"):  # SigLIP, SigLIP 2 (Gemma).
+            if _exists(os.path.join(path, name)):
+                info["tokenizer"] = os.path.join(path, name)
+                break
     elif fmt == "orbax":
         workdir = _orbax_item_dir(path)[1]
         info["workdir"] = workdir

@@ -130,9 +130,8 @@ def _zeroshot(spec: EvalConfig, where: str, embedder: Embedder, source: Any,
               preprocess: Callable, batch_size: int, tokenizer: Any, tok_cfg: TokenizerConfig,
               class_names: list[str], templates: list[str]) -> ZeroShotEvaluator:
     pp_output_spec(source, preprocess, ("image", "label"), where)
-    max_len, eos = tok_cfg.max_len, tok_cfg.eos
     canonicalize = bool(spec.options["canonicalize"])
-    tokenize = lambda texts: tokenizer.encode(texts, max_len, eos, canonicalize=canonicalize)
+    tokenize = lambda texts: tok_cfg.encode(tokenizer, texts, canonicalize=canonicalize)
     return ZeroShotEvaluator(embedder=embedder, class_names=class_names, templates=templates,
                              tokenize=tokenize, every_n_steps=spec.every_n_steps,
                              batches=_batches_fn(source, preprocess, batch_size))

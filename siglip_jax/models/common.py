@@ -6,7 +6,9 @@ checkpoints load without renaming: `MlpBlock_0/Dense_{0,1}`, `LayerNorm_{0,1}`,
 with a leading depth axis when scanned), `encoder_norm`, `MAPHead_0/probe`.
 
 Numerics follow big_vision and Hugging Face SigLIP: pre-LN blocks, LayerNorm eps 1e-6, GELU
-(tanh approximation), attention scaled by 1/sqrt(head_dim), no attention mask.
+(tanh approximation), attention scaled by 1/sqrt(head_dim). No attention mask by default; the
+NaFlex image tower passes an optional key mask [B, L] (True = real token) to the encoder and
+the MAP head so padded tokens are never attended to (big_vision naflex_vit, HF Siglip2).
 """
 
 from __future__ import annotations
@@ -75,8 +77,13 @@ class Encoder1DBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_bxlxd: jax.Array, deterministic: bool = True) -> tuple[jax.Array, None]:
-        """One block; the (carry, None) signature lets nn.scan stack it over depth."""
+    def __call__(
+        self, x_bxlxd: jax.Array, deterministic: bool = True, mask_bxl: jax.Array | None = None
+    ) -> tuple[jax.Array, None]:
+        """One block; the (carry, None) signature lets nn.scan stack it over depth.
+
+        `mask_bxl` (True = real token), if given, hides padded tokens as attention keys.
+        """
         y = nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype)(x_bxlxd)
         y = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads,
@@ -84,7 +91,7 @@ class Encoder1DBlock(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             deterministic=True,
-        )(y, y)
+        )(y, y, mask=key_mask(mask_bxl))
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
         x_bxlxd = x_bxlxd + y
 
@@ -117,8 +124,10 @@ class Encoder(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_bxlxd: jax.Array, deterministic: bool = True) -> jax.Array:
-        """Runs the blocks and the final norm."""
+    def __call__(
+        self, x_bxlxd: jax.Array, deterministic: bool = True, mask_bxl: jax.Array | None = None
+    ) -> jax.Array:
+        """Runs the blocks and the final norm (`mask_bxl`: optional key mask, True = real)."""
         block_cls = Encoder1DBlock
         if self.remat_policy != REMAT_NONE:
             block_cls = nn.remat(
@@ -142,13 +151,24 @@ class Encoder(nn.Module):
                 in_axes=nn.broadcast,
                 length=self.depth,
             )
-            x_bxlxd, _ = scanned(name="encoderblock", **block_kw)(x_bxlxd, deterministic)
+            x_bxlxd, _ = scanned(name="encoderblock", **block_kw)(
+                x_bxlxd, deterministic, mask_bxl
+            )
         else:
             for i in range(self.depth):
-                x_bxlxd, _ = block_cls(name=f"encoderblock_{i}", **block_kw)(x_bxlxd, deterministic)
+                x_bxlxd, _ = block_cls(name=f"encoderblock_{i}", **block_kw)(
+                    x_bxlxd, deterministic, mask_bxl
+                )
         return nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype, name="encoder_norm")(
             x_bxlxd
         )
+
+
+def key_mask(mask_bxl: jax.Array | None) -> jax.Array | None:
+    """Key-padding mask [B, L] (True = real token) -> flax attention mask [B, 1, 1, L]."""
+    if mask_bxl is None:
+        return None
+    return jnp.asarray(mask_bxl, bool)[:, None, None, :]
 
 
 class EncoderSettings(nn.Module):
@@ -192,8 +212,8 @@ class MAPHead(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_bxlxd: jax.Array) -> jax.Array:
-        """Pools [B, L, D] tokens to [B, D]."""
+    def __call__(self, x_bxlxd: jax.Array, mask_bxl: jax.Array | None = None) -> jax.Array:
+        """Pools [B, L, D] tokens to [B, D]; `mask_bxl` (True = real) hides padded tokens."""
         n, _, d = x_bxlxd.shape
         probe_1x1xd = self.param(
             "probe", nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype
@@ -205,7 +225,7 @@ class MAPHead(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             deterministic=True,
-        )(probe_bx1xd, x_bxlxd)
+        )(probe_bx1xd, x_bxlxd, mask=key_mask(mask_bxl))
         y = nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype)(x)
         x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype)(y)
         return x[:, 0]

@@ -1,4 +1,4 @@
-"""Parameter shapes and counts without allocating the model (jax.eval_shape), variant table."""
+"""Parameter shapes and counts without allocating the model (jax.eval_shape), variant tables."""
 
 from __future__ import annotations
 
@@ -9,14 +9,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from siglip_jax.models import variants
+from siglip_jax.models import naflex, variants
 from siglip_jax.models.two_towers import Model
 
 
 def param_shapes(
     model: Model, image_size: int | tuple[int, int] | None, text_len: int | None
 ) -> Any:
-    """The params pytree of `model` as ShapeDtypeStructs (nothing is allocated)."""
+    """The params pytree of `model` as ShapeDtypeStructs (nothing is allocated).
+
+    For a NaFlex image tower `image_size` is the patch budget N (an int; the count does not
+    depend on it); None leaves the image tower out.
+    """
+    if image_size is not None and variants.image_kind(model.image) == "naflex":
+        n = image_size if isinstance(image_size, int) else int(np.prod(image_size))
+        patch = variants.image_kwargs(model.image).get("patch_size", 16)
+        img = naflex.example_input(1, n, patch)
+        txt = None if text_len is None else jax.ShapeDtypeStruct((1, text_len), jnp.int32)
+        return jax.eval_shape(model.init, jax.random.key(0), img, txt)["params"]
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     img = None if image_size is None else jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
@@ -56,6 +66,32 @@ def seed_table() -> list[dict[str, Any]]:
         )
         rows.append(dict(name=name, card_params_m=seed["card_params_m"], **counts))
     return rows
+
+
+def siglip2_table() -> list[dict[str, Any]]:
+    """Measured parameter counts of every SigLIP 2 checkpoint in variants.SIGLIP2_SEEDS."""
+    rows = []
+    for name, seed in variants.SIGLIP2_SEEDS.items():
+        counts = count_model_params(
+            {**seed["image"], "scan": True}, {**seed["text"], "scan": True}, seed["out_dim"],
+            seed["image_size"] or seed["max_num_patches"], seed["text_len"],
+        )  # fmt: skip
+        rows.append(dict(name=name, card_image_m=seed["card_image_m"], **counts))
+    return rows
+
+
+def siglip2_markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Renders siglip2_table() rows as Markdown (docs/siglip2.md)."""
+    lines = [
+        "| checkpoint | image tower | text tower | total (ours) | card: vision encoder |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['img'] / 1e6:.1f} M | {r['txt'] / 1e6:.1f} M "
+            f"| {r['total'] / 1e6:.1f} M | {r['card_image_m']} M |"
+        )
+    return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

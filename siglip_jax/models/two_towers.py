@@ -5,6 +5,10 @@ train=False)` returns `(zimg_bxd | None, ztxt_bxd | None, out)`: the embeddings 
 L2-normalised as z / (||z|| + 1e-8) in float32; out["t_prime"] is the raw log-temperature
 (scalar), out["t"] = exp(t'), out["b"] the bias (scalar; only when bias_init is not None).
 Logits are `exp(t') * zimg @ ztxt.T + b`. Params: img, txt, t (1,), b (1,) as in big_vision.
+
+The image tower is picked by `image["kind"]`: "vit" (FixRes, default) takes images
+[B, H, W, 3]; "naflex" (SigLIP 2 NaFlex, models/naflex.py) takes a dict {"patches"
+[B, N, p·p·3], "mask" [B, N] (True = real patch), "spatial_shapes" [B, 2] (h, w)}.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 
 from siglip_jax.models import variants
 from siglip_jax.models.common import l2_normalize
+from siglip_jax.models.naflex import NaFlexViT
 from siglip_jax.models.text import TextTransformer
 from siglip_jax.models.vit import ViT
 
@@ -31,9 +36,12 @@ def out_dims(out_dim: int | tuple[int | None, int | None] | None) -> tuple[Any, 
     return (img_dim, txt_dim)
 
 
-def image_tower(cfg: Mapping[str, Any] | None, out_dim: int | None, **kw: Any) -> ViT:
-    """Builds the ViT from an image config Mapping (variant + overrides)."""
-    return ViT(num_classes=out_dim, **variants.image_kwargs(cfg), **kw)
+def image_tower(
+    cfg: Mapping[str, Any] | None, out_dim: int | None, **kw: Any
+) -> ViT | NaFlexViT:
+    """Builds the image tower (ViT or NaFlexViT, by `kind`) from an image config Mapping."""
+    tower_cls = NaFlexViT if variants.image_kind(cfg) == "naflex" else ViT
+    return tower_cls(num_classes=out_dim, **variants.image_kwargs(cfg), **kw)
 
 
 def text_tower(cfg: Mapping[str, Any] | None, out_dim: int | None, **kw: Any) -> TextTransformer:
@@ -66,9 +74,13 @@ class Model(nn.Module):
             self.b = self.param("b", lambda _, s, d: jnp.full(s, b_init, d), (1,), jnp.float32)
 
     def __call__(
-        self, image: jax.Array | None, text: jax.Array | None = None, *, train: bool = False
+        self,
+        image: jax.Array | Mapping[str, jax.Array] | None,
+        text: jax.Array | None = None,
+        *,
+        train: bool = False,
     ) -> tuple[jax.Array | None, jax.Array | None, dict[str, Any]]:
-        """Embeds images [B,H,W,3] and/or token ids [B,L]; either may be None."""
+        """Embeds images ([B,H,W,3] or a NaFlex dict) and/or token ids [B,L]; either may be None."""
         out: dict[str, Any] = {}
         zimg_bxd = ztxt_bxd = None
         if image is not None:

@@ -1,10 +1,13 @@
 """Model size names ("B/16", "L/16", "So400m/14", text "B", ...) and tower-config validation.
 
 `decode_variant("So400m/14")` gives width/depth/mlp_dim/num_heads (+ patch_size); the tables are
-big_vision's (`vit.decode_variant`, Table 2 of arXiv:2106.04560) plus our tiny test size "mu".
-`image_kwargs` / `text_kwargs` turn a tower config Mapping (the `image` / `text` dicts of the
-two-towers model) into constructor keyword arguments: variant fields fill the defaults,
-explicit keys override them, keys set to None count as unset, unknown keys raise.
+big_vision's (`vit.decode_variant`, Table 2 of arXiv:2106.04560; "g-opt" = SigLIP 2's giant
+tower, width 1536, depth 40, MLP 6144, 16 heads, from the same big_vision table) plus our tiny
+test size "mu". `image_kwargs` / `text_kwargs` turn a tower config Mapping (the `image` / `text`
+dicts of the two-towers model) into constructor keyword arguments: variant fields fill the
+defaults, explicit keys override them, keys set to None count as unset, unknown keys raise.
+The image `kind` ("vit" = FixRes, default; "naflex" = SigLIP 2 NaFlex) picks the tower class
+(`image_kind`); `posemb_grid` (the learned G×G position grid) exists only for NaFlex.
 """
 
 from __future__ import annotations
@@ -25,23 +28,29 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
     "So400m": (1152, 27, 4304, 16),
     "H": (1280, 32, 5120, 16),
     "g": (1408, 40, 6144, 16),
+    "g-opt": (1536, 40, 6144, 16),
     "G": (1664, 48, 8192, 16),
     "e": (1792, 56, 15360, 16),
 }
 
+IMAGE_KINDS = ("vit", "naflex")
+NAFLEX_ONLY_KEYS = ("posemb_grid",)
 
 
-def _tower_keys(tower_cls: type) -> tuple[str, ...]:
+def _tower_keys(*tower_classes: type) -> tuple[str, ...]:
     from siglip_jax.models.common import setting_names
 
-    return ("variant", *(k for k in setting_names(tower_cls) if k != "num_classes"))
+    keys = dict.fromkeys(k for cls in tower_classes for k in setting_names(cls))
+    return ("variant", *(k for k in keys if k != "num_classes"))
 
 
 def image_keys() -> tuple[str, ...]:
-    """Valid keys of an image tower config: "variant" plus the ViT's settings."""
+    """Valid keys of an image tower config: "variant", "kind" and the towers' settings (ViT's;
+    NaFlexViT's for kind="naflex")."""
+    from siglip_jax.models.naflex import NaFlexViT
     from siglip_jax.models.vit import ViT
 
-    return _tower_keys(ViT)
+    return ("kind", *_tower_keys(ViT, NaFlexViT))
 
 
 def text_keys() -> tuple[str, ...]:
@@ -100,9 +109,31 @@ def _resolve(cfg: Mapping[str, Any] | None, valid: tuple[str, ...], tower: str) 
     return kw
 
 
+def image_kind(cfg: Mapping[str, Any] | None) -> str:
+    """The image tower kind of a config: "vit" (FixRes, the default) or "naflex"."""
+    kind = _items(cfg).get("kind") or "vit"
+    if kind not in IMAGE_KINDS:
+        raise ConfigKeyError(f"unknown image kind {kind!r}; valid: {list(IMAGE_KINDS)}")
+    return kind
+
+
 def image_kwargs(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Image tower config (keys image_keys()) -> `vit.ViT` keyword arguments."""
-    return _resolve(cfg, image_keys(), "image")
+    """Image tower config (keys image_keys()) -> `vit.ViT` / `naflex.NaFlexViT` keyword arguments.
+
+    `kind` is not included (see `image_kind`); NaFlex-only keys on a FixRes tower raise, and
+    a NaFlex tower has only the learned position grid (posemb must be unset or "learn").
+    """
+    kind = image_kind(cfg)
+    kw = _resolve(cfg, image_keys(), "image")
+    kw.pop("kind", None)
+    if kind == "vit":
+        bad = sorted(set(kw) & set(NAFLEX_ONLY_KEYS))
+        if bad:
+            raise ConfigKeyError(f"image config key(s) {bad} need kind='naflex' (got 'vit')")
+    else:
+        if kw.pop("posemb", "learn") != "learn":
+            raise ConfigKeyError("image kind 'naflex' supports only posemb='learn' (a G×G grid)")
+    return kw
 
 
 def text_kwargs(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -133,4 +164,53 @@ SIGLIP_SEEDS: dict[str, dict[str, Any]] = {
     "siglip-large-patch16-384": _seed("L", 16, 384, 652),
     "siglip-so400m-patch14-224": _seed("So400m", 14, 224, 877),
     "siglip-so400m-patch14-384": _seed("So400m", 14, 384, 878),
+}
+
+
+# SigLIP 2 checkpoints (big_vision README_siglip2.md; HF google/<name>). Architecture facts:
+# FixRes = SigLIP's (vit.py + two_towers.py, HF SiglipModel) with a 256k Gemma vocabulary and
+# 64 text tokens; the text tower has the image tower's size, except g-opt whose image tower is
+# paired with a So400m text tower projected to 1536 (big_vision SigLIP2_demo.ipynb: "The g-opt
+# vision encoder is paired with a So400m text encoder", out_dim=[None, EMBDIM] with EMBDIM
+# 1536); NaFlex (HF Siglip2Model, big_vision naflex_vit.py with nposemb=16, posemb learn_2d)
+# has a 16x16 learned position grid and is evaluated at 256 patches. `card_image_m` is the
+# vision-encoder size the README states (ViT-B 86M, L 303M, So400m 400M, g-opt 1B).
+SIGLIP2_VOCAB = 256_000
+_CARD_IMAGE_M = {"B": 86, "L": 303, "So400m": 400, "g-opt": 1000}
+
+
+def _seed2(size: str, patch: int, res: int | None) -> dict[str, Any]:
+    text_size = "So400m" if size == "g-opt" else size
+    image: dict[str, Any] = dict(variant=f"{size}/{patch}", pool_type="map")
+    if res is None:
+        image.update(kind="naflex", posemb_grid=16)
+    return dict(
+        image=image,
+        text=dict(variant=text_size, vocab_size=SIGLIP2_VOCAB),
+        out_dim=(None, SIZES[size][0]),
+        image_size=res,
+        max_num_patches=256 if res is None else None,
+        text_len=64,
+        card_image_m=_CARD_IMAGE_M[size],
+    )
+
+
+SIGLIP2_SEEDS: dict[str, dict[str, Any]] = {
+    "siglip2-base-patch16-224": _seed2("B", 16, 224),
+    "siglip2-base-patch16-256": _seed2("B", 16, 256),
+    "siglip2-base-patch16-384": _seed2("B", 16, 384),
+    "siglip2-base-patch16-512": _seed2("B", 16, 512),
+    "siglip2-base-patch32-256": _seed2("B", 32, 256),
+    "siglip2-large-patch16-256": _seed2("L", 16, 256),
+    "siglip2-large-patch16-384": _seed2("L", 16, 384),
+    "siglip2-large-patch16-512": _seed2("L", 16, 512),
+    "siglip2-so400m-patch14-224": _seed2("So400m", 14, 224),
+    "siglip2-so400m-patch14-384": _seed2("So400m", 14, 384),
+    "siglip2-so400m-patch16-256": _seed2("So400m", 16, 256),
+    "siglip2-so400m-patch16-384": _seed2("So400m", 16, 384),
+    "siglip2-so400m-patch16-512": _seed2("So400m", 16, 512),
+    "siglip2-giant-opt-patch16-256": _seed2("g-opt", 16, 256),
+    "siglip2-giant-opt-patch16-384": _seed2("g-opt", 16, 384),
+    "siglip2-base-patch16-naflex": _seed2("B", 16, None),
+    "siglip2-so400m-patch16-naflex": _seed2("So400m", 16, None),
 }

@@ -101,11 +101,39 @@ def infer_image_size(run: RunConfig) -> tuple[int, int] | None:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def batch_shapes(run: RunConfig, image_hw: tuple[int, int], batch: int | None = None
-                 ) -> BatchShapes:
-    """The global batch's shapes: images [B, H, W, 3] and token ids [B, max_len]."""
+def naflex_budget(run: RunConfig) -> tuple[int, int] | None:
+    """(patch size, max_num_patches) of the input pp's `patchify` op (a NaFlex pipeline), or
+    None when the pp has none (fixed-resolution images)."""
+    from siglip_jax.data import pp
+
+    try:
+        calls = pp.parse(run.input.pp)
+    except pp.PPError:
+        return None
+    for call in calls:
+        if call.name == "patchify":
+            names = ("patch_size", "max_num_patches")
+            bound = dict(zip(names, call.args[:2], strict=False)) | call.kwargs
+            return int(bound["patch_size"]), int(bound["max_num_patches"])
+    return None
+
+
+def input_shapes(run: RunConfig, batch: int | None = None) -> BatchShapes | None:
+    """The global batch's shapes without reading data: images [B, H, W, 3] (or the NaFlex dict
+    {"patches" [B, N, p·p·3], "mask" [B, N], "spatial_shapes" [B, 2]}) and token ids
+    [B, max_len]; None when the pp does not say the image size."""
     batch = run.input.global_batch if batch is None else batch
-    return {"image": (batch, *image_hw, 3), "labels": (batch, run.tokenizer.max_len)}
+    budget = naflex_budget(run)
+    if budget is not None:
+        patch, num = budget
+        image: Any = {"patches": (batch, num, patch * patch * 3), "mask": (batch, num),
+                      "spatial_shapes": (batch, 2)}
+    else:
+        image_hw = infer_image_size(run)
+        if image_hw is None:
+            return None
+        image = (batch, *image_hw, 3)
+    return {"image": image, "labels": (batch, run.tokenizer.max_len)}
 
 
 def build_input(run: RunConfig, mesh: Any, start_step: int, *, source: Any = None,
@@ -204,7 +232,7 @@ def build_step(config: RunConfig | Any, mesh: Any, shapes: Mapping[str, Sequence
     from siglip_jax.sharding import batch_sharding
 
     run = parse(config)
-    shapes = {k: tuple(v) for k, v in shapes.items()}
+    shapes = {k: v if isinstance(v, Mapping) else tuple(v) for k, v in shapes.items()}
     model = make_model(run.model)
     abstract_params = step_lib.abstract_params(model, shapes)
     tx, lr_fn = make_optimizer(run.optim, abstract_params, run.total_steps)
@@ -219,14 +247,19 @@ def build_step(config: RunConfig | Any, mesh: Any, shapes: Mapping[str, Sequence
     return StepParts(model, tx, lr_fn, frozen, abstract, shardings, data_sharding, step_fn)
 
 
-def abstract_batch(parts: StepParts, shapes: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+def abstract_batch(parts: StepParts, shapes: Mapping[str, Any]) -> dict[str, Any]:
     """ShapeDtypeStructs of a global batch with the step's data shardings (for `.lower`)."""
     import jax
     import jax.numpy as jnp
 
-    dtypes = {"image": jnp.float32, "labels": jnp.int32}
-    return {k: jax.ShapeDtypeStruct(tuple(v), dtypes.get(k, jnp.float32),
-                                    sharding=parts.data_sharding[k]) for k, v in shapes.items()}
+    dtypes = {"labels": jnp.int32, "mask": jnp.bool_, "spatial_shapes": jnp.int32}
+
+    def leaf(key: str, shape: Sequence[int], sharding: Any) -> Any:
+        return jax.ShapeDtypeStruct(tuple(shape), dtypes.get(key, jnp.float32), sharding=sharding)
+
+    return {k: {kk: leaf(kk, vv, parts.data_sharding[k]) for kk, vv in v.items()}
+            if isinstance(v, Mapping) else leaf(k, v, parts.data_sharding[k])
+            for k, v in shapes.items()}
 
 
 def init_state(run: RunConfig, parts: StepParts, mesh: Any, shapes: Mapping[str, Any],

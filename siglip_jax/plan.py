@@ -164,9 +164,10 @@ class Tower:
     vocab_size: int | None = None  # Text tower only.
 
 
-def towers_from_model(model: Any, image_hw: tuple[int, int], text_len: int
+def towers_from_model(model: Any, image: tuple[int, int] | int, text_len: int
                       ) -> tuple[Tower, Tower]:
-    """The image and text Tower of a two-towers model at the given input sizes."""
+    """The image and text Tower of a two-towers model at the given input sizes (`image`: the
+    (H, W) of fixed-resolution images, or a NaFlex patch budget N)."""
     import jax.numpy as jnp
 
     from siglip_jax.models.two_towers import towers
@@ -174,7 +175,8 @@ def towers_from_model(model: Any, image_hw: tuple[int, int], text_len: int
     vit, txt = towers(model)
     ph, pw = (vit.patch_size, vit.patch_size) if isinstance(vit.patch_size, int) \
         else tuple(vit.patch_size)
-    tokens = (image_hw[0] // ph) * (image_hw[1] // pw) + (1 if vit.pool_type == "tok" else 0)
+    tokens = image if isinstance(image, int) else (image[0] // ph) * (image[1] // pw)
+    tokens += 1 if vit.pool_type == "tok" else 0
 
     def nbytes(dtype: Any) -> int:
         return jnp.dtype(dtype or jnp.float32).itemsize
@@ -252,6 +254,8 @@ class Plan:
     batch_axes: tuple[str, ...] = ()
     params: dict[str, int] = dataclasses.field(default_factory=dict)
     image_hw: tuple[int, int] | None = None
+    image_tokens: int | None = None  # NaFlex: the patch budget N.
+    example_bytes: int = 0  # One preprocessed example (image + token ids).
     text_len: int | None = None
     global_batch: int = 0
     accum: int = 1
@@ -409,21 +413,27 @@ def _step_parts(run: RunConfig, plan: Plan) -> Any:
     mesh of the slice's shape; None (with the errors noted) if the config cannot build them."""
     from jax.sharding import AbstractMesh
 
-    from siglip_jax.experiment import batch_shapes, build_step, infer_image_size
+    from siglip_jax.experiment import build_step, input_shapes
     from siglip_jax.optim import frozen_group_problems
     from siglip_jax.sharding import ShardingError, tree_paths
 
-    plan.image_hw = infer_image_size(run)
     plan.text_len = run.tokenizer.max_len
-    if plan.image_hw is None:
+    shapes = input_shapes(run, max(1, plan.global_batch // plan.accum))
+    if shapes is None:
         plan.errors.append("cannot tell the training image size: input.pp has no resize/crop "
-                           "op and input.data has no image_size")
+                           "or patchify op and input.data has no image_size")
         return None
+    image = shapes["image"]
+    plan.image_hw = None if isinstance(image, dict) else tuple(image[1:3])
+    plan.image_tokens = image["mask"][1] if isinstance(image, dict) else None
+    plan.example_bytes = 4 * plan.text_len + (
+        4 * math.prod(image["patches"][1:]) + image["mask"][1] + 8 if isinstance(image, dict)
+        else 4 * math.prod(image[1:]))
     mesh = AbstractMesh(tuple(plan.mesh.values()), tuple(plan.mesh))
-    micro = max(1, plan.global_batch // plan.accum)
     try:
-        parts = build_step(run, mesh, batch_shapes(run, plan.image_hw, micro))
-        plan.towers = towers_from_model(parts.model, plan.image_hw, plan.text_len)
+        parts = build_step(run, mesh, shapes)
+        plan.towers = towers_from_model(parts.model, plan.image_tokens or plan.image_hw,
+                                        plan.text_len)
     except ShardingError as e:
         plan.errors.append(f"sharding_rules: {e}")
         return None
@@ -471,8 +481,7 @@ def _memory(run: RunConfig, plan: Plan, parts: Any) -> None:
     plan.bytes["activations"] = kept + working
     plan.bytes["loss"] = loss_bytes(micro, plan.global_batch // plan.accum, _embed_dim(plan),
                                     run.loss.impl)
-    per_example = plan.image_hw[0] * plan.image_hw[1] * 3 * 4 + plan.text_len * 4
-    plan.bytes["input batch"] = int(plan.per_device_batch) * per_example  # All micro-batches.
+    plan.bytes["input batch"] = int(plan.per_device_batch) * plan.example_bytes  # All micros.
     topology = plan.topology
     if plan.memory_total > topology.hbm_bytes:
         parts_text = ", ".join(f"{k} {_gib(v)}" for k, v in plan.bytes.items())

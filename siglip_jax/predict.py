@@ -175,16 +175,24 @@ class Predictor:
         if not opened.tokenizer:
             raise PredictError(f"checkpoint {checkpoint!r} has no tokenizer (spiece.model); "
                                "pass tokenizer= (a sentencepiece .model file)")
-        if opened.image_size is None:
+        hf_dir = opened.path if opened.format == "hf" else None
+        if opened.is_naflex:
+            patch = opened.model_config["image"].get("patch_size", 16)
+            has_file = bool(hf_dir) and os.path.isfile(os.path.join(hf_dir, PREPROCESSOR_FILE))
+            self.image_settings = naflex_settings(  # The directory's processor file decides.
+                hf_dir, max_num_patches=None if has_file else opened.max_num_patches,
+                patch_size=None if has_file else patch if isinstance(patch, int)
+                else int(patch[0]))
+        elif opened.image_size is None:
             raise PredictError("cannot tell the model's image size (no learned square position "
                                "embedding); pass image_size=")
+        else:
+            self.image_settings = image_preprocessing(hf_dir, opened.image_size)
+        self.opened = opened
         self.tokenizer = Tokenizer(opened.tokenizer)
         self.text_len = opened.text_len
-        self.eos = opened.eos
         self.model = opened.make_model()
         self.params = opened.fitted_params()
-        self.image_settings = image_preprocessing(
-            opened.path if opened.format == "hf" else None, opened.image_size)
         self._apply = jax.jit(self._forward)
 
     def _forward(self, params, images, texts):
@@ -196,8 +204,14 @@ class Predictor:
         return logits + out.get("b", 0.0)
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
-        """Token ids [N, text_len] (canonicalised, sticky EOS) of the given texts."""
-        return self.tokenizer.encode(list(texts), self.text_len, self.eos, canonicalize=True)
+        """Token ids [N, text_len] of the texts, by the checkpoint's text convention."""
+        return self.opened.encode_texts(self.tokenizer, texts)
+
+    def preprocess(self, images: Sequence[Any]) -> Any:
+        """Model inputs of the images: [N, H, W, 3], or the NaFlex patch dict."""
+        if self.opened.is_naflex:
+            return preprocess_images_naflex(images, self.image_settings)
+        return preprocess_images(images, self.image_settings)
 
     def __call__(self, images: Sequence[Any], labels: Sequence[str], *,
                  template: str = DEFAULT_TEMPLATE, batch_size: int = 32) -> dict[str, Any]:
@@ -214,7 +228,7 @@ class Predictor:
         tokens = self.tokenize(texts)
         rows = []
         for start in range(0, len(images), batch_size):
-            pixels = preprocess_images(images[start:start + batch_size], self.image_settings)
+            pixels = self.preprocess(images[start:start + batch_size])
             rows.append(np.asarray(self._apply(self.params, pixels, tokens)))
         logits = np.concatenate(rows).astype(np.float32)
         probs = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)

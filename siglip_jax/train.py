@@ -202,7 +202,7 @@ def _set_up(run: RunConfig, mesh: Any, checkpointer: Any, log: Any) -> _Setup:
     start_step = checkpointer.latest_step() or 0
     batches, tokenizer, source = experiment.build_input(run, mesh, start_step)
     first = next(batches)
-    shapes = {k: (v.shape[0] * jax.process_count(), *v.shape[1:]) for k, v in first.items()}
+    shapes = jax.tree.map(lambda v: (v.shape[0] * jax.process_count(), *v.shape[1:]), first)
     parts = experiment.build_step(run, mesh, shapes)
     if start_step:  # Straight into the target shardings: no random init held alongside.
         state = checkpointer.restore(parts.abstract_state, start_step)

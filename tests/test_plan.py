@@ -346,7 +346,7 @@ def test_planner_bytes_are_the_trainers_sharded_abstract_state():
     p = demo_plan(overrides)
     run = parse(load_config(DEMO, overrides))
     mesh = run.mesh.make()
-    parts = experiment.build_step(run, mesh, experiment.batch_shapes(run, (32, 32)))
+    parts = experiment.build_step(run, mesh, experiment.input_shapes(run))
     device = mesh.devices.flat[0]
 
     def device_bytes(abstract):

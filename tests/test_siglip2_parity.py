@@ -336,3 +336,31 @@ def test_naflex_equals_fixres_vit_on_a_full_square_grid():
     nf_params = {**params, "img": naflex.image_params_from_fixres(params["img"])}
     zi_nf, _, _ = Model(**nf).apply({"params": nf_params}, image, None)
     np.testing.assert_allclose(np.asarray(zi_nf), np.asarray(zi_fix), atol=1e-5)
+
+
+def test_predict_on_a_siglip2_directory_matches_pytorch(naflex_dir, tmp_path):
+    """predict() on a Siglip2Model directory with a Gemma-layout tokenizer.model: NaFlex
+    preprocessing from preprocessor_config.json and siglip2 text rules, equal to HF's
+    processor + Siglip2Model."""
+    import shutil
+
+    from siglip_jax.data.tokenizer import Tokenizer, train_sentencepiece
+    from siglip_jax.predict import Predictor
+
+    src, model = naflex_dir
+    path = tmp_path / "siglip2"
+    shutil.copytree(src, path)
+    words = [f"w{i}" for i in range(120)] + ["cat", "dog", "a", "photo", "of"]
+    train_sentencepiece([" ".join(words[i:i + 7]) for i in range(len(words))], 299,
+                        str(path / "tokenizer.model"), layout="gemma")
+    proc = transformers.Siglip2ImageProcessorPil(patch_size=4, max_num_patches=MAX_PATCHES)
+    proc.save_pretrained(path)
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in SIZES_HW]
+    result = Predictor(str(path))(images, ["cat", "dog"], template="a photo of a {}.")
+
+    feats = proc([Image.fromarray(x) for x in images], return_tensors="np")
+    ids = Tokenizer(str(path / "tokenizer.model")).encode_as(
+        ["a photo of a cat.", "a photo of a dog."], "siglip2", TEXT["max_position_embeddings"])
+    want = _hf_naflex(model, feats, ids.astype(np.int64))
+    np.testing.assert_allclose(result["logits"], want[2], atol=1e-4)

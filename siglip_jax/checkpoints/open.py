@@ -48,6 +48,21 @@ class OpenedModel:
     text_len: int | None
     eos: str = "sticky"
     run_config: Mapping[str, Any] | None = None
+    max_num_patches: int | None = None  # NaFlex models: the patch budget of the checkpoint.
+    convention: str = ""  # Text rules for prompts: "siglip", "siglip2" or "" (eos + canonical).
+
+    @property
+    def is_naflex(self) -> bool:
+        """Whether the image tower takes NaFlex patch inputs."""
+        from siglip_jax.models import variants
+
+        return variants.image_kind(self.model_config.get("image")) == "naflex"
+
+    def encode_texts(self, tokenizer: Any, texts: Any) -> Any:
+        """Token ids [N, text_len] of prompts, by this checkpoint's text convention."""
+        if self.convention:
+            return tokenizer.encode_as(list(texts), self.convention, self.text_len)
+        return tokenizer.encode(list(texts), self.text_len, self.eos, canonicalize=True)
 
     def make_model(self) -> Any:
         """The two-towers flax Model of this checkpoint."""
@@ -59,6 +74,8 @@ class OpenedModel:
         """The model's parameter shapes (ShapeDtypeStructs) at this checkpoint's input sizes."""
         from siglip_jax.models.params import param_shapes
 
+        if self.is_naflex and self.text_len is not None:  # NaFlex: sized by the patch budget.
+            return param_shapes(self.make_model(), self.max_num_patches or 256, self.text_len)
         if self.image_size is None or self.text_len is None:
             raise loader.CheckpointFormatError(
                 f"checkpoint {self.path!r}: image size or text length unknown; pass them as "
@@ -92,6 +109,8 @@ def open_model(path: str | os.PathLike, overrides: Mapping[str, Any] | None = No
     unknown = sorted((set(overrides) | set(defaults)) - set(OVERRIDE_KEYS))
     if unknown:
         raise ValueError(f"open_model: unknown key {unknown[0]!r}; valid: {OVERRIDE_KEYS}")
+    from siglip_jax.models import variants
+
     path = resolve_path(path)
     info = loader.checkpoint_info(path)
     params = loader.load_params(path)[0] if read_params or info["format"] == "npz" else None
@@ -110,7 +129,8 @@ def open_model(path: str | os.PathLike, overrides: Mapping[str, Any] | None = No
         raise loader.CheckpointFormatError(f"checkpoint {path!r} ({info['format']}) carries no "
                                            "model config; pass overrides={'model': ...}")
     model_config = dict(chosen["model"])
-    if chosen["image_size"] is None and params is not None:
+    naflex = variants.image_kind(model_config.get("image")) == "naflex"
+    if chosen["image_size"] is None and params is not None and not naflex:
         chosen["image_size"] = _image_size_from_params(params, model_config)
     size = chosen["image_size"]
     if isinstance(size, int):
@@ -120,7 +140,26 @@ def open_model(path: str | os.PathLike, overrides: Mapping[str, Any] | None = No
         params=params if read_params else None, tokenizer=chosen["tokenizer"] or None,
         image_size=None if size is None else (int(size[0]), int(size[1])),
         text_len=None if chosen["text_len"] is None else int(chosen["text_len"]),
-        eos=chosen["eos"] or "sticky", run_config=run)
+        eos=chosen["eos"] or "sticky", run_config=run,
+        max_num_patches=info.get("max_num_patches"),
+        convention=_convention(info, model_config, chosen["tokenizer"]))
+
+
+def _convention(info: Mapping[str, Any], model_config: Mapping[str, Any],
+                tokenizer: str | None) -> str:
+    """How the checkpoint's prompts are tokenized: our run's tokenizer.convention; for a
+    Hugging Face directory "siglip2" when it is a SigLIP 2 model (Siglip2Model, or a Gemma
+    `tokenizer.model`), else "siglip"; "" (the run's eos + canonicalisation) otherwise."""
+    run = info.get("run_config")
+    if run is not None:
+        return (run.get("tokenizer") or {}).get("convention") or ""
+    if info["format"] != "hf":
+        return ""
+    from siglip_jax.models import variants
+
+    gemma = bool(tokenizer) and os.path.basename(tokenizer) == "tokenizer.model"
+    naflex = variants.image_kind(model_config.get("image")) == "naflex"
+    return "siglip2" if gemma or naflex else "siglip"
 
 
 def _first(*values: Any) -> Any:

@@ -1,11 +1,11 @@
 """big_vision .npz import/export: key layout, scanned <-> unscanned bit-exact round trips,
 mismatch errors, no pickle, posemb resampling."""
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from checks import assert_bit_equal
 
 from siglip_jax.checkpoints import big_vision as bv
 from siglip_jax.models.two_towers import Model
@@ -32,18 +32,6 @@ def _init(model, hw=16):
     shapes = jax.eval_shape(model.init, jax.random.key(0), img, txt)["params"]
     rng = np.random.default_rng(0)
     return jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), shapes)
-
-
-def _flat(tree):
-    return {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree).items()}
-
-
-def _assert_bit_equal(a, b):
-    fa, fb = _flat(a), _flat(b)
-    assert sorted(fa) == sorted(fb)
-    for k in fa:
-        assert fa[k].dtype == fb[k].dtype and fa[k].shape == fb[k].shape, k
-        assert fa[k].tobytes() == fb[k].tobytes(), k
 
 
 def test_saved_keys_follow_big_vision_layout(tmp_path):
@@ -79,12 +67,12 @@ def test_round_trips_scanned_unscanned_are_bit_exact(tmp_path):
     )
     bv.save_npz(tmp_path / "b.npz", p_scan)  # Scanned file.
     back = bv.load_npz(tmp_path / "b.npz", params)
-    _assert_bit_equal(back, params)
+    assert_bit_equal(back, params)
     # A mixed target (image scanned, text not) takes each encoder's own layout.
     p_mixed = bv.load_npz(tmp_path / "b.npz", _init(mixed))
     assert "encoderblock" in p_mixed["img"]["Transformer"]
     assert "encoderblock_1" in p_mixed["txt"]["Encoder_0"]
-    _assert_bit_equal(bv.to_layout(p_mixed, scanned=False), params)
+    assert_bit_equal(bv.to_layout(p_mixed, scanned=False), params)
     # The loaded scanned params give the unscanned model's embeddings.
     img, txt = _inputs()
     z0 = jax.jit(plain.apply)({"params": params}, img, txt)
@@ -106,7 +94,7 @@ def test_bfloat16_params_round_trip_exactly(tmp_path):
     bv.save_npz(tmp_path / "a.npz", params)
     with np.load(tmp_path / "a.npz", allow_pickle=False) as f:
         assert f["params/t"].dtype == np.float32
-    _assert_bit_equal(bv.load_npz(tmp_path / "a.npz", params), params)
+    assert_bit_equal(bv.load_npz(tmp_path / "a.npz", params), params)
 
 
 def test_shape_mismatch_lists_keys_and_both_shapes(tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from checks import assert_bit_equal
 
 from siglip_jax.checkpoints import hf
 from siglip_jax.models import params as P
@@ -63,14 +64,6 @@ def _ours(params, model_kwargs, img, txt):
     return np.asarray(zimg), np.asarray(ztxt), np.asarray(logits)
 
 
-def _bit_equal(a, b):
-    fa, fb = hf.bv.flatten(a, ""), hf.bv.flatten(b, "")
-    assert sorted(fa) == sorted(fb)
-    for k in fa:
-        x, y = np.asarray(fa[k]), np.asarray(fb[k])
-        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), k
-
-
 def test_loaded_model_matches_pytorch(hf_dir):
     path, torch_model = hf_dir
     params, spec = hf.load_hf(path)
@@ -107,7 +100,7 @@ def test_round_trip_ours_hf_ours_is_bit_exact_and_hf_reads_it(hf_dir, tmp_path):
     params = {**jax.tree.map(lambda x: (x * 1.5).astype(np.float32), params), "t": params["t"]}
     hf.save_hf(tmp_path, params, spec["model"], spec["image_size"], spec["text_len"])
     back, spec2 = hf.load_hf(tmp_path)
-    _bit_equal(back, params)
+    assert_bit_equal(back, params)
     assert spec2 == spec
     # transformers reads our directory with no missing/unexpected keys and computes our logits.
     reloaded, info = transformers.SiglipModel.from_pretrained(tmp_path, output_loading_info=True)

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from checks import assert_bit_equal
 from PIL import Image
 from transformers.models.siglip2.image_processing_pil_siglip2 import convert_image_to_patches
 
@@ -86,14 +87,6 @@ def _ours(params, model_kwargs, image, txt):
         {"params": params}, image, txt.astype(np.int32))
     logits = out["t"] * np.asarray(zimg) @ np.asarray(ztxt).T + out["b"]
     return np.asarray(zimg), np.asarray(ztxt), np.asarray(logits)
-
-
-def _bit_equal(a, b):
-    fa, fb = bv.flatten(a, ""), bv.flatten(b, "")
-    assert sorted(fa) == sorted(fb)
-    for k in fa:
-        x, y = np.asarray(fa[k]), np.asarray(fb[k])
-        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), k
 
 
 def test_batch_mixes_aspect_ratios_with_padding(naflex_batch):
@@ -176,7 +169,7 @@ def test_naflex_round_trip_hf_and_npz_bit_exact(naflex_dir, naflex_batch, tmp_pa
     out = tmp_path / "hf"
     hf.save_hf(out, params, spec["model"], None, spec["text_len"])
     back, spec2 = hf.load_hf(out)
-    _bit_equal(back, params)
+    assert_bit_equal(back, params)
     assert spec2 == spec
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Siglip2Model"]
     reloaded, info = transformers.Siglip2Model.from_pretrained(out, output_loading_info=True)
@@ -192,7 +185,7 @@ def test_naflex_round_trip_hf_and_npz_bit_exact(naflex_dir, naflex_batch, tmp_pa
     npz, model_cfg = loader.load_params(tmp_path / "naflex.npz", spec["model"])
     stacked = npz["img"]["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
     assert stacked.shape[0] == 3  # Depth axis first, as big_vision's scanned checkpoints.
-    _bit_equal(bv.to_layout(npz, scanned=False), params)
+    assert_bit_equal(bv.to_layout(npz, scanned=False), params)
     assert model_cfg == spec["model"]
 
 
@@ -259,9 +252,9 @@ def test_fixres_siglip2_matches_pytorch_and_round_trips(fixres_dir, tmp_path):
     np.testing.assert_allclose(zt, ref.text_embeds.numpy(), atol=1e-5)
     np.testing.assert_allclose(logits, ref.logits_per_image.numpy(), atol=1e-4)
     hf.save_hf(tmp_path / "hf", params, kw, 16, 10)
-    _bit_equal(hf.load_hf(tmp_path / "hf")[0], params)
+    assert_bit_equal(hf.load_hf(tmp_path / "hf")[0], params)
     bv.save_npz(tmp_path / "f.npz", params, scanned=True)
-    _bit_equal(bv.to_layout(bv.read_npz(tmp_path / "f.npz"), scanned=False), params)
+    assert_bit_equal(bv.to_layout(bv.read_npz(tmp_path / "f.npz"), scanned=False), params)
 
 
 def test_loader_opens_siglip2_dir(naflex_dir, tmp_path):

@@ -106,15 +106,11 @@ class Encoder1DBlock(nn.Module):
         return x_bxlxd + y, None
 
 
-class Encoder(nn.Module):
-    """Stack of `depth` encoder blocks plus the final LayerNorm `encoder_norm`.
+class BlockSettings(nn.Module):
+    """How a stack of encoder blocks is built: depth, MLP width, heads, dropout, scan, remat,
+    dtypes (the width is the input's)."""
 
-    `scan=True` runs the blocks with nn.scan and stores their params stacked (leading axis =
-    depth) under `encoderblock`; otherwise each block is `encoderblock_{i}`. `remat_policy`
-    ("none" or a jax.checkpoint_policies name) wraps each block in nn.remat, in either layout.
-    """
-
-    depth: int
+    depth: int = 12
     mlp_dim: int | None = None
     num_heads: int = 12
     dropout: float = 0.0
@@ -122,6 +118,15 @@ class Encoder(nn.Module):
     remat_policy: str = REMAT_NONE
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+
+
+class Encoder(BlockSettings):
+    """Stack of `depth` encoder blocks plus the final LayerNorm `encoder_norm`.
+
+    `scan=True` runs the blocks with nn.scan and stores their params stacked (leading axis =
+    depth) under `encoderblock`; otherwise each block is `encoderblock_{i}`. `remat_policy`
+    ("none" or a jax.checkpoint_policies name) wraps each block in nn.remat, in either layout.
+    """
 
     @nn.compact
     def __call__(
@@ -171,21 +176,14 @@ def key_mask(mask_bxl: jax.Array | None) -> jax.Array | None:
     return jnp.asarray(mask_bxl, bool)[:, None, None, :]
 
 
-class EncoderSettings(nn.Module):
+class EncoderSettings(BlockSettings):
     """The transformer settings both towers share: the one record a new encoder setting is
-    added to. `ViT` and `TextTransformer` inherit these fields (a tower may re-declare one to
-    change its default); their config keys (models/variants.py) and the Encoder a tower builds
-    (`tower_encoder`) derive from them."""
+    added to (here, or in BlockSettings if the Encoder needs it). `ViT`, `NaFlexViT` and
+    `TextTransformer` inherit these fields (a tower may re-declare one to change its default);
+    their config keys (models/variants.py) and the Encoder a tower builds (`tower_encoder`)
+    derive from them."""
 
     width: int = 768
-    depth: int = 12
-    mlp_dim: int | None = None
-    num_heads: int = 12
-    dropout: float = 0.0
-    scan: bool = False
-    remat_policy: str = REMAT_NONE
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
 
 def setting_names(module_cls: type) -> tuple[str, ...]:
@@ -196,8 +194,7 @@ def setting_names(module_cls: type) -> tuple[str, ...]:
 
 def tower_encoder(tower: EncoderSettings, name: str) -> Encoder:
     """The Encoder configured by a tower's own encoder settings."""
-    fields = [f for f in setting_names(Encoder) if f in setting_names(EncoderSettings)]
-    return Encoder(**{f: getattr(tower, f) for f in fields}, name=name)
+    return Encoder(**{f: getattr(tower, f) for f in setting_names(BlockSettings)}, name=name)
 
 
 class MAPHead(nn.Module):

@@ -82,27 +82,19 @@ def siglip2_table() -> list[dict[str, Any]]:
 
 def siglip2_markdown_table(rows: list[dict[str, Any]]) -> str:
     """Renders siglip2_table() rows as Markdown (docs/siglip2.md)."""
+    return markdown_table(rows, card_key="card_image_m", card_title="card: vision encoder")
+
+
+def markdown_table(rows: list[dict[str, Any]], card_key: str = "card_params_m",
+                   card_title: str = "model card") -> str:
+    """Renders seed_table() (or siglip2_table()) rows as a Markdown table."""
     lines = [
-        "| checkpoint | image tower | text tower | total (ours) | card: vision encoder |",
+        f"| checkpoint | image tower | text tower | total (ours) | {card_title} |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['img'] / 1e6:.1f} M | {r['txt'] / 1e6:.1f} M "
-            f"| {r['total'] / 1e6:.1f} M | {r['card_image_m']} M |"
-        )
-    return "\n".join(lines)
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Renders seed_table() rows as a Markdown table (README)."""
-    lines = [
-        "| checkpoint | image tower | text tower | total (ours) | model card |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['name']} | {r['img'] / 1e6:.1f} M | {r['txt'] / 1e6:.1f} M "
-            f"| {r['total'] / 1e6:.1f} M | {r['card_params_m']} M |"
+            f"| {r['total'] / 1e6:.1f} M | {r[card_key]} M |"
         )
     return "\n".join(lines)

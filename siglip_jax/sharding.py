@@ -21,20 +21,24 @@ MeshSpec = Sequence[tuple[str, int]]
 Rule = tuple[str, Any]
 
 
+class ShardingError(ValueError):
+    """A mesh or sharding rule that cannot apply to these devices or parameters (one line)."""
+
+
 def mesh_shape(mesh_spec: MeshSpec, num_devices: int) -> dict[str, int]:
     """Axis sizes of `mesh_spec` on `num_devices` devices (one size may be -1: the rest)."""
     names = [str(name) for name, _ in mesh_spec]
     sizes = [int(size) for _, size in mesh_spec]
     if len(set(names)) != len(names):
-        raise ValueError(f"mesh axis names must be unique, got {names}")
+        raise ShardingError(f"mesh axis names must be unique, got {names}")
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may have size -1, got {list(mesh_spec)}")
+        raise ShardingError(f"at most one mesh axis may have size -1, got {list(mesh_spec)}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if known <= 0 or num_devices % known:
-        raise ValueError(f"mesh {list(mesh_spec)} does not divide the {num_devices} devices")
+        raise ShardingError(f"mesh {list(mesh_spec)} does not divide the {num_devices} devices")
     sizes = [num_devices // known if s == -1 else s for s in sizes]
     if int(np.prod(sizes)) != num_devices:
-        raise ValueError(f"mesh {list(mesh_spec)} uses {int(np.prod(sizes))} devices, "
+        raise ShardingError(f"mesh {list(mesh_spec)} uses {int(np.prod(sizes))} devices, "
                          f"but there are {num_devices}")
     return dict(zip(names, sizes, strict=True))
 
@@ -93,7 +97,7 @@ def _rule_to_spec(rule: Any, shape: Sequence[int], mesh: Mesh, path: str) -> Par
     if isinstance(rule, str) and rule.startswith("fsdp"):
         axis = rule.partition(":")[2] or "fsdp"
         if axis not in mesh.shape:
-            raise ValueError(f"sharding rule {rule!r} for {path!r}: mesh has no axis {axis!r} "
+            raise ShardingError(f"sharding rule {rule!r} for {path!r}: mesh has no axis {axis!r} "
                              f"(axes: {tuple(mesh.shape)})")
         size = mesh.shape[axis]
         spec = [None] * len(shape)
@@ -105,10 +109,10 @@ def _rule_to_spec(rule: Any, shape: Sequence[int], mesh: Mesh, path: str) -> Par
         return PartitionSpec(*spec)
     if isinstance(rule, (tuple, list)):
         if len(rule) > len(shape):
-            raise ValueError(f"sharding rule {rule!r} has more entries than {path!r} has "
+            raise ShardingError(f"sharding rule {rule!r} has more entries than {path!r} has "
                              f"dimensions {tuple(shape)}")
         return PartitionSpec(*rule)
-    raise ValueError(f"unknown sharding rule {rule!r} for {path!r}; expected 'replicate', "
+    raise ShardingError(f"unknown sharding rule {rule!r} for {path!r}; expected 'replicate', "
                      "'fsdp', 'fsdp:<axis>' or a tuple of axis names")
 
 
@@ -117,7 +121,11 @@ def param_shardings(abstract_params: Any, rules: Sequence[Rule], mesh: Mesh) -> 
 
     Raises if a rule matches no parameter (a typo would otherwise silently replicate).
     """
-    compiled = [(re.compile(pattern), rule) for pattern, rule in rules]
+    try:
+        compiled = [(re.compile(pattern), rule) for pattern, rule in rules]
+    except (re.error, TypeError, ValueError) as e:
+        raise ShardingError(f"sharding_rules {list(rules)!r}: not (regex, rule) pairs "
+                            f"with valid regexes ({e})") from None
     used = [False] * len(compiled)
 
     def choose(path, leaf):
@@ -131,7 +139,7 @@ def param_shardings(abstract_params: Any, rules: Sequence[Rule], mesh: Mesh) -> 
     shardings = jax.tree_util.tree_map_with_path(choose, abstract_params)
     unused = [rules[i][0] for i, u in enumerate(used) if not u]
     if unused:
-        raise ValueError(f"sharding rule regex {unused[0]!r} matches no parameter; "
+        raise ShardingError(f"sharding rule regex {unused[0]!r} matches no parameter; "
                          f"parameters look like {tree_paths(abstract_params)[:3]}")
     return shardings
 

@@ -351,8 +351,16 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
 
     parts = build_step(config, mesh, shapes)
     shardings = parts.shardings
-    if start_step:  # Straight into the target shardings: no random init held alongside.
-        state = checkpointer.restore(parts.abstract_state, start_step)
+    # Straight into the target shardings: no random init held alongside. A damaged newest
+    # step is moved aside and an earlier one restored; then the input restarts from there.
+    restored = checkpointer.restore_latest(parts.abstract_state, log) if start_step else None
+    if restored is not None and restored[0] != start_step:
+        del batches, first
+        start_step = restored[0]
+        batches, tokenizer, source = build_input(config, mesh, start_step)
+        first = next(batches)
+    if restored is not None:
+        state = restored[1]
         log(f"resumed from checkpoint at step {start_step}")
     else:
         pretrained = load_model_init(config, parts.abstract_state["params"])
@@ -498,4 +506,6 @@ def _log_param_counts(log, params: Any, frozen: Any) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from siglip_jax.shutdown import run_main
+
+    run_main(main)

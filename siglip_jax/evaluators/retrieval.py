@@ -68,7 +68,8 @@ def txt2img_hits(ztxt_bxcxd: jax.Array, txt_valid_bxc: jax.Array, offset: jax.Ar
     scores_qxn = _scores(ztxt_bxcxd.reshape(b * c, d), zimg_nxd)
     owner_q = offset + jnp.repeat(jnp.arange(b), c)
     positive_q = jnp.take_along_axis(scores_qxn, owner_q[:, None], axis=1)
-    negative_qxn = (jnp.arange(zimg_nxd.shape[0])[None, :] != owner_q[:, None]) & img_valid_n[None, :]
+    other_qxn = jnp.arange(zimg_nxd.shape[0])[None, :] != owner_q[:, None]
+    negative_qxn = other_qxn & img_valid_n[None, :]
     rank_q = jnp.sum(negative_qxn & ~(scores_qxn < positive_q), axis=1)
     finite_q = jnp.all(jnp.isfinite(scores_qxn) | ~img_valid_n[None, :], axis=1)
     query_q = txt_valid_bxc.reshape(b * c)

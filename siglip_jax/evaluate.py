@@ -133,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         CheckpointMismatchError,
         CheckpointNotFoundError,
     )
+    from siglip_jax.data.pp import PPError
+    from siglip_jax.sharding import ShardingError
     from siglip_jax.train import setup_jax
 
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
@@ -148,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (CheckpointNotFoundError, CheckpointFormatError, CheckpointMismatchError,
-            HFCheckpointError) as e:
+            HFCheckpointError, ShardingError, PPError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_table(results))

@@ -98,9 +98,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     distributed.initialize(cluster)
+    from siglip_jax.checkpoints.orbax_io import CheckpointDamagedError, CheckpointStructureError
+    from siglip_jax.data.pp import PPError
+    from siglip_jax.data.sources import SourceError
+    from siglip_jax.sharding import ShardingError
+
     try:
         summary = train(config, args.workdir)
-    except (ConfigError, FileNotFoundError, NonFiniteError) as e:
+    except (ConfigError, FileNotFoundError, NonFiniteError, ShardingError, PPError, SourceError,
+            CheckpointStructureError, CheckpointDamagedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return PREEMPTED_EXIT_CODE if summary.get("preempted") else 0

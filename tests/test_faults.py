@@ -286,3 +286,102 @@ def test_sharding_errors_are_their_own_class(mesh):
         param_shardings(PARAMS, [("nomatch.*", "replicate")], mesh)
     with pytest.raises(ShardingError, match="valid regexes"):
         param_shardings(PARAMS, [("(", "replicate")], mesh)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _png(i: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (i % 256, 7, 9)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _tar(path, keys, captions=True):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key in keys:
+            members = [(f"{key}.png", _png(key))]
+            if captions:
+                members.append((f"{key}.txt", f"caption {key}".encode()))
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _texts(source, shard_ids, num_shards=8, steps=6, start_step=0):
+    from siglip_jax.data.input import train_batches
+
+    batches = train_batches(source, lambda ex: {"texts": ex["texts"]}, shard_ids=shard_ids,
+                            num_shards=num_shards, shard_batch=2, seed=3, shuffle_buffer=8,
+                            start_step=start_step)
+    return [[t.decode() for t in next(batches)["texts"]] for _ in range(steps)]
+
+
+@pytest.fixture(scope="module")
+def one_bad_of_eight(tmp_path_factory):
+    """8 tar shards of 3 pairs each; shard 3 is not a tar file at all."""
+    d = tmp_path_factory.mktemp("tars")
+    for s in range(8):
+        _tar(d / f"{s:02d}.tar", range(10 * s, 10 * s + 3))
+    (d / "03.tar").write_bytes(b"this is not a tar file" * 40)
+    return str(d / "*.tar")
+
+
+def test_an_unreadable_shard_does_not_end_training(one_bad_of_eight):
+    from siglip_jax.data.sources import TarShardSource
+
+    source = TarShardSource(one_bad_of_eight, check_images=False)
+    texts = _texts(source, list(range(8)))
+    assert all(len(rows) == 16 for rows in texts)  # Old code: StopIteration at batch 0.
+    good = {f"caption {10 * s + i}" for s in range(8) if s != 3 for i in range(3)}
+    for rows in texts:
+        assert set(rows) <= good
+        # Shard k's rows come from file k (k != 3); shard 3 reads the whole source.
+        for k in range(8):
+            if k != 3:
+                assert {int(r.split()[1]) // 10 for r in rows[2 * k:2 * k + 2]} == {k}
+    # Process-count invariant (2 processes × 4 shards) and resumable at any step.
+    halves = [_texts(TarShardSource(one_bad_of_eight, check_images=False), ids)
+              for ids in (range(4), range(4, 8))]
+    assert [a + b for a, b in zip(*halves, strict=True)] == texts
+    assert _texts(TarShardSource(one_bad_of_eight, check_images=False), list(range(8)),
+                  steps=2, start_step=4) == texts[4:6]
+
+
+def test_no_usable_data_is_a_clear_error_not_stopiteration(tmp_path):
+    from siglip_jax.data.sources import SourceError, TarShardSource
+
+    _tar(tmp_path / "a.tar", range(3), captions=False)
+    with pytest.raises(SourceError, match="yields no usable example"):
+        _texts(TarShardSource(str(tmp_path / "*.tar"), check_images=False), list(range(8)))
+
+
+def test_a_dataset_smaller_than_the_batch_shards_is_a_config_error(tmp_path):
+    from siglip_jax.config import ConfigError
+    from siglip_jax.data.sources import CsvSource
+
+    for i in range(5):
+        (tmp_path / f"{i}.png").write_bytes(_png(i))
+    (tmp_path / "d.csv").write_text("image,caption\n" + "".join(
+        f"{i}.png,caption {i}\n" for i in range(5)))
+    with pytest.raises(ConfigError, match=r"has 5 examples, fewer than the 8 batch shards"):
+        _texts(CsvSource(str(tmp_path / "d.csv")), list(range(8)))
+
+
+def test_index_skips_count_once_with_fewer_files_than_shards(tmp_path):
+    from siglip_jax.data.sources import TarShardSource
+
+    _tar(tmp_path / "a.tar", range(6))
+    _tar(tmp_path / "b.tar", range(100, 103), captions=False)  # 3 images without caption.
+    source = TarShardSource(str(tmp_path / "*.tar"), check_images=False)
+    read = [ex for shard in range(8) for ex in source.dataset(shard, 8).as_numpy_iterator()]
+    assert len(read) == 6
+    assert source.skips.as_dict() == {"skipped/missing_caption": 3}  # Old code: 24.

@@ -117,7 +117,8 @@ def format_table(results: dict[str, float]) -> str:
     rows = [("evaluator", "metric", "value")]
     for key, value in results.items():
         name, _, metric = key.rpartition("/")
-        shown = str(int(value)) if metric.startswith("num_") else f"{value:.4f}"
+        shown = (str(int(value)) if metric.startswith("num_") or metric == "nonfinite"
+                 else f"{value:.4f}")
         rows.append((name, metric, shown))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{a.ljust(widths[0])}  {b.ljust(widths[1])}  {c.rjust(widths[2])}"
@@ -156,7 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({k: v if v == v else None for k, v in results.items()}, f, indent=2)
+    nonfinite = [k.rpartition("/")[0] for k, v in results.items() if k.endswith("/nonfinite")]
+    if nonfinite:
+        print(f"error: checkpoint {args.checkpoint!r} gives non-finite scores (NaN/Inf) in "
+              f"{nonfinite}: the model has diverged", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -39,9 +39,15 @@ def exit_now(code: int) -> NoReturn:
 
 
 def run_main(main: Callable[[], int | None], teardown_timeout_s: float = 60.0) -> NoReturn:
-    """Runs `main()` and exits with its code; an uncaught exception prints its traceback and
-    exits 1 promptly (see the module docstring); a normal exit that hangs in interpreter
-    teardown for `teardown_timeout_s` is ended with code 1 and a dump of every thread."""
+    """Runs `main()` and exits with its code.
+
+    An exception escaping `main` prints its traceback and ends the process at once with 1
+    (`exit_now`: no interpreter teardown, see the module docstring). A returned code exits
+    normally (atexit handlers such as jax.distributed's shutdown run), guarded by a C-level
+    watchdog: a teardown still running after `teardown_timeout_s` is ended with code 1 and a
+    dump of every thread instead of hanging.
+    """
+    failed = False
     try:
         code = main()
     except SystemExit as e:
@@ -50,16 +56,16 @@ def run_main(main: Callable[[], int | None], teardown_timeout_s: float = 60.0) -
             print(e.code, file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        code = 130
+        code, failed = 130, True
     except BaseException:  # noqa: BLE001 - the last resort of a process.
         traceback.print_exc()
-        code = 1
+        code, failed = 1, True
     code = 0 if code is None else int(code)
     # Free the failed frames (and the iterators/threads they hold) now, not in teardown.
     sys.last_type = sys.last_value = sys.last_traceback = None
     gc.collect()
-    if code != 0:
+    if failed:
         exit_now(code)
     _flush()
-    faulthandler.dump_traceback_later(teardown_timeout_s, exit=True)  # C watchdog.
-    sys.exit(0)
+    faulthandler.dump_traceback_later(teardown_timeout_s, exit=True)
+    sys.exit(code)

@@ -385,3 +385,58 @@ def test_index_skips_count_once_with_fewer_files_than_shards(tmp_path):
     read = [ex for shard in range(8) for ex in source.dataset(shard, 8).as_numpy_iterator()]
     assert len(read) == 6
     assert source.skips.as_dict() == {"skipped/missing_caption": 3}  # Old code: 24.
+
+
+# ----------------------------------------------------------------------------- prompt exit
+
+_FAIL_MID_RUN = """
+import sys
+from siglip_jax import metrics, train
+from siglip_jax.shutdown import run_main
+
+write = metrics.MetricWriter.write
+def failing_write(self, step, values):
+    if step >= 12:
+        raise RuntimeError(f"injected failure at step {step}")
+    return write(self, step, values)
+metrics.MetricWriter.write = failing_write
+run_main(train.main)
+"""
+
+
+def test_an_error_mid_run_exits_promptly_with_code_1_and_keeps_the_checkpoint(tmp_path):
+    """An unexpected error after the async checkpointer and tf.data threads started: exit 1
+    (not an abort 134 or a hang), the traceback on stderr, the pending save completed."""
+    import subprocess
+    import sys
+
+    import tiny
+
+    workdir = tmp_path / "run"
+    args = [f"--config.{o}" for o in tiny.tiny_overrides(tmp_path / "data", log_every=1)]
+    proc = subprocess.run(
+        [sys.executable, "-c", _FAIL_MID_RUN, "--config", f"{tiny.DEMO}:steps=20",
+         "--workdir", str(workdir), *args], capture_output=True, text=True, timeout=300,
+        cwd=tiny.REPO, env={**os.environ, "PYTHONPATH": str(tiny.REPO)})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "RuntimeError: injected failure at step 12" in proc.stderr
+    assert "terminate called" not in proc.stderr
+    assert Checkpointer(str(workdir), 10).latest_step() == 10
+
+
+@pytest.mark.parametrize(("body", "code", "stderr"), [
+    ("raise RuntimeError('boom')", 1, "RuntimeError: boom"),
+    ("return 3", 3, ""),
+    ("raise SystemExit('usage: bad')", 1, "usage: bad"),
+])
+def test_run_main_exit_codes(body, code, stderr):
+    import subprocess
+    import sys
+
+    import tiny
+
+    script = f"from siglip_jax.shutdown import run_main\ndef main():\n    {body}\nrun_main(main)\n"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(tiny.REPO)})
+    assert proc.returncode == code
+    assert stderr in proc.stderr

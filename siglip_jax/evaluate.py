@@ -120,7 +120,8 @@ def format_table(results: dict[str, float]) -> str:
     rows = [("evaluator", "metric", "value")]
     for key, value in results.items():
         name, _, metric = key.rpartition("/")
-        shown = str(int(value)) if metric.startswith("num_") else f"{value:.4f}"
+        shown = (str(int(value)) if metric.startswith("num_") or metric == "nonfinite"
+                 else f"{value:.4f}")
         rows.append((name, metric, shown))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{a.ljust(widths[0])}  {b.ljust(widths[1])}  {c.rjust(widths[2])}"
@@ -136,7 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         CheckpointMismatchError,
         CheckpointNotFoundError,
     )
+    from siglip_jax.data.pp import PPError
     from siglip_jax.experiment import setup_jax
+    from siglip_jax.sharding import ShardingError
 
     checkpoint_errors = (CheckpointNotFoundError, CheckpointFormatError,
                          CheckpointMismatchError, HFCheckpointError)
@@ -153,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_jax(run)
     try:
         results = evaluate(run, args.checkpoint)
-    except ConfigError as e:
+    except (ConfigError, ShardingError, PPError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except checkpoint_errors as e:
@@ -162,9 +165,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({k: v if v == v else None for k, v in results.items()}, f, indent=2)
+    nonfinite = [k.rpartition("/")[0] for k, v in results.items() if k.endswith("/nonfinite")]
+    if nonfinite:
+        print(f"error: checkpoint {args.checkpoint!r} gives non-finite scores (NaN/Inf) in "
+              f"{nonfinite}: the model has diverged", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from siglip_jax.shutdown import run_main
+
+    run_main(main)

@@ -28,9 +28,39 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _finite_or_none(value: Any) -> tuple[Any, bool]:
+    """`value` with every non-finite float replaced by None, and whether any was."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, True
+    if isinstance(value, (list, tuple)):
+        items = [_finite_or_none(v) for v in value]
+        return [v for v, _ in items], any(bad for _, bad in items)
+    if isinstance(value, dict):
+        items = {k: _finite_or_none(v) for k, v in value.items()}
+        return {k: v for k, (v, _) in items.items()}, any(bad for _, bad in items.values())
+    return value, False
+
+
+def strict_json_record(step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """{"step", **metrics} as strict JSON values: NaN/Inf become null and the affected keys
+    are listed under "nonfinite" (json.dumps would otherwise write the non-standard NaN)."""
+    record: dict[str, Any] = {"step": int(step)}
+    nonfinite = []
+    for key, value in metrics.items():
+        record[key], bad = _finite_or_none(_jsonable(value))
+        if bad:
+            nonfinite.append(key)
+    if nonfinite:
+        record["nonfinite"] = nonfinite
+    return record
+
+
 class MetricWriter:
     """Appends metrics as JSON lines to `<workdir>/metrics.jsonl` and, if `tensorboard`, to
-    TensorBoard event files in `<workdir>/tb` (only where `enabled`: process 0)."""
+    TensorBoard event files in `<workdir>/tb` (only where `enabled`: process 0).
+
+    Lines are strict JSON: a NaN/Inf value is written as null and its key is listed under
+    "nonfinite" (TensorBoard still receives the NaN, which it plots as such)."""
 
     def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl")
@@ -45,15 +75,16 @@ class MetricWriter:
         """Writes one JSON object {"step": step, **metrics} (and the scalars to TensorBoard)."""
         if not self.enabled:
             return
-        record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+        record = strict_json_record(step, metrics)
         import tensorflow as tf
 
         with tf.io.gfile.GFile(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         if self._tb is not None:
             with self._tb.as_default(step=int(step)):
-                for key, value in record.items():
-                    if key != "step" and isinstance(value, (int, float)):
+                for key, value in metrics.items():
+                    value = _jsonable(value)
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
                         tf.summary.scalar(key, value)
             self._tb.flush()
 

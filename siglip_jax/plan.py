@@ -668,4 +668,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from siglip_jax.shutdown import run_main
+
+    run_main(main)

@@ -69,7 +69,7 @@ def load_image(image: Any) -> Any:
         try:
             with Image.open(image) as img:
                 return img.convert("RGB")
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise PredictError(f"cannot read image {os.fspath(image)!r}: {e}") from None
     if isinstance(image, Image.Image):
         return image.convert("RGB")
@@ -231,8 +231,25 @@ class Predictor:
             pixels = self.preprocess(images[start:start + batch_size])
             rows.append(np.asarray(self._apply(self.params, pixels, tokens)))
         logits = np.concatenate(rows).astype(np.float32)
+        if not np.isfinite(logits).all():
+            raise PredictError(nonfinite_model_message(self.opened.path, self.params))
         probs = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
         return {"probs": probs, "logits": logits, "texts": texts}
+
+
+def nonfinite_model_message(checkpoint: str, params: Any, limit: int = 3) -> str:
+    """One line saying that `checkpoint` gives NaN/Inf scores, naming its non-finite weights."""
+    import jax
+
+    bad = [jax.tree_util.keystr(path, simple=True, separator="/")
+           for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+           if np.issubdtype(np.asarray(leaf).dtype, np.inexact)
+           and not np.isfinite(np.asarray(leaf)).all()]
+    where = (f"non-finite weights in {', '.join(bad[:limit])}"
+             + (f" and {len(bad) - limit} more" if len(bad) > limit else "")
+             if bad else "its weights are finite but its scores overflow")
+    return (f"checkpoint {checkpoint!r} gives non-finite scores (NaN/Inf): {where}; the model "
+            "has diverged, use an earlier checkpoint")
 
 
 def predict(images: Sequence[Any], labels: Sequence[str], *, checkpoint: str,
@@ -292,4 +309,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from siglip_jax.shutdown import run_main
+
+    run_main(main)

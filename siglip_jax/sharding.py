@@ -122,7 +122,11 @@ def param_shardings(abstract_params: Any, rules: Sequence[Rule], mesh: Mesh) -> 
 
     Raises if a rule matches no parameter (a typo would otherwise silently replicate).
     """
-    compiled = [(re.compile(pattern), rule) for pattern, rule in rules]
+    try:
+        compiled = [(re.compile(pattern), rule) for pattern, rule in rules]
+    except (re.error, TypeError, ValueError) as e:
+        raise ShardingError(f"sharding_rules {list(rules)!r}: not (regex, rule) pairs "
+                            f"with valid regexes ({e})") from None
     used = [False] * len(compiled)
 
     def choose(path, leaf):

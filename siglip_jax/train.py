@@ -10,9 +10,12 @@ Multi-process runs: on a multi-host TPU slice JAX finds its peers; elsewhere pas
 `--coordinator HOST:PORT --num_processes N --process_id I` (or SIGLIP_* env variables, see
 distributed.py). Each process then emulates `cpu_devices / N` CPU devices.
 
-Exit codes: 0 done; 2 a bad config, argument or workdir (wherever it is found, before or
-after training machinery started); 1 a failure while running (non-finite loss, unreadable
-checkpoint or data); 143 preempted (SIGTERM) after saving a checkpoint.
+Exit codes: 0 done; 2 a bad config, argument or workdir, wherever it is found (also: a
+sharding rule or pp string that cannot apply, a checkpoint saved with another model or
+optimizer structure); 1 a failure while running (non-finite loss, no readable checkpoint,
+no usable data); 143 preempted (SIGTERM) after saving a checkpoint. Every error is one
+`error:` line, and the process exits promptly (shutdown.run_main) even with input threads
+and an async checkpointer running.
 """
 
 from __future__ import annotations
@@ -89,12 +92,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return CONFIG_EXIT_CODE
     distributed.initialize(cluster)
+    from siglip_jax.checkpoints.orbax_io import CheckpointDamagedError, CheckpointStructureError
+    from siglip_jax.data.pp import PPError
+    from siglip_jax.data.sources import SourceError
+    from siglip_jax.sharding import ShardingError
+
     try:
         summary = train(run, args.workdir)
-    except ConfigError as e:
+    except (ConfigError, ShardingError, PPError, CheckpointStructureError) as e:
         print(f"error: {e}", file=sys.stderr)
         return CONFIG_EXIT_CODE
-    except (FileNotFoundError, NonFiniteError) as e:
+    except (FileNotFoundError, NonFiniteError, SourceError, CheckpointDamagedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return RUNTIME_EXIT_CODE
     return PREEMPTED_EXIT_CODE if summary.get("preempted") else 0
@@ -204,8 +212,16 @@ def _set_up(run: RunConfig, mesh: Any, checkpointer: Any, log: Any) -> _Setup:
     first = next(batches)
     shapes = jax.tree.map(lambda v: (v.shape[0] * jax.process_count(), *v.shape[1:]), first)
     parts = experiment.build_step(run, mesh, shapes)
-    if start_step:  # Straight into the target shardings: no random init held alongside.
-        state = checkpointer.restore(parts.abstract_state, start_step)
+    # Straight into the target shardings: no random init held alongside. A damaged newest
+    # step is moved aside and an earlier one restored; the input then restarts from there.
+    restored = checkpointer.restore_latest(parts.abstract_state, log) if start_step else None
+    if restored is not None and restored[0] != start_step:
+        start_step = restored[0]
+        batches, tokenizer, source = experiment.build_input(run, mesh, start_step,
+                                                            tokenizer=tokenizer)
+        first = next(batches)
+    if restored is not None:
+        state = restored[1]
         log(f"resumed from checkpoint at step {start_step}")
     else:
         pretrained = experiment.load_model_init(run, parts.abstract_state["params"])
@@ -291,4 +307,6 @@ def _log_param_counts(log, params: Any, frozen: Any) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from siglip_jax.shutdown import run_main
+
+    run_main(main)

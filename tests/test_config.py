@@ -123,3 +123,27 @@ def test_cli_errors_are_one_line(tmp_path):
         assert result.returncode == 2, result.stderr
         assert len(lines) == 1 and lines[0].startswith(message), result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_config_mistakes_found_after_start_are_one_line_exit_2(tmp_path):
+    """Bad values, a mesh that does not divide the devices, a rule matching nothing and a bad
+    pp string: one `error:` line and exit code 2, also once training machinery started."""
+    import tiny
+
+    base = ["--config", f"{DEMO_CONFIG}:steps=4", "--workdir", str(tmp_path / "w"),
+            *(f"--config.{o}" for o in tiny.tiny_overrides(tmp_path / "data"))]
+    cases = [
+        (["--config.log_every=0"], "error: config key log_every must be >= 1, got 0"),
+        (["--config.total_steps=-5"], "error: config key total_steps must be >= 1, got -5"),
+        (["--config.mesh=[('data', 3)]"], "error: config key mesh: mesh [('data', 3)] does "
+                                          "not divide the 8 devices"),
+        (["--config.sharding_rules=[('nomatch/.*', 'replicate')]"],
+         "error: sharding rule regex 'nomatch/.*' matches no parameter"),
+        (["--config.input.pp=value_range(-1, 1)|flatten"], "error: "),
+    ]
+    for extra, message in cases:
+        result = _run_train(*base, *extra)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2, (extra, result.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith(message), (extra, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr

@@ -157,3 +157,21 @@ def test_missing_or_mismatching_checkpoints_are_one_line_errors(trained, tmp_pat
 
     assert main(_cli_args(data_dir, npz, "--config.evals.zeroshot.typo=1")) == 2
     assert "unknown config key 'evals.zeroshot.typo'" in capsys.readouterr().err
+
+
+def test_a_nan_checkpoint_scores_nan_and_exits_1(trained, tmp_path, capsys):
+    """A diverged model (NaN image head): NaN metrics, a nonfinite count, exit 1 — never the
+    perfect score that ties-as-hits used to give."""
+    _, data_dir, workdir, _ = trained
+    params = loader.load_params(workdir)[0]
+    params["img"]["head"]["kernel"] = np.full_like(params["img"]["head"]["kernel"], np.nan)
+    npz = str(tmp_path / "nan.npz")
+    bv.save_npz(npz, params)
+    out = tmp_path / "results.json"
+    assert main(_cli_args(data_dir, npz, "--json", str(out))) == 1
+    captured = capsys.readouterr()
+    assert re.search(r"^zeroshot +top1 +nan$", captured.out, re.M)
+    assert re.search(r"^zeroshot +nonfinite +72$", captured.out, re.M)
+    assert captured.err.count("\n") == 1 and "gives non-finite scores" in captured.err
+    results = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert results["zeroshot/top1"] is None and results["zeroshot/nonfinite"] == 72.0

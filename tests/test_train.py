@@ -43,8 +43,12 @@ def test_loss_falls_and_metrics_are_logged(trained):
     assert 0.0 <= summary["zeroshot/top1"] <= summary["zeroshot/top5"] <= 1.0
 
 
-def test_rerun_resumes_from_checkpoint_exactly(trained):
-    """Deleting the final checkpoint and rerunning continues from step 10 to the same params."""
+def test_rerun_resumes_from_checkpoint_exactly(trained, capsys):
+    """A damaged final checkpoint is moved aside and the rerun continues from step 10 to the
+    same params (the input restarts at step 10 too)."""
+    import glob
+    import shutil
+
     import orbax.checkpoint as ocp
 
     tmp, workdir, _ = trained
@@ -55,8 +59,17 @@ def test_rerun_resumes_from_checkpoint_exactly(trained):
     os.makedirs(os.path.join(resumed_dir, "checkpoints"))
     os.symlink(os.path.join(workdir, "checkpoints", "10"),
                os.path.join(resumed_dir, "checkpoints", "10"))
+    damaged = os.path.join(resumed_dir, "checkpoints", "20")
+    shutil.copytree(os.path.join(workdir, "checkpoints", "20"), damaged)
+    for path in glob.glob(os.path.join(damaged, "default", "d", "*")):
+        with open(path, "r+b") as f:  # Truncated data file: a save cut short.
+            f.truncate(os.path.getsize(path) // 2)
+    capsys.readouterr()
     summary = train(tiny_config(tmp), resumed_dir)
     assert summary["step"] == 20
+    out = capsys.readouterr().out
+    assert "checkpoint step 20 is damaged (" in out and "resumed from checkpoint at step 10" in out
+    assert os.listdir(os.path.join(resumed_dir, "checkpoints_damaged")) == ["20"]
     resumed = restore(resumed_dir)
     leaves = zip(_leaves(final["params"]), _leaves(resumed["params"]), strict=True)
     for (path, a), (_, b) in leaves:

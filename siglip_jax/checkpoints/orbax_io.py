@@ -2,14 +2,35 @@
 
 Every process writes its shards to `<workdir>/checkpoints/<step>`; restoring takes an abstract
 state (shapes, dtypes, shardings), so a checkpoint can be read back onto another mesh.
+
+Resuming (`restore_latest`) tells two failures apart. A DAMAGED step (a data file or
+`_METADATA` truncated, overwritten or deleted: orbax then raises ValueError from tensorstore,
+JSONDecodeError, UnicodeDecodeError or FileNotFoundError) is logged in one line, moved to
+`<workdir>/checkpoints_damaged/<step>` (outside orbax's step scan, kept for inspection) and the
+previous step is tried. A step whose STRUCTURE differs from the run's state (saved with another
+optimizer or model) is not damage: it raises CheckpointStructureError naming the subtree.
+With several processes every decision is taken jointly (a step is good only if every process
+read it), and process 0 moves the directory.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from typing import Any
 
 import orbax.checkpoint as ocp
+
+DAMAGED_DIR = "checkpoints_damaged"
+
+
+class CheckpointStructureError(ValueError):
+    """The checkpoint's state tree or shapes differ from the run's (another optimizer/model)."""
+
+
+class CheckpointDamagedError(OSError):
+    """No checkpoint step in the directory could be read."""
 
 
 class Checkpointer:
@@ -40,6 +61,86 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
+    def restore_latest(self, abstract_state: Any, log: Callable[[str], None] = print
+                       ) -> tuple[int, Any] | None:
+        """(step, state) of the newest readable step, or None if there is no checkpoint.
+
+        Damaged steps are logged, moved to `<workdir>/checkpoints_damaged/<step>` and skipped;
+        raises CheckpointStructureError on a structure mismatch and CheckpointDamagedError if
+        checkpoints exist but none is readable.
+        """
+        tried = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            state, problem = self._try_restore(abstract_state, step)
+            code = 2 if isinstance(problem, CheckpointStructureError) else int(bool(problem))
+            worst = _max_over_processes(code)
+            if worst == 2:
+                raise problem if code == 2 else CheckpointStructureError(
+                    f"checkpoint {self.directory}/{step} does not fit this run on another "
+                    "process; start fresh in a new --workdir")
+            if worst:
+                problem = problem or "another process could not read it"
+                where = self._move_aside(step)
+                log(f"checkpoint step {step} is damaged ({_one_line(problem)}); moved it to "
+                    f"{where} and trying the previous step")
+                tried.append(step)
+                continue
+            return step, state
+        if tried:
+            raise CheckpointDamagedError(
+                f"no readable checkpoint in {self.directory}: steps {tried} are damaged (moved "
+                f"to {self._damaged_root()}); delete the workdir or point --workdir elsewhere "
+                "to start fresh")
+        return None
+
+    def _try_restore(self, abstract_state: Any, step: int) -> tuple[Any, Any]:
+        """(state, None) or (None, the problem: a message or a CheckpointStructureError)."""
+        try:
+            metadata = self._tree_metadata(step)
+        except Exception as e:  # noqa: BLE001 - any unreadable metadata is damage.
+            return None, f"unreadable metadata: {type(e).__name__}: {e}"
+        mismatch = structure_mismatch(metadata, abstract_state)
+        if mismatch:
+            return None, CheckpointStructureError(
+                f"checkpoint {self.directory}/{step} does not fit this run: {mismatch} (saved "
+                "with another optimizer or model?); resume with the config it was saved with, "
+                "or start fresh in a new --workdir")
+        try:
+            return self.restore(abstract_state, step), None
+        except Exception as e:  # noqa: BLE001 - the structure matched, so this is damage.
+            return None, f"{type(e).__name__}: {e}"
+
+    def _tree_metadata(self, step: int) -> Any:
+        from etils import epath
+
+        path = epath.Path(self.manager.directory) / str(step) / "default"
+        return ocp.StandardCheckpointHandler().metadata(path).tree
+
+    def _damaged_root(self) -> str:
+        return os.path.join(os.path.dirname(self.directory.rstrip("/")), DAMAGED_DIR)
+
+    def _move_aside(self, step: int) -> str:
+        """Moves step dir to checkpoints_damaged/<step>[.n] (process 0) and rescans; the target."""
+        import jax
+
+        root = self._damaged_root()
+        target = os.path.join(root, str(step))
+        if jax.process_index() == 0:
+            import tensorflow as tf  # gfile: the workdir may be gs://.
+
+            n = 0
+            while tf.io.gfile.exists(target):
+                n += 1
+                target = os.path.join(root, f"{step}.{n}")
+            tf.io.gfile.makedirs(root)
+            tf.io.gfile.rename(os.path.join(str(self.manager.directory), str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
+        self.manager.reload()
+        return target
+
     def is_due(self, step: int) -> bool:
         """Whether the schedule asks for a checkpoint at `step`."""
         return self.every_n_steps > 0 and step % self.every_n_steps == 0
@@ -51,6 +152,84 @@ class Checkpointer:
         return bool(self.manager.save(step, args=ocp.args.StandardSave(state), force=True))
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for pending saves and releases the manager, even if the wait fails."""
+        try:
+            self.manager.wait_until_finished()
+        finally:
+            self.manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # Already failing: finish what was started, but do not mask the first error.
+            self.close()
+        except Exception:  # noqa: BLE001, S110
+            pass
+
+
+def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """Key path → names, alike for dict keys, attributes and sequence indices."""
+    names = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                names.append(str(getattr(key, attr)))
+                break
+        else:
+            names.append(str(key))
+    return tuple(names)
+
+
+def _subtree(names: tuple[str, ...], depth: int = 2) -> str:
+    return "/".join(names[:depth]) + ("/..." if len(names) > depth else "")
+
+
+def structure_mismatch(metadata_tree: Any, abstract_state: Any) -> str | None:
+    """Where a saved tree (orbax metadata) differs from `abstract_state`; None if they fit.
+
+    Compares leaf paths (names only: a namedtuple field and a dict key of the same name match)
+    and shapes. The answer names the first differing subtree, e.g. `opt_state/0/...`.
+    """
+    import jax
+
+    saved = {_path_names(p): leaf for p, leaf in
+             jax.tree_util.tree_leaves_with_path(metadata_tree, is_leaf=lambda x: x is None)
+             if leaf is not None}
+    wanted = {_path_names(p): leaf for p, leaf in
+              jax.tree_util.tree_leaves_with_path(abstract_state)}
+    only_saved = sorted(set(saved) - set(wanted))
+    only_wanted = sorted(set(wanted) - set(saved))
+    if only_saved or only_wanted:
+        parts = []
+        if only_wanted:
+            parts.append(f"the run has {_subtree(only_wanted[0])} that the checkpoint lacks")
+        if only_saved:
+            parts.append(f"the checkpoint has {_subtree(only_saved[0])} that the run lacks")
+        return "; ".join(parts) + f" ({len(only_saved) + len(only_wanted)} leaves differ)"
+    for names in sorted(wanted, key=lambda n: (n[0] != "params", n)):  # Params first.
+        have = getattr(saved[names], "shape", None)
+        want = tuple(getattr(wanted[names], "shape", ()))
+        if have is not None and tuple(have) != want:
+            return f"{'/'.join(names)} has shape {tuple(have)} in the checkpoint, {want} in the run"
+    return None
+
+
+def _one_line(problem: Any, limit: int = 160) -> str:
+    text = re.sub(r"\s+", " ", str(problem)).strip()
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _max_over_processes(code: int) -> int:
+    """The largest `code` over all processes (every process gets the same answer)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return code
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.array([code], np.int32))))

@@ -45,18 +45,35 @@ def train_batches(source: Any, preprocess: PreprocessFn, *, shard_ids: Sequence[
     Random pp ops get a per-example seed `[seed·65537 + shard, position]`, so augmentations are
     reproducible too. `start_step` skips the examples already consumed (before preprocessing,
     the expensive part): a resumed run sees exactly the next unseen batch.
+
+    A shard that yields nothing (an unreadable tar file, all its examples bad) reads the whole
+    source instead (its own seed, so still reproducible and process-count invariant): training
+    never ends while any data remains. A source with fewer examples than `num_shards` is a
+    ConfigError; one that yields no example at all raises SourceError at the first batch.
     """
+    from siglip_jax.config import ConfigError
     from siglip_jax.data.pp import add_example_seeds
 
     if shard_batch <= 0:
         raise ValueError(f"per-shard batch size must be positive, got {shard_batch}")
+    size = getattr(source, "num_examples", None)
+    if size is not None and size < num_shards:
+        raise ConfigError(f"the training data has {size} examples, fewer than the "
+                          f"{num_shards} batch shards (devices on the batch axes) that each "
+                          "need their own share; use more data or fewer devices")
+    # Read by a shard only if its own data is empty (its repeat then ends at once). One
+    # dataset object for all shards: its tensors exist once, each shard shuffles its way.
+    everything = source.dataset(0, 1, shuffle_files=True, seed=seed)
     shards = []
     for shard in shard_ids:
-        dataset = source.dataset(shard, num_shards, shuffle_files=True, seed=seed + shard)
-        if cache:
-            dataset = dataset.cache()
-        dataset = dataset.shuffle(shuffle_buffer, seed=seed * 7919 + shard,
-                                  reshuffle_each_iteration=True).repeat()
+        def repeated(dataset, shard=shard):
+            if cache:
+                dataset = dataset.cache()
+            return dataset.shuffle(shuffle_buffer, seed=seed * 7919 + shard,
+                                   reshuffle_each_iteration=True).repeat()
+
+        own = repeated(source.dataset(shard, num_shards, shuffle_files=True, seed=seed + shard))
+        dataset = own.concatenate(repeated(everything))
         dataset = add_example_seeds(dataset, seed * 65_537 + shard)
         if start_step:
             dataset = dataset.skip(start_step * shard_batch)
@@ -66,7 +83,16 @@ def train_batches(source: Any, preprocess: PreprocessFn, *, shard_ids: Sequence[
     dataset = shards[0] if len(shards) == 1 else tf.data.Dataset.zip(tuple(shards)).map(
         lambda *parts: tf.nest.map_structure(lambda *xs: tf.concat(xs, axis=0), *parts))
     dataset = dataset.prefetch(prefetch).with_options(_options(threads))
-    return dataset.as_numpy_iterator()
+    return _endless(dataset.as_numpy_iterator())
+
+
+def _endless(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """The infinite training batches; a clear error instead of StopIteration if they end."""
+    from siglip_jax.data.sources import SourceError
+
+    yield from batches
+    raise SourceError("the training data yields no usable example (every file unreadable or "
+                      "every example skipped as bad); check input.data and the skip counts")
 
 
 def local_shard_ids(sharding: Any, global_batch: int) -> list[int]:

@@ -54,7 +54,9 @@ class SkipCounter:
         self._counts: collections.Counter[str] = collections.Counter()
 
     def add(self, reason: str, n: int = 1) -> None:
-        """Count n skipped examples for reason."""
+        """Count n skipped examples for reason (n = 0 adds no entry)."""
+        if not n:
+            return
         with self._lock:
             self._counts[reason] += n
 
@@ -274,8 +276,10 @@ def _split_member(name: str) -> tuple[str, str]:
     return posixpath.join(d, stem), ext.lower()
 
 
-def index_tar(path: str, counter: SkipCounter) -> _TarIndex:
-    """Offsets of (image, caption) member pairs of one tar shard (headers only, no data read)."""
+def index_tar(path: str, counter: SkipCounter | None) -> _TarIndex:
+    """Offsets of (image, caption) member pairs of one tar shard (headers only, no data read);
+    index-level problems are counted in `counter` (None: not counted)."""
+    counter = counter or SkipCounter()
     imgs: dict[str, tuple[int, int]] = {}
     txts: dict[str, tuple[int, int]] = {}
     order: dict[str, None] = {}  # keys in first-seen order
@@ -372,14 +376,15 @@ class TarShardSource:
         """Unknown without reading every shard: None."""
         return None
 
-    def _shard_pairs(self, path: tf.Tensor) -> tf.data.Dataset:
-        def index(p: bytes) -> tuple[np.ndarray, ...]:
-            ix = index_tar(p.decode("utf-8"), self.skips)
+    def _shard_pairs(self, path: tf.Tensor, count: tf.Tensor) -> tf.data.Dataset:
+        def index(p: bytes, counts: bool) -> tuple[np.ndarray, ...]:
+            ix = index_tar(p.decode("utf-8"), self.skips if counts else None)
             return (np.asarray(ix.keys, dtype=object).astype(bytes).reshape(-1),
                     *(np.asarray(a, np.int64).reshape(-1)
                       for a in (ix.img_off, ix.img_len, ix.txt_off, ix.txt_len)))
 
-        cols = tf.numpy_function(index, [path], [tf.string] + [tf.int64] * 4, stateful=False)
+        cols = tf.numpy_function(index, [path, count], [tf.string] + [tf.int64] * 4,
+                                 stateful=False)
         for c in cols:
             c.set_shape([None])
         return tf.data.Dataset.from_tensor_slices(tuple(cols)).map(
@@ -391,7 +396,10 @@ class TarShardSource:
         _check_process(process_index, process_count)
         by_file = len(self.files) >= process_count
         files = self.files[process_index::process_count] if by_file else self.files
-        ds = tf.data.Dataset.from_tensor_slices(files)
+        # Split by example, every reader indexes every file: only one of them (file i's
+        # owner: i % process_count) counts the file's index-level skips, so they count once.
+        counts = [by_file or i % process_count == process_index for i in range(len(files))]
+        ds = tf.data.Dataset.from_tensor_slices((files, counts))
         ds = _shuffled(ds, len(files), shuffle_files, seed)
         ds = ds.interleave(self._shard_pairs, cycle_length=min(self.cycle_length, len(files)),
                            block_length=1, num_parallel_calls=tf.data.AUTOTUNE,

@@ -7,12 +7,15 @@ removed, as big_vision and HF SigLIP do); the text embeddings (L2-normalised by 
 renormalised, averaged over templates per class and renormalised again; an image is assigned
 the class with the largest dot product (computed at full float32 precision). Metrics: top-1
 and top-5 accuracy and mean per-class recall, from exact counts over the evaluation set
-(padding examples of the last batch are masked out). A tie between the true class and another
-counts as a hit (the rank is the number of classes scoring strictly higher).
+(padding examples of the last batch are masked out). Metrics cannot flatter a broken model: a
+class tied with the true one counts as ranked above it (the rank of an image is the number of
+other classes scoring at least as high), and an image whose scores are not all finite is a miss
+and is counted in `nonfinite`; when any is, the accuracies are reported as NaN.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -43,11 +46,15 @@ def _counts(zimg_nxd, zcls_cxd, labels_n, mask_n):
     num_classes = zcls_cxd.shape[0]
     k = min(5, num_classes)
     label_logit = jnp.take_along_axis(logits, labels_n[:, None], axis=1)
-    rank = (logits > label_logit).sum(axis=1)  # How many classes score above the true one.
-    top1 = (rank == 0) & mask_n
-    top5 = (rank < k) & mask_n
+    other = jnp.arange(num_classes)[None, :] != labels_n[:, None]
+    # How many other classes are not strictly below the true one (ties and NaN count above).
+    rank = (other & ~(logits < label_logit)).sum(axis=1)
+    finite_n = jnp.isfinite(logits).all(axis=1)
+    top1 = (rank == 0) & mask_n & finite_n
+    top5 = (rank < k) & mask_n & finite_n
     onehot = jax.nn.one_hot(labels_n, num_classes) * mask_n[:, None]
     return {"top1": top1.sum(), "top5": top5.sum(), "count": mask_n.sum(),
+            "nonfinite": (mask_n & ~finite_n).sum(),
             "class_hits": (onehot * top1[:, None]).sum(0), "class_count": onehot.sum(0)}
 
 
@@ -80,7 +87,7 @@ class ZeroShotEvaluator:
         return class_embeddings(ztxt, len(self.class_names))
 
     def run(self, params: Any) -> dict[str, float]:
-        """Evaluates and returns top1, top5, mean_class_recall and the example count."""
+        """Evaluates: top1, top5, mean_class_recall, num_examples (+ nonfinite when > 0)."""
         zcls = self.classifier(params)
         return accumulate(
             _counts(self.embedder.image_fn(params, batch["image"]), zcls, batch["label"],
@@ -94,16 +101,21 @@ class ZeroShotEvaluator:
 
 
 def accumulate(counts: Iterable[dict[str, jax.Array]]) -> dict[str, float]:
-    """Sums per-batch counts and turns them into accuracies."""
+    """Sums per-batch counts and turns them into accuracies (NaN if any score was non-finite)."""
     total: dict[str, np.ndarray] = {}
     for batch_counts in counts:
         for key, value in batch_counts.items():
             total[key] = total.get(key, 0) + np.asarray(value, np.float64)
     count = float(total["count"])
     seen = total["class_count"] > 0
-    return {
+    nonfinite = float(total.get("nonfinite", 0))
+    result = {
         "top1": float(total["top1"]) / count,
         "top5": float(total["top5"]) / count,
         "mean_class_recall": float(np.mean(total["class_hits"][seen] / total["class_count"][seen])),
         "num_examples": count,
     }
+    if nonfinite:
+        result.update(top1=math.nan, top5=math.nan, mean_class_recall=math.nan,
+                      nonfinite=nonfinite)
+    return result

@@ -1,6 +1,6 @@
 """Standalone evaluation: run a config's evaluators on a checkpoint and print a table.
 
-    python -m siglip_jax.evaluate --config configs/x.py[:arg] --checkpoint PATH \\
+    python -m siglip_jax.evaluate [--config configs/x.py[:arg]] --checkpoint PATH \\
         [--config.a.b=value ...] [--json results.json]
 
 PATH is our trainer's workdir (newest step) or step directory, a big_vision .npz, or a Hugging
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from siglip_jax.config import ConfigError, collect_overrides, load_config, to_plain
+from siglip_jax.console import quiet_startup
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -33,12 +33,31 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         prog="python -m siglip_jax.evaluate",
         description="Evaluate a checkpoint with the evaluators of a config (config.evals). "
                     "Extra flags --config.KEY=VALUE override config keys.")
-    parser.add_argument("--config", required=True, help="configs/file.py or configs/file.py:arg")
+    parser.add_argument("--config", help="configs/file.py or configs/file.py:arg (default: the "
+                        "config.json of the training workdir given as --checkpoint)")
     parser.add_argument("--checkpoint", required=True,
                         help="our workdir or step dir, a big_vision .npz, or a HF SigLIP dir")
     parser.add_argument("--json", help="write the results to this JSON file")
     args, rest = parser.parse_known_args(argv)
     return args, collect_overrides(rest, parser.error)
+
+
+def run_config(checkpoint: str, overrides: Sequence[str] = ()) -> Any:
+    """The config a training workdir saved (config.json), with overrides applied, locked."""
+    import ml_collections
+
+    from siglip_jax.checkpoints.loader import checkpoint_info
+    from siglip_jax.config import apply_override
+
+    run = checkpoint_info(checkpoint)["run_config"]
+    if run is None:
+        raise ConfigError(f"pass --config: {checkpoint!r} is not a training workdir with a "
+                          "config.json")
+    config = ml_collections.ConfigDict(run)
+    for override in overrides:
+        apply_override(config, override)
+    config.lock()
+    return config
 
 
 def _tokenizer(config: Any, info: dict[str, Any]) -> Any:
@@ -126,7 +145,7 @@ def format_table(results: dict[str, float]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = quiet_startup(argv)
     from siglip_jax.checkpoints.hf import HFCheckpointError
     from siglip_jax.checkpoints.loader import (
         CheckpointFormatError,
@@ -137,10 +156,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        config = load_config(args.config, overrides)
+        config = (load_config(args.config, overrides) if args.config
+                  else run_config(args.checkpoint, overrides))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointNotFoundError, CheckpointFormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     setup_jax(config)
     try:
         results = evaluate(config, args.checkpoint)

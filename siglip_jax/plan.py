@@ -42,6 +42,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from siglip_jax.console import quiet_startup
+
 GiB = 1024**3
 
 
@@ -765,7 +767,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: 0 = the plan is fine, 1 = problems found, 2 = bad input."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = quiet_startup(argv)
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from siglip_jax.config import ConfigError, load_config
 

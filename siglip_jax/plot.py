@@ -27,6 +27,8 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from siglip_jax.console import quiet_startup
+
 METRICS_FILE = "metrics.jsonl"
 # Keys that are not worth a plot: redundant with another key, or bookkeeping.
 IGNORED_KEYS = frozenset({"step", "steps_per_s", "eta_s", "finite"})
@@ -204,6 +206,7 @@ def plot_workdir(workdir: str, out: str | None = None) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 on a missing/bad metrics file)."""
+    argv = quiet_startup(argv)
     parser = argparse.ArgumentParser(
         prog="python -m siglip_jax.plot",
         description="Write PNG plots of a training run's metrics.jsonl.")

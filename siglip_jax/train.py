@@ -32,6 +32,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from siglip_jax.config import ConfigError, check_keys, collect_overrides, load_config, to_plain
+from siglip_jax.console import quiet_startup
 
 TRAIN_KEYS = (
     "seed", "total_steps", "log_every", "time_budget_s", "cpu_devices", "mesh", "batch_axes",
@@ -83,9 +84,9 @@ def prepare_workdir(workdir: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
+    argv = quiet_startup(argv)
     from siglip_jax import distributed
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cluster = distributed.from_flags(args.coordinator, args.num_processes, args.process_id,

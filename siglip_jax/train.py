@@ -316,11 +316,9 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     from siglip_jax.evaluators.builder import build_evaluators
     from siglip_jax.metrics import (
         MetricWriter,
+        PeakFlops,
         Progress,
         compiled_flops,
-        default_peak_flops,
-        measure_matmul_flops,
-        mfu,
     )
     from siglip_jax.sharding import make_global_batch, make_mesh
 
@@ -370,11 +368,8 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     flops = compiled_flops(step_fn)
     log(f"compiled the train step in {time.monotonic() - compile_start:.1f}s"
         + (f"; {flops / 1e9:.2f} GFLOPs per device per step" if flops else ""))
-    peak = config.get("peak_flops")
-    if not peak and device.platform == "cpu":
-        peak = measure_matmul_flops()
-        log(f"peak for MFU: {peak / 1e9:.0f} GFLOP/s (f32 matmul measured on this host)")
-    peak = peak or default_peak_flops(device.device_kind, device.platform)
+    peak = PeakFlops.for_device(device, config.get("peak_flops"))
+    log(peak.describe())
     chips = jax.process_count() if device.platform == "cpu" else jax.device_count()
 
     evaluators = build_evaluators(config, model=model, mesh=mesh,
@@ -439,8 +434,8 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
                     progress.reset_clock(step)
                 else:
                     values.update(progress.rates(step))
-                    values["mfu"] = mfu(flops, jax.device_count(), values["steps_per_s"], peak,
-                                        chips)
+                    values.update(peak.mfu_metrics(flops, jax.device_count(),
+                                                   values["steps_per_s"], chips))
                 if getattr(source, "skips", None) is not None:
                     values.update(source.skips.as_dict())
                 if skipped_steps:

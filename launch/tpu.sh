@@ -111,7 +111,8 @@ of NAME at once, detached (setsid nohup), each writing ~/siglip_jax_logs/RUN.log
   -- OVERRIDES...        config overrides passed to the trainer verbatim, e.g.
                          -- --config.total_steps=1000 --config.wandb.notes='a b "c"'
 
-The planner runs locally first when siglip_jax/plan.py exists; a failing plan stops the launch.
+The planner runs locally first (it needs --type or SIGLIP_TPU_TYPE; --skip-plan skips it);
+a failing plan stops the launch.
 EOF
 }
 

@@ -223,8 +223,8 @@ class PeakFlops:
         rate = f"{self.value / 1e9:.0f} GFLOP/s" if self.value < 1e12 else \
             f"{self.value / 1e12:.0f} TFLOP/s"
         what = {"config": "from config.peak_flops", "published": "published bf16 peak",
-                "measured": "estimate: best f32 matmul on this host so far, re-measured at "
-                            "each log step; MFU is shown as ≈"}[self.source]
+                "measured": "CPU estimate: best f32 matmul so far, re-measured at each "
+                            "log step"}[self.source]
         return f"peak for MFU: {rate} per chip ({what})"
 
     def mfu_metrics(self, flops_per_device_step: float | None, num_devices: int,

@@ -207,11 +207,12 @@ def load_model_init(config: Any, abstract: Any) -> dict[str, Any]:
             if name not in params:
                 raise ConfigError(f"model_init.{part}: checkpoint {path!r} has no {name!r} "
                                   f"part (it has {sorted(params)})")
-            try:
-                parts[name] = big_vision.load_params(params[name], abstract[name],
-                                                     source=path, resample_posemb=True)
-            except (ValueError, KeyError) as e:
-                raise ConfigError(f"model_init.{part}: {e}") from None
+        try:  # Keyed by part name: t and b are leaves, and the posemb resampler looks for img.
+            parts.update(big_vision.load_params({n: params[n] for n in names},
+                                                {n: abstract[n] for n in names},
+                                                source=path, resample_posemb=True))
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"model_init.{part}: {e}") from None
     return parts
 
 

@@ -428,7 +428,7 @@ cmd_run() {
     note "workdir $workdir is not on gs://: on a multi-host slice all workers must share it"
   resolve_settings
 
-  # 1. The planner (issue 10), locally, before anything runs on the pod.
+  # 1. The planner, locally, before anything runs on the pod.
   if ((skip_plan)); then
     :
   elif [[ ! -f $REPO_ROOT/siglip_jax/plan.py ]]; then

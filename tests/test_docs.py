@@ -17,7 +17,8 @@ must appear in the real output in that order (`…` lines stand for omitted ones
 Every block runs in one sandbox: a temporary folder with links to the repository's configs/,
 launch/, siglip_jax/ and benchmarks/, `/tmp/` in the text pointing into it, and HOME and
 TMPDIR inside it — nothing is written elsewhere. The sandbox holds what the README's next
-steps assume: the demo's workdir (`/tmp/siglip_demo`, a 5-step demo run), a stand-in for a
+steps assume: the demo's workdir (`/tmp/siglip_demo`, a 5-step demo run on a smaller
+dataset), a stand-in for a
 downloaded Hugging Face checkpoint (`siglip-base-patch16-224`, a tiny random SigLIP with the
 demo's tokenizer) and a CSV of demo pictures (`my_data/train.csv`).
 """
@@ -41,6 +42,11 @@ SHELL_LANGS = ("sh", "bash", "console", "shell")
 MARKER = re.compile(r"^<!--\s*test:\s*(.*?)\s*-->\s*$")
 LINKED = ("configs", "launch", "siglip_jax", "benchmarks")
 TIMEOUT_S = 600
+# The sandbox's demo run: 5 steps on 4 pictures per class (2 held out), evaluated once.
+DEMO_SMALLER = ["--config.input.data.train_per_class=4", "--config.input.data.test_per_class=2",
+                "--config.evals.zeroshot.data.train_per_class=4",
+                "--config.evals.zeroshot.data.test_per_class=2",
+                "--config.evals.zeroshot.batch_size=72", "--config.input.shuffle_buffer=16"]
 
 
 @dataclasses.dataclass
@@ -228,7 +234,7 @@ def sandbox(tmp_path_factory):
         os.symlink(os.path.join(REPO, name), os.path.join(root, name))
     demo = subprocess.run(
         [sys.executable, "-m", "siglip_jax.train", "--config", "configs/demo.py:steps=5",
-         "--workdir", os.path.join(root, "tmp", "siglip_demo")],
+         "--workdir", os.path.join(root, "tmp", "siglip_demo"), *DEMO_SMALLER],
         cwd=root, env=_env(root), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
     _make_checkpoint_and_csv(root)

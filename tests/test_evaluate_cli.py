@@ -156,3 +156,20 @@ def test_missing_or_mismatching_checkpoints_are_one_line_errors(trained, tmp_pat
 
     assert main(_cli_args(data_dir, npz, "--config.evals.zeroshot.typo=1")) == 2
     assert "unknown config key 'evals.zeroshot.typo'" in capsys.readouterr().err
+
+
+def test_cli_without_config_uses_the_workdirs_config_json(trained, tmp_path, capsys):
+    _, _, workdir, summary = trained
+    out = tmp_path / "results.json"
+    assert main(["--checkpoint", workdir, "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results == {k: summary[k] for k in results} and len(results) == 4
+    step_dir = os.path.join(workdir, "checkpoints", sorted(os.listdir(
+        os.path.join(workdir, "checkpoints")))[-1])
+    assert main(["--checkpoint", step_dir, "--config.evals.retrieval.batch_size=8"]) == 0
+    capsys.readouterr()
+    npz = str(tmp_path / "params.npz")
+    bv.save_npz(npz, loader.load_params(workdir)[0])
+    assert main(["--checkpoint", npz]) == 2  # A .npz carries no config: say --config.
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pass --config" in err

@@ -111,7 +111,8 @@ of NAME at once, detached (setsid nohup), each writing ~/siglip_jax_logs/RUN.log
   -- OVERRIDES...        config overrides passed to the trainer verbatim, e.g.
                          -- --config.total_steps=1000 --config.wandb.notes='a b "c"'
 
-The planner runs locally first when siglip_jax/plan.py exists; a failing plan stops the launch.
+The planner runs locally first (it needs --type or SIGLIP_TPU_TYPE; --skip-plan skips it);
+a failing plan stops the launch.
 EOF
 }
 
@@ -427,7 +428,7 @@ cmd_run() {
     note "workdir $workdir is not on gs://: on a multi-host slice all workers must share it"
   resolve_settings
 
-  # 1. The planner (issue 10), locally, before anything runs on the pod.
+  # 1. The planner, locally, before anything runs on the pod.
   if ((skip_plan)); then
     :
   elif [[ ! -f $REPO_ROOT/siglip_jax/plan.py ]]; then

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from siglip_jax.config import ConfigError, collect_overrides, load_config
+from siglip_jax.console import quiet_startup
 from siglip_jax.schema import ModelConfig, RunConfig, parse
 
 
@@ -130,7 +131,7 @@ def format_table(results: dict[str, float]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = quiet_startup(argv)
     from siglip_jax.checkpoints.hf import HFCheckpointError
     from siglip_jax.checkpoints.loader import (
         CheckpointFormatError,

@@ -185,15 +185,16 @@ def load_model_init(run: RunConfig, abstract_params: Mapping[str, Any]) -> dict[
                 HFCheckpointError) as e:
             raise ConfigError(f"model_init.{part}: {e}") from None
         names = sorted(abstract_params) if part == "full" else [part]
-        for name in names:
-            if name not in params:
-                raise ConfigError(f"model_init.{part}: checkpoint {path!r} has no {name!r} "
-                                  f"part (it has {sorted(params)})")
-            try:
-                parts[name] = big_vision.load_params(params[name], abstract_params[name],
-                                                     source=path, resample_posemb=True)
-            except (ValueError, KeyError) as e:
-                raise ConfigError(f"model_init.{part}: {e}") from None
+        missing = [name for name in names if name not in params]
+        if missing:
+            raise ConfigError(f"model_init.{part}: checkpoint {path!r} has no {missing[0]!r} "
+                              f"part (it has {sorted(params)})")
+        try:  # Keyed by part name: t and b are leaves, and the posemb resampler looks for img.
+            parts.update(big_vision.load_params({n: params[n] for n in names},
+                                                {n: abstract_params[n] for n in names},
+                                                source=path, resample_posemb=True))
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"model_init.{part}: {e}") from None
     return parts
 
 

@@ -83,7 +83,7 @@ class LogMetrics:
     """Writes scalar metrics and prints the progress line every `log_every` steps."""
 
     def __init__(self, writer: Any, progress: Any, *, log_every: int, total_steps: int,
-                 start_step: int, mfu: Callable[[float], float | None],
+                 start_step: int, mfu: Callable[[float], Mapping[str, Any]],
                  counters: Sequence[Callable[[], Mapping[str, Any]]] = ()):
         self.writer, self.progress = writer, progress
         self.log_every, self.total_steps, self.start_step = log_every, total_steps, start_step
@@ -102,7 +102,7 @@ class LogMetrics:
             self.progress.reset_clock(step)
         else:
             values.update(self.progress.rates(step))
-            values["mfu"] = self.mfu(values["steps_per_s"])
+            values.update(self.mfu(values["steps_per_s"]))  # mfu and how it was measured.
         for counter in self.counters:
             values.update(counter())
         self.writer.write(step, {k: v for k, v in values.items() if v is not None})

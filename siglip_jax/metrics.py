@@ -3,9 +3,11 @@
 MFU = achieved FLOP/s ÷ peak FLOP/s. Achieved FLOPs per step come from the compiled step's
 `cost_analysis()` (per device, summed over devices). Peak FLOP/s per chip come from
 `config.peak_flops`, or else from `PEAK_FLOPS_PER_CHIP` by device kind (published bf16 peaks).
-CPUs differ too much for a table, so on CPU the trainer measures a large f32 matmul at start
-(`measure_matmul_flops`) and uses that. On CPU all emulated devices of a process share one
-host, so the peak is per process, not per device.
+CPUs differ too much for a table, and a shared CPU's rate moves with the load, so on CPU the
+peak is an estimate: the best rate of short f32 matmuls of several sizes, measured at start
+and again at every log step (the device is idle then), the best so far (`PeakFlops`). The
+progress line then shows `mfu ≈x%`. On CPU all emulated devices of a process share one host,
+so the peak is per process, not per device.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 import numpy as np
@@ -149,7 +151,8 @@ class Progress:
                          ("steps_per_s", ".2f"), ("examples_per_s", ".0f"), ("mfu", ".1%")):
             if key in metrics and metrics[key] is not None:
                 label = {"steps_per_s": "steps/s", "examples_per_s": "ex/s"}.get(key, key)
-                parts.append(f"{label} {float(metrics[key]):{fmt}}")
+                approx = "≈" if key == "mfu" and metrics.get("mfu_estimated") else ""
+                parts.append(f"{label} {approx}{float(metrics[key]):{fmt}}")
         if "eta_s" in metrics:
             parts.append(f"ETA {format_duration(float(metrics['eta_s']))}")
         return " | ".join(parts)
@@ -161,7 +164,7 @@ class Progress:
 
 
 # Peak dense FLOP/s per chip by `device_kind` (lower-cased prefix match): published bf16 peaks.
-# "cpu" (a 2-core AMD Zen3 f32 matmul) is only the fallback when measuring is not possible.
+# CPUs are measured instead (PeakFlops); "cpu" is the figure when `default_peak_flops` is asked.
 PEAK_FLOPS_PER_CHIP: dict[str, float] = {
     "tpu v4": 275e12,
     "tpu v5 lite": 197e12,
@@ -183,22 +186,91 @@ def default_peak_flops(device_kind: str, platform: str) -> float | None:
     return PEAK_FLOPS_PER_CHIP.get(platform.lower())
 
 
-def measure_matmul_flops(size: int = 2048, seconds: float = 0.3) -> float:
-    """Best FLOP/s of a size×size f32 matmul on the first device (the CPU's practical peak)."""
-    import time
+def measure_matmul_flops(sizes: Sequence[int] = (512, 1024, 2048), seconds: float = 0.3
+                         ) -> float:
+    """Best FLOP/s of square f32 matmuls on this process's first device (the practical peak).
 
+    Each size gets an equal share of `seconds` (at least one timed call): short calls catch
+    the quiet moments of a shared machine, large ones the rate a lone process reaches.
+    """
     import jax
     import jax.numpy as jnp
 
-    a = jax.device_put(jnp.ones((size, size), jnp.float32), jax.devices()[0])
     matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best, deadline = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < deadline or best == float("inf"):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    best_rate = 0.0
+    for size in sizes:
+        a = jax.device_put(jnp.ones((size, size), jnp.float32), jax.local_devices()[0])
+        matmul(a).block_until_ready()  # Compile outside the timing.
+        best, deadline = math.inf, time.perf_counter() + seconds / len(sizes)
+        while time.perf_counter() < deadline or best == math.inf:
+            start = time.perf_counter()
+            matmul(a).block_until_ready()
+            best = min(best, time.perf_counter() - start)
+        best_rate = max(best_rate, 2 * size**3 / best)
+    return best_rate
+
+
+class PeakFlops:
+    """The MFU denominator per chip: configured, published (accelerators) or, on CPU, an
+    estimate that is the best matmul rate measured so far in the run.
+
+    The trainer makes one with `for_device` at start, logs `describe()`, and at each log step
+    (with the device idle) adds `mfu_metrics(...)` to the metrics; that call re-measures a
+    CPU estimate briefly first, so a quieter moment later in the run raises it.
+    """
+
+    def __init__(self, value: float | None, source: str,
+                 measure: Callable[..., float] | None = None):
+        self.value = value
+        self.source = source  # "config", "published", "measured" or "unknown".
+        self._measure = measure
+
+    @classmethod
+    def for_device(cls, device: Any, configured: float | None = None,
+                   measure: Callable[..., float] = measure_matmul_flops) -> PeakFlops:
+        """`configured` if set; else the published peak; else on CPU a measured estimate."""
+        if configured:
+            return cls(float(configured), "config")
+        if device.platform == "cpu":
+            return cls(measure(), "measured", measure)
+        value = default_peak_flops(device.device_kind, device.platform)
+        return cls(value, "published" if value else "unknown")
+
+    @property
+    def is_estimate(self) -> bool:
+        """True when the peak was measured on this host (MFU is then an estimate)."""
+        return self.source == "measured"
+
+    def refresh(self, seconds: float = 0.03, sizes: Sequence[int] = (512, 1024)) -> float:
+        """Re-measures a CPU estimate briefly and keeps the best so far; returns the peak."""
+        if self.is_estimate and self._measure is not None:
+            self.value = max(self.value or 0.0, self._measure(sizes=sizes, seconds=seconds))
+        return self.value or 0.0
+
+    def describe(self) -> str:
+        """The start-up log line saying which peak MFU is measured against."""
+        if not self.value:
+            return "peak for MFU: unknown for this device (set peak_flops); no MFU shown"
+        rate = f"{self.value / 1e9:.0f} GFLOP/s" if self.value < 1e12 else \
+            f"{self.value / 1e12:.0f} TFLOP/s"
+        what = {"config": "from config.peak_flops", "published": "published bf16 peak",
+                "measured": "CPU estimate: best f32 matmul so far, re-measured at each "
+                            "log step"}[self.source]
+        return f"peak for MFU: {rate} per chip ({what})"
+
+    def mfu_metrics(self, flops_per_device_step: float | None, num_devices: int,
+                    steps_per_s: float, num_chips: int) -> dict[str, Any]:
+        """{"mfu", "mfu_peak_flops"} (+ "mfu_estimated": True on CPU) for the metrics; {} when
+        the MFU is unknown."""
+        if self.is_estimate:
+            self.refresh()
+        value = mfu(flops_per_device_step, num_devices, steps_per_s, self.value, num_chips)
+        if value is None:
+            return {}
+        out: dict[str, Any] = {"mfu": value, "mfu_peak_flops": self.value}
+        if self.is_estimate:
+            out["mfu_estimated"] = True
+        return out
 
 
 def compiled_flops(compiled: Any) -> float | None:

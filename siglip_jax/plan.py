@@ -45,6 +45,7 @@ from typing import Any
 import jax
 
 from siglip_jax.config import ConfigError
+from siglip_jax.console import quiet_startup
 from siglip_jax.schema import RunConfig, parse
 
 GiB = 1024**3
@@ -647,7 +648,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: 0 = the plan is fine, 1 = problems found, 2 = bad input."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = quiet_startup(argv)
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from siglip_jax.config import ConfigError, load_config
 

@@ -27,13 +27,21 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from siglip_jax.console import quiet_startup
+
 METRICS_FILE = "metrics.jsonl"
 # Keys that are not worth a plot: redundant with another key, or bookkeeping.
 IGNORED_KEYS = frozenset({"step", "steps_per_s", "eta_s", "finite"})
 # Keys drawn together in one panel (panel name: keys).
 TOGETHER = {"logit_means": ("pos_logit_mean", "neg_logit_mean")}
 FIRST = ("loss", "lr", "t", "b")  # Panel order: these first, then the rest alphabetically.
-LOG_SCALE = ("loss",)  # Panels drawn with a log y axis when their values span > 2 decades.
+# Panels whose y range ignores the first steps (the initial loss would flatten the rest).
+ROBUST_Y = ("loss", "grad_norm")
+SKIP_FRACTION = 0.05  # Share of a robust panel's first points left out of its y range.
+# Line styles per key within a panel: identical curves (top-1 = mean class recall on a balanced
+# set) still show as two lines.
+STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"),
+          ((0, (1, 3)), "x"))
 
 Series = dict[str, tuple[list[int], list[float]]]  # key: (steps, values)
 
@@ -126,19 +134,44 @@ def _file_name(panel: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", panel).strip("_") or "metric"
 
 
-def _draw(ax: Any, panel: str, keys: Sequence[str], series: Series,
-          xlim: tuple[int, int]) -> None:
-    """Draws one panel: a line per key (markers when there are few points)."""
-    finite = []
-    for key in keys:
+def robust_ylim(values: Sequence[float], skip_fraction: float = SKIP_FRACTION
+                ) -> tuple[float, float] | None:
+    """A y range for `values` (in step order) that leaves out the first `skip_fraction` of the
+    points (at least one when there are more than three); None when nothing is left out."""
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) <= 3:
+        return None
+    skip = max(1, int(len(finite) * skip_fraction))
+    rest = finite[skip:]
+    low, high = min(rest), max(rest)
+    if min(finite[:skip]) >= low and max(finite[:skip]) <= high:
+        return None  # The first points are inside the range anyway.
+    pad = 0.05 * (high - low) or 0.05 * abs(high) or 0.05
+    return low - pad, high + pad
+
+
+def draw_panel(ax: Any, panel: str, keys: Sequence[str], series: Series,
+               xlim: tuple[int, int]) -> None:
+    """Draws one panel: a line per key, each with its own line style and marker."""
+    limits = []
+    for index, key in enumerate(keys):
         steps, values = series[key]
         label = key.split("/", 1)[1] if "/" in key else key
-        marker = "o" if len(steps) <= 30 else None
-        ax.plot(steps, values, marker=marker, markersize=3, linewidth=1.2, label=label)
-        finite += [v for v in values if math.isfinite(v)]
-    if panel in LOG_SCALE and finite and min(finite) > 0 and max(finite) / min(finite) > 100:
-        ax.set_yscale("log")  # Spans more than two decades.
-    ax.set_title(panel)
+        linestyle, marker = STYLES[index % len(STYLES)]
+        ax.plot(steps, values, linestyle=linestyle, marker=marker,
+                markevery=max(1, len(steps) // 30), markersize=4 + 2 * (index == 0),
+                fillstyle="none" if index else "full", linewidth=1.2, label=label)
+        if panel in ROBUST_Y:
+            limits.append((robust_ylim(values), values[0], steps[0]))
+    title = panel
+    if limits and all(lim is not None for lim, _, _ in limits):
+        low = min(lim[0] for lim, _, _ in limits)
+        high = max(lim[1] for lim, _, _ in limits)
+        ax.set_ylim(low, high)
+        first, step = limits[0][1], limits[0][2]
+        if not low <= first <= high:
+            title += f" (step {step}: {first:.4g}, off the scale)"
+    ax.set_title(title)
     ax.set_xlabel("step")
     if xlim[1] > xlim[0]:  # Every panel spans the whole run, so evals line up with training.
         pad = 0.02 * (xlim[1] - xlim[0])
@@ -181,7 +214,7 @@ def plot_workdir(workdir: str, out: str | None = None) -> list[str]:
     written = []
     for name, keys in panels.items():
         fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-        _draw(ax, name, keys, series, xlim)
+        draw_panel(ax, name, keys, series, xlim)
         path = os.path.join(out, f"{_file_name(name)}.png")
         _save(fig, path)
         plt.close(fig)
@@ -191,7 +224,7 @@ def plot_workdir(workdir: str, out: str | None = None) -> list[str]:
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.5 * rows), squeeze=False,
                              layout="constrained")
     for ax, (name, keys) in zip(axes.flat, panels.items(), strict=False):
-        _draw(ax, name, keys, series, xlim)
+        draw_panel(ax, name, keys, series, xlim)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(workdir)
@@ -204,6 +237,7 @@ def plot_workdir(workdir: str, out: str | None = None) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 on a missing/bad metrics file)."""
+    argv = quiet_startup(argv)
     parser = argparse.ArgumentParser(
         prog="python -m siglip_jax.plot",
         description="Write PNG plots of a training run's metrics.jsonl.")

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from siglip_jax.console import quiet_startup
+
 DEFAULT_TEMPLATE = "This is a photo of {}."
 PREPROCESSOR_FILE = "preprocessor_config.json"
 _PIL_RESAMPLE = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
@@ -272,7 +274,7 @@ def format_table(names: Sequence[str], labels: Sequence[str], probs: np.ndarray)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; prints a table of sigmoid probabilities."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = quiet_startup(argv)
     parser = argparse.ArgumentParser(
         prog="python -m siglip_jax.predict",
         description="Zero-shot: independent sigmoid probability of each label for each image.")

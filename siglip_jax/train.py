@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from siglip_jax.config import ConfigError, collect_overrides, load_config
+from siglip_jax.console import quiet_startup
 from siglip_jax.experiment import setup_jax
 from siglip_jax.hooks import NonFiniteError
 from siglip_jax.schema import RunConfig, parse
@@ -78,9 +79,9 @@ def prepare_workdir(workdir: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code (see the module docstring)."""
+    argv = quiet_startup(argv)
     from siglip_jax import distributed
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cluster = distributed.from_flags(args.coordinator, args.num_processes, args.process_id,
@@ -241,19 +242,17 @@ def _set_up(run: RunConfig, mesh: Any, checkpointer: Any, log: Any) -> _Setup:
 
 
 def _mfu_fn(run: RunConfig, flops: float | None, log: Any) -> Any:
-    """steps/s → MFU against the config's peak, the published peak, or (CPU) a measured one."""
+    """steps/s → MFU metrics against the config's peak, the published one or (CPU) a measured
+    estimate (metrics.PeakFlops)."""
     import jax
 
-    from siglip_jax.metrics import default_peak_flops, measure_matmul_flops, mfu
+    from siglip_jax.metrics import PeakFlops
 
     device = jax.devices()[0]
-    peak = run.peak_flops
-    if not peak and device.platform == "cpu":
-        peak = measure_matmul_flops()
-        log(f"peak for MFU: {peak / 1e9:.0f} GFLOP/s (f32 matmul measured on this host)")
-    peak = peak or default_peak_flops(device.device_kind, device.platform)
+    peak = PeakFlops.for_device(device, run.peak_flops)
+    log(peak.describe())
     chips = jax.process_count() if device.platform == "cpu" else jax.device_count()
-    return lambda steps_per_s: mfu(flops, jax.device_count(), steps_per_s, peak, chips)
+    return lambda steps_per_s: peak.mfu_metrics(flops, jax.device_count(), steps_per_s, chips)
 
 
 def _make_hooks(run: RunConfig, setup: _Setup, machinery: _Machinery, started: float,

@@ -175,3 +175,21 @@ def test_a_nan_checkpoint_scores_nan_and_exits_1(trained, tmp_path, capsys):
     assert captured.err.count("\n") == 1 and "gives non-finite scores" in captured.err
     results = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(c))
     assert results["zeroshot/top1"] is None and results["zeroshot/nonfinite"] == 72.0
+
+
+def test_cli_without_config_uses_the_workdirs_config_json(trained, tmp_path, capsys):
+    _, _, workdir, summary = trained
+    out = tmp_path / "results.json"
+    assert main(["--checkpoint", workdir, "--json", str(out)]) == 0
+    results = json.loads(out.read_text())  # The run's evaluators: zero-shot and retrieval.
+    assert {"zeroshot/top1", "retrieval/img2txt_r1"} <= set(results)
+    assert results == {k: summary[k] for k in results}
+    step_dir = os.path.join(workdir, "checkpoints", sorted(os.listdir(
+        os.path.join(workdir, "checkpoints")))[-1])
+    assert main(["--checkpoint", step_dir, "--config.evals.retrieval.batch_size=8"]) == 0
+    capsys.readouterr()
+    npz = str(tmp_path / "params.npz")
+    bv.save_npz(npz, loader.load_params(workdir)[0])
+    assert main(["--checkpoint", npz]) == 2  # A .npz carries no config: say --config.
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pass --config" in err

@@ -1,7 +1,7 @@
 """Parity with the PyTorch reference: a small random transformers.SiglipModel, saved with
 save_pretrained, loaded into our model; embeddings and logits equal to 1e-5 (f32). Round
 trips ours -> HF -> ours are bit-exact; HF loads what we save. Needs the `parity` extra
-(torch==2.13.0, transformers) — imported plainly so a missing install fails loudly."""
+(torch==2.13.0, transformers) ; skipped, naming the extra, when it is missing."""
 
 import copy
 import json
@@ -9,14 +9,16 @@ import json
 import jax
 import numpy as np
 import pytest
-import torch
-import transformers
 from checks import assert_bit_equal
+from extras import require
 
 from siglip_jax.checkpoints import hf
 from siglip_jax.models import params as P
 from siglip_jax.models import variants
 from siglip_jax.models.two_towers import Model
+
+torch = require("torch")
+transformers = require("transformers")
 
 # Text width 40 projected to 32 (= image width, as SiglipModel requires): a non-square head.
 TEXT = dict(vocab_size=50, hidden_size=40, intermediate_size=64, num_hidden_layers=2,

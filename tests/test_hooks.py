@@ -55,7 +55,7 @@ def test_nonfinite_stop_raises_naming_the_step():
 def test_log_metrics_logs_first_every_nth_and_last_step():
     writer, progress = _Writer(), _Progress()
     log = hooks.LogMetrics(writer, progress, log_every=5, total_steps=12, start_step=0,
-                           mfu=lambda rate: rate / 10,
+                           mfu=lambda rate: {"mfu": rate / 10},
                            counters=[lambda: {"skipped/corrupt_image": 3}])
     for step in range(1, 13):
         log(step, None, _metrics())

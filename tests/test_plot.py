@@ -116,3 +116,56 @@ def test_truncated_last_line_is_ignored_but_a_bad_middle_line_is_an_error(tmp_pa
     _write(workdir, RECORDS[:1], tail="not json\n" + json.dumps(RECORDS[1]) + "\n")
     with pytest.raises(plot.MetricsFileError, match=r"metrics.jsonl:2: not a JSON object"):
         plot.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+
+
+def _demo_like_series():
+    """A loss that starts at 10.7 then falls from 4.2 to 2.5; top-1 equal to mean-class recall."""
+    steps = [1] + list(range(50, 1001, 50))
+    loss = [10.7] + [4.2 - 1.7 * i / 19 for i in range(20)]
+    evals = [500, 1000]
+    return {"loss": (steps, loss),
+            "zeroshot/top1": (evals, [0.88, 0.95]),
+            "zeroshot/mean_class_recall": (evals, [0.88, 0.95]),
+            "zeroshot/top5": (evals, [0.99, 1.0])}, (1, 1000)
+
+
+def _axes():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    return fig, ax
+
+
+def test_identical_curves_get_distinct_styles_and_markers():
+    series, xlim = _demo_like_series()
+    fig, ax = _axes()
+    keys = plot.group_panels(series)["zeroshot"]
+    plot.draw_panel(ax, "zeroshot", keys, series, xlim)
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == [k.split("/")[1] for k in keys]
+    top1 = lines[[line.get_label() for line in lines].index("top1")]
+    recall = lines[[line.get_label() for line in lines].index("mean_class_recall")]
+    assert list(top1.get_ydata()) == list(recall.get_ydata())  # Same data, drawn apart:
+    assert len({line.get_linestyle() for line in lines}) == len(lines)
+    assert len({line.get_marker() for line in lines}) == len(lines)
+    assert all(line.get_marker() not in (None, "None", "") for line in lines)
+
+
+def test_loss_y_range_ignores_the_first_step():
+    series, xlim = _demo_like_series()
+    fig, ax = _axes()
+    plot.draw_panel(ax, "loss", ["loss"], series, xlim)
+    low, high = ax.get_ylim()
+    rest = series["loss"][1][1:]
+    assert low <= min(rest) and high >= max(rest)  # Every later point is visible ...
+    assert high < 10.7  # ... and the step-1 loss is off the scale, which the title says.
+    assert (high - low) < 1.2 * (max(rest) - min(rest))
+    assert "step 1: 10.7" in ax.get_title()
+
+
+def test_robust_ylim_keeps_the_range_when_the_start_is_inside():
+    assert plot.robust_ylim([3.0, 4.0, 2.0, 1.0, 1.5]) is None  # 3.0 lies within [1, 4].
+    assert plot.robust_ylim([9.0, 4.0, 2.0, 1.0]) == pytest.approx((1 - 0.15, 4 + 0.15))

@@ -4,13 +4,16 @@ import io
 
 import numpy as np
 import pytest
-import skimage.data
 import tensorflow as tf
+from extras import require
 from PIL import Image
 
 from siglip_jax.data import pp
 from siglip_jax.data.pp import OPS, PPError, PPKeyError, add_example_seeds, get_preprocess_fn
 from siglip_jax.data.tokenizer import Tokenizer, train_sentencepiece
+
+skimage = require("skimage")
+require("skimage.data")  # sets skimage.data
 
 RNG = np.random.default_rng(0)
 

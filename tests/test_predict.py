@@ -8,14 +8,16 @@ import os
 import jax
 import numpy as np
 import pytest
-import torch
-import transformers
+from extras import require
 from PIL import Image
 
 from siglip_jax.checkpoints import big_vision as bv
 from siglip_jax.data.tokenizer import Tokenizer, train_sentencepiece
 from siglip_jax.models.two_towers import Model
 from siglip_jax.predict import PredictError, Predictor, main, predict
+
+torch = require("torch")
+transformers = require("transformers")
 
 LABELS = ["2 cats", "2 dogs", "A red car!"]
 TEMPLATE = "This is a photo of {}."

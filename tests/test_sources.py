@@ -6,9 +6,9 @@ import tarfile
 
 import numpy as np
 import pytest
-import skimage.data
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from extras import require
 from PIL import Image
 
 from siglip_jax.data.pp import get_preprocess_fn
@@ -21,6 +21,9 @@ from siglip_jax.data.sources import (
     image_is_decodable,
 )
 from siglip_jax.data.tokenizer import Tokenizer, train_sentencepiece
+
+skimage = require("skimage")
+require("skimage.data")  # sets skimage.data
 
 
 def _jpeg(arr: np.ndarray, **kw) -> bytes:

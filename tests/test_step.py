@@ -137,5 +137,5 @@ def test_mfu_formula_and_measured_peak():
     assert mfu(None, 8, 5.0, 100e9, 1) is None
     assert default_peak_flops("TPU v4", "tpu") == 275e12
     assert default_peak_flops("TPU v5 lite", "tpu") == 197e12
-    peak = measure_matmul_flops(size=512, seconds=0.05)
+    peak = measure_matmul_flops(sizes=(256, 512), seconds=0.05)
     assert 1e9 < peak < 1e13  # A real CPU does between 1 GFLOP/s and 10 TFLOP/s.

@@ -6,16 +6,26 @@ with captions such as "a small red circle". The 36 colour×shape pairs are the c
 zero-shot evaluation. The train and test splits are drawn from different seeds, so held-out
 images are never trained on. Splits are stored as `.npz` files (no pickles) next to a small
 sentencepiece model trained on the caption vocabulary.
+
+To draw one picture the demo model knows (a PNG of one class), for `siglip_jax.predict`:
+
+    python -m siglip_jax.data.demo_shapes --colour red --shape circle --out red_circle.png
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -216,6 +226,8 @@ class DemoShapes:
     def dataset(self, process_index: int = 0, process_count: int = 1,
                 shuffle_files: bool = False, seed: int = 0) -> tf.data.Dataset:
         """This process's share of the split (every process_count-th example) as tf.data."""
+        import tensorflow as tf
+
         del shuffle_files, seed  # One file; the pipeline shuffles examples.
         share = {k: v[process_index::process_count] for k, v in self._arrays.items()}
         ds = tf.data.Dataset.from_tensor_slices(share)
@@ -230,3 +242,41 @@ def _crop_to_hw(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     hw = example.pop("hw")
     example["image"] = example["image"][: hw[0], : hw[1]]
     return example
+
+
+def write_png(path: str, colour: str, shape: str, size: int = 32, seed: int = 0) -> np.ndarray:
+    """Draws one `colour` `shape` as the demo's data does and writes it as a PNG; returns it."""
+    from PIL import Image
+
+    if colour not in COLOURS:
+        raise ValueError(f"colour {colour!r} is not one of the demo's: {', '.join(COLOURS)}")
+    if shape not in SHAPES:
+        raise ValueError(f"shape {shape!r} is not one of the demo's: {', '.join(SHAPES)}")
+    rng = np.random.default_rng(seed)
+    image = render(np.array([list(COLOURS).index(colour)]), np.array([SHAPES.index(shape)]),
+                   rng, size)[0]
+    Image.fromarray(image).save(path, format="PNG")
+    return image
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: writes one demo picture as a PNG."""
+    from siglip_jax.console import quiet_startup
+
+    argv = quiet_startup(argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m siglip_jax.data.demo_shapes",
+        description="Write a PNG of one demo class: a coloured shape on a dark background.")
+    parser.add_argument("--colour", required=True, choices=list(COLOURS))
+    parser.add_argument("--shape", required=True, choices=list(SHAPES))
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--size", type=int, default=32, help="side in pixels (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="position, size and noise")
+    args = parser.parse_args(argv)
+    write_png(args.out, args.colour, args.shape, args.size, args.seed)
+    print(f"wrote {args.out}: a {args.colour} {args.shape}, {args.size}×{args.size} px")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

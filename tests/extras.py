@@ -1,0 +1,23 @@
+"""Optional test dependencies: skip a test module whose extra is not installed, naming it.
+
+`pip install -e ".[test]"` brings scikit-image and scikit-learn, `".[parity]"` torch and
+transformers. CI sets SIGLIP_REQUIRE_EXTRAS=1 so a missing extra fails there instead of
+skipping.
+"""
+
+import importlib
+import os
+from types import ModuleType
+
+import pytest
+
+EXTRA_OF = {"torch": "parity", "transformers": "parity", "skimage": "test", "sklearn": "test"}
+
+
+def require(module: str) -> ModuleType:
+    """Imports `module`, or skips the calling test module naming the extra that installs it."""
+    extra = EXTRA_OF[module.split(".")[0]]
+    if os.environ.get("SIGLIP_REQUIRE_EXTRAS") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(
+        module, reason=f"needs {module} (optional): pip install -e '.[{extra}]'")

@@ -1,0 +1,79 @@
+"""Quiet start-up (siglip_jax.console): the noise is gone on a normal run, back with --verbose
+or SIGLIP_VERBOSE=1, and other output passes untouched. Each case runs in a fresh process."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GLOO = "[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1"
+
+# Writes like the libraries do: gloo's C++ straight to descriptor 1, orbax through absl logging.
+SCRIPT = f"""
+import os, sys
+from siglip_jax.console import quiet_startup
+args = quiet_startup(sys.argv[1:])
+print("args", args, flush=True)
+os.write(1, b"{GLOO}\\nnative line kept\\n")
+from absl import logging
+logging.warning("Metadata file does not exist: /x/_CHECKPOINT_METADATA")
+logging.warning("another warning kept")
+print("TF_ENABLE_ONEDNN_OPTS", os.environ.get("TF_ENABLE_ONEDNN_OPTS"), flush=True)
+print("last line kept")
+"""
+
+
+def _run(*args, env_extra=None):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SIGLIP_VERBOSE", "TF_ENABLE_ONEDNN_OPTS", "SIGLIP_NUM_PROCESSES")}
+    env.update(PYTHONPATH=REPO, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-c", SCRIPT, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_quiet_multiprocess_run_drops_only_the_noise():
+    result = _run("--num_processes", "2", "--config", "x")
+    assert result.returncode == 0, result.stderr
+    assert GLOO not in result.stdout and "Metadata file does not exist" not in result.stderr
+    assert "native line kept" in result.stdout and "another warning kept" in result.stderr
+    assert "TF_ENABLE_ONEDNN_OPTS 0" in result.stdout
+    assert result.stdout.rstrip().endswith("last line kept")  # Drained at exit, in order.
+    assert "args ['--num_processes', '2', '--config', 'x']" in result.stdout
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_verbose_keeps_everything(how):
+    if how == "flag":
+        result = _run("--num_processes", "2", "--verbose")
+    else:
+        result = _run("--num_processes", "2", env_extra={"SIGLIP_VERBOSE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert GLOO in result.stdout and "Metadata file does not exist" in result.stderr
+    assert "TF_ENABLE_ONEDNN_OPTS None" in result.stdout
+    assert "args ['--num_processes', '2']" in result.stdout  # --verbose is taken out.
+
+
+def test_single_process_stdout_is_not_redirected():
+    result = _run()
+    assert GLOO in result.stdout  # Only multi-process runs print gloo lines; left alone here.
+    assert "Metadata file does not exist" not in result.stderr
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_cli_starts_quietly(verbose):
+    """plan on the demo loads TensorFlow and JAX: no notices unless --verbose."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SIGLIP_VERBOSE", "TF_ENABLE_ONEDNN_OPTS", "TF_CPP_MIN_LOG_LEVEL")}
+    result = subprocess.run(
+        [sys.executable, "-m", "siglip_jax.plan", "--config", "configs/demo.py",
+         "--topology", "cpu-8", *(["--verbose"] if verbose else [])],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "result        ok" in result.stdout
+    if verbose:  # TensorFlow really loaded and spoke: the quiet run below hid it.
+        assert "oneDNN" in result.stderr, result.stderr
+    else:
+        for noise in ("oneDNN", "cpu_feature_guard", "absl::InitializeLog"):
+            assert noise not in result.stderr, result.stderr

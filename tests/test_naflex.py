@@ -5,15 +5,16 @@ import io
 
 import numpy as np
 import pytest
-import skimage.data
 import tensorflow as tf
+from extras import require
 from PIL import Image
 
 from siglip_jax.data import naflex
 from siglip_jax.data.pp import PPError, get_preprocess_fn
 
-transformers = pytest.importorskip("transformers")
-from transformers.models.siglip2 import image_processing_pil_siglip2 as hf_siglip2  # noqa: E402
+skimage_data = require("skimage.data")
+transformers = require("transformers")
+hf_siglip2 = require("transformers.models.siglip2.image_processing_pil_siglip2")
 
 RNG = np.random.default_rng(0)
 # One grey level in [0, 255] is 2/255 after (x/255 - 0.5)/0.5: TF's antialiased bilinear
@@ -23,16 +24,16 @@ TF_KERNEL_ATOL = 2 / 255 + 1e-6
 
 def _images() -> dict[str, np.ndarray]:
     """Square, wide, tall, tiny and odd-sized images: real photos and synthetic ones."""
-    coffee = skimage.data.coffee()  # 400 x 600
+    coffee = skimage_data.coffee()  # 400 x 600
     return {
-        "square_astronaut": skimage.data.astronaut(),          # 512 x 512
+        "square_astronaut": skimage_data.astronaut(),          # 512 x 512
         "wide_coffee": coffee,
         "tall_coffee": np.ascontiguousarray(coffee.transpose(1, 0, 2)),  # 600 x 400
-        "wide_rocket": skimage.data.rocket(),                   # 427 x 640
+        "wide_rocket": skimage_data.rocket(),                   # 427 x 640
         "very_tall_noise": RNG.integers(0, 256, (300, 40, 3), dtype=np.uint8),
         "tiny_noise": RNG.integers(0, 256, (5, 7, 3), dtype=np.uint8),
         "one_pixel": np.array([[[200, 10, 90]]], np.uint8),
-        "very_wide_chelsea": np.ascontiguousarray(skimage.data.chelsea()[100:140]),  # 40 x 451
+        "very_wide_chelsea": np.ascontiguousarray(skimage_data.chelsea()[100:140]),  # 40 x 451
     }
 
 
@@ -139,10 +140,10 @@ def test_pp_ops_in_tf_data_and_eagerly_match_hf(method):
 
 def test_resize_to_patches_keeps_dtype_and_static_channels():
     fn = get_preprocess_fn("resize_to_patches(16, 256)")
-    out = fn({"image": tf.constant(skimage.data.coffee())})["image"]
+    out = fn({"image": tf.constant(skimage_data.coffee())})["image"]
     assert out.dtype == tf.uint8 and tuple(out.shape) == (208, 304, 3)  # 13 x 19 = 247 patches
     sig = {"image": tf.TensorSpec([None, None, 3], tf.uint8)}
-    ds = tf.data.Dataset.from_generator(lambda: iter([{"image": skimage.data.coffee()}]),
+    ds = tf.data.Dataset.from_generator(lambda: iter([{"image": skimage_data.coffee()}]),
                                         output_signature=sig).map(fn)
     assert ds.element_spec["image"].shape.as_list() == [None, None, 3]
 

@@ -13,17 +13,20 @@ import json
 import jax
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
-import transformers
 from checks import assert_bit_equal
+from extras import require
 from PIL import Image
-from transformers.models.siglip2.image_processing_pil_siglip2 import convert_image_to_patches
 
 from siglip_jax.checkpoints import big_vision as bv
 from siglip_jax.checkpoints import hf, loader
 from siglip_jax.models import naflex
 from siglip_jax.models.two_towers import Model
+
+torch = require("torch")
+F = require("torch.nn.functional")
+transformers = require("transformers")
+convert_image_to_patches = require(
+    "transformers.models.siglip2.image_processing_pil_siglip2").convert_image_to_patches
 
 TEXT = dict(vocab_size=300, hidden_size=40, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=2, max_position_embeddings=10, projection_size=32,

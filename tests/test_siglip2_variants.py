@@ -3,11 +3,13 @@ the same architecture (SiglipModel for FixRes, Siglip2Model for NaFlex, built on
 device: nothing allocated), and the tower shapes are the published ones."""
 
 import pytest
-import torch
-import transformers
+from extras import require
 
 from siglip_jax.models import params as P
 from siglip_jax.models import variants
+
+torch = require("torch")
+transformers = require("transformers")
 
 # HF config.json facts of the google/siglip2-* checkpoints (hidden, MLP, layers, heads), the
 # same tables as big_vision vit.decode_variant; g-opt's text tower is So400m's projected to

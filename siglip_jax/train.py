@@ -260,7 +260,7 @@ def build_step(config: Any, mesh: Any, batch_shapes: dict[str, tuple[int, ...]])
     train_step = step_lib.make_train_step(
         model, tx, make_loss_fn(config, mesh), lr_fn, frozen=frozen,
         accum_steps=int(config.get("grad_accum_steps", 1) or 1),
-        skip_nonfinite=on_nonfinite == "skip")
+        skip_nonfinite=on_nonfinite == "skip", mesh=mesh, batch_axes=tuple(config.batch_axes))
     data_sharding = {k: batch_sharding(mesh, tuple(config.batch_axes)) for k in batch_shapes}
     step_fn = jax.jit(train_step, in_shardings=(shardings, data_sharding),
                       out_shardings=(shardings, None), donate_argnums=(0,))

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from siglip_jax.sharding import ACT_BATCH
+
 Dtype = Any
 
 LN_EPS = 1e-6
@@ -34,6 +36,12 @@ def _remat_policy(name: str) -> Any:
     if name not in remat_policy_names():
         raise ValueError(f"unknown remat_policy {name!r}; valid: {remat_policy_names()}")
     return getattr(jax.checkpoint_policies, name)
+
+
+def constrain_batch(x_bx: jax.Array) -> jax.Array:
+    """Marks dim 0 as the batch: sharded over the batch axes inside
+    `sharding.batch_sharded_activations`, a no-op elsewhere (single device, evaluation)."""
+    return nn.with_logical_constraint(x_bx, (ACT_BATCH,) + (None,) * (x_bx.ndim - 1))
 
 
 class MlpBlock(nn.Module):
@@ -76,6 +84,7 @@ class Encoder1DBlock(nn.Module):
     @nn.compact
     def __call__(self, x_bxlxd: jax.Array, deterministic: bool = True) -> tuple[jax.Array, None]:
         """One block; the (carry, None) signature lets nn.scan stack it over depth."""
+        x_bxlxd = constrain_batch(x_bxlxd)
         y = nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype)(x_bxlxd)
         y = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads,
@@ -85,7 +94,7 @@ class Encoder1DBlock(nn.Module):
             deterministic=True,
         )(y, y)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
-        x_bxlxd = x_bxlxd + y
+        x_bxlxd = constrain_batch(x_bxlxd + y)
 
         y = nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype)(x_bxlxd)
         y = MlpBlock(
@@ -95,7 +104,7 @@ class Encoder1DBlock(nn.Module):
             param_dtype=self.param_dtype,
         )(y, deterministic)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
-        return x_bxlxd + y, None
+        return constrain_batch(x_bxlxd + y), None
 
 
 class Encoder(nn.Module):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from siglip_jax.models.common import REMAT_NONE, MAPHead, tower_encoder
+from siglip_jax.models.common import REMAT_NONE, MAPHead, constrain_batch, tower_encoder
 
 POOL_TYPES = ("last", "first", "map", "gap")
 
@@ -49,6 +49,7 @@ class TextTransformer(nn.Module):
             param_dtype=self.param_dtype,
             name="Embed_0",
         )(text_bxl)
+        x = constrain_batch(x)
         _, seq_len, d = x.shape
         pe = self.param(
             "pos_embedding",
@@ -74,6 +75,7 @@ class TextTransformer(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
             )(x)
+        x = constrain_batch(x)
         out["pre_logits"] = x
 
         if self.num_classes:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from siglip_jax.models.common import REMAT_NONE, MAPHead, tower_encoder
+from siglip_jax.models.common import REMAT_NONE, MAPHead, constrain_batch, tower_encoder
 
 POOL_TYPES = ("map", "gap", "tok", "none")
 POSEMB_TYPES = ("learn", "sincos2d")
@@ -107,7 +107,7 @@ class ViT(nn.Module):
             param_dtype=self.param_dtype,
         )(image)
         n, h, w, c = x.shape
-        x = jnp.reshape(x, [n, h * w, c])  # Row-major patch order.
+        x = constrain_batch(jnp.reshape(x, [n, h * w, c]))  # Row-major patch order.
 
         if self.posemb == "learn":
             pe = self.param(
@@ -139,6 +139,7 @@ class ViT(nn.Module):
             x = jnp.mean(x, axis=1)
         elif self.pool_type == "tok":
             x = x[:, 0]
+        x = constrain_batch(x)
         out["pre_logits"] = x
 
         if self.num_classes:

@@ -4,7 +4,8 @@
   * memory per chip, EXACT (the compiler's buffer assignment): argument, output, aliased
     (outputs written in place of donated arguments), temporaries and generated code; their
     total (arguments + outputs − aliased + temporaries + code) against the chip's HBM;
-  * FLOPs and bytes accessed per chip from the compiler's cost analysis, and the bytes each
+  * FLOPs and bytes accessed per chip from the compiler's cost analysis (which counts a loop
+    body once: scaled by the trip-count-weighted share read from the HLO), and the bytes each
     chip sends through collectives (all-gather, reduce-scatter, all-reduce,
     collective-permute, all-to-all), read from the scheduled HLO text; ops inside loop
     bodies (scanned layers, gradient accumulation) count once per known trip count;
@@ -135,6 +136,56 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     return out
 
 
+_NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant",
+               "copy-start", "copy-done"}
+
+
+def _dims(shape_text: str) -> list[int]:
+    m = _ARRAY.search(shape_text)
+    return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def _matmul_flops(ins: _Instr, shapes: Mapping[str, str]) -> float:
+    """2 × output elements × multiply-adds per output of a convolution or dot (padding that
+    a convolution uses to express batched products is counted as work: an overestimate that
+    cancels in the loop-weighted ratio it is used for)."""
+    out = math.prod(_dims(ins.shape))
+    operands = re.findall(r"%([\w.\-]+)", ins.rest.split(")", 1)[0])
+    if ins.op == "convolution" and len(operands) >= 2:
+        labels = re.search(r"dim_labels=\w+_(\w+)->", ins.rest)
+        kernel = _dims(shapes.get(operands[1], ""))
+        if not labels or len(labels.group(1)) != len(kernel):
+            return 0.0
+        per_output = math.prod(k for k, label in zip(kernel, labels.group(1), strict=True)
+                               if label != "o")
+        return 2.0 * out * per_output
+    if ins.op == "dot" and operands:
+        lhs = _dims(shapes.get(operands[0], ""))
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.rest)
+        idx = [int(i) for i in contracting.group(1).split(",") if i] if contracting else []
+        return 2.0 * out * math.prod(lhs[i] for i in idx if i < len(lhs))
+    return 0.0
+
+
+def loop_factors(hlo_text: str) -> dict[str, float]:
+    """How much a count that sees each loop body once (the compiler's cost analysis)
+    undercounts: trip-count-weighted ÷ unweighted matmul FLOPs ("flops") and instruction
+    output bytes ("bytes"), both read from the HLO text."""
+    comps, entry = _parse_hlo(hlo_text)
+    mult = _multipliers(comps, entry)
+    shapes = {ins.name: ins.shape for instrs in comps.values() for ins in instrs}
+    sums = {"flops": [0.0, 0.0], "bytes": [0.0, 0.0]}
+    for comp, instrs in comps.items():
+        m = mult.get(comp, 1)
+        for ins in instrs:
+            flops = _matmul_flops(ins, shapes) if ins.op in ("convolution", "dot") else 0.0
+            size = 0 if ins.op in _NO_TRAFFIC else shape_bytes(ins.shape)
+            for key, value in (("flops", flops), ("bytes", size)):
+                sums[key][0] += m * value
+                sums[key][1] += value
+    return {k: (w / u if u else 1.0) for k, (w, u) in sums.items()}
+
+
 def hlo_op_dtypes(hlo_text: str, op: str) -> list[str]:
     """Element types of the results of every `op` instruction (e.g. "convolution", "dot")."""
     comps, _ = _parse_hlo(hlo_text)
@@ -156,8 +207,10 @@ class CompiledReport:
     alias_bytes: int = 0
     temp_bytes: int = 0
     code_bytes: int = 0
-    flops: float = 0.0  # The compiler's cost analysis, per chip.
+    flops: float = 0.0  # Per chip: the compiler's count × the loop factor (see analyse).
     bytes_accessed: float = 0.0
+    compiler_flops: float = 0.0  # The compiler's cost analysis as is (loop bodies once).
+    compiler_bytes_accessed: float = 0.0
     collectives: Mapping[str, int] = dataclasses.field(default_factory=dict)
     compiler_optimal_seconds: float | None = None  # Raw; see optimal_seconds.
     model_flops: float | None = None  # Per chip, useful work only (e.g. the planner's).
@@ -235,10 +288,17 @@ def _cost(compiled: Any) -> dict[str, float]:
 
 def analyse(compiled: Any, chip: Chip, *, slice_name: str, chips: int, examples_per_step: int,
             compile_seconds: float = 0.0, model_flops: float | None = None) -> CompiledReport:
-    """Reads memory, cost and collectives of a `jax.stages.Compiled` (one device per chip)."""
+    """Reads memory, cost and collectives of a `jax.stages.Compiled` (one device per chip).
+
+    The compiler's cost analysis counts every loop body once, however often it runs (12
+    scanned layers count as one); FLOPs and bytes accessed are scaled up by `loop_factors`.
+    """
     mem = compiled.memory_analysis()
     cost = _cost(compiled)
     optimal = cost.get("optimal_seconds")
+    hlo = compiled.as_text()
+    factors = loop_factors(hlo)
+    flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     return CompiledReport(
         slice_name=slice_name, chips=chips, chip=chip, examples_per_step=examples_per_step,
         compile_seconds=compile_seconds,
@@ -247,9 +307,9 @@ def analyse(compiled: Any, chip: Chip, *, slice_name: str, chips: int, examples_
         alias_bytes=int(mem.alias_size_in_bytes),
         temp_bytes=int(mem.temp_size_in_bytes),
         code_bytes=int(mem.generated_code_size_in_bytes),
-        flops=float(cost.get("flops", 0.0)),
-        bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-        collectives=collective_bytes(compiled.as_text()),
+        flops=flops * factors["flops"], bytes_accessed=accessed * factors["bytes"],
+        compiler_flops=flops, compiler_bytes_accessed=accessed,
+        collectives=collective_bytes(hlo),
         compiler_optimal_seconds=None if optimal is None else float(optimal),
         model_flops=model_flops)
 

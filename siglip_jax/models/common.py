@@ -184,7 +184,10 @@ class MAPHead(nn.Module):
         probe_1x1xd = self.param(
             "probe", nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype
         )
-        probe_bx1xd = jnp.tile(probe_1x1xd, [n, 1, 1]).astype(x_bxlxd.dtype)
+        # Both attention inputs batch-split: otherwise the probe's (FSDP-sharded) features
+        # lead the partitioner to run the head on the whole global batch on every chip.
+        x_bxlxd = constrain_batch(x_bxlxd)
+        probe_bx1xd = constrain_batch(jnp.tile(probe_1x1xd, [n, 1, 1]).astype(x_bxlxd.dtype))
         x = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads,
             kernel_init=nn.initializers.xavier_uniform(),

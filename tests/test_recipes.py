@@ -103,10 +103,10 @@ def test_large_models_shard_params_and_optimizer_state():
         assert rules == [("img/MAPHead_0/.*", "replicate"), ("txt/Embed_0/.*", "replicate"),
                          (".*", "fsdp")]
         p = plan.make_plan(c, plan.parse_topology(INTENDED[name][1]))
-        # Adam keeps 2 float32 buffers per parameter; FSDP over 16 divides them by ~16 (the
-        # replicated head and embedding, ~7 % of the parameters, stay whole).
+        # Adam keeps 2 float32 buffers per parameter; FSDP over 16 divides them by ~16, but
+        # the replicated head and embedding (< 8 % of the parameters) stay whole.
         full = 8 * p.params["total"]
-        assert full / 17 < p.bytes["optimizer state"] < full / 10
+        assert full / 17 < p.bytes["optimizer state"] < full / 16 + 0.08 * full
 
 
 @pytest.mark.parametrize("name", sorted(set(INTENDED) - {"demo.py"}))

@@ -90,14 +90,14 @@ class SliceError(ValueError):
 
 
 def default_shape(chips: int, dims: int) -> tuple[int, ...]:
-    """The most cube-like power-of-two shape of `chips` chips in `dims` dimensions (ascending)."""
+    """The most cube-like power-of-two shape of `chips` chips in `dims` dims (ascending, 1s last)."""
     if chips < 1 or chips & (chips - 1):
         raise SliceError(f"{chips} chips is not a power of two; give the topology explicitly, "
                          "e.g. v4:2x2x3")
     shape = [1] * dims
     while math.prod(shape) < chips:
         shape[shape.index(min(shape))] *= 2
-    return tuple(sorted(shape))
+    return tuple(sorted(shape, key=lambda n: (n == 1, n)))  # 2x2x1, as gcloud names it.
 
 
 def parse_slice(name: str) -> Slice:
@@ -133,17 +133,6 @@ def parse_slice(name: str) -> Slice:
     return Slice(name, chip, chips, hosts, topology, chip.chip_config)
 
 
-# Topologies whose compile-only devices crash libtpu's compiler (the process aborts, so it
-# cannot be caught): found with libtpu 0.0.52, where every all-reduce on v4:2x2x1 megacore
-# fails `Check failed: get_loop_bound(color) == loop_bound (0 vs. 4)` in the all-reduce
-# emitter (all-gather and collective-permute compile; v4:2x2x2 and larger, v4:2x2x1 without
-# megacore, v5e, v5p and v6e compile all-reduces).
-COMPILER_ABORTS: dict[tuple[str, str | None], str] = {
-    ("v4:2x2x1", "megacore"): "libtpu's compiler aborts on any all-reduce for v4:2x2x1 "
-    "megacore (v4-8) when compiling without a TPU; compile for v4-16 (8 chips) instead",
-}
-
-
 def tpu_attached() -> bool:
     """Whether this machine has TPU chips (the device files a TPU VM exposes)."""
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
@@ -177,8 +166,6 @@ def compile_only_devices(name: str | Slice) -> list[Any]:
     spec = parse_slice(name) if isinstance(name, str) else name
     if libtpu_version() is None:
         raise SliceError(f"compiling for {spec.name} needs libtpu: pip install libtpu")
-    if (spec.topology, spec.chip_config) in COMPILER_ABORTS:
-        raise SliceError(f"{spec.name}: {COMPILER_ABORTS[spec.topology, spec.chip_config]}")
     _libtpu_env_defaults()
     from jax.experimental import topologies
 

@@ -90,7 +90,7 @@ class SliceError(ValueError):
 
 
 def default_shape(chips: int, dims: int) -> tuple[int, ...]:
-    """The most cube-like power-of-two shape of `chips` chips in `dims` dims (ascending, 1s last)."""
+    """The most cube-like power-of-two shape of `chips` chips in `dims` dims (1s last)."""
     if chips < 1 or chips & (chips - 1):
         raise SliceError(f"{chips} chips is not a power of two; give the topology explicitly, "
                          "e.g. v4:2x2x3")

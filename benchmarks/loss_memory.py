@@ -4,6 +4,13 @@ versus the number of devices N, at a fixed local batch.
     python benchmarks/loss_memory.py                       # b=512, d=768, N=1,2,4,8
     python benchmarks/loss_memory.py --local_batch 128 --dim 64 --steps 2   # quick
 
+    python benchmarks/loss_memory.py --tpu v4 --devices 4,8,16,32,64,128,256 \
+        --impls ring,bidirectional,all_gather,softmax      # TPU compiler, no TPU needed
+
+With --tpu GEN the programs are compiled for compile-only TPU slices of N chips (libtpu) and
+not run: per-chip temp bytes come from the TPU compiler; times are ESTIMATES (roofline of
+the compiled program's FLOPs, HBM bytes and collective bytes, siglip_jax.compiled_step).
+
 Memory is XLA's compile-time `memory_analysis().temp_size_in_bytes` of the jitted
 value_and_grad (per device: the program is SPMD). Times are the best of --steps rounds, the
 variants interleaved within each round; emulated CPU devices share the host's cores, so
@@ -28,6 +35,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--chunk_size", type=int, default=128, help="rows per chunk (chunked)")
     p.add_argument("--steps", type=int, default=5, help="timed rounds (best reported)")
     p.add_argument("--no_time", action="store_true", help="memory only, skip timing")
+    p.add_argument("--tpu", default="", help="TPU generation (v4, v5e, v5p, v6e): compile for "
+                   "compile-only slices of N chips and estimate times instead of running")
     return p.parse_args(argv)
 
 
@@ -36,6 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse(sys.argv[1:] if argv is None else argv)
     counts = [int(n) for n in args.devices.split(",")]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.tpu:
+        tpu_table(args, counts)
+        return
     import jax
 
     jax.config.update("jax_num_cpu_devices", max(counts))
@@ -105,6 +117,51 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\ngrowth of peak memory N={lo} -> N={hi}:")
         for impl in impls:
             print(f"  {impl:14s} x{rows[impl, hi][0] / rows[impl, lo][0]:.2f}")
+
+
+def tpu_table(args: argparse.Namespace, counts: list[int]) -> None:
+    """Per-chip temp bytes and roofline step estimate of each loss on compile-only TPU slices."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from siglip_jax import losses
+    from siglip_jax.compiled_step import analyse
+    from siglip_jax.tpu_slices import CHIPS, compile_only_devices, parse_slice
+
+    chip = CHIPS[args.tpu]
+    impls = args.impls.split(",")
+    rows = {}
+    for n in counts:
+        spec = parse_slice(f"{args.tpu}-{n * chip.cores_per_chip}")
+        mesh = Mesh(np.array(compile_only_devices(spec)), ("data",))
+        z = jax.ShapeDtypeStruct((n * args.local_batch, args.dim), jnp.float32,
+                                 sharding=NamedSharding(mesh, P("data")))
+        scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
+        for impl in impls:
+            opts = {"chunk_size": args.chunk_size} if impl == "chunked" else {}
+            loss_fn = losses.make_loss(impl, mesh, **opts)
+            step = jax.jit(jax.value_and_grad(lambda *a, f=loss_fn: f(*a)[0],
+                                              argnums=(0, 1, 2, 3)))
+            t0 = time.perf_counter()
+            compiled = step.lower(z, z, scalar, scalar).compile()
+            report = analyse(compiled, chip, slice_name=spec.name, chips=n,
+                             examples_per_step=n * args.local_batch,
+                             compile_seconds=time.perf_counter() - t0)
+            rows[(impl, n)] = (report.temp_bytes, report.step_seconds or float("nan"))
+            print(f"# {impl:14s} {spec.name} ({n} chips): {report.temp_bytes / 2**20:8.2f} MiB "
+                  f"{rows[impl, n][1] * 1e3:8.3f} ms est. ({report.bound}-bound), compiled in "
+                  f"{report.compile_seconds:.1f} s", file=sys.stderr, flush=True)
+    print(f"\n{chip.label}, local batch b={args.local_batch} per chip, dim d={args.dim}, "
+          "float32; per-chip temp MiB (TPU compiler) | value+grad ms (roofline ESTIMATE)\n")
+    print("| impl | " + " | ".join(f"N={n} MiB | N={n} ms" for n in counts) + " |")
+    print("|---|" + "---|---|" * len(counts))
+    for impl in impls:
+        cells = [f"{rows[impl, n][0] / 2**20:.2f} | {rows[impl, n][1] * 1e3:.3f}" for n in counts]
+        print(f"| {impl} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

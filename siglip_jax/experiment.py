@@ -241,7 +241,8 @@ def build_step(config: RunConfig | Any, mesh: Any, shapes: Mapping[str, Sequence
     abstract, shardings = step_lib.state_shardings(abstract_params, tx, mesh, run.mesh.rules)
     train_step = step_lib.make_train_step(
         model, tx, make_loss_fn(run, mesh), lr_fn, frozen=frozen,
-        accum_steps=run.grad_accum_steps, skip_nonfinite=run.on_nonfinite == "skip")
+        accum_steps=run.grad_accum_steps, skip_nonfinite=run.on_nonfinite == "skip",
+        mesh=mesh, batch_axes=run.mesh.batch_axes)  # Activations stay batch-sharded.
     data_sharding = {k: batch_sharding(mesh, run.mesh.batch_axes) for k in shapes}
     step_fn = jax.jit(train_step, in_shardings=(shardings, data_sharding),
                       out_shardings=(shardings, None), donate_argnums=(0,))

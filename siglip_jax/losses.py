@@ -70,7 +70,7 @@ def _check_embeddings(zimg_bxd: Array, ztxt_bxd: Array) -> None:
 def _metrics(loss: Array, t: Array, bias: Array, pos_sum: Array, neg_sum: Array,
              batch: int) -> Metrics:
     """The metrics dict shared by every loss (all gradients stopped)."""
-    n_neg = max(batch * batch - batch, 1)
+    n_neg = float(max(batch * batch - batch, 1))  # A Python int would overflow int32.
     m = {
         "loss": loss,
         "t": t,
@@ -89,7 +89,8 @@ def _sharded_metrics(loss: Array, x_bxd: Array, y_bxd: Array, t: Array, bias: Ar
     sy_d = jax.lax.psum(jnp.sum(y_bxd, axis=0), axes)
     diag = jax.lax.psum(jnp.sum(x_bxd * y_bxd), axes)
     pos_sum = t * diag + bias * batch
-    neg_sum = t * (jnp.dot(sx_d, sy_d) - diag) + bias * (batch * batch - batch)
+    # float: B² - B overflows int32 from B = 46341 (e.g. a 64k batch).
+    neg_sum = t * (jnp.dot(sx_d, sy_d) - diag) + bias * float(batch * batch - batch)
     return _metrics(loss, t, bias, pos_sum, neg_sum, batch)
 
 

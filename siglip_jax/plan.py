@@ -47,35 +47,13 @@ import jax
 from siglip_jax.config import ConfigError
 from siglip_jax.console import quiet_startup
 from siglip_jax.schema import RunConfig, parse
+from siglip_jax.tpu_slices import ALIASES as _ALIASES
+from siglip_jax.tpu_slices import CHIPS, Chip  # noqa: F401  (moved; kept importable here)
 
 GiB = 1024**3
 
 
 # ----------------------------------------------------------------------------- the slice
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """One accelerator generation: memory, naming convention and hosts."""
-
-    kind: str  # Key of metrics.PEAK_FLOPS_PER_CHIP (the published bf16 peak per chip).
-    label: str
-    hbm_bytes: int
-    cores_per_chip: int  # The N in "v4-N" counts TensorCores (2 per chip on v4/v5p).
-    chips_per_host: int
-    source: str
-
-
-# HBM capacity per chip as the Cloud TPU documentation states it (GiB for v4; "GB" for
-# v5e/v5p/v6e, taken as 10^9 bytes, the conservative reading).
-CHIPS: dict[str, Chip] = {
-    "v4": Chip("tpu v4", "TPU v4", 32 * GiB, 2, 4, "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("tpu v5e", "TPU v5e", 16 * 10**9, 1, 8, "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("tpu v5p", "TPU v5p", 95 * 10**9, 2, 4,
-                "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("tpu v6e", "TPU v6e", 32 * 10**9, 1, 8, "https://cloud.google.com/tpu/docs/v6e"),
-}
-_ALIASES = {"v5litepod": "v5e"}
 
 
 @dataclasses.dataclass(frozen=True)

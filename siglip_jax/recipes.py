@@ -144,8 +144,14 @@ def _base(args: Mapping[str, Any]) -> ml_collections.ConfigDict:
     return c
 
 
-def _mesh(c: ml_collections.ConfigDict, fsdp: int) -> None:
-    """Data parallel over all chips; params and optimizer state sharded over `fsdp` of them."""
+def _mesh(c: ml_collections.ConfigDict, fsdp: int, map_head: bool = True) -> None:
+    """Data parallel over all chips; params and optimizer state sharded over `fsdp` of them.
+
+    Under FSDP the image MAP head and the text token embedding stay replicated (small: 12 M
+    and 33 M parameters for L): sharded, they lead XLA's partitioner to compute the head and
+    the lookup on the whole global batch on every chip (measured with the TPU compiler:
+    L/16-256 on v4-128 needed 49 GiB of temporaries per chip, 13.2 GiB with these rules).
+    """
     fsdp = int(fsdp)
     if fsdp < 1:
         raise ConfigError(f"config argument fsdp={fsdp} must be >= 1")
@@ -156,7 +162,8 @@ def _mesh(c: ml_collections.ConfigDict, fsdp: int) -> None:
     else:
         c.mesh = [("data", -1), ("fsdp", fsdp)]
         c.batch_axes = ("data", "fsdp")  # The batch is split over every chip.
-        c.sharding_rules = [(".*", "fsdp")]
+        c.sharding_rules = ([("img/MAPHead_0/.*", "replicate")] if map_head else []) + [
+            ("txt/Embed_0/.*", "replicate"), (".*", "fsdp")]
 
 
 def _input(c: ml_collections.ConfigDict, args: Mapping[str, Any], res: int) -> None:
@@ -233,7 +240,7 @@ def lit_config(arg: str | None) -> ml_collections.ConfigDict:
     res = int(args["res"])
     c = _base(args)
     c.total_steps = _total_steps(args)
-    _mesh(c, args["fsdp"])
+    _mesh(c, args["fsdp"], map_head=args["pool"] == "map")
     _input(c, args, res)
     c.model = ml_collections.ConfigDict()
     image, text, out_dim = tower_configs(args["variant"], args["txt"], dtype=args["dtype"],

@@ -18,7 +18,13 @@ import numpy as np
 import optax
 
 from siglip_jax.config import ConfigError
-from siglip_jax.sharding import follow_params, param_shardings, path_str, replicated
+from siglip_jax.sharding import (
+    batch_sharded_activations,
+    follow_params,
+    param_shardings,
+    path_str,
+    replicated,
+)
 
 State = dict[str, Any]  # {"params", "opt_state", "step"}
 
@@ -128,7 +134,8 @@ def micro_batches(batch: Mapping[str, Any], accum_steps: int) -> dict[str, Any]:
 
 def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: Callable,
                     lr_fn: Callable, *, frozen: Any = None, accum_steps: int = 1,
-                    skip_nonfinite: bool = False) -> Callable[[State, Any], tuple[State, dict]]:
+                    skip_nonfinite: bool = False, mesh: Any = None,
+                    batch_axes: Sequence[str] = ()) -> Callable[[State, Any], tuple[State, dict]]:
     """The pure step (state, batch) → (state, metrics), to be jitted by the caller.
 
     Args:
@@ -138,13 +145,16 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: Calla
         own negatives, and gradients are averaged.
       skip_nonfinite: if the loss or gradient norm is NaN/Inf, keep the old params and
         optimizer state (the step counter still advances).
+      mesh, batch_axes: the towers' activations are kept split over these mesh axes along
+        the batch (without it FSDP-sharded params pull them into feature sharding).
     """
     def loss_of(params, batch):
         if frozen is not None:
             params = jax.tree_util.tree_map(
                 lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
-        zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["labels"],
-                                      train=True)
+        with batch_sharded_activations(mesh, batch_axes):
+            zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["labels"],
+                                          train=True)
         bias = out.get("b", jnp.zeros(()))
         return loss_fn(zimg, ztxt, jnp.reshape(out["t_prime"], ()), jnp.reshape(bias, ()))
 

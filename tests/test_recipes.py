@@ -97,11 +97,16 @@ def test_pretraining_recipes_follow_the_paper(name):
 def test_large_models_shard_params_and_optimizer_state():
     for name in ("siglip_l16_256.py", "siglip_so400m14_384.py"):
         c = load_config(_spec(name, DATA))
-        assert tuple(c.sharding_rules[0]) == (".*", "fsdp")
+        rules = [tuple(r) for r in c.sharding_rules]
+        # Everything FSDP but the small MAP head and token embedding (kept whole: sharded,
+        # they made the TPU compiler run them on the global batch, docs/tpu_compile.md).
+        assert rules == [("img/MAPHead_0/.*", "replicate"), ("txt/Embed_0/.*", "replicate"),
+                         (".*", "fsdp")]
         p = plan.make_plan(c, plan.parse_topology(INTENDED[name][1]))
-        # Adam keeps 2 float32 buffers per parameter; FSDP over 16 divides them by ~16.
+        # Adam keeps 2 float32 buffers per parameter; FSDP over 16 divides them by ~16, but
+        # the replicated head and embedding (< 8 % of the parameters) stay whole.
         full = 8 * p.params["total"]
-        assert full / 17 < p.bytes["optimizer state"] < full / 15
+        assert full / 17 < p.bytes["optimizer state"] < full / 16 + 0.08 * full
 
 
 @pytest.mark.parametrize("name", sorted(set(INTENDED) - {"demo.py"}))

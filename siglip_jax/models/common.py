@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from siglip_jax.sharding import ACT_BATCH
+
 Dtype = Any
 
 LN_EPS = 1e-6
@@ -37,6 +39,12 @@ def _remat_policy(name: str) -> Any:
     if name not in remat_policy_names():
         raise ValueError(f"unknown remat_policy {name!r}; valid: {remat_policy_names()}")
     return getattr(jax.checkpoint_policies, name)
+
+
+def constrain_batch(x_bx: jax.Array) -> jax.Array:
+    """Marks dim 0 as the batch: sharded over the batch axes inside
+    `sharding.batch_sharded_activations`, a no-op elsewhere (single device, evaluation)."""
+    return nn.with_logical_constraint(x_bx, (ACT_BATCH,) + (None,) * (x_bx.ndim - 1))
 
 
 class MlpBlock(nn.Module):
@@ -84,6 +92,7 @@ class Encoder1DBlock(nn.Module):
 
         `mask_bxl` (True = real token), if given, hides padded tokens as attention keys.
         """
+        x_bxlxd = constrain_batch(x_bxlxd)
         y = nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype)(x_bxlxd)
         y = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads,
@@ -93,7 +102,7 @@ class Encoder1DBlock(nn.Module):
             deterministic=True,
         )(y, y, mask=key_mask(mask_bxl))
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
-        x_bxlxd = x_bxlxd + y
+        x_bxlxd = constrain_batch(x_bxlxd + y)
 
         y = nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype)(x_bxlxd)
         y = MlpBlock(
@@ -103,7 +112,7 @@ class Encoder1DBlock(nn.Module):
             param_dtype=self.param_dtype,
         )(y, deterministic)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
-        return x_bxlxd + y, None
+        return constrain_batch(x_bxlxd + y), None
 
 
 class BlockSettings(nn.Module):
@@ -215,7 +224,10 @@ class MAPHead(nn.Module):
         probe_1x1xd = self.param(
             "probe", nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype
         )
-        probe_bx1xd = jnp.tile(probe_1x1xd, [n, 1, 1]).astype(x_bxlxd.dtype)
+        # Both attention inputs batch-split: otherwise the probe's (FSDP-sharded) features
+        # lead the partitioner to run the head on the whole global batch on every chip.
+        x_bxlxd = constrain_batch(x_bxlxd)
+        probe_bx1xd = constrain_batch(jnp.tile(probe_1x1xd, [n, 1, 1]).astype(x_bxlxd.dtype))
         x = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads,
             kernel_init=nn.initializers.xavier_uniform(),

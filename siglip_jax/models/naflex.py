@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from siglip_jax.models.common import EncoderSettings, MAPHead, tower_encoder
+from siglip_jax.models.common import EncoderSettings, MAPHead, constrain_batch, tower_encoder
 
 POOL_TYPES = ("map", "gap", "none")
 INPUT_KEYS = ("patches", "mask", "spatial_shapes")
@@ -183,6 +183,7 @@ class NaFlexViT(EncoderSettings):
             self.param_dtype,
         )
         x = x + resize_posemb(pe, image["spatial_shapes"], n_tokens).astype(x.dtype)
+        x = constrain_batch(x)
         x = nn.Dropout(rate=self.dropout)(x, not train)
         x = tower_encoder(self, "Transformer")(x, deterministic=not train, mask_bxl=mask_bxn)
         out["encoded"] = x
@@ -193,6 +194,7 @@ class NaFlexViT(EncoderSettings):
         elif self.pool_type == "gap":
             m = mask_bxn[..., None].astype(x.dtype)
             x = jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+        x = constrain_batch(x)
         out["pre_logits"] = x
 
         if self.num_classes:

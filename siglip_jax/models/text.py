@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from siglip_jax.models.common import EncoderSettings, MAPHead, tower_encoder
+from siglip_jax.models.common import EncoderSettings, MAPHead, constrain_batch, tower_encoder
 
 POOL_TYPES = ("last", "first", "map", "gap")
 
@@ -40,6 +40,7 @@ class TextTransformer(EncoderSettings):
             param_dtype=self.param_dtype,
             name="Embed_0",
         )(text_bxl)
+        x = constrain_batch(x)
         _, seq_len, d = x.shape
         pe = self.param(
             "pos_embedding",
@@ -65,6 +66,7 @@ class TextTransformer(EncoderSettings):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
             )(x)
+        x = constrain_batch(x)
         out["pre_logits"] = x
 
         if self.num_classes:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from siglip_jax.models.common import EncoderSettings, MAPHead, tower_encoder
+from siglip_jax.models.common import EncoderSettings, MAPHead, constrain_batch, tower_encoder
 
 POOL_TYPES = ("map", "gap", "tok", "none")
 POSEMB_TYPES = ("learn", "sincos2d")
@@ -99,7 +99,7 @@ class ViT(EncoderSettings):
             param_dtype=self.param_dtype,
         )(image)
         n, h, w, c = x.shape
-        x = jnp.reshape(x, [n, h * w, c])  # Row-major patch order.
+        x = constrain_batch(jnp.reshape(x, [n, h * w, c]))  # Row-major patch order.
 
         if self.posemb == "learn":
             pe = self.param(
@@ -131,6 +131,7 @@ class ViT(EncoderSettings):
             x = jnp.mean(x, axis=1)
         elif self.pool_type == "tok":
             x = x[:, 0]
+        x = constrain_batch(x)
         out["pre_logits"] = x
 
         if self.num_classes:

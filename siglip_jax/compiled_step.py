@@ -1,0 +1,399 @@
+"""What the TPU compiler says about a compiled step: memory per chip, FLOPs, collectives, time.
+
+`analyse(compiled, chip)` reads a `jax.stages.Compiled` (compiled for one device per chip):
+  * memory per chip, EXACT (the compiler's buffer assignment): argument, output, aliased
+    (outputs written in place of donated arguments), temporaries and generated code; their
+    total (arguments + outputs − aliased + temporaries + code) against the chip's HBM;
+  * FLOPs and bytes accessed per chip from the compiler's cost analysis (which counts a loop
+    body once: scaled by the trip-count-weighted share read from the HLO), and the bytes each
+    chip sends through collectives (all-gather, reduce-scatter, all-reduce,
+    collective-permute, all-to-all), read from the scheduled HLO text; ops inside loop
+    bodies (scanned layers, gradient accumulation) count once per known trip count;
+  * an ESTIMATED step time: a roofline, the largest of FLOPs ÷ peak FLOP/s, bytes accessed ÷
+    HBM bandwidth and collective bytes ÷ ICI bandwidth (it assumes perfect overlap, so it is
+    a lower bound on the real step time), naming which bound; the compiler's own estimate
+    `optimal_seconds` is reported next to it only when it is positive and finite (it can be
+    negative for large programs).
+
+`compile_train_step(config, "v4-256")` builds the trainer's own step (`build_step`: the
+config's model, mesh, sharding rules, loss, dtype, scan, remat, accumulation) on compile-only
+devices of the slice and analyses it; a program that does not fit is reported (`oom`), not
+raised. Times are compiler/roofline estimates, never measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from siglip_jax.tpu_slices import Chip, Slice, compile_only_devices, parse_slice
+
+GiB = 1024**3
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
+_DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+                "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+                "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)$")
+_COMP = re.compile(r"^\s*(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+
+
+def shape_bytes(shape_text: str) -> int:
+    """Bytes of an HLO shape string such as `bf16[8,128]{1,0}` or a tuple of them."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape_text):
+        if dtype not in _DTYPE_BYTES:
+            continue
+        total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+@dataclasses.dataclass
+class _Instr:
+    name: str
+    shape: str
+    op: str
+    rest: str
+
+
+def _parse_hlo(hlo_text: str) -> tuple[dict[str, list[_Instr]], str | None]:
+    """{computation name: instructions} and the entry computation's name."""
+    comps: dict[str, list[_Instr]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        if current is None:
+            m = _COMP.match(line)
+            if m and not line[:1].isspace() and not line.startswith("HloModule"):
+                current = m.group(2)
+                comps[current] = []
+                if m.group(1):
+                    entry = current
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        m = _INSTR.match(line)
+        if m:
+            comps[current].append(_Instr(m.group(1), m.group(2), m.group(3), m.group(4)))
+    return comps, entry
+
+
+def _trip_count(ins: _Instr, comps: Mapping[str, list[_Instr]]) -> int:
+    """A while loop's trip count: the compiler's known_trip_count, else the bound `i < N` read
+    from its condition (JAX loops count from 0), else 1."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.rest)
+    if known:
+        return int(known.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", ins.rest)
+    body = comps.get(cond.group(1), []) if cond else []
+    constants = {i.name: int(m.group(1)) for i in body
+                 for m in [re.match(r"(-?\d+)\)", i.rest)] if i.op == "constant" and m}
+    for i in body:
+        if i.op == "compare" and "direction=LT" in i.rest:
+            for name in re.findall(r"%([\w.\-]+)", i.rest.split(")", 1)[0]):
+                if name in constants:
+                    return max(1, constants[name])
+    return 1
+
+
+def _multipliers(comps: Mapping[str, list[_Instr]], entry: str | None) -> dict[str, int]:
+    """How many times each computation runs per step (while bodies × their known trip count)."""
+    mult = {entry: 1} if entry else {}
+    order = [entry] if entry else []
+    for comp in order:
+        for ins in comps.get(comp, []):
+            factor = 1
+            if ins.op == "while":
+                factor = _trip_count(ins, comps)
+            for callee in re.findall(r"(?:body|condition|calls|to_apply|branch_computations)="
+                                     r"\{?%?([\w.\-]+)", ins.rest):
+                if callee in comps and callee not in mult:
+                    mult[callee] = mult[comp] * factor
+                    order.append(callee)
+    return mult
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes of the operands of each kind of collective per device per step (loops counted)."""
+    comps, entry = _parse_hlo(hlo_text)
+    mult = _multipliers(comps, entry)
+    shapes = {ins.name: ins.shape for instrs in comps.values() for ins in instrs}
+    out = dict.fromkeys(COLLECTIVES, 0)
+    for comp, instrs in comps.items():
+        for ins in instrs:
+            kind = ins.op.removesuffix("-start")
+            if kind not in out or ins.op.endswith("-done"):
+                continue
+            args = ins.rest.split(")", 1)[0]
+            operands = re.findall(r"%([\w.\-]+)", args)
+            size = sum(shape_bytes(shapes.get(o, "")) for o in operands)
+            out[kind] += size * mult.get(comp, 1)
+    return out
+
+
+_NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant",
+               "copy-start", "copy-done"}
+
+
+def _dims(shape_text: str) -> list[int]:
+    m = _ARRAY.search(shape_text)
+    return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def _matmul_flops(ins: _Instr, shapes: Mapping[str, str]) -> float:
+    """2 × output elements × multiply-adds per output of a convolution or dot (padding that
+    a convolution uses to express batched products is counted as work: an overestimate that
+    cancels in the loop-weighted ratio it is used for)."""
+    out = math.prod(_dims(ins.shape))
+    operands = re.findall(r"%([\w.\-]+)", ins.rest.split(")", 1)[0])
+    if ins.op == "convolution" and len(operands) >= 2:
+        labels = re.search(r"dim_labels=\w+_(\w+)->", ins.rest)
+        kernel = _dims(shapes.get(operands[1], ""))
+        if not labels or len(labels.group(1)) != len(kernel):
+            return 0.0
+        per_output = math.prod(k for k, label in zip(kernel, labels.group(1), strict=True)
+                               if label != "o")
+        return 2.0 * out * per_output
+    if ins.op == "dot" and operands:
+        lhs = _dims(shapes.get(operands[0], ""))
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.rest)
+        idx = [int(i) for i in contracting.group(1).split(",") if i] if contracting else []
+        return 2.0 * out * math.prod(lhs[i] for i in idx if i < len(lhs))
+    return 0.0
+
+
+def loop_factors(hlo_text: str) -> dict[str, float]:
+    """How much a count that sees each loop body once (the compiler's cost analysis)
+    undercounts: trip-count-weighted ÷ unweighted matmul FLOPs ("flops") and instruction
+    output bytes ("bytes"), both read from the HLO text."""
+    comps, entry = _parse_hlo(hlo_text)
+    mult = _multipliers(comps, entry)
+    shapes = {ins.name: ins.shape for instrs in comps.values() for ins in instrs}
+    sums = {"flops": [0.0, 0.0], "bytes": [0.0, 0.0]}
+    for comp, instrs in comps.items():
+        m = mult.get(comp, 1)
+        for ins in instrs:
+            flops = _matmul_flops(ins, shapes) if ins.op in ("convolution", "dot") else 0.0
+            size = 0 if ins.op in _NO_TRAFFIC else shape_bytes(ins.shape)
+            for key, value in (("flops", flops), ("bytes", size)):
+                sums[key][0] += m * value
+                sums[key][1] += value
+    return {k: (w / u if u else 1.0) for k, (w, u) in sums.items()}
+
+
+def hlo_op_dtypes(hlo_text: str, op: str) -> list[str]:
+    """Element types of the results of every `op` instruction (e.g. "convolution", "dot")."""
+    comps, _ = _parse_hlo(hlo_text)
+    return [m.group(1) for instrs in comps.values() for ins in instrs if ins.op == op
+            for m in [_ARRAY.search(ins.shape)] if m]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledReport:
+    """Per-chip memory, cost and time estimate of one compiled program on one slice."""
+
+    slice_name: str
+    chips: int
+    chip: Chip
+    examples_per_step: int
+    compile_seconds: float
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    code_bytes: int = 0
+    flops: float = 0.0  # Per chip: the compiler's count × the loop factor (see analyse).
+    bytes_accessed: float = 0.0
+    compiler_flops: float = 0.0  # The compiler's cost analysis as is (loop bodies once).
+    compiler_bytes_accessed: float = 0.0
+    collectives: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    compiler_optimal_seconds: float | None = None  # Raw; see optimal_seconds.
+    model_flops: float | None = None  # Per chip, useful work only (e.g. the planner's).
+    oom: str | None = None  # The compiler's out-of-memory message when it does not fit.
+
+    @property
+    def total_bytes(self) -> int:
+        """HBM the program needs per chip: arguments + outputs − aliased + temp + code."""
+        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+                + self.code_bytes)
+
+    @property
+    def fits(self) -> bool:
+        """Compiled, and its per-chip total fits the chip's HBM."""
+        return self.oom is None and self.total_bytes <= self.chip.hbm_bytes
+
+    @property
+    def collective_total(self) -> int:
+        """Bytes through collectives per chip per step."""
+        return int(sum(self.collectives.values()))
+
+    def bounds(self) -> dict[str, float]:
+        """Seconds per step if only compute, HBM traffic or ICI traffic limited it."""
+        chip = self.chip
+        return {"compute": self.flops / chip.peak_flops if chip.peak_flops else 0.0,
+                "memory": self.bytes_accessed / chip.hbm_bytes_per_s
+                if chip.hbm_bytes_per_s else 0.0,
+                "collectives": self.collective_total / chip.ici_bytes_per_s
+                if chip.ici_bytes_per_s else 0.0}
+
+    @property
+    def step_seconds(self) -> float | None:
+        """Roofline estimate (largest bound); None if the program did not compile."""
+        if self.oom is not None:
+            return None
+        return max(self.bounds().values()) or None
+
+    @property
+    def bound(self) -> str | None:
+        """Which roofline bound sets the estimate."""
+        if self.step_seconds is None:
+            return None
+        bounds = self.bounds()
+        return max(bounds, key=bounds.get)
+
+    @property
+    def optimal_seconds(self) -> float | None:
+        """The compiler's own time estimate, only when sane (positive and finite)."""
+        value = self.compiler_optimal_seconds
+        if value is None or not math.isfinite(value) or value <= 0:
+            return None
+        return value
+
+    @property
+    def examples_per_second(self) -> float | None:
+        """Examples per second of the whole slice at the roofline estimate."""
+        step = self.step_seconds
+        return self.examples_per_step / step if step else None
+
+    @property
+    def mfu(self) -> float | None:
+        """model FLOPs (else the compiler's FLOPs) ÷ (roofline time × peak), an upper bound."""
+        step = self.step_seconds
+        if not step or not self.chip.peak_flops:
+            return None
+        return (self.model_flops or self.flops) / (step * self.chip.peak_flops)
+
+
+def _cost(compiled: Any) -> dict[str, float]:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # Older JAX returned one dict per program.
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def analyse(compiled: Any, chip: Chip, *, slice_name: str, chips: int, examples_per_step: int,
+            compile_seconds: float = 0.0, model_flops: float | None = None) -> CompiledReport:
+    """Reads memory, cost and collectives of a `jax.stages.Compiled` (one device per chip).
+
+    The compiler's cost analysis counts every loop body once, however often it runs (12
+    scanned layers count as one); FLOPs and bytes accessed are scaled up by `loop_factors`.
+    """
+    mem = compiled.memory_analysis()
+    cost = _cost(compiled)
+    optimal = cost.get("optimal_seconds")
+    hlo = compiled.as_text()
+    factors = loop_factors(hlo)
+    flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    return CompiledReport(
+        slice_name=slice_name, chips=chips, chip=chip, examples_per_step=examples_per_step,
+        compile_seconds=compile_seconds,
+        argument_bytes=int(mem.argument_size_in_bytes),
+        output_bytes=int(mem.output_size_in_bytes),
+        alias_bytes=int(mem.alias_size_in_bytes),
+        temp_bytes=int(mem.temp_size_in_bytes),
+        code_bytes=int(mem.generated_code_size_in_bytes),
+        flops=flops * factors["flops"], bytes_accessed=accessed * factors["bytes"],
+        compiler_flops=flops, compiler_bytes_accessed=accessed,
+        collectives=collective_bytes(hlo),
+        compiler_optimal_seconds=None if optimal is None else float(optimal),
+        model_flops=model_flops)
+
+
+def is_hbm_oom(error: BaseException) -> bool:
+    """Whether a compile error is the TPU compiler's "program does not fit in HBM"."""
+    text = str(error)
+    return "HbmOom" in text or "RESOURCE_EXHAUSTED" in text or "exceeds the HBM" in text.lower()
+
+
+def compile_train_step(config: Any, slice_name: str | Slice, *,
+                       model_flops: float | None = None) -> CompiledReport:
+    """Compiles the trainer's own step of `config` (experiment.build_step: its mesh, rules,
+    loss, dtypes, scan and remat) for a TPU slice (compile-only devices) and analyses it."""
+    from siglip_jax.config import ConfigError
+    from siglip_jax.experiment import abstract_batch, build_step, input_shapes
+    from siglip_jax.schema import parse
+
+    run = parse(config)
+    spec = parse_slice(slice_name) if isinstance(slice_name, str) else slice_name
+    shapes = input_shapes(run)
+    if shapes is None:
+        raise ConfigError("cannot tell the training image size: input.pp has no resize/crop "
+                          "or patchify op and input.data has no image_size")
+    mesh = run.mesh.make(compile_only_devices(spec))
+    parts = build_step(run, mesh, shapes)
+    examples = run.input.global_batch
+    start = time.perf_counter()
+    lowered = parts.step_fn.lower(parts.abstract_state, abstract_batch(parts, shapes))
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # The TPU compiler reports HBM overflow as a runtime error.
+        if not is_hbm_oom(e):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return CompiledReport(spec.name, spec.chips, spec.chip, examples,
+                              time.perf_counter() - start, oom=message[:400])
+    return analyse(compiled, spec.chip, slice_name=spec.name, chips=spec.chips,
+                   examples_per_step=examples, compile_seconds=time.perf_counter() - start,
+                   model_flops=model_flops)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return "n/a"
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def format_report(report: CompiledReport) -> str:
+    """A short human-readable report (per chip), saying what is exact and what is estimated."""
+    chip = report.chip
+    head = (f"compiled for {report.slice_name} ({report.chips} × {chip.label}) in "
+            f"{report.compile_seconds:.1f} s")
+    if report.oom is not None:
+        return f"{head}\n  DOES NOT FIT {chip.label} HBM ({_gib(chip.hbm_bytes)}): {report.oom}"
+    lines = [
+        head,
+        f"  memory per chip (compiler, exact): arguments {_gib(report.argument_bytes)}, "
+        f"temp {_gib(report.temp_bytes)}, output {_gib(report.output_bytes)} "
+        f"(aliased {_gib(report.alias_bytes)}), code {_gib(report.code_bytes)}",
+        f"  total {_gib(report.total_bytes)} of {_gib(chip.hbm_bytes)} HBM "
+        f"({100 * report.total_bytes / chip.hbm_bytes:.0f} %)"
+        + ("" if report.fits else "  DOES NOT FIT"),
+        f"  per chip per step: {report.flops:.3g} FLOPs, {report.bytes_accessed:.3g} bytes "
+        f"accessed, {report.collective_total:.3g} bytes through collectives "
+        + "(" + ", ".join(f"{k} {v:.3g}" for k, v in report.collectives.items() if v) + ")",
+    ]
+    bounds = report.bounds()
+    lines.append(
+        f"  step time (ESTIMATE, roofline lower bound): {_seconds(report.step_seconds)}, "
+        f"{report.bound}-bound (compute {_seconds(bounds['compute'])}, HBM "
+        f"{_seconds(bounds['memory'])}, ICI {_seconds(bounds['collectives'])})")
+    if report.examples_per_second:
+        what = "model" if report.model_flops else "compiler"
+        lines.append(f"  → {report.examples_per_second:,.0f} examples/s, MFU ≤ "
+                     f"{100 * report.mfu:.0f} % ({what} FLOPs at that time)")
+    if report.optimal_seconds is not None:
+        lines.append(f"  the compiler's own estimate (optimal_seconds): "
+                     f"{_seconds(report.optimal_seconds)}")
+    elif report.compiler_optimal_seconds is not None:
+        lines.append(f"  the compiler's own estimate is not usable "
+                     f"(optimal_seconds = {report.compiler_optimal_seconds:.3g})")
+    return "\n".join(lines)

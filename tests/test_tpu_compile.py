@@ -1,0 +1,245 @@
+"""What the TPU compiler does with our programs, on compile-only TPU devices (libtpu, no TPU).
+
+The compiles are tiny (seconds each on a TPU-less machine): v4:2x2x1 megacore (4 chips, a
+v4-8) and v5e:2x2 (4 chips). The HLO parsing and roofline arithmetic are checked against
+hand-written HLO and hand-computed numbers.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from siglip_jax import compiled_step as cs
+from siglip_jax import losses
+from siglip_jax import sharding as sh
+from siglip_jax.models.common import Encoder
+from siglip_jax.tpu_slices import CHIPS, SliceError, parse_slice
+
+GiB = 1024**3
+
+
+# ----------------------------------------------------------------------- no compiler needed
+
+
+@pytest.mark.parametrize("name, chips, topology, config", [
+    ("v4-8", 4, "v4:2x2x1", "megacore"), ("v4-32", 16, "v4:2x2x4", "megacore"),
+    ("v4-256", 128, "v4:4x4x8", "megacore"), ("v4-512", 256, "v4:4x8x8", "megacore"),
+    ("v5litepod-16", 16, "v5e:4x4", None), ("v5e-4", 4, "v5e:2x2", None),
+    ("v5p-128", 64, "v5p:4x4x4", "megacore"), ("v6e-64", 64, "v6e:8x8", None),
+    ("v4:2x2x3", 12, "v4:2x2x3", "megacore"),
+])
+def test_slice_names_map_to_gcloud_topologies(name, chips, topology, config):
+    s = parse_slice(name)
+    assert (s.chips, s.topology, s.chip_config) == (chips, topology, config)
+
+
+@pytest.mark.parametrize("name, says", [("v4-7", "multiple of 2"), ("v9-8", "unknown TPU"),
+                                        ("tpu", "not of the form"), ("v4-24", "power of two"),
+                                        ("v5e:2x2x2", "2 positive")])
+def test_bad_slice_names_say_what_is_wrong(name, says):
+    with pytest.raises(SliceError, match=says):
+        parse_slice(name)
+
+
+def test_chip_facts_are_the_published_ones():
+    # Cloud TPU docs: v4 32 GiB / 1200 GB/s / 275 TFLOP/s; v5e 16 GB / 819 GB/s / 197 TFLOP/s.
+    assert CHIPS["v4"].hbm_bytes == 32 * GiB and CHIPS["v4"].hbm_bytes_per_s == 1.2e12
+    assert CHIPS["v4"].peak_flops == 275e12 and CHIPS["v5e"].peak_flops == 197e12
+    assert CHIPS["v5e"].hbm_bytes == 16e9 and CHIPS["v5e"].ici_bytes_per_s == 1600e9 / 8
+
+
+HLO = """HloModule m, entry_computation_layout={(f32[8,32]{1,0})->f32[8,32]{1,0}}
+
+%body (p: (s32[], bf16[4,128])) -> (s32[], bf16[4,128]) {
+  %p = (s32[], bf16[4,128]{1,0}) parameter(0)
+  %x = bf16[4,128]{1,0:T(8,128)} get-tuple-element(%p), index=1
+  %ag = bf16[16,128]{1,0} all-gather(%x), channel_id=1, dimensions={0}
+  ROOT %t = (s32[], bf16[4,128]{1,0}) tuple(%i, %x)
+}
+
+%cond (p: (s32[], bf16[4,128])) -> pred[] {
+  %p = (s32[], bf16[4,128]{1,0}) parameter(0)
+  %c = s32[] constant(5)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+ENTRY %main (a: f32[8,32], /*index=1*/b: bf16[4,128]) -> f32[8,32] {
+  %a = f32[8,32]{1,0} parameter(0)
+  %b = bf16[4,128]{1,0} parameter(1)
+  %w = (s32[], bf16[4,128]{1,0}) while(%tup), condition=%cond, body=%body, TRIP12
+  %w2 = (s32[], bf16[4,128]{1,0}) while(%tup), condition=%cond, body=%body2
+  %cps = (f32[8,32]{1,0}, f32[8,32]{1,0}, u32[], u32[]) collective-permute-start(%a), PAIRS
+  %cpd = f32[8,32]{1,0} collective-permute-done(%cps)
+  ROOT %ar = f32[8,32]{1,0} all-reduce(%cpd), to_apply=%add
+}
+
+%body2 (p: (s32[], bf16[4,128])) -> (s32[], bf16[4,128]) {
+  %q = (s32[], bf16[4,128]{1,0}) parameter(0)
+  %y = bf16[4,128]{1,0} get-tuple-element(%q), index=1
+  %rs = bf16[1,128]{1,0} reduce-scatter(%y), channel_id=2, dimensions={0}
+  ROOT %t2 = (s32[], bf16[4,128]{1,0}) tuple(%i, %y)
+}
+""".replace("TRIP12", 'backend_config={"known_trip_count":{"n":"12"}}').replace(
+    "PAIRS", "source_target_pairs={{0,1},{1,0}}")
+
+
+def test_collective_bytes_count_operands_once_per_loop_trip():
+    got = cs.collective_bytes(HLO)
+    # all-gather: operand bf16[4,128] = 1024 B, 12 trips (the compiler's known trip count);
+    # reduce-scatter: 1024 B, 5 trips (read from `i < 5` in the loop condition);
+    # collective-permute: f32[8,32] = 1024 B once (start only); all-reduce 1024 B once.
+    assert got == {"all-gather": 12 * 1024, "reduce-scatter": 5 * 1024, "all-reduce": 1024,
+                   "collective-permute": 1024, "all-to-all": 0}
+
+
+def test_roofline_names_its_bound_and_drops_an_insane_compiler_estimate():
+    chip = CHIPS["v4"]  # 275e12 FLOP/s, 1.2e12 B/s HBM, 3e11 B/s ICI.
+    r = cs.CompiledReport("v4-8", 4, chip, examples_per_step=1000, compile_seconds=1.0,
+                          argument_bytes=3 * GiB, output_bytes=2 * GiB, alias_bytes=2 * GiB,
+                          temp_bytes=10 * GiB, flops=550e12, bytes_accessed=1.2e12,
+                          collectives={"all-reduce": int(3e11)}, compiler_optimal_seconds=-32.7,
+                          model_flops=275e12)
+    assert r.bounds() == pytest.approx({"compute": 2.0, "memory": 1.0, "collectives": 1.0})
+    assert (r.step_seconds, r.bound) == (pytest.approx(2.0), "compute")
+    assert r.optimal_seconds is None  # Negative: not reported as an estimate.
+    assert r.total_bytes == 13 * GiB and r.fits
+    assert r.examples_per_second == pytest.approx(500.0)
+    assert r.mfu == pytest.approx(0.5)  # Model FLOPs, not the compiler's (remat included).
+    text = cs.format_report(r)
+    assert "ESTIMATE" in text and "not usable" in text and "13.00 GiB" in text
+
+
+# ----------------------------------------------------------------------- the TPU compiler
+
+libtpu = pytest.importorskip("libtpu", reason="the TPU compile tests need libtpu (test extra)")
+
+
+@pytest.fixture(scope="module")
+def v5e():
+    from siglip_jax.tpu_slices import compile_only_devices
+
+    return compile_only_devices("v5e:2x2")
+
+
+@pytest.fixture(scope="module")
+def v4():
+    from siglip_jax.tpu_slices import compile_only_devices
+
+    return compile_only_devices("v4:2x2x1")
+
+
+def _loss_hlo(devices, impl, per_chip=64, dim=128):
+    mesh = sh.make_mesh([("data", -1)], devices)
+    loss_fn = losses.make_loss(impl, mesh, ("data",))
+    spec = jax.ShapeDtypeStruct((per_chip * len(devices), dim), jnp.float32,
+                                sharding=sh.batch_sharding(mesh, ("data",)))
+
+    def f(zimg, ztxt):
+        return loss_fn(zimg, ztxt, jnp.log(10.0), -10.0)[0]
+
+    return jax.jit(jax.grad(f, argnums=(0, 1))).lower(spec, spec).compile()
+
+
+@pytest.mark.parametrize("impl", ["ring", "bidirectional"])
+def test_ring_losses_pass_blocks_round_and_gather_nothing(v4, impl):
+    compiled = _loss_hlo(v4, impl)
+    got = cs.collective_bytes(compiled.as_text())
+    assert got["collective-permute"] > 0 and got["all-gather"] == 0
+    # 64 x 128 float32 text blocks = 32 KiB per hop; at least the N-1 = 3 hops forward.
+    assert got["collective-permute"] >= 3 * 64 * 128 * 4 // (2 if impl == "bidirectional" else 1)
+
+
+def test_all_gather_loss_gathers_the_texts(v5e):
+    compiled = _loss_hlo(v5e, "all_gather")
+    got = cs.collective_bytes(compiled.as_text())
+    assert got["all-gather"] >= 64 * 128 * 2  # At least the local text block (bf16 or f32).
+    assert got["collective-permute"] == 0
+
+
+BIG = dict(width=256, seq=64)  # Smaller programs keep everything on chip: 0 temp bytes.
+_COMPILED = {}
+
+
+def _encoder_grad(devices, mesh_spec, rules, batch, **kw):
+    """The compiled gradient of a 2-block Encoder (cached: several tests share programs)."""
+    key = (tuple(d.id for d in devices), devices[0].device_kind, repr(mesh_spec), repr(rules),
+           batch, repr(sorted(kw.items())))
+    if key not in _COMPILED:
+        _COMPILED[key] = _compile_encoder_grad(devices, mesh_spec, rules, batch, **kw)
+    return _COMPILED[key]
+
+
+def _compile_encoder_grad(devices, mesh_spec, rules, batch, *, scan=True, remat="none",
+                          dtype=None, width=128, seq=32):
+    mesh = sh.make_mesh(mesh_spec, devices)
+    axes = tuple(mesh.axis_names)
+    model = Encoder(depth=2, mlp_dim=4 * width, num_heads=2, scan=scan, remat_policy=remat,
+                    dtype=dtype)
+    x = jax.ShapeDtypeStruct((batch, seq, width), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    pshard = sh.param_shardings(params, rules, mesh)
+    params = jax.tree_util.tree_map(
+        lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params, pshard)
+    x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh.batch_sharding(mesh, axes))
+
+    def loss(p, x):
+        with sh.batch_sharded_activations(mesh, axes):
+            y = model.apply({"params": p}, x)
+        return jnp.mean(jnp.square(y.astype(jnp.float32)))
+
+    return jax.jit(jax.grad(loss), out_shardings=pshard).lower(params, x).compile()
+
+
+def test_fsdp_rules_gather_parameters_and_shard_their_memory(v5e):
+    dp = _encoder_grad(v5e, [("data", -1)], [(".*", "replicate")], 64)
+    fsdp = _encoder_grad(v5e, [("fsdp", -1)], [(".*", "fsdp")], 64)
+    dp_c, fsdp_c = (cs.collective_bytes(c.as_text()) for c in (dp, fsdp))
+    assert dp_c["all-gather"] == 0 and fsdp_c["all-gather"] > 0
+    assert dp_c["all-reduce"] > 0  # Data parallel: gradients summed over the chips.
+    # Parameters (the arguments besides the 64/4 x 32 x 128 float32 inputs) split 4 ways.
+    inputs = 16 * 32 * 128 * 4
+    dp_params = dp.memory_analysis().argument_size_in_bytes - inputs
+    fsdp_params = fsdp.memory_analysis().argument_size_in_bytes - inputs
+    assert fsdp_params < 0.5 * dp_params  # Not 0.25: small arrays are padded to TPU tiles.
+
+
+def test_activations_stay_batch_sharded_under_fsdp(v5e):
+    # The same per-chip batch (32 of 128) on 4 chips, data parallel or FSDP: the temporaries
+    # are the activations of 32 examples either way, not of the global 128.
+    dp = _encoder_grad(v5e, [("data", -1)], [(".*", "replicate")], 128, **BIG)
+    fsdp = _encoder_grad(v5e, [("fsdp", -1)], [(".*", "fsdp")], 128, **BIG)
+    one = dp.memory_analysis().temp_size_in_bytes
+    assert one > 0 and fsdp.memory_analysis().temp_size_in_bytes < 1.5 * one
+
+
+def test_scan_with_nothing_saveable_remat_lowers_temporaries(v5e):
+    plain = _encoder_grad(v5e, [("data", -1)], [(".*", "replicate")], 128, **BIG)
+    remat = _encoder_grad(v5e, [("data", -1)], [(".*", "replicate")], 128, **BIG,
+                          remat="nothing_saveable")
+    assert (remat.memory_analysis().temp_size_in_bytes
+            < 0.8 * plain.memory_analysis().temp_size_in_bytes)
+
+
+def test_bf16_towers_do_bf16_matmuls(v5e):
+    f32 = _encoder_grad(v5e, [("data", -1)], [(".*", "replicate")], 64)
+    bf16 = _encoder_grad(v5e, [("data", -1)], [(".*", "replicate")], 64, dtype=jnp.bfloat16)
+    f32_types = cs.hlo_op_dtypes(f32.as_text(), "convolution")
+    bf16_types = cs.hlo_op_dtypes(bf16.as_text(), "convolution")
+    # float32 towers: float32 matmuls (the compiler may lower a few to bf16 passes itself).
+    assert f32_types and f32_types.count("f32") >= 0.75 * len(f32_types)
+    assert bf16_types and set(bf16_types) == {"bf16"}
+
+
+def test_analyse_reads_the_compiled_program(v5e):
+    compiled = _encoder_grad(v5e, [("data", -1)], [(".*", "replicate")], 64)
+    r = cs.analyse(compiled, CHIPS["v5e"], slice_name="v5e:2x2", chips=4, examples_per_step=64)
+    mem = compiled.memory_analysis()
+    assert r.temp_bytes == mem.temp_size_in_bytes and r.argument_bytes > 0
+    # Matmul FLOPs per chip of the 2 scanned blocks, forward + backward (3x forward), from
+    # the shapes: 16 x 32 tokens, width 128, MLP 512 (q,k,v,o + 2 MLP + attention products).
+    tokens, d = 16 * 32, 128
+    forward = 2 * tokens * (4 * d * d + 2 * d * 4 * d) + 2 * 2 * 16 * 32 * 32 * d
+    assert 0.7 * 3 * 2 * forward < r.flops < 2.0 * 3 * 2 * forward
+    assert np.isfinite(r.step_seconds) and r.bound in ("compute", "memory", "collectives")

@@ -437,8 +437,11 @@ cmd_run() {
     [[ -n $type ]] ||
       die "$CMD: the planner needs the slice type: pass --type TYPE (or set SIGLIP_TPU_TYPE), or --skip-plan"
     check_type "$type"
+    # With libtpu installed locally the planner also compiles the step for the slice.
+    local compile=()
+    if "${PYTHON:-python3}" -c "import libtpu" >/dev/null 2>&1; then compile=(--compile); fi
     (cd "$REPO_ROOT" && run_cmd "${PYTHON:-python3}" -m siglip_jax.plan --config="$config" \
-      --topology="$type" ${overrides[@]+"${overrides[@]}"}) ||
+      --topology="$type" ${compile[@]+"${compile[@]}"} ${overrides[@]+"${overrides[@]}"}) ||
       die "$CMD: the planner rejected $config on $type (skip it with --skip-plan)"
   fi
 

@@ -1,11 +1,14 @@
 """The planner: check a training config against a TPU slice before renting it.
 
     python -m siglip_jax.plan --config configs/x.py[:arg] --topology v4-256 \
-        [--config.key=value ...] [--dataset-size N] [--mfu 0.4]
+        [--config.key=value ...] [--dataset-size N] [--mfu 0.4] [--compile]
 
-Nothing is allocated: the parameter and optimizer-state shapes come from `jax.eval_shape`,
-their per-chip bytes from the config's sharding rules applied on an `AbstractMesh` of the
-slice's size. Printed: parameters per tower; params, optimizer state, gradients and
+Nothing is allocated: the trainer's own builders (`experiment.build_step`) run on an
+`AbstractMesh` of the slice's shape, so the parameter and optimizer-state bytes per chip are
+those of the trainer's sharded abstract state. `--compile` also compiles that step for the
+slice with the real TPU compiler (compile-only devices from libtpu, see compiled_step.py) and
+prints its exact memory per chip, FLOPs and a roofline time estimate next to the analytic
+ones. Printed: parameters per tower; params, optimizer state, gradients and
 activations per chip against the chip's HBM; the per-device batch; steps per epoch; FLOPs
 per step and a time estimate at an assumed MFU.
 
@@ -27,7 +30,7 @@ the hosts or the accumulation steps; a sharding rule matches no parameter; a sch
 is frozen but some of its parameters are trained by an earlier group (or a frozen tower would
 stay at its random init); a local checkpoint, tokenizer or data path is missing (or the data
 path is still the recipes' placeholder); a pp string names an unknown op or passes it bad
-arguments; or the estimated memory exceeds the chip's HBM.
+arguments; or the estimated (or, with --compile, the compiled) memory exceeds the chip's HBM.
 """
 
 from __future__ import annotations
@@ -47,8 +50,6 @@ import jax
 from siglip_jax.config import ConfigError
 from siglip_jax.console import quiet_startup
 from siglip_jax.schema import RunConfig, parse
-from siglip_jax.tpu_slices import ALIASES as _ALIASES
-from siglip_jax.tpu_slices import CHIPS, Chip  # noqa: F401  (moved; kept importable here)
 
 GiB = 1024**3
 
@@ -74,34 +75,29 @@ class PlanError(ValueError):
 
 
 def parse_topology(name: str, cpu_memory_bytes: int | None = None) -> Topology:
-    """"v4-256" → 128 chips of 32 GiB; also v5litepod-N / v5e-N, v5p-N, v6e-N and cpu-N."""
+    """"v4-256" → 128 chips of 32 GiB (tpu_slices.parse_slice); also cpu-N (N emulated
+    devices sharing this host's memory)."""
     from siglip_jax.metrics import PEAK_FLOPS_PER_CHIP
+    from siglip_jax.tpu_slices import SliceError, parse_slice
 
-    m = re.fullmatch(r"([a-z0-9]+)-(\d+)", name.strip().lower())
-    if not m:
-        raise PlanError(f"topology {name!r} is not of the form v4-32, v5litepod-16, v5p-8, "
-                        "v6e-8 or cpu-8")
-    gen, count = _ALIASES.get(m.group(1), m.group(1)), int(m.group(2))
-    if count < 1:
-        raise PlanError(f"topology {name!r}: the size must be at least 1")
-    if gen == "cpu":
+    m = re.fullmatch(r"cpu-(\d+)", name.strip().lower())
+    if m:
+        count = int(m.group(1))
+        if count < 1:
+            raise PlanError(f"topology {name!r}: the size must be at least 1")
         memory = cpu_memory_bytes or _host_memory_bytes()
         return Topology(name, "emulated CPU device", count, 1, memory // count,
                         PEAK_FLOPS_PER_CHIP["cpu"] / count,
-                        "host RAM (os.sysconf) and the measured CPU peak of siglip_jax.metrics, "
-                        "shared by the emulated devices")
-    if gen not in CHIPS:
-        raise PlanError(f"topology {name!r}: unknown TPU generation {m.group(1)!r}; known: "
-                        f"{', '.join(sorted(CHIPS))} (and v5litepod, cpu)")
-    chip = CHIPS[gen]
-    if count % chip.cores_per_chip:
-        raise PlanError(f"topology {name!r}: {m.group(1)}-N counts TensorCores, "
-                        f"{chip.cores_per_chip} per chip, so N must be a multiple of "
-                        f"{chip.cores_per_chip}")
-    chips = count // chip.cores_per_chip
-    hosts = max(1, math.ceil(chips / chip.chips_per_host))
-    return Topology(name, f"{chip.label} chip", chips, hosts, chip.hbm_bytes,
-                    PEAK_FLOPS_PER_CHIP[chip.kind],
+                        "host RAM (os.sysconf); peak: an assumed 165 GFLOP/s f32 for the host "
+                        "(a 2-core AMD Zen 3), not measured here")
+    try:
+        spec = parse_slice(name)
+    except SliceError as e:
+        raise PlanError(str(e).replace("TPU slice", "topology").replace(
+            " or v4:2x2x4", ", v4:2x2x4 or cpu-8")) from None
+    chip = spec.chip
+    return Topology(name, f"{chip.label} chip", spec.chips, spec.hosts, chip.hbm_bytes,
+                    chip.peak_flops,
                     f"HBM, peak bf16 FLOP/s and chips per host as {chip.source} states them")
 
 
@@ -618,6 +614,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="examples in the training set (for steps per epoch)")
     parser.add_argument("--mfu", type=float, default=0.4,
                         help="assumed model FLOPs utilisation for the time estimate")
+    parser.add_argument("--compile", action="store_true",
+                        help="also compile the trainer's own step for the slice with the real TPU "
+                             "compiler (needs libtpu, no TPU): exact memory per chip, a roofline "
+                             "step time; exits 1 if the compiled step does not fit")
     args, rest = parser.parse_known_args(argv)
     from siglip_jax.config import collect_overrides
 
@@ -641,9 +641,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = make_plan(config, topology, config_name=args.config,
                      dataset_size=args.dataset_size, mfu=args.mfu)
     print(format_plan(plan), flush=True)
+    if args.compile and not topology.label.startswith("emulated"):
+        try:
+            compile_error = compile_and_compare(config, args.topology, plan)
+        except (ConfigError, ValueError) as e:
+            print(f"error: --compile: {e}", file=sys.stderr)
+            return 2
+        if compile_error:
+            plan.errors.append(compile_error)
+    elif args.compile:
+        print(f"error: --compile needs a TPU slice, not {args.topology}", file=sys.stderr)
+        return 2
     for error in plan.errors:
         print(f"error: {error}", file=sys.stderr)
     return 1 if plan.errors else 0
+
+
+def compile_and_compare(config: Any, slice_name: str, plan: Plan) -> str | None:
+    """Compiles the train step for the slice, prints the compiler's report next to the
+    analytic estimate, and returns an error line if the compiled step does not fit."""
+    from siglip_jax.compiled_step import compile_train_step, format_report
+
+    hbm = plan.topology.hbm_bytes
+    if plan.memory_total > 2 * hbm:
+        print(f"  compile       skipped: the analytic estimate is already "
+              f"{plan.memory_total / hbm:.1f}× the HBM", flush=True)
+        return None
+    print(f"  compile       the trainer's step for {slice_name} (compile-only TPU devices) …",
+          flush=True)
+    report = compile_train_step(config, slice_name, model_flops=plan.flops.get("model"))
+    print(format_report(report), flush=True)
+    if report.oom is not None:
+        return (f"the compiled train step does not fit the {_gib(hbm)} HBM of a "
+                f"{plan.topology.label}: {report.oom}")
+    print(f"  analytic vs compiled: {_gib(plan.memory_total)} estimated, "
+          f"{_gib(report.total_bytes)} compiled per chip (ratio "
+          f"{plan.memory_total / max(report.total_bytes, 1):.2f})", flush=True)
+    if not report.fits:
+        return (f"the compiled train step needs {_gib(report.total_bytes)} per chip, more than "
+                f"the {_gib(hbm)} HBM of a {plan.topology.label}")
+    return None
 
 
 if __name__ == "__main__":

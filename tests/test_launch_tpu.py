@@ -313,8 +313,11 @@ def test_run_plan_step(tmp_path):
     args = ["run", "my-tpu", "--config", "configs/x.py", "--workdir", "gs://b/r"]
     env = {"PYTHON": sys.executable}
     plan, ssh = dry([*args, "--type", "v4-32", "--", "--config.a=1"], env, script=script)
+    import importlib.util
+
+    compile_flag = ["--compile"] if importlib.util.find_spec("libtpu") else []
     assert plan == [sys.executable, "-m", "siglip_jax.plan", "--config=configs/x.py",
-                    "--topology=v4-32", "--config.a=1"]
+                    "--topology=v4-32", *compile_flag, "--config.a=1"]
     assert ssh[4] == "ssh"
     assert len(dry([*args, "--skip-plan"], env, script=script)) == 1
     res = sh([*args, "--dry-run"], {**SETTINGS, **env}, script=script)

@@ -5,6 +5,8 @@ v4-8) and v5e:2x2 (4 chips). The HLO parsing and roofline arithmetic are checked
 hand-written HLO and hand-computed numbers.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -243,3 +245,17 @@ def test_analyse_reads_the_compiled_program(v5e):
     forward = 2 * tokens * (4 * d * d + 2 * d * 4 * d) + 2 * 2 * 16 * 32 * 32 * d
     assert 0.7 * 3 * 2 * forward < r.flops < 2.0 * 3 * 2 * forward
     assert np.isfinite(r.step_seconds) and r.bound in ("compute", "memory", "collectives")
+
+
+def test_plan_compile_reports_the_trainers_compiled_step(capsys):
+    """`plan --compile` compiles experiment.build_step's step for the slice: the compiler's
+    exact bytes per chip sit next to the analytic estimate; a CPU topology is refused."""
+    from siglip_jax import plan
+
+    assert plan.main(["--config", "configs/demo.py", "--topology", "v4-8", "--compile",
+                      "--config.input.global_batch=64"]) == 0
+    out = capsys.readouterr().out
+    assert "memory per chip (compiler, exact)" in out and "compiled for v4-8 (4 × TPU v4)" in out
+    assert re.search(r"analytic vs compiled: .* estimated, .* compiled per chip", out)
+    assert plan.main(["--config", "configs/demo.py", "--topology", "cpu-8", "--compile"]) == 2
+    assert "--compile needs a TPU slice" in capsys.readouterr().err

@@ -663,6 +663,9 @@ def compile_and_compare(config: Any, slice_name: str, plan: Plan) -> str | None:
     from siglip_jax.compiled_step import compile_train_step, format_report
 
     hbm = plan.topology.hbm_bytes
+    if plan.errors:
+        print("  compile       skipped: fix the problems above first", flush=True)
+        return None
     if plan.memory_total > 2 * hbm:
         print(f"  compile       skipped: the analytic estimate is already "
               f"{plan.memory_total / hbm:.1f}× the HBM", flush=True)

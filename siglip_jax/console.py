@@ -10,6 +10,8 @@ On a normal run it hides start-up noise that says nothing to a user:
   TensorFlow's own CPU kernels (the input pipeline); JAX does not use them.
 - orbax's `Metadata file does not exist` warning (python logger `absl`) when a checkpoint
   written without that file is opened.
+- libtpu's TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES warnings when libtpu is installed on a
+  machine without a TPU (harmless defaults are set, tpu_slices.libtpu_env_defaults).
 - gloo's `[Gloo] Rank i is connected to …` lines (C++ writes them to stdout) in multi-process
   CPU runs: stdout is passed through a line filter, only when the run is multi-process.
 
@@ -117,6 +119,9 @@ def quiet_startup(argv: Sequence[str] | None = None) -> list[str]:
         return args
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    from siglip_jax.tpu_slices import libtpu_env_defaults
+
+    libtpu_env_defaults()  # libtpu installed (the test extra) on a machine without a TPU.
     from absl import logging as absl_logging  # Its logger class must be set up by absl.
 
     absl_logger = absl_logging.get_absl_logger()

@@ -627,6 +627,12 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: 0 = the plan is fine, 1 = problems found, 2 = bad input."""
     argv = quiet_startup(argv)
+    # Planning never runs a TPU program: keep JAX on the CPU (with libtpu installed it would
+    # otherwise try, and warn about, a TPU runtime); --compile gets compile-only TPU devices.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from siglip_jax.tpu_slices import libtpu_env_defaults
+
+    libtpu_env_defaults()  # libtpu's start-up warnings, when it is installed and no TPU is.
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from siglip_jax.config import ConfigError, load_config
 
@@ -672,7 +678,9 @@ def compile_and_compare(config: Any, slice_name: str, plan: Plan) -> str | None:
         return None
     print(f"  compile       the trainer's step for {slice_name} (compile-only TPU devices) …",
           flush=True)
-    report = compile_train_step(config, slice_name, model_flops=plan.flops.get("model"))
+    model_flops = plan.flops.get("model")
+    report = compile_train_step(config, slice_name, model_flops=model_flops
+                                and model_flops / plan.topology.chips)  # Per chip.
     print(format_report(report), flush=True)
     if report.oom is not None:
         return (f"the compiled train step does not fit the {_gib(hbm)} HBM of a "

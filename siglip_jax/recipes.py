@@ -256,3 +256,56 @@ def lit_config(arg: str | None) -> ml_collections.ConfigDict:
     c.evals = evals(res, imagenet_dir=args["imagenet_dir"], coco_dir=args["coco_dir"],
                     every=int(args["eval_every"]))
     return c
+
+
+# SigLIP 2 (Tschannen et al. 2025, arXiv:2502.14786; big_vision README_siglip2.md): SigLIP's
+# towers and sigmoid loss with the Gemma tokenizer (256k vocabulary, lower-cased, 64 tokens:
+# the "siglip2" text convention). The decoder, self-distillation and masked-prediction
+# objectives of the paper are not part of these recipes.
+GEMMA_VOCAB = 256_000
+PLACEHOLDER_GEMMA = "gs://YOUR_BUCKET/gemma/tokenizer.model"
+
+
+def _siglip2_text(c: ml_collections.ConfigDict) -> None:
+    """Switches a SigLIP recipe to SigLIP 2's text side: Gemma tokenizer and conventions."""
+    c.model.text = {**c.model.text, "vocab_size": GEMMA_VOCAB}
+    c.tokenizer = dict(c.tokenizer, convention="siglip2")
+    c.input.pp = c.input.pp.replace('eos="sticky", ', 'convention="siglip2", ')
+    for name in c.evals:
+        c.evals[name].pp = c.evals[name].pp.replace('eos="sticky", ', 'convention="siglip2", ')
+
+
+def siglip2_pretrain_config(image_variant: str, res: int, arg: str | None
+                            ) -> ml_collections.ConfigDict:
+    """A SigLIP 2 FixRes pretraining recipe (sigmoid loss only): SigLIP's recipe with the
+    Gemma tokenizer (`tokenizer=` a local or gs:// Gemma sentencepiece model)."""
+    args = parse_args(arg, {**PRETRAIN_DEFAULTS, "tokenizer": PLACEHOLDER_GEMMA})
+    c = pretrain_config(image_variant, res, None, defaults=args)
+    _siglip2_text(c)
+    return c
+
+
+NAFLEX_DEFAULTS: dict[str, Any] = dict(
+    PRETRAIN_DEFAULTS, init="gs://YOUR_BUCKET/siglip2-base-patch16-naflex", patches=256, batch=8192,
+    variant="B/16", examples=0, steps=20_000, warmup=1_000, lr=1e-4, wd=1e-4, eval_every=2_000,
+    tokenizer=PLACEHOLDER_GEMMA,
+)
+
+
+def siglip2_naflex_finetune_config(arg: str | None) -> ml_collections.ConfigDict:
+    """Fine-tune a SigLIP 2 NaFlex checkpoint (our run, big_vision .npz or HF Siglip2Model
+    directory as `init=`) on image-text tar shards, aspect ratios kept, `patches` per image."""
+    args = parse_args(arg, NAFLEX_DEFAULTS)
+    patch = int(args["variant"].partition("/")[2])
+    c = pretrain_config(args["variant"], patch * 16, None, defaults={
+        k: v for k, v in args.items() if k in PRETRAIN_DEFAULTS})
+    budget = int(args["patches"])
+    image = (f"decode|resize_to_patches({patch}, {budget})|value_range(-1, 1)|"
+             f"patchify({patch}, {budget})")
+    c.model.image = {**c.model.image, "kind": "naflex", "posemb_grid": 16}
+    c.input.pp = c.input.pp.replace(image_pp(patch * 16), image)
+    for name in c.evals:
+        c.evals[name].pp = c.evals[name].pp.replace(image_pp(patch * 16), image)
+    c.model_init = dict(img="", txt="", full=str(args["init"]))
+    _siglip2_text(c)
+    return c

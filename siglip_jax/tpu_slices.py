@@ -138,7 +138,7 @@ def tpu_attached() -> bool:
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
-def _libtpu_env_defaults() -> None:
+def libtpu_env_defaults() -> None:
     """Environment defaults for libtpu on a machine without TPU chips (before it loads)."""
     if tpu_attached():
         return
@@ -166,7 +166,7 @@ def compile_only_devices(name: str | Slice) -> list[Any]:
     spec = parse_slice(name) if isinstance(name, str) else name
     if libtpu_version() is None:
         raise SliceError(f"compiling for {spec.name} needs libtpu: pip install libtpu")
-    _libtpu_env_defaults()
+    libtpu_env_defaults()
     from jax.experimental import topologies
 
     kwargs = {"chip_config_name": spec.chip_config} if spec.chip_config else {}

@@ -27,7 +27,12 @@ INTENDED = {
     "siglip_so400m14_384.py": (DATA, "v4-512"),
     "lit_b16.py": (DATA, "v4-32"),
     "siglip_finetune_res.py": (f"{DATA},init=/tmp,res=384", "v4-256"),
+    "demo_naflex.py": ("", "cpu-8"),
+    "siglip2_b16_256.py": (f"{DATA},tokenizer=gs://b/gemma.model", "v4-128"),
+    "siglip2_naflex_b16.py": (f"{DATA},init=/tmp,tokenizer=gs://b/gemma.model", "v4-32"),
 }
+# Configs that read a real checkpoint when loaded: planned in tests/test_docs.py instead.
+NEEDS_CHECKPOINT = {"finetune_csv.py"}
 # Published checkpoint each pretraining recipe reproduces (variants.SIGLIP_SEEDS; model cards).
 PRETRAIN = {
     "siglip_b16_224.py": ("siglip-base-patch16-224", "B/16", 224),
@@ -43,7 +48,7 @@ def _spec(name: str, arg: str) -> str:
 
 
 def test_every_config_is_listed():
-    assert sorted(p.name for p in CONFIGS.glob("*.py")) == sorted(INTENDED)
+    assert sorted(p.name for p in CONFIGS.glob("*.py")) == sorted({*INTENDED, *NEEDS_CHECKPOINT})
 
 
 @pytest.mark.parametrize("name", sorted(INTENDED))
@@ -109,7 +114,7 @@ def test_large_models_shard_params_and_optimizer_state():
         assert full / 17 < p.bytes["optimizer state"] < full / 16 + 0.08 * full
 
 
-@pytest.mark.parametrize("name", sorted(set(INTENDED) - {"demo.py"}))
+@pytest.mark.parametrize("name", sorted(set(INTENDED) - {"demo.py", "demo_naflex.py"}))
 def test_docstrings_say_how_to_launch_and_what_to_expect(name):
     doc = load_module_doc(CONFIGS / name)
     topology = INTENDED[name][1]

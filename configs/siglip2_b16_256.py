@@ -12,8 +12,8 @@ with 20k warmup) with SigLIP 2's Gemma tokenizer: 256k vocabulary, lower-cased t
 sticky EOS, padded with <pad> to 64 tokens (the "siglip2" text convention, data/tokenizer.py).
 The paper's extra objectives (caption decoder, self-distillation, masked prediction) are not
 included. Expected result: the released SigLIP 2 B/16-256 (trained with them) reaches 79.1 %
-ImageNet zero-shot (paper, Table 1; recalled, check it) against SigLIP's 76.7 %; a
-sigmoid-only run should land between the two. Arguments as the SigLIP recipes
+ImageNet zero-shot (paper, Table 1; recalled, check it); a sigmoid-only run is expected
+below it (the paper credits the added objectives with part of the gain). Arguments as the SigLIP recipes
 (siglip_jax.recipes.ARG_DOCS); `tokenizer` is the Gemma sentencepiece model.
 """
 

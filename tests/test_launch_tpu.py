@@ -575,8 +575,12 @@ def test_run_aborts_when_the_planner_fails(tmp_path):
     res = sh(args, {**env, "PLAN_RC": "1"}, script=root / "launch" / "tpu.sh")
     assert res.returncode != 0 and "the planner rejected configs/x.py on v4-32" in res.stderr
     assert pod.calls() == []  # nothing reached the pod
+    import importlib.util
+
+    compile_flag = ["--compile"] if importlib.util.find_spec("libtpu") else []
     assert json.loads((tmp_path / "plan.json").read_text()) == [
-        "--config=configs/x.py", "--topology=v4-32", f"--config.wandb.notes={NOTES}"]
+        "--config=configs/x.py", "--topology=v4-32", *compile_flag,
+        f"--config.wandb.notes={NOTES}"]
     sh(args, {**env, "PLAN_RC": "0"}, script=root / "launch" / "tpu.sh")
     assert [c[3] for c in pod.calls()] == ["ssh"]  # plan passed: on to the pod
 

@@ -9,6 +9,7 @@ import numpy as np
 from siglip_jax import losses
 from siglip_jax.models.two_towers import Model
 from siglip_jax.optim import make_optimizer
+from siglip_jax.schema import OptimConfig
 from siglip_jax.sharding import make_global_batch, make_mesh
 from siglip_jax.step import abstract_params, init_state, make_train_step
 
@@ -41,7 +42,7 @@ def test_naflex_ring_loss_step_equals_dense_sgd_reference():
     config = ml_collections.ConfigDict(dict(optim=dict(name="sgd", momentum=0.0), lr=0.1,
                                             wd=0.0, grad_clip_norm=0.0,
                                             schedule=dict(decay_type="constant")))  # fmt: skip
-    tx, lr_fn = make_optimizer(config, abstract, total_steps=10)
+    tx, lr_fn = make_optimizer(OptimConfig.from_config(config), abstract, total_steps=10)
     state, _ = init_state(model, tx, SHAPES, mesh, [(".*", "replicate")], seed=0)
     local = _batch()
     batch = make_global_batch(local, mesh, ("data",))

@@ -41,7 +41,7 @@ def _tower_keys(*tower_classes: type) -> tuple[str, ...]:
     from siglip_jax.models.common import setting_names
 
     keys = dict.fromkeys(k for cls in tower_classes for k in setting_names(cls))
-    return ("variant", *(k for k in keys if k != "num_classes"))
+    return ("variant", "width", *(k for k in keys if k not in ("num_classes", "width")))
 
 
 def image_keys() -> tuple[str, ...]:
@@ -50,7 +50,7 @@ def image_keys() -> tuple[str, ...]:
     from siglip_jax.models.naflex import NaFlexViT
     from siglip_jax.models.vit import ViT
 
-    return ("kind", *_tower_keys(ViT, NaFlexViT))
+    return (*_tower_keys(ViT, NaFlexViT), "kind")
 
 
 def text_keys() -> tuple[str, ...]:

@@ -12,3 +12,18 @@ def assert_bit_equal(a, b):
     for k in fa:
         x, y = np.asarray(fa[k]), np.asarray(fb[k])
         assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), k
+
+
+def load_hf_scanned(path, image, text):
+    """(Model kwargs, params) of a HF SigLIP / SigLIP 2 directory loaded into our model with both
+    towers scanned (blocks stacked under `encoderblock`), for inputs like `image`, `text`."""
+    import jax
+
+    from siglip_jax.checkpoints import hf
+    from siglip_jax.models.two_towers import Model
+
+    kw = hf.model_config_from_hf(path)["model"]
+    kw = {**kw, "image": {**kw["image"], "scan": True}, "text": {**kw["text"], "scan": True}}
+    target = jax.eval_shape(Model(**kw).init, jax.random.key(0), image,
+                            np.asarray(text).astype(np.int32))
+    return kw, hf.load_hf(path, target["params"])[0]

@@ -9,7 +9,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from checks import assert_bit_equal
+from checks import assert_bit_equal, load_hf_scanned
 from extras import require
 
 from siglip_jax.checkpoints import hf
@@ -82,12 +82,8 @@ def test_loaded_model_matches_pytorch(hf_dir):
 
 def test_load_into_scanned_model_matches_pytorch(hf_dir):
     path, torch_model = hf_dir
-    spec = hf.model_config_from_hf(path)
-    kw = spec["model"]
-    kw = {**kw, "image": {**kw["image"], "scan": True}, "text": {**kw["text"], "scan": True}}
     img, txt = _inputs(seed=1)
-    target = jax.eval_shape(Model(**kw).init, jax.random.key(0), img, txt.astype(np.int32))
-    params, _ = hf.load_hf(path, target["params"])
+    kw, params = load_hf_scanned(path, img, txt)
     assert params["img"]["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"].shape == (3, 32)
     zi_ref, zt_ref, logits_ref = _hf_forward(torch_model, img, txt)
     zi, zt, logits = _ours(params, kw, img, txt)

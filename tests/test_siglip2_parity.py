@@ -13,7 +13,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from checks import assert_bit_equal
+from checks import assert_bit_equal, load_hf_scanned
 from extras import require
 from PIL import Image
 
@@ -152,11 +152,8 @@ def test_padding_content_is_ignored(naflex_dir, naflex_batch):
 def test_naflex_scanned_model_matches_pytorch(naflex_dir, naflex_batch):
     path, torch_model = naflex_dir
     feats, txt = naflex_batch
-    kw = hf.model_config_from_hf(path)["model"]
-    kw = {**kw, "image": {**kw["image"], "scan": True}, "text": {**kw["text"], "scan": True}}
     image = _ours_image(feats)
-    target = jax.eval_shape(Model(**kw).init, jax.random.key(0), image, txt.astype(np.int32))
-    params, _ = hf.load_hf(path, target["params"])
+    kw, params = load_hf_scanned(path, image, txt)
     assert params["img"]["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"].shape == (3, 32)
     zi_ref, _, logits_ref = _hf_naflex(torch_model, feats, txt)
     zi, _, logits = _ours(params, kw, image, txt)

@@ -352,6 +352,51 @@ def compile_train_step(config: Any, slice_name: str | Slice, *,
                    model_flops=model_flops)
 
 
+def compile_eval_steps(config: Any, slice_name: str | Slice) -> dict[str, CompiledReport]:
+    """Compiles each evaluator's image-embedding step (its batch size and pp's image size, the
+    trainer's params and shardings) for a TPU slice; {evaluator name: report}. Evaluators
+    whose pp does not fix the image size (or NaFlex ones) are left out."""
+    import jax
+
+    from siglip_jax.evaluators.common import Embedder
+    from siglip_jax.experiment import build_step, input_shapes, pp_image_size
+    from siglip_jax.schema import parse
+
+    run = parse(config)
+    spec = parse_slice(slice_name) if isinstance(slice_name, str) else slice_name
+    shapes = input_shapes(run)
+    if not run.evals or shapes is None:
+        return {}
+    mesh = run.mesh.make(compile_only_devices(spec))
+    parts = build_step(run, mesh, shapes)
+    params = parts.abstract_state["params"]
+    embedder = Embedder(parts.model, mesh, run.mesh.batch_axes, parts.shardings["params"])
+    reports = {}
+    for ev in run.evals:
+        image_hw = pp_image_size(ev.pp, ev.data)
+        if image_hw is None or isinstance(shapes["image"], dict):
+            continue
+        batch = max(embedder.num_shards, ev.batch_size // embedder.num_shards
+                    * embedder.num_shards)
+        images = jax.ShapeDtypeStruct((batch, *image_hw, 3), jax.numpy.float32,
+                                      sharding=parts.data_sharding["image"])
+        start = time.perf_counter()
+        lowered = embedder.image_step.lower(params, images)
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # The TPU compiler reports HBM overflow as a runtime error.
+            if not is_hbm_oom(e):
+                raise
+            reports[ev.name] = CompiledReport(spec.name, spec.chips, spec.chip, batch,
+                                              time.perf_counter() - start,
+                                              oom=str(e).strip().splitlines()[0][:400])
+            continue
+        reports[ev.name] = analyse(compiled, spec.chip, slice_name=spec.name, chips=spec.chips,
+                                   examples_per_step=batch,
+                                   compile_seconds=time.perf_counter() - start)
+    return reports
+
+
 def _gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 

@@ -83,11 +83,17 @@ _SIZE_OPS = ("resize", "central_crop", "random_crop", "inception_crop")
 def infer_image_size(run: RunConfig) -> tuple[int, int] | None:
     """The training image size without reading data: the last resize/crop op of input.pp,
     else input.data.image_size; None if neither says."""
+    return pp_image_size(run.input.pp, run.input.data)
+
+
+def pp_image_size(pp_string: str, data: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The image size a pp string produces (its last resize/crop op), else the data source's
+    `image_size`; None if neither says."""
     from siglip_jax.data import pp
 
     size = None
     try:
-        calls = pp.parse(run.input.pp)
+        calls = pp.parse(pp_string)
     except pp.PPError:
         calls = []
     for call in calls:
@@ -95,7 +101,7 @@ def infer_image_size(run: RunConfig) -> tuple[int, int] | None:
             value = call.args[0] if call.args else call.kwargs.get("size")
             size = value if value is not None else size
     if size is None:
-        size = run.input.image_size
+        size = data.get("image_size")
     if size is None:
         return None
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))

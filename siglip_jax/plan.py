@@ -691,6 +691,21 @@ def compile_and_compare(config: Any, slice_name: str, plan: Plan) -> str | None:
     if not report.fits:
         return (f"the compiled train step needs {_gib(report.total_bytes)} per chip, more than "
                 f"the {_gib(hbm)} HBM of a {plan.topology.label}")
+    return _compile_evaluators(config, slice_name, plan)
+
+
+def _compile_evaluators(config: Any, slice_name: str, plan: Plan) -> str | None:
+    """Compiles each evaluator's image step too; an error line if one does not fit."""
+    from siglip_jax.compiled_step import compile_eval_steps
+
+    for name, report in compile_eval_steps(config, slice_name).items():
+        if report.oom is not None or not report.fits:
+            return (f"evals.{name}: the compiled image step at batch {report.examples_per_step} "
+                    f"does not fit the {_gib(plan.topology.hbm_bytes)} HBM of a "
+                    f"{plan.topology.label}; lower evals.{name}.batch_size")
+        print(f"  eval {name:<8} image step at batch {report.examples_per_step}: "
+              f"{_gib(report.total_bytes)} per chip (compiler), compiled in "
+              f"{report.compile_seconds:.1f} s", flush=True)
     return None
 
 

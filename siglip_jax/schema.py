@@ -172,11 +172,6 @@ class InputConfig:
     shuffle_buffer: int = 10_000
     cache: bool = False
 
-    @property
-    def image_size(self) -> Any:
-        """The data source's `image_size` key, if it has one (e.g. the demo data)."""
-        return self.data.get("image_size")
-
     def __post_init__(self) -> None:
         from siglip_jax.data.builder import check_source_config
 

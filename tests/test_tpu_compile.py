@@ -257,5 +257,19 @@ def test_plan_compile_reports_the_trainers_compiled_step(capsys):
     out = capsys.readouterr().out
     assert "memory per chip (compiler, exact)" in out and "compiled for v4-8 (4 × TPU v4)" in out
     assert re.search(r"analytic vs compiled: .* estimated, .* compiled per chip", out)
+    assert re.search(r"eval zeroshot +image step at batch 240: .* per chip \(compiler\)", out)
     assert plan.main(["--config", "configs/demo.py", "--topology", "cpu-8", "--compile"]) == 2
     assert "--compile needs a TPU slice" in capsys.readouterr().err
+
+
+def test_plan_compile_fails_in_one_line_when_an_evaluator_step_does_not_fit(capsys):
+    """An evaluation batch too large for the chip: the evaluator's compiled image step is
+    over HBM, so the plan fails naming the key to change."""
+    from siglip_jax import plan
+
+    assert plan.main(["--config", "configs/demo.py", "--topology", "v4-8", "--compile",
+                      "--config.input.global_batch=64",
+                      "--config.evals.zeroshot.batch_size=4194304"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: evals.zeroshot: the compiled image step at batch 4194304 does not "
+                   "fit the 32.00 GiB HBM of a TPU v4 chip; lower evals.zeroshot.batch_size"]

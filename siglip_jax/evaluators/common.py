@@ -26,7 +26,8 @@ class Embedder:
         self.mesh, self.batch_axes = mesh, tuple(batch_axes)
         self.num_shards = num_batch_shards(mesh, self.batch_axes)
         data = batch_sharding(mesh, self.batch_axes)
-        self._image_fn = jax.jit(
+        # Public so a caller can also lower/compile it for other devices (plan --compile).
+        self.image_step = jax.jit(
             lambda params, images: model.apply({"params": params}, images, None)[0],
             in_shardings=(param_shardings, data), out_shardings=data)
         self._text_fn = jax.jit(
@@ -42,7 +43,7 @@ class Embedder:
 
     def image_fn(self, params: Any, images: jax.Array) -> jax.Array:
         """Normalised image embeddings of a global, batch-sharded image array."""
-        return self._image_fn(params, images)
+        return self.image_step(params, images)
 
     def batch_text_fn(self, params: Any, tokens: jax.Array) -> jax.Array:
         """Normalised text embeddings [B, ..., D] of a global, batch-sharded [B, ..., L] array."""

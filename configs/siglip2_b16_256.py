@@ -13,8 +13,8 @@ sticky EOS, padded with <pad> to 64 tokens (the "siglip2" text convention, data/
 The paper's extra objectives (caption decoder, self-distillation, masked prediction) are not
 included. Expected result: the released SigLIP 2 B/16-256 (trained with them) reaches 79.1 %
 ImageNet zero-shot (paper, Table 1; recalled, check it); a sigmoid-only run is expected
-below it (the paper credits the added objectives with part of the gain). Arguments as the SigLIP recipes
-(siglip_jax.recipes.ARG_DOCS); `tokenizer` is the Gemma sentencepiece model.
+below it (the paper credits the added objectives with part of the gain). Arguments as the
+SigLIP recipes (siglip_jax.recipes.ARG_DOCS); `tokenizer` is the Gemma sentencepiece model.
 """
 
 import ml_collections

@@ -273,3 +273,20 @@ def test_plan_compile_fails_in_one_line_when_an_evaluator_step_does_not_fit(caps
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: evals.zeroshot: the compiled image step at batch 4194304 does not "
                    "fit the 32.00 GiB HBM of a TPU v4 chip; lower evals.zeroshot.batch_size"]
+
+
+def test_a_compiled_step_that_fits_overrules_the_analytic_memory_error(capsys):
+    """The analytic activation estimate is conservative: with --compile, a step that the
+    compiler fits within the chip's HBM clears the analytic 'estimated memory' error."""
+    import dataclasses
+
+    from siglip_jax import plan
+    from siglip_jax.config import load_config
+
+    config = load_config("configs/demo.py", ["input.global_batch=64"])
+    tiny_hbm = dataclasses.replace(plan.parse_topology("v4-8"), hbm_bytes=2**20)  # 1 MiB.
+    p = plan.make_plan(config, tiny_hbm)
+    assert len(p.errors) == 1 and p.errors[0].startswith(plan.MEMORY_ERROR)
+    assert plan.compile_and_compare(config, "v4-8", p) is None  # Real v4 chips: it fits.
+    assert p.errors == []
+    assert "the compiled step fits" in capsys.readouterr().out

@@ -338,7 +338,7 @@ def compile_train_step(config: Any, slice_name: str | Slice, *,
     parts = build_step(run, mesh, shapes)
     examples = run.input.global_batch
     start = time.perf_counter()
-    lowered = parts.step_fn.lower(parts.abstract_state, abstract_batch(parts, shapes))
+    lowered = parts.step_fn.lower(parts.abstract_state, abstract_batch(parts, shapes, run))
     try:
         compiled = lowered.compile()
     except Exception as e:  # The TPU compiler reports HBM overflow as a runtime error.

@@ -127,7 +127,10 @@ def naflex_budget(run: RunConfig) -> tuple[int, int] | None:
 def input_shapes(run: RunConfig, batch: int | None = None) -> BatchShapes | None:
     """The global batch's shapes without reading data: images [B, H, W, 3] (or the NaFlex dict
     {"patches" [B, N, p·p·3], "mask" [B, N], "spatial_shapes" [B, 2]}) and token ids
-    [B, max_len]; None when the pp does not say the image size."""
+    [B, max_len], plus the entries the extra objectives read (siglip_jax.objectives); None when
+    the pp does not say the image size."""
+    from siglip_jax import objectives
+
     batch = run.input.global_batch if batch is None else batch
     budget = naflex_budget(run)
     if budget is not None:
@@ -139,7 +142,9 @@ def input_shapes(run: RunConfig, batch: int | None = None) -> BatchShapes | None
         if image_hw is None:
             return None
         image = (batch, *image_hw, 3)
-    return {"image": image, "labels": (batch, run.tokenizer.max_len)}
+    shapes: BatchShapes = {"image": image, "labels": (batch, run.tokenizer.max_len)}
+    shapes.update({k: shape for k, (shape, _) in objectives.batch_shapes(run, batch).items()})
+    return shapes
 
 
 def build_input(run: RunConfig, mesh: Any, start_step: int, *, source: Any = None,
@@ -234,6 +239,7 @@ def build_step(config: RunConfig | Any, mesh: Any, shapes: Mapping[str, Sequence
     (real or compile-only devices) and global batch `shapes`; nothing is allocated."""
     import jax
 
+    from siglip_jax import objectives
     from siglip_jax import step as step_lib
     from siglip_jax.optim import FROZEN, group_labels, make_optimizer
     from siglip_jax.sharding import batch_sharding
@@ -248,19 +254,27 @@ def build_step(config: RunConfig | Any, mesh: Any, shapes: Mapping[str, Sequence
     train_step = step_lib.make_train_step(
         model, tx, make_loss_fn(run, mesh), lr_fn, frozen=frozen,
         accum_steps=run.grad_accum_steps, skip_nonfinite=run.on_nonfinite == "skip",
-        mesh=mesh, batch_axes=run.mesh.batch_axes)  # Activations stay batch-sharded.
+        mesh=mesh, batch_axes=run.mesh.batch_axes,  # Activations stay batch-sharded.
+        objectives=objectives.make(run, mesh), seed=run.seed)
     data_sharding = {k: batch_sharding(mesh, run.mesh.batch_axes) for k in shapes}
     step_fn = jax.jit(train_step, in_shardings=(shardings, data_sharding),
                       out_shardings=(shardings, None), donate_argnums=(0,))
     return StepParts(model, tx, lr_fn, frozen, abstract, shardings, data_sharding, step_fn)
 
 
-def abstract_batch(parts: StepParts, shapes: Mapping[str, Any]) -> dict[str, Any]:
-    """ShapeDtypeStructs of a global batch with the step's data shardings (for `.lower`)."""
+def abstract_batch(parts: StepParts, shapes: Mapping[str, Any],
+                   run: RunConfig | None = None) -> dict[str, Any]:
+    """ShapeDtypeStructs of a global batch with the step's data shardings (for `.lower`);
+    `run` gives the dtypes of the extra objectives' entries (default float32)."""
     import jax
     import jax.numpy as jnp
 
+    from siglip_jax import objectives
+
     dtypes = {"labels": jnp.int32, "mask": jnp.bool_, "spatial_shapes": jnp.int32}
+    if run is not None:
+        dtypes.update({k: dtype for k, (_, dtype) in
+                       objectives.batch_shapes(run, run.input.global_batch).items()})
 
     def leaf(key: str, shape: Sequence[int], sharding: Any) -> Any:
         return jax.ShapeDtypeStruct(tuple(shape), dtypes.get(key, jnp.float32), sharding=sharding)

@@ -275,23 +275,39 @@ class ModelInitConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """The loss implementation and its options."""
+    """The contrastive loss implementation and its options, plus the extra objectives
+    (siglip_jax.objectives: decoder, self-distillation, masked prediction) by name."""
 
     impl: str = "ring"
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    objectives: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None) -> LossConfig:
-        """`dict(impl=..., **options)`; the impl's options are checked by losses.check_options."""
-        from siglip_jax import losses
+        """`dict(impl=..., **options, <objective>=dict(...))`; the impl's options are checked
+        by losses.check_options, each objective's by its module's check_options."""
+        from siglip_jax import losses, objectives
 
         raw = dict(to_plain(raw) or {})
         impl = raw.pop("impl", "ring")
+        chosen = {}
+        for name in objectives.MODULES:
+            if name in raw:
+                value = raw.pop(name)
+                if value is None:
+                    continue
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"config.loss.{name}: expected a dict of options (or "
+                                      f"None to switch it off), got {value!r}")
+                try:
+                    chosen[name] = _frozen(objectives.check_options(name, value))
+                except ValueError as e:
+                    raise ConfigError(f"config.loss.{name}: {e}") from None
         try:
             losses.check_options(impl, raw)
         except ValueError as e:
             raise ConfigError(f"config.loss: {e}") from None
-        return cls(impl, _frozen(raw))
+        return cls(impl, _frozen(raw), _frozen(chosen))
 
 
 DECAY_TYPES = ("cosine", "linear", "rsqrt", "constant")

@@ -135,7 +135,8 @@ def micro_batches(batch: Mapping[str, Any], accum_steps: int) -> dict[str, Any]:
 def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: Callable,
                     lr_fn: Callable, *, frozen: Any = None, accum_steps: int = 1,
                     skip_nonfinite: bool = False, mesh: Any = None,
-                    batch_axes: Sequence[str] = ()) -> Callable[[State, Any], tuple[State, dict]]:
+                    batch_axes: Sequence[str] = (), objectives: Sequence[Callable] = (),
+                    seed: int = 0) -> Callable[[State, Any], tuple[State, dict]]:
     """The pure step (state, batch) → (state, metrics), to be jitted by the caller.
 
     Args:
@@ -147,35 +148,56 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: Calla
         optimizer state (the step counter still advances).
       mesh, batch_axes: the towers' activations are kept split over these mesh axes along
         the batch (without it FSDP-sharded params pull them into feature sharding).
+      objectives: extra losses (siglip_jax.objectives), each called with an ObjectiveInputs
+        after the main forward pass; their weighted losses are added to the sigmoid loss.
+      seed: base of the per-step PRNG key handed to the objectives.
     """
-    def loss_of(params, batch):
+    from siglip_jax.objectives import ObjectiveInputs
+
+    def loss_of(params, batch, step, teacher, rng):
         if frozen is not None:
             params = jax.tree_util.tree_map(
                 lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
         with batch_sharded_activations(mesh, batch_axes):
             zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["labels"],
                                           train=True)
-        bias = out.get("b", jnp.zeros(()))
-        return loss_fn(zimg, ztxt, jnp.reshape(out["t_prime"], ()), jnp.reshape(bias, ()))
+            bias = out.get("b", jnp.zeros(()))
+            loss, metrics = loss_fn(zimg, ztxt, jnp.reshape(out["t_prime"], ()),
+                                    jnp.reshape(bias, ()))
+            if objectives:
+                metrics = {**metrics, "sigmoid/loss": loss}
+                inputs = ObjectiveInputs(model, params, batch, zimg, ztxt, out, step,
+                                         None if teacher is None
+                                         else jax.lax.stop_gradient(teacher), rng)
+                for objective in objectives:
+                    extra, extra_metrics = objective(inputs)
+                    loss = loss + extra
+                    metrics = {**metrics, **extra_metrics}
+        return loss, metrics
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
-    def loss_and_grads(params, batch):
+    def loss_and_grads(params, batch, step, teacher):
+        rng = jax.random.fold_in(jax.random.key(seed), step)
         if accum_steps == 1:
-            return grad_fn(params, batch)
+            return grad_fn(params, batch, step, teacher, rng)
         micro = micro_batches(batch, accum_steps)
 
         def accumulate(carry, one):
-            (loss, metrics), grads = grad_fn(params, one)
+            index, micro_batch = one
+            (loss, metrics), grads = grad_fn(params, micro_batch, step, teacher,
+                                             jax.random.fold_in(rng, index))
             return jax.tree_util.tree_map(jnp.add, carry, ((loss, metrics), grads)), None
 
         first = jax.tree_util.tree_map(lambda x: x[0], micro)
-        zero = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first))
-        total, _ = jax.lax.scan(accumulate, zero, micro)
+        zero = jax.tree_util.tree_map(
+            jnp.zeros_like, jax.eval_shape(grad_fn, params, first, step, teacher, rng))
+        total, _ = jax.lax.scan(accumulate, zero, (jnp.arange(accum_steps), micro))
         return jax.tree_util.tree_map(lambda x: x / accum_steps, total)
 
     def train_step(state, batch):
-        (loss, metrics), grads = loss_and_grads(state["params"], batch)
+        (loss, metrics), grads = loss_and_grads(state["params"], batch, state["step"],
+                                                state.get("teacher"))
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)

@@ -8,7 +8,8 @@ examples), and where they have them `class_names` and `tokenizer_path`.
 
 Keys by `name`:
   demo_shapes   split, data_dir, image_size, train_per_class, test_per_class, vocab_size,
-                aspect (mixed aspect ratios, for NaFlex)
+                aspect (mixed aspect ratios, for NaFlex), objects (2–4 shapes per image with
+                boxes, phrases and a segmentation map; image_size defaults to 64)
   tfds          tfds_name, split (slicing allowed, e.g. "train[:90%]"), data_dir, image_keys,
                 text_key, check_images
   imagefolder   root (split: optional sub-folder of root), check_images
@@ -26,7 +27,7 @@ from siglip_jax.config import ConfigError, check_keys, to_plain
 
 _KEYS = {
     "demo_shapes": ("split", "data_dir", "image_size", "train_per_class", "test_per_class",
-                    "vocab_size", "aspect"),
+                    "vocab_size", "aspect", "objects"),
     "tfds": ("tfds_name", "split", "data_dir", "image_keys", "text_key", "check_images"),
     "imagefolder": ("root", "split", "check_images"),
     "csv": ("path", "image_col", "caption_col", "delimiter", "image_root", "check_images",

@@ -7,9 +7,15 @@ zero-shot evaluation. The train and test splits are drawn from different seeds, 
 images are never trained on. Splits are stored as `.npz` files (no pickles) next to a small
 sentencepiece model trained on the caption vocabulary.
 
+With `objects=True` (multi-object mode) each 64×64 image holds 2–4 shapes of distinct
+classes, the main one drawn largest, with a box, a phrase ("small red circle") and a
+per-pixel class map for each, and a caption naming them all, main object first ("a large
+red circle with a blue square and a green cross"); see make_objects_split.
+
 To draw one picture the demo model knows (a PNG of one class), for `siglip_jax.predict`:
 
     python -m siglip_jax.data.demo_shapes --colour red --shape circle --out red_circle.png
+    python -m siglip_jax.data.demo_shapes --objects --seed 3 --out objects.png
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import functools
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,10 +54,39 @@ ZEROSHOT_TEMPLATE = "a photo of a {}"
 ASPECTS: tuple[tuple[int, int], ...] = ((1, 2), (2, 3), (1, 1), (3, 2), (2, 1))  # height:width
 _VERSION = "v1"
 
+# Multi-object mode (DemoShapes(objects=True)): 2–4 shapes of distinct classes per image.
+MAX_OBJECTS = 4
+OBJECTS_IMAGE_SIZE = 64  # Default side in objects mode: patch 8 → an 8×8 token grid.
+OBJECT_CAPTION_TEMPLATES: tuple[str, ...] = (
+    "a {main} with {rest}",
+    "{main} with {rest}",
+    "a {main} and {rest}",
+)
+MAIN_RADIUS = (0.14, 0.21)  # The main object's radius as a fraction of the image side.
+OTHER_RADIUS_MIN = 0.07     # Other objects: radius in [0.07·side, main radius / MAIN_RATIO].
+MAIN_RATIO = 1.3            # Radius ratio that makes the main object the largest in pixels.
+LARGE_RADIUS = 0.13         # Radius / side at or above which a phrase says "large".
+EXTENT = 1.1                # Every shape lies within ±EXTENT·r of its centre on both axes.
+_OBJECTS_VERSION = "v1"
+
 
 def class_names() -> list[str]:
     """The 36 class names, "colour shape", in label order (label = colour * 6 + shape)."""
     return [f"{c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def shape_masks(dy: np.ndarray, dx: np.ndarray, r: np.ndarray) -> list[np.ndarray]:
+    """Masks of the SHAPES (in order) of radius r at offsets (dy, dx) from their centres."""
+    dist = np.sqrt(dx**2 + dy**2)
+    return [
+        dist <= r,                                                          # circle
+        np.maximum(np.abs(dx), np.abs(dy)) <= 0.8 * r,                      # square
+        (dy <= 0.75 * r) & (dy >= -r) & (np.abs(dx) <= 0.62 * (dy + r)),    # triangle
+        ((np.abs(dx) <= r / 3) & (np.abs(dy) <= r))
+        | ((np.abs(dy) <= r / 3) & (np.abs(dx) <= r)),                      # cross
+        (dist <= r) & (dist >= 0.55 * r),                                   # ring
+        np.abs(dx) + np.abs(dy) <= 1.1 * r,                                 # diamond
+    ]
 
 
 def render(colour_ids: np.ndarray, shape_ids: np.ndarray, rng: np.random.Generator,
@@ -66,16 +101,7 @@ def render(colour_ids: np.ndarray, shape_ids: np.ndarray, rng: np.random.Generat
     dy = yy[None] - centre[:, 0, None, None]
     dx = xx[None] - centre[:, 1, None, None]
     r = radius[:, None, None]
-    dist = np.sqrt(dx**2 + dy**2)
-    masks = np.stack([
-        dist <= r,                                                          # circle
-        np.maximum(np.abs(dx), np.abs(dy)) <= 0.8 * r,                      # square
-        (dy <= 0.75 * r) & (dy >= -r) & (np.abs(dx) <= 0.62 * (dy + r)),    # triangle
-        ((np.abs(dx) <= r / 3) & (np.abs(dy) <= r))
-        | ((np.abs(dy) <= r / 3) & (np.abs(dx) <= r)),                      # cross
-        (dist <= r) & (dist >= 0.55 * r),                                   # ring
-        np.abs(dx) + np.abs(dy) <= 1.1 * r,                                 # diamond
-    ], axis=1)  # [N, num_shapes, H, W]
+    masks = np.stack(shape_masks(dy, dx, r), axis=1)  # [N, num_shapes, H, W]
     mask = masks[np.arange(n), shape_ids][..., None]
     palette = np.array(list(COLOURS.values()), np.float32)
     colour = palette[colour_ids] + rng.normal(0, 12, (n, 3))
@@ -125,6 +151,126 @@ def make_split(num_per_class: int, seed: int, size: int = 32,
             **extra}
 
 
+def object_phrase(label: int, radius: float, size: int) -> str:
+    """The referring phrase of one shape: "{small|large} {colour} {shape}"."""
+    word = "large" if radius >= LARGE_RADIUS * size else "small"
+    return f"{word} {list(COLOURS)[label // len(SHAPES)]} {SHAPES[label % len(SHAPES)]}"
+
+
+def object_caption(phrases: Sequence[str], template: int) -> str:
+    """Whole-image caption: the main object's phrase first, then "a {colour} {shape}" each."""
+    rest = " and ".join("a " + p.split(" ", 1)[1] for p in phrases[1:])
+    return OBJECT_CAPTION_TEMPLATES[template].format(main=phrases[0], rest=rest)
+
+
+def _layout(rng: np.random.Generator, size: int, count: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Centres [count, 2] (y, x) and radii [count] (main first and largest) of shapes whose
+    ±EXTENT·r boxes lie inside the image and are at least one pixel apart."""
+    for attempt in range(200):
+        shrink = 0.98 ** attempt
+        main = rng.uniform(*MAIN_RADIUS) * size * shrink
+        radii = np.concatenate([[main], rng.uniform(OTHER_RADIUS_MIN * size * shrink,
+                                                    main / MAIN_RATIO, count - 1)])
+        centres: list[np.ndarray] = []
+        for r in radii:
+            half = EXTENT * r
+            for _ in range(50):
+                c = rng.uniform(half, size - half, 2)
+                if all(np.max(np.abs(c - c2)) >= half + EXTENT * r2 + 1.0
+                       for c2, r2 in zip(centres, radii, strict=False)):
+                    centres.append(c)
+                    break
+            else:
+                break
+        if len(centres) == count:
+            return np.array(centres), radii
+    raise RuntimeError(f"could not place {count} shapes in {size}×{size} pixels")
+
+
+def draw_objects(rng: np.random.Generator, labels: Sequence[int], size: int
+                 ) -> dict[str, np.ndarray]:
+    """Draws shapes of the given classes (labels[0] the main, largest one) on one image.
+
+    Returns "image" uint8 [size, size, 3], "segmentation" uint8 [size, size] (0 background,
+    1 + class), "boxes" float32 [n, 4] (ymin, xmin, ymax, xmax in [0, 1], the tight box of
+    the shape's pixels) and "radii" [n]. Layouts where the main shape does not cover strictly
+    the most pixels are redrawn.
+    """
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    palette = np.array(list(COLOURS.values()), np.float32)
+    while True:
+        centres, radii = _layout(rng, size, len(labels))
+        segmentation = np.zeros((size, size), np.uint8)
+        for label, (cy, cx), r in zip(labels, centres, radii, strict=True):
+            mask = shape_masks(yy - cy, xx - cx, r)[label % len(SHAPES)]
+            segmentation[mask] = 1 + label
+        counts = [(segmentation == 1 + label).sum() for label in labels]
+        if min(counts) > 0 and counts[0] > max(counts[1:]):
+            break
+    colours = palette[np.asarray(labels) // len(SHAPES)] + rng.normal(0, 12, (len(labels), 3))
+    image = rng.uniform(0, 70) + rng.normal(0, 8, (size, size, 3))
+    for label, colour in zip(labels, colours, strict=True):
+        image[segmentation == 1 + label] = colour
+    image = image + rng.normal(0, 6, image.shape)
+    boxes = np.zeros((len(labels), 4), np.float32)
+    for k, label in enumerate(labels):
+        rows = np.flatnonzero((segmentation == 1 + label).any(axis=1))
+        cols = np.flatnonzero((segmentation == 1 + label).any(axis=0))
+        boxes[k] = (rows[0] / size, cols[0] / size, (rows[-1] + 1) / size, (cols[-1] + 1) / size)
+    return {"image": np.clip(np.round(image), 0, 255).astype(np.uint8),
+            "segmentation": segmentation, "boxes": boxes, "radii": radii}
+
+
+def make_objects_split(num_per_class: int, seed: int, size: int = OBJECTS_IMAGE_SIZE
+                       ) -> dict[str, np.ndarray]:
+    """A split of multi-object images, balanced over the main object's class.
+
+    Each image has 2–MAX_OBJECTS shapes of distinct classes; the main one (the "label") is
+    drawn largest. Fields: image, label, texts (caption), boxes [MAX_OBJECTS, 4], box_texts
+    [MAX_OBJECTS] ("" padding), box_labels [MAX_OBJECTS] (-1 padding), num_boxes,
+    segmentation [size, size].
+    """
+    rng = np.random.default_rng(seed)
+    num_classes = len(COLOURS) * len(SHAPES)
+    mains = rng.permutation(np.repeat(np.arange(num_classes), num_per_class))
+    n = len(mains)
+    out = {"image": np.zeros((n, size, size, 3), np.uint8),
+           "segmentation": np.zeros((n, size, size), np.uint8),
+           "boxes": np.zeros((n, MAX_OBJECTS, 4), np.float32),
+           "box_labels": np.full((n, MAX_OBJECTS), -1, np.int32),
+           "num_boxes": np.zeros(n, np.int32)}
+    box_texts = np.full((n, MAX_OBJECTS), "", dtype=object)
+    captions = []
+    for i, main in enumerate(mains):
+        count = int(rng.integers(2, MAX_OBJECTS + 1))
+        others = rng.choice(np.delete(np.arange(num_classes), main), count - 1, replace=False)
+        labels = [int(main), *(int(o) for o in others)]
+        drawn = draw_objects(rng, labels, size)
+        phrases = [object_phrase(c, r, size) for c, r in zip(labels, drawn["radii"],
+                                                               strict=True)]
+        captions.append(object_caption(phrases, int(rng.integers(len(OBJECT_CAPTION_TEMPLATES)))))
+        out["image"][i], out["segmentation"][i] = drawn["image"], drawn["segmentation"]
+        out["boxes"][i, :count], out["box_labels"][i, :count] = drawn["boxes"], labels
+        out["num_boxes"][i] = count
+        box_texts[i, :count] = phrases
+    return {**out, "label": mains.astype(np.int32), "texts": np.array(captions),
+            "box_texts": box_texts.astype(str)}
+
+
+def objects_tokenizer_corpus() -> list[str]:
+    """tokenizer_corpus() plus every word of the multi-object captions and phrases."""
+    lines = tokenizer_corpus()
+    names = class_names()
+    for k, name in enumerate(names):
+        others = [f"small {names[(k + 7) % len(names)]}", f"large {names[(k + 13) % len(names)]}"]
+        for word in ("small", "large"):
+            lines.append(f"{word} {name}")
+            for t in range(len(OBJECT_CAPTION_TEMPLATES)):
+                lines.append(object_caption([f"{word} {name}", *others[:1 + t % 2]], t))
+    return lines
+
+
 def tokenizer_corpus() -> list[str]:
     """Every word the demo's captions and prompts use, in many combinations, to train on."""
     lines = []
@@ -149,27 +295,43 @@ class DemoShapes:
       vocab_size: size of the sentencepiece vocabulary trained on the captions.
       aspect: mixed aspect ratios (ASPECTS, longer side image_size) instead of squares:
         `dataset()` then yields images of varying shape, for NaFlex preprocessing.
+      objects: 2–4 shapes per image with boxes, phrases and a segmentation map (see
+        make_objects_split); "label" is the class of the main (largest) shape.
+
+    `image_size` None means 32, or OBJECTS_IMAGE_SIZE (64) with objects=True.
     """
 
     data_dir: str
     split: str = "train"
-    image_size: int = 32
+    image_size: int | None = None
     train_per_class: int = 250
     test_per_class: int = 20
     vocab_size: int = 64
     aspect: bool = False
+    objects: bool = False
 
     skips = None  # Generated data has no bad examples to skip.
 
     def __post_init__(self):
         if self.split not in ("train", "test"):
             raise ValueError(f"demo_shapes has splits 'train' and 'test', not {self.split!r}")
+        if self.objects and self.aspect:
+            raise ValueError("demo_shapes: objects=True does not support aspect=True")
+        if self.image_size is None:
+            object.__setattr__(self, "image_size", OBJECTS_IMAGE_SIZE if self.objects else 32)
+        if self.objects and self.image_size < 32:
+            raise ValueError(f"demo_shapes: image_size={self.image_size} with objects=True; "
+                             "expected at least 32 pixels")
 
     @property
     def root(self) -> str:
         """The folder holding this configuration's files."""
-        name = (f"demo_shapes_{_VERSION}_{self.image_size}px_{self.train_per_class}"
-                f"_{self.test_per_class}{'_aspect' if self.aspect else ''}")
+        if self.objects:
+            name = (f"demo_objects_{_OBJECTS_VERSION}_{self.image_size}px_"
+                    f"{self.train_per_class}_{self.test_per_class}")
+        else:
+            name = (f"demo_shapes_{_VERSION}_{self.image_size}px_{self.train_per_class}"
+                    f"_{self.test_per_class}{'_aspect' if self.aspect else ''}")
         return os.path.join(os.path.expanduser(self.data_dir), name)
 
     @property
@@ -190,13 +352,17 @@ class DemoShapes:
                                        ("test", self.test_per_class, 1)):
             path = self.split_path(split)
             if not os.path.exists(path):
-                arrays = make_split(per_class, seed, self.image_size, self.aspect)
+                if self.objects:
+                    arrays = make_objects_split(per_class, seed, self.image_size)
+                else:
+                    arrays = make_split(per_class, seed, self.image_size, self.aspect)
                 tmp = f"{path}.{os.getpid()}.tmp.npz"
                 np.savez(tmp, **arrays)
                 os.replace(tmp, path)
         if not os.path.exists(self.tokenizer_path):
             tmp = f"{self.tokenizer_path}.{os.getpid()}.tmp"
-            train_sentencepiece(tokenizer_corpus(), self.vocab_size, tmp, model_type="word")
+            corpus = objects_tokenizer_corpus() if self.objects else tokenizer_corpus()
+            train_sentencepiece(corpus, self.vocab_size, tmp, model_type="word")
             os.replace(tmp, self.tokenizer_path)
 
     def load(self) -> dict[str, np.ndarray]:
@@ -259,6 +425,29 @@ def write_png(path: str, colour: str, shape: str, size: int = 32, seed: int = 0)
     return image
 
 
+def write_objects_png(path: str, size: int = OBJECTS_IMAGE_SIZE, seed: int = 0,
+                      main: int | None = None) -> dict[str, Any]:
+    """Draws one multi-object picture as objects mode does and writes it as a PNG.
+
+    `main` is the main object's class (default: drawn from the seed). Returns the fields of
+    the example: image, segmentation, boxes [n, 4], box_texts [n], texts, label.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    num_classes = len(COLOURS) * len(SHAPES)
+    main = int(rng.integers(num_classes)) if main is None else main
+    count = int(rng.integers(2, MAX_OBJECTS + 1))
+    others = rng.choice(np.delete(np.arange(num_classes), main), count - 1, replace=False)
+    labels = [main, *(int(o) for o in others)]
+    drawn = draw_objects(rng, labels, size)
+    phrases = [object_phrase(c, r, size) for c, r in zip(labels, drawn["radii"], strict=True)]
+    caption = object_caption(phrases, int(rng.integers(len(OBJECT_CAPTION_TEMPLATES))))
+    Image.fromarray(drawn["image"]).save(path, format="PNG")
+    return {"image": drawn["image"], "segmentation": drawn["segmentation"],
+            "boxes": drawn["boxes"], "box_texts": phrases, "texts": caption, "label": main}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: writes one demo picture as a PNG."""
     from siglip_jax.console import quiet_startup
@@ -266,15 +455,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = quiet_startup(argv)
     parser = argparse.ArgumentParser(
         prog="python -m siglip_jax.data.demo_shapes",
-        description="Write a PNG of one demo class: a coloured shape on a dark background.")
-    parser.add_argument("--colour", required=True, choices=list(COLOURS))
-    parser.add_argument("--shape", required=True, choices=list(SHAPES))
+        description="Write a PNG of one demo class (a coloured shape on a dark background), "
+                    "or with --objects a multi-object picture (its caption and boxes are "
+                    "printed).")
+    parser.add_argument("--colour", choices=list(COLOURS),
+                        help="colour of the shape (with --objects: of the main shape)")
+    parser.add_argument("--shape", choices=list(SHAPES))
+    parser.add_argument("--objects", action="store_true",
+                        help="draw 2-4 shapes, the main one largest (objects mode)")
     parser.add_argument("--out", required=True, help="PNG file to write")
-    parser.add_argument("--size", type=int, default=32, help="side in pixels (default 32)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="side in pixels (default 32, with --objects 64)")
     parser.add_argument("--seed", type=int, default=0, help="position, size and noise")
     args = parser.parse_args(argv)
-    write_png(args.out, args.colour, args.shape, args.size, args.seed)
-    print(f"wrote {args.out}: a {args.colour} {args.shape}, {args.size}×{args.size} px")
+    if (args.colour is None) != (args.shape is None) or (args.colour is None
+                                                          and not args.objects):
+        parser.error("give --colour and --shape together (optional only with --objects)")
+    if args.objects:
+        size = args.size or OBJECTS_IMAGE_SIZE
+        if size < 32:
+            parser.error(f"--size {size} with --objects; expected at least 32")
+        main_class = (None if args.colour is None else
+                      list(COLOURS).index(args.colour) * len(SHAPES) + SHAPES.index(args.shape))
+        example = write_objects_png(args.out, size, args.seed, main_class)
+        print(f"wrote {args.out}: {size}×{size} px, \"{example['texts']}\"")
+        for phrase, box in zip(example["box_texts"], example["boxes"], strict=True):
+            coords = ", ".join(f"{v:.3f}" for v in box)
+            print(f"  {phrase:<24} box (ymin, xmin, ymax, xmax) = ({coords})")
+        return 0
+    size = args.size or 32
+    write_png(args.out, args.colour, args.shape, size, args.seed)
+    print(f"wrote {args.out}: a {args.colour} {args.shape}, {size}×{size} px")
     return 0
 
 

@@ -412,6 +412,9 @@ class OptimConfig:
 EVAL_TYPE_KEYS = {  # type -> its own keys with their defaults.
     "zeroshot": {"class_names": None, "templates": None, "canonicalize": True},
     "retrieval": {"max_captions": 0},
+    "dense_probe": {"label_set": "class", "num_classes": 0, "ignore_label": None,
+                    "segmentation_key": "segmentation", "train_fraction": 0.5,
+                    "train_data": None, "ridge": 1e-3},  # evaluators/dense_probe.OPTIONS
 }
 
 
@@ -447,6 +450,10 @@ class EvalConfig:
         options = {k: raw.get(k, default) for k, default in own.items()}
         if kind == "retrieval":
             options["max_captions"] = _int(options["max_captions"], f"{where}.max_captions", 0)
+        if kind == "dense_probe":
+            from siglip_jax.evaluators.dense_probe import check_options
+
+            options = check_options(options, where)
         return cls(name, kind, data, str(raw["pp"]),
                    _int(raw.get("every_n_steps", 0), f"{where}.every_n_steps", 0),
                    _int(raw.get("batch_size", 256), f"{where}.batch_size", 1), _frozen(options))

@@ -3,7 +3,7 @@ and the evaluation CLI. Every evaluator has `run(params) -> dict[str, float]` an
 `every_n_steps` attribute; the caller logs the results as `<name>/<metric>`.
 
 Keys shared by all types:
-  type           "zeroshot" | "retrieval"
+  type           "zeroshot" | "retrieval" | "dense_probe"
   data           data source section (see data/builder.py); the source must know its size
   pp             preprocessing string (see data/pp.py)
   every_n_steps  run every N training steps (0: only at the end)
@@ -21,6 +21,18 @@ keep the integer "label":
 list of captions) or [L] for one caption:
   max_captions   use at most this many captions per image and pad/mask images with fewer
                  (required when the number varies, e.g. 5 for COCO); 0 = as produced
+
+`dense_probe` (metrics accuracy, miou, num_patches, num_train_patches; evaluators/
+dense_probe.py) — a ridge-regression linear probe on the image tower's frozen patch features
+predicts each patch's majority segmentation label; pp must produce "image" (a fixed size,
+multiple of the patch) and the segmentation map [H, W] or [H, W, 1] of the same size:
+  label_set         "class" (37) | "shape" (7) | "colour" (7) for demo maps; "raw" otherwise
+  num_classes       number of labels with label_set "raw"
+  ignore_label      a map value that does not vote (e.g. 255); None = every pixel votes
+  segmentation_key  the pp output holding the map (default "segmentation")
+  train_fraction    the first fraction of `data` fits the probe, the rest tests it (0.5)
+  train_data        a separate source section to fit on (then all of `data` tests)
+  ridge             ridge strength relative to the mean feature variance (1e-3)
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ from siglip_jax.data.builder import make_source
 from siglip_jax.data.pp import get_preprocess_fn
 from siglip_jax.evaluators import prompts
 from siglip_jax.evaluators.common import Embedder
+from siglip_jax.evaluators.dense_probe import DenseProbeEvaluator
 from siglip_jax.evaluators.retrieval import CAPTION_MASK_KEY, RetrievalEvaluator
 from siglip_jax.evaluators.zeroshot import ZeroShotEvaluator
 from siglip_jax.schema import EvalConfig, TokenizerConfig, parse
@@ -68,7 +81,10 @@ def build_evaluators(config: Any, *, model: Any, mesh: Any, param_shardings: Any
         preprocess = get_preprocess_fn(spec.pp, tokenizer=tokenizer)
         shards = embedder.num_shards * jax.process_count()
         batch_size = max(shards, spec.batch_size // shards * shards)
-        if spec.type == "zeroshot":
+        if spec.type == "dense_probe":
+            evaluator = _dense_probe(spec, where, model, embedder, param_shardings, source,
+                                     preprocess, batch_size)
+        elif spec.type == "zeroshot":
             if names == "from_data":
                 names = source.class_names
                 if not names:
@@ -110,6 +126,65 @@ def _batches_fn(source: Any, preprocess: Callable, batch_size: int
                                       num_batches=num_batches)
 
     return batches
+
+
+def _dense_probe(spec: EvalConfig, where: str, model: Any, embedder: Embedder,
+                 param_shardings: Any, source: Any, preprocess: Callable, batch_size: int
+                 ) -> DenseProbeEvaluator:
+    """The dense_probe evaluator: train/test sections of the data, patch size of the model."""
+    from siglip_jax.models.two_towers import towers
+    from siglip_jax.models.vit import ViT
+
+    opts = spec.options
+    seg_key = opts["segmentation_key"]
+    spec_out = pp_output_spec(source, preprocess, ("image", seg_key), where)
+    img = towers(model)[0]
+    if not isinstance(img, ViT):
+        raise ConfigError(f"{where}: dense_probe needs a ViT image tower (fixed-size images), "
+                          f"not {type(img).__name__}")
+    patch = tuple(img.patch_size) if isinstance(img.patch_size, tuple | list) else (
+        int(img.patch_size),) * 2
+    image_shape, seg_shape = spec_out["image"].shape, spec_out[seg_key].shape
+    if image_shape.rank == 3 and image_shape[:2].is_fully_defined():
+        h, w = image_shape[:2]
+        if h % patch[0] or w % patch[1]:
+            raise ConfigError(f"{where}.pp: images of {h}×{w} do not tile into the model's "
+                              f"{patch[0]}×{patch[1]} patches")
+        if seg_shape.rank is not None and seg_shape[:2].is_fully_defined() and tuple(
+                seg_shape[:2]) != (h, w):
+            raise ConfigError(f"{where}.pp: {seg_key!r} is {seg_shape}, expected the image's "
+                              f"{h}×{w}")
+    pc, pi = jax.process_count(), jax.process_index()
+    local_batch = batch_size // pc
+    n = source.num_examples
+    if opts["train_data"] is not None:
+        train_source = make_source(opts["train_data"], f"{where}.train_data")
+        if train_source.num_examples is None:
+            raise ConfigError(f"{where}.train_data: the source must know its size")
+        pp_output_spec(train_source, preprocess, ("image", seg_key), f"{where}.train_data")
+        train_batches = _batches_fn(train_source, preprocess, batch_size)
+        test_batches = _batches_fn(source, preprocess, batch_size)
+    else:
+        k = int(opts["train_fraction"] * n) // pc  # Train examples per process.
+        rest = -(-n // pc) - k  # At most this many test examples per process.
+        if k < 1 or rest < 1:
+            raise ConfigError(f"{where}: train_fraction={opts['train_fraction']} of {n} "
+                              f"examples over {pc} processes leaves an empty section")
+
+        def section(train: bool) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+            count = k if train else rest
+            return lambda: input_lib.eval_batches(
+                source.dataset(pi, pc).take(k) if train else source.dataset(pi, pc).skip(k),
+                preprocess, local_batch=local_batch,
+                num_batches=input_lib.num_eval_batches(count, local_batch))
+
+        train_batches, test_batches = section(True), section(False)
+    return DenseProbeEvaluator(
+        model=model, mesh=embedder.mesh, batch_axes=embedder.batch_axes,
+        param_shardings=param_shardings, patch_hw=patch, train_batches=train_batches,
+        test_batches=test_batches, label_set=opts["label_set"],
+        num_classes=opts["num_classes"], ignore_label=opts["ignore_label"],
+        segmentation_key=seg_key, ridge=opts["ridge"], every_n_steps=spec.every_n_steps)
 
 
 def _prompt_config(spec: EvalConfig, where: str) -> tuple[Any, list[str]]:

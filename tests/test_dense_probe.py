@@ -2,6 +2,8 @@
 fit against a least-squares reference, synthetic features, a toy model that is right by
 construction, and end-to-end runs on the demo's objects data and a local TFDS dataset."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -145,15 +147,6 @@ def test_toy_model_is_exact_on_demo_objects(tmp_path, label_set):
     assert metrics["num_patches"] == 36 * 64 and metrics["num_train_patches"] == 36 * 64
 
 
-def _tiny_model():
-    from siglip_jax.models.two_towers import Model
-
-    return Model(image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8,
-                            posemb="learn", pool_type="gap"),
-                 text=dict(vocab_size=64, width=32, depth=1, mlp_dim=64, num_heads=2),
-                 out_dim=32)
-
-
 def _config(tmp_path, **evals):
     import ml_collections
 
@@ -167,10 +160,16 @@ def _config(tmp_path, **evals):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """A tiny random two-towers model for 64×64 images (image tower initialised only)."""
-    model = _tiny_model()
-    params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), None)["params"]
+def tiny(tmp_path_factory):
+    """The tiny test config's random two-towers model and params, for 64×64 images."""
+    from siglip_jax.models.two_towers import Model
+    from siglip_jax.schema import parse
+
+    run = parse(_config(tmp_path_factory.mktemp("unused"), data=dict(name="demo_shapes"),
+                        pp="keep('image')"))
+    model = Model(**run.model.kwargs())
+    params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
+                        jnp.zeros((1, run.tokenizer.max_len), jnp.int32))["params"]
     return model, params
 
 
@@ -276,3 +275,23 @@ def test_tfds_segmentation_dataset_with_ignore_label(tmp_path, tiny):
     assert metrics["num_train_patches"] == sum(patches[:9])
     assert metrics["num_patches"] == sum(patches[9:])
     assert 0 < metrics["accuracy"] <= 1 and 0 < metrics["miou"] <= 1
+
+
+def test_evaluate_entry_point_runs_the_probe_on_an_npz_checkpoint(tmp_path, tiny):
+    from siglip_jax.checkpoints.big_vision import save_npz
+    from siglip_jax.evaluate import evaluate, format_table
+
+    data = dict(name="demo_shapes", split="test", data_dir=str(tmp_path), objects=True,
+                train_per_class=1, test_per_class=2)
+    config = _config(tmp_path, data=data, batch_size=16, label_set="shape",
+                     pp='value_range(-1, 1)|keep("image", "segmentation")')
+    npz = str(tmp_path / "params.npz")
+    save_npz(npz, tiny[1])
+    results = evaluate(config, npz, log=lambda *_: None)
+    assert sorted(results) == ["dense/accuracy", "dense/miou", "dense/num_patches",
+                               "dense/num_train_patches"]
+    assert results["dense/num_patches"] == 36 * 64 == results["dense/num_train_patches"]
+    direct = _build(config, tiny)[0].run(tiny[1])  # The trainer's hook path, same params.
+    assert results["dense/accuracy"] == pytest.approx(direct["accuracy"], abs=1e-6)
+    table = format_table(results)
+    assert re.search(r"dense +miou +0\.\d{4}\n", table) and re.search(r"num_patches +2304", table)

@@ -235,9 +235,12 @@ def test_decoder_gradients_reach_the_image_tower_unless_it_is_frozen(freeze_img)
         assert np.abs(emb).max() > 0
 
 
-def test_train_step_with_decoder_ring_loss_and_accumulation_on_8_devices():
-    c = load_config(DEMO, tiny_overrides("/nonexistent", grad_accum_steps=2,
-                                          **{"input.global_batch": 16}))
+def test_train_step_with_decoder_ring_loss_accumulation_and_fsdp_on_8_devices():
+    # The FSDP recipes' rules (recipes._mesh): dec/ params fall under (".*", "fsdp").
+    c = load_config(DEMO, tiny_overrides(
+        "/nonexistent", grad_accum_steps=2, mesh="[('data', 4), ('fsdp', 2)]",
+        batch_axes="('data', 'fsdp')", **{"input.global_batch": 16}, sharding_rules=(
+            "[('txt/Embed_0/.*', 'replicate'), ('.*', 'fsdp')]")))
     with c.unlocked():
         c.model.decoder = dict(max_len=L, num_bins=BINS, width=24, num_heads=2, scan=True,
                                remat_policy="nothing_saveable")
@@ -249,6 +252,8 @@ def test_train_step_with_decoder_ring_loss_and_accumulation_on_8_devices():
     shapes = experiment.input_shapes(run)
     assert shapes["dec_tokens"] == (16, L) and shapes["dec_parallel"] == (16,)
     parts = experiment.build_step(run, mesh, shapes)
+    kernel = parts.shardings["params"]["dec"]["decoderblock"]["mlp"]["Dense_0"]["kernel"]
+    assert kernel.spec != jax.sharding.PartitionSpec() and "fsdp" in str(kernel.spec)
     state = experiment.init_state(run, parts, mesh, shapes)
     rng = np.random.default_rng(1)
     rows = np.arange(16) % 4
@@ -311,3 +316,34 @@ def test_config_errors_are_one_line_and_name_the_key():
     with pytest.raises(ValueError, match="length 9 > model.decoder.max_len 8"):
         model.apply({"params": params}, jnp.zeros((1, 2, 32)), jnp.zeros((1, 9), jnp.int32),
                     parallel=False, method="decode")
+
+
+def test_planner_decoder_flops_and_activations_match_xla():
+    """Analytic decoder FLOPs within 90-100 % of XLA's count of the forward pass (XLA counts
+    elementwise ops too); kept activations within -25 % / +35 % of XLA:CPU's temp memory for
+    the gradient (float32, no remat)."""
+    from siglip_jax import plan
+    from siglip_jax.objectives.decoder import token_loss
+
+    model = Model(image=dict(width=96, depth=1, mlp_dim=192, num_heads=2, patch_size=8),
+                  text=dict(vocab_size=1000, width=128, depth=4, mlp_dim=512, num_heads=4),
+                  out_dim=16, decoder=dict(max_len=32))
+    b, n = 16, 64
+    params = jax.eval_shape(model.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32),
+                            jax.ShapeDtypeStruct((2, 8), jnp.int32))["params"]
+    image = jax.ShapeDtypeStruct((b, n, 96), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((b, 32), jnp.int32)
+    shape = plan.decoder_shape(model, n)
+    assert (shape.depth, shape.width, shape.vocab_size) == (2, 128, 1000 + 100 + 4)
+    fwd = jax.jit(lambda p, i, t: model.apply({"params": p}, i, t, parallel=False,
+                                              method="decode")).lower(params, image, tokens)
+    analytic = b * plan.decoder_forward_flops(shape)
+    assert 0.9 * fwd.cost_analysis()["flops"] <= analytic <= fwd.cost_analysis()["flops"]
+
+    def loss(p, i, t):
+        logits = model.apply({"params": p}, i, t, parallel=False, train=True, method="decode")
+        return token_loss(logits, t, jnp.ones(t.shape))[0]
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, image, tokens).compile()
+    measured = compiled.memory_analysis().temp_size_in_bytes
+    assert 0.75 * measured <= plan.decoder_activation_bytes(shape, b) <= 1.35 * measured

@@ -117,8 +117,8 @@ def _randomise_head(params, seed=1):
     return params
 
 
-def _run(model_config=MODEL, loss=None):
-    c = load_config(DEMO, tiny_overrides("/nonexistent"))
+def _run(model_config=MODEL, loss=None, full=""):
+    c = load_config(DEMO, tiny_overrides("/nonexistent", **{"model_init.full": full}))
     with c.unlocked():
         c.model.decoder = dict(model_config["decoder"]) if "decoder" in model_config else None
         c.model.text.vocab_size = model_config["text"]["vocab_size"]
@@ -347,3 +347,21 @@ def test_planner_decoder_flops_and_activations_match_xla():
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, image, tokens).compile()
     measured = compiled.memory_analysis().temp_size_in_bytes
     assert 0.75 * measured <= plan.decoder_activation_bytes(shape, b) <= 1.35 * measured
+
+
+def test_full_model_init_from_a_checkpoint_without_decoder_keeps_a_fresh_decoder(tmp_path):
+    from siglip_jax.checkpoints import big_vision as bv
+
+    run = _run()
+    kwargs = {**run.model.kwargs(), "decoder": None}
+    shapes = experiment.input_shapes(run, batch=2)
+    plain = jax.jit(Model(**kwargs).init)(jax.random.key(5), jnp.zeros(shapes["image"]),
+                                          jnp.zeros(shapes["labels"], jnp.int32))["params"]
+    bv.save_npz(tmp_path / "siglip.npz", jax.device_get(plain))
+    run = _run(full=str(tmp_path / "siglip.npz"))
+    abstract = abstract_params(experiment.make_model(run.model), shapes)
+    assert "dec" in abstract
+    loaded = experiment.load_model_init(run, abstract)
+    assert sorted(loaded) == ["b", "img", "t", "txt"]
+    np.testing.assert_array_equal(loaded["img"]["embedding"]["kernel"],
+                                  plain["img"]["embedding"]["kernel"])

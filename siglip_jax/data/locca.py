@@ -22,7 +22,6 @@ location id `loc_start + bin`; a location id maps back to the bin centre
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any
 
 import numpy as np

@@ -16,7 +16,8 @@ Sections (top-level keys in brackets):
                   source's), max_len, eos ("sticky" | "yes" | "no"), convention ("" |
                   "siglip" | "siglip2": a model family's text rules for prompts)
   ModelConfig     [model]: image, text (tower dicts, see models/variants.py), out_dim,
-                  temperature_init, bias_init
+                  temperature_init, bias_init, decoder (the LocCa caption decoder dict,
+                  models/decoder.py; None = no decoder)
   ModelInitConfig [model_init]: img, txt, full (checkpoint paths; "" = random init)
   LossConfig      [loss]: impl (losses.LOSS_IMPLS) and the impl's options
   OptimConfig     [optim, lr, wd, grad_clip_norm, schedule]: optimizer name and
@@ -216,16 +217,29 @@ class ModelConfig:
     out_dim: Any = 128
     temperature_init: float = 10.0
     bias_init: float | None = -10.0
+    decoder: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         from siglip_jax.models import variants
+        from siglip_jax.models.decoder import decoder_kwargs
 
         image, text = _frozen(self.image or {}), _frozen(self.text or {})
         try:
             variants.image_kwargs(thaw(image))
-            variants.text_kwargs(thaw(text))
+            text_kw = variants.text_kwargs(thaw(text))
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"config.model: {e}") from None
+        decoder = self.decoder
+        if decoder is not None:
+            if not isinstance(decoder, Mapping):
+                raise ConfigError(f"config key model.decoder expects a dict (or None), got "
+                                  f"{decoder!r}")
+            decoder = _frozen(decoder)
+            try:
+                decoder_kwargs(thaw(decoder), text_kw)
+            except (KeyError, ValueError, TypeError) as e:
+                raise ConfigError(f"config.model: {e}") from None
+            _set(self, decoder=decoder)
         out_dim = self.out_dim
         if isinstance(out_dim, (list, tuple)):
             out_dim = tuple(out_dim)
@@ -244,7 +258,8 @@ class ModelConfig:
         return {"image": thaw(self.image), "text": thaw(self.text),
                 "out_dim": list(self.out_dim) if isinstance(self.out_dim, tuple)
                 else self.out_dim,
-                "temperature_init": self.temperature_init, "bias_init": self.bias_init}
+                "temperature_init": self.temperature_init, "bias_init": self.bias_init,
+                "decoder": None if self.decoder is None else thaw(self.decoder)}
 
     @property
     def vocab_size(self) -> int:

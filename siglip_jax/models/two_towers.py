@@ -9,6 +9,10 @@ Logits are `exp(t') * zimg @ ztxt.T + b`. Params: img, txt, t (1,), b (1,) as in
 The image tower is picked by `image["kind"]`: "vit" (FixRes, default) takes images
 [B, H, W, 3]; "naflex" (SigLIP 2 NaFlex, models/naflex.py) takes a dict {"patches"
 [B, N, p·p·3], "mask" [B, N] (True = real patch), "spatial_shapes" [B, 2] (h, w)}.
+
+`decoder` (a dict, models/decoder.py) adds the SigLIP 2 / LocCa caption decoder `dec`, used
+only by the training objective (objectives/decoder.py) through `Model.decode`; `model.init`
+creates its params by running it once on a dummy sequence.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 from siglip_jax.models import variants
 from siglip_jax.models.common import l2_normalize
+from siglip_jax.models.decoder import make_decoder
 from siglip_jax.models.naflex import NaFlexViT
 from siglip_jax.models.text import TextTransformer
 from siglip_jax.models.vit import ViT
@@ -63,10 +68,14 @@ class Model(nn.Module):
     out_dim: int | tuple[int | None, int | None] = 128
     temperature_init: float = 10.0
     bias_init: float | None = -10.0
+    decoder: Mapping[str, Any] | None = None
 
     def setup(self) -> None:
         """Validates both tower configs up front (unknown keys raise here)."""
         self.img, self.txt = towers(self)
+        if self.decoder is not None:
+            text_kw = variants.text_kwargs(self.text)
+            self.dec = make_decoder(self.decoder, text_kw, self.txt.vocab_size)
         t_init = float(np.log(self.temperature_init))
         self.t = self.param("t", lambda _, s, d: jnp.full(s, t_init, d), (1,), jnp.float32)
         if self.bias_init is not None:
@@ -95,4 +104,24 @@ class Model(nn.Module):
         out["t"] = jnp.exp(self.t[0])
         if self.bias_init is not None:
             out["b"] = self.b[0]
+        if self.decoder is not None and self.is_initializing():  # Creates the dec/ params.
+            self.dec(jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 1, self.img.width)),
+                     parallel=False)
         return zimg_bxd, ztxt_bxd, out
+
+    def decode(
+        self,
+        image_tokens: jax.Array,
+        dec_tokens: jax.Array,
+        *,
+        parallel: bool | jax.Array,
+        train: bool = False,
+        image_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Decoder logits [B, L, V] (float32) of ids [B, L] given un-pooled image tokens
+        [B, N, W] (out["img/encoded"]); `parallel` (bool or bool [B]) picks full instead of
+        causal self-attention; `image_mask` [B, N] (True = real patch) hides NaFlex padding."""
+        if self.decoder is None:
+            raise ValueError("Model.decode needs a decoder: set config.model.decoder")
+        return self.dec(dec_tokens, image_tokens, parallel=parallel, image_mask=image_mask,
+                        train=train)

@@ -1,0 +1,256 @@
+"""The LocCa caption decoder (SigLIP 2): a transformer decoder over the un-pooled image tokens.
+
+`Decoder(...)(tokens_bxl, image_bxnxw, parallel=..., image_mask=None, train=False)` returns
+float32 logits [B, L, V] over the decoder vocabulary (`data/locca.DecoderVocab`: text ids,
+location bins, task tokens, the mask id). Layout (params under the two-towers `dec/`):
+
+  `embed`          token embedding [V, D]
+  `pos_embedding`  learned position embedding [1, max_len, D] (sliced to L)
+  `img_proj`       Dense image width -> D, only when the image tower's width differs from D
+  `decoderblock_{i}` (or `decoderblock` stacked over depth when scanned), pre-LN:
+                   x + SelfAttn(LN(x)); x + CrossAttn(LN(x), image); x + MLP(LN(x))
+  `decoder_norm`   final LayerNorm
+  `head`           Dense D -> V (zero-initialised kernel, as big_vision CapPa's logits layer)
+
+Self-attention is causal for autoregressive examples and full for parallel (CapPa) ones;
+`parallel` is a python bool or a bool array [B] (mixed batches). Cross-attention keys are
+the image tokens, with an optional key mask [B, N] (True = real patch; NaFlex padding).
+`decoder_kwargs` resolves the `model.decoder` config dict; unset keys follow the text tower
+(width, mlp_dim, heads, dtype, scan, remat) with half its depth (SigLIP 2 §2.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from siglip_jax.models.common import (
+    LN_EPS,
+    REMAT_NONE,
+    MlpBlock,
+    _remat_policy,
+    constrain_batch,
+    key_mask,
+    remat_policy_names,
+)
+
+Dtype = Any
+
+DECODER_KEYS = ("width", "depth", "mlp_dim", "num_heads", "num_bins", "max_len", "dropout",
+                "dtype", "scan", "remat_policy")
+DEFAULT_NUM_BINS = 100  # data/locca.DecoderVocab's default.
+DEFAULT_MAX_LEN = 64  # SigLIP 2's text length.
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN decoder block: self-attention, cross-attention to the image, MLP. -> (x, None)."""
+
+    mlp_dim: int | None = None
+    num_heads: int = 8
+    dropout: float = 0.0
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bxlxd: jax.Array, image_bxnxd: jax.Array,
+                 self_mask: jax.Array | None, image_mask_bxn: jax.Array | None,
+                 deterministic: bool = True) -> tuple[jax.Array, None]:
+        """One block; `self_mask` [B|1, 1, L, L] (True = may attend), image key mask [B, N]."""
+        attn = dict(num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
+                    dtype=self.dtype, param_dtype=self.param_dtype, deterministic=True)
+        x_bxlxd = constrain_batch(x_bxlxd)
+        y = nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype, name="ln_self")(x_bxlxd)
+        y = nn.MultiHeadDotProductAttention(**attn, name="self_attn")(y, y, mask=self_mask)
+        y = nn.Dropout(rate=self.dropout)(y, deterministic)
+        x_bxlxd = constrain_batch(x_bxlxd + y)
+
+        y = nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype, name="ln_cross")(x_bxlxd)
+        y = nn.MultiHeadDotProductAttention(**attn, name="cross_attn")(
+            y, image_bxnxd, mask=key_mask(image_mask_bxn))
+        y = nn.Dropout(rate=self.dropout)(y, deterministic)
+        x_bxlxd = constrain_batch(x_bxlxd + y)
+
+        y = nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype, name="ln_mlp")(x_bxlxd)
+        y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="mlp")(y, deterministic)
+        y = nn.Dropout(rate=self.dropout)(y, deterministic)
+        return constrain_batch(x_bxlxd + y), None
+
+
+def self_attention_mask(length: int, parallel: bool | jax.Array) -> jax.Array | None:
+    """[B|1, 1, L, L] bool (True = may attend): causal, or full where `parallel` is True."""
+    if isinstance(parallel, (bool, np.bool_)):
+        return None if parallel else nn.make_causal_mask(jnp.zeros((1, length))).astype(bool)
+    causal_lxl = jnp.tril(jnp.ones((length, length), bool))
+    parallel_b = jnp.asarray(parallel, bool).reshape(-1)
+    return causal_lxl[None, None] | parallel_b[:, None, None, None]
+
+
+class Decoder(nn.Module):
+    """Transformer decoder with cross-attention to image tokens (see the module docstring)."""
+
+    vocab_size: int
+    width: int = 512
+    depth: int = 6
+    mlp_dim: int | None = None
+    num_heads: int = 8
+    max_len: int = DEFAULT_MAX_LEN
+    dropout: float = 0.0
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat_policy: str = REMAT_NONE
+
+    @nn.compact
+    def __call__(self, tokens_bxl: jax.Array, image_bxnxw: jax.Array, *,
+                 parallel: bool | jax.Array, image_mask: jax.Array | None = None,
+                 train: bool = False) -> jax.Array:
+        """Logits [B, L, vocab_size] (float32) of decoder ids [B, L] given image tokens."""
+        _, length = tokens_bxl.shape
+        if length > self.max_len:
+            raise ValueError(f"decoder input has length {length} > model.decoder.max_len "
+                             f"{self.max_len}")
+        x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                     embedding_init=nn.initializers.normal(stddev=1.0), name="embed")(
+                         jnp.asarray(tokens_bxl, jnp.int32))
+        pe = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(self.width)),
+                        (1, self.max_len, self.width), self.param_dtype)
+        x = constrain_batch(x + pe[:, :length].astype(x.dtype))
+        x = nn.Dropout(rate=self.dropout)(x, not train)
+
+        image = jnp.asarray(image_bxnxw, self.dtype or jnp.float32)
+        if image.shape[-1] != self.width:
+            image = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="img_proj")(image)
+        image = constrain_batch(image)
+        self_mask = self_attention_mask(length, parallel)
+
+        block_cls = DecoderBlock
+        if self.remat_policy != REMAT_NONE:
+            block_cls = nn.remat(DecoderBlock, prevent_cse=not self.scan, static_argnums=(5,),
+                                 policy=_remat_policy(self.remat_policy))
+        block_kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+                        dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.scan:
+            scanned = nn.scan(block_cls, variable_axes={"params": 0},
+                              split_rngs={"params": True, "dropout": True},
+                              in_axes=nn.broadcast, length=self.depth)
+            x, _ = scanned(name="decoderblock", **block_kw)(x, image, self_mask, image_mask,
+                                                            not train)
+        else:
+            for i in range(self.depth):
+                x, _ = block_cls(name=f"decoderblock_{i}", **block_kw)(
+                    x, image, self_mask, image_mask, not train)
+        x = nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype, name="decoder_norm")(x)
+        logits = nn.Dense(self.vocab_size, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="head")(x)
+        return constrain_batch(logits.astype(jnp.float32))
+
+
+def _positive_int(cfg: Mapping[str, Any], key: str, minimum: int = 1) -> int:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"model.decoder.{key} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def decoder_kwargs(cfg: Mapping[str, Any], text: Mapping[str, Any]) -> dict[str, Any]:
+    """`model.decoder` dict -> `Decoder` keyword arguments (minus vocab_size) + `num_bins`.
+
+    `text` holds the resolved text-tower kwargs (models/variants.text_kwargs): unset keys take
+    the text tower's width, mlp_dim, num_heads, dtype, scan and remat_policy, and half its
+    depth (at least 1). Raises a one-line ValueError naming the bad key.
+    """
+    from siglip_jax.models.text import TextTransformer
+
+    items = {k: cfg[k] for k in cfg.keys() if cfg[k] is not None}
+    unknown = sorted(set(items) - set(DECODER_KEYS))
+    if unknown:
+        raise ValueError(f"unknown model.decoder key(s) {unknown}; valid keys: "
+                         f"{list(DECODER_KEYS)}")
+    txt = {f: text.get(f, getattr(TextTransformer, f)) for f in
+           ("width", "depth", "mlp_dim", "num_heads", "dtype", "scan", "remat_policy")}
+    kw: dict[str, Any] = {
+        "width": txt["width"],
+        "depth": max(1, int(txt["depth"]) // 2),
+        "mlp_dim": txt["mlp_dim"] or 4 * int(txt["width"]),
+        "num_heads": txt["num_heads"],
+        "num_bins": DEFAULT_NUM_BINS,
+        "max_len": DEFAULT_MAX_LEN,
+        "dropout": 0.0,
+        "dtype": txt["dtype"],
+        "scan": bool(txt["scan"]),
+        "remat_policy": txt["remat_policy"],
+    }
+    if "width" in items and "mlp_dim" not in items:
+        items["mlp_dim"] = 4 * items["width"] if isinstance(items["width"], int) else None
+    kw.update(items)
+    for key, minimum in (("width", 1), ("depth", 1), ("mlp_dim", 1), ("num_heads", 1),
+                         ("num_bins", 2), ("max_len", 2)):
+        kw[key] = _positive_int(kw, key, minimum)
+    if kw["width"] % kw["num_heads"]:
+        raise ValueError(f"model.decoder.width {kw['width']} is not divisible by num_heads "
+                         f"{kw['num_heads']}")
+    dropout = kw["dropout"]
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
+            0.0 <= dropout < 1.0):
+        raise ValueError(f"model.decoder.dropout must be a number in [0, 1), got {dropout!r}")
+    kw["dropout"] = float(dropout)
+    if not isinstance(kw["scan"], (bool, np.bool_)):
+        raise ValueError(f"model.decoder.scan must be a bool, got {kw['scan']!r}")
+    if kw["remat_policy"] not in remat_policy_names():
+        raise ValueError(f"model.decoder.remat_policy {kw['remat_policy']!r} is not one of "
+                         f"{remat_policy_names()}")
+    if kw["dtype"] is not None:
+        try:
+            kw["dtype"] = jnp.dtype(kw["dtype"])
+        except TypeError:
+            raise ValueError(f"model.decoder.dtype {kw['dtype']!r} is not a dtype") from None
+    return kw
+
+
+def make_decoder(cfg: Mapping[str, Any], text: Mapping[str, Any], text_vocab: int,
+                 **module_kw: Any) -> Decoder:
+    """The Decoder of a `model.decoder` dict; its vocabulary is DecoderVocab(text_vocab,
+    num_bins) (text ids, location bins, task tokens, mask id)."""
+    from siglip_jax.data.locca import DecoderVocab
+
+    kw = decoder_kwargs(cfg, text)
+    vocab = DecoderVocab(int(text_vocab), kw.pop("num_bins"))
+    return Decoder(vocab_size=vocab.size, **kw, **module_kw)
+
+
+def vocab_of(cfg: Mapping[str, Any], text_vocab: int) -> Any:
+    """The DecoderVocab of a `model.decoder` dict and the text tower's vocabulary size."""
+    from siglip_jax.data.locca import DecoderVocab
+
+    bins = cfg.get("num_bins") if hasattr(cfg, "get") else None
+    return DecoderVocab(int(text_vocab), int(bins if bins is not None else DEFAULT_NUM_BINS))
+
+
+def training_inputs(tokens_bxl: jax.Array, target_mask_bxl: jax.Array, parallel_b: jax.Array,
+                    mask_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(inputs [B, L], targets [B, L], weights [B, L]) of one decoder forward pass of length L.
+
+    Autoregressive rows: input = tokens (position i sees tokens <= i, causal), target at i =
+    tokens[i + 1] with weight target_mask[i + 1] (0 at the last position): the same loss as
+    feeding tokens[:, :-1] and predicting tokens[:, 1:]. Parallel rows (CapPa): input = tokens
+    with the target positions and the padding after them (id 0) replaced by `mask_id` (so the
+    input does not reveal the target length), target at i = tokens[i], weight target_mask[i].
+    """
+    tokens_bxl = jnp.asarray(tokens_bxl, jnp.int32)
+    mask_bxl = jnp.asarray(target_mask_bxl, jnp.float32)
+    par_bx1 = jnp.asarray(parallel_b, bool).reshape(-1, 1)
+    next_bxl = jnp.pad(tokens_bxl[:, 1:], ((0, 0), (0, 1)))
+    next_mask_bxl = jnp.pad(mask_bxl[:, 1:], ((0, 0), (0, 1)))
+    hidden_bxl = (mask_bxl > 0) | (tokens_bxl == 0)
+    masked_bxl = jnp.where(hidden_bxl, jnp.int32(mask_id), tokens_bxl)
+    inputs = jnp.where(par_bx1, masked_bxl, tokens_bxl)
+    targets = jnp.where(par_bx1, tokens_bxl, next_bxl)
+    weights = jnp.where(par_bx1, mask_bxl, next_mask_bxl)
+    return inputs, targets, weights

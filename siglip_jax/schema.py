@@ -427,6 +427,10 @@ class OptimConfig:
 EVAL_TYPE_KEYS = {  # type -> its own keys with their defaults.
     "zeroshot": {"class_names": None, "templates": None, "canonicalize": True},
     "retrieval": {"max_captions": 0},
+    # LocCa decoder tasks (evaluators/decoder_tasks.py).
+    "captioning": {"parallel": False},
+    "referring": {"parallel": False, "constrain_boxes": True},
+    "grounded_captioning": {"parallel": False},
 }
 
 
@@ -462,6 +466,10 @@ class EvalConfig:
         options = {k: raw.get(k, default) for k, default in own.items()}
         if kind == "retrieval":
             options["max_captions"] = _int(options["max_captions"], f"{where}.max_captions", 0)
+        for key in ("parallel", "constrain_boxes"):
+            if key in options and not isinstance(options[key], bool):
+                raise ConfigError(f"config key {where}.{key} expects true or false, got "
+                                  f"{options[key]!r}")
         return cls(name, kind, data, str(raw["pp"]),
                    _int(raw.get("every_n_steps", 0), f"{where}.every_n_steps", 0),
                    _int(raw.get("batch_size", 256), f"{where}.batch_size", 1), _frozen(options))

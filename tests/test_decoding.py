@@ -41,7 +41,7 @@ def tiny():
     params["dec"]["head"]["bias"][EOS] += 1.0
     tokens, mask = jax.jit(functools.partial(decoding.image_tokens, model))(params, images)
     assert mask is None
-    return model, params, images, tokens
+    return model, params, images, tokens, _decoder(model, False)
 
 
 def _decoder(model, parallel):
@@ -50,10 +50,9 @@ def _decoder(model, parallel):
         {"params": params}, image, ids, parallel=parallel, method="decode"))
 
 
-def reference_greedy(model, params, tokens_nxw, prompt, *, box=False, run=None):
-    """One row: append the argmax of the LAST position of a fresh decoder run on exactly the
-    ids so far, until eos or length L; box rows take 4 location ids then eos."""
-    run = run or _decoder(model, False)
+def reference_greedy(run, params, tokens_nxw, prompt, *, box=False):
+    """One row: append the argmax of the LAST position of a fresh decoder run (`run`, causal)
+    on exactly the ids so far, until eos or length L; box rows take 4 location ids then eos."""
     seq = list(prompt)
     while len(seq) < L and (len(seq) == len(prompt) or seq[-1] != EOS):
         logits = run(params, tokens_nxw[None], jnp.array([seq]))[0, -1]
@@ -83,12 +82,11 @@ def padded(prompts):
 
 
 def test_greedy_equals_step_by_step_reference(tiny):
-    model, params, images, tokens = tiny
+    model, params, images, tokens, run = tiny
     prompt, plen = padded(PROMPTS)
     fn = jax.jit(functools.partial(decoding.decode_images, model, vocab=VOCAB))
     got = np.asarray(fn(params, images, prompt, plen))
-    run = _decoder(model, False)
-    want = np.array([reference_greedy(model, params, tokens[i], p, run=run)
+    want = np.array([reference_greedy(run, params, tokens[i], p)
                      for i, p in enumerate(PROMPTS)])
     np.testing.assert_array_equal(got, want)
     # The fixture exercises both endings: some rows stop at eos, some fill all L positions.
@@ -97,22 +95,23 @@ def test_greedy_equals_step_by_step_reference(tiny):
 
 
 def test_box_rows_get_four_location_ids_then_eos(tiny):
-    model, params, images, tokens = tiny
+    model, params, images, tokens, run = tiny
     prompt, plen = padded(PROMPTS)
     box = np.array([p[0] == VOCAB.task_id("aref") for p in PROMPTS])
     fn = jax.jit(functools.partial(decoding.decode_images, model, vocab=VOCAB))
     got = np.asarray(fn(params, images, prompt, plen, box_rows_b=box))
-    run = _decoder(model, False)
+    free = np.asarray(fn(params, images, prompt, plen))
+    np.testing.assert_array_equal(got[~box], free[~box])  # Other rows are unconstrained.
     for i, p in enumerate(PROMPTS):
-        want = reference_greedy(model, params, tokens[i], p, box=bool(box[i]), run=run)
-        np.testing.assert_array_equal(got[i], want)
         if box[i]:
+            want = reference_greedy(run, params, tokens[i], p, box=True)
+            np.testing.assert_array_equal(got[i], want)
             answer = got[i, len(p):len(p) + 5]
             assert VOCAB.is_location(answer[:4]).all() and answer[4] == EOS
 
 
 def test_parallel_decode_is_argmax_of_one_masked_pass(tiny):
-    model, params, images, tokens = tiny
+    model, params, images, tokens, _ = tiny
     prompt, plen = padded(PROMPTS)
     fn = jax.jit(functools.partial(decoding.decode_images, model, vocab=VOCAB, parallel=True))
     got = np.asarray(fn(params, images, prompt, plen))

@@ -182,7 +182,8 @@ def load_model_init(run: RunConfig, abstract_params: Mapping[str, Any]) -> dict[
     Each checkpoint is opened with `open_model` (ours, big_vision .npz or HF directory),
     converted to the model's block layout (scanned or not) and dtypes, and the image position
     embedding is resampled if the resolution differs; names and shapes must otherwise match.
-    `full` loads every part the model has (img, txt, t, b).
+    `full` loads every part the model has (img, txt, t, b; the decoder `dec` only if the
+    checkpoint holds one, else it keeps its random init).
     """
     from siglip_jax.checkpoints import big_vision, loader
     from siglip_jax.checkpoints.hf import HFCheckpointError
@@ -196,6 +197,8 @@ def load_model_init(run: RunConfig, abstract_params: Mapping[str, Any]) -> dict[
                 HFCheckpointError) as e:
             raise ConfigError(f"model_init.{part}: {e}") from None
         names = sorted(abstract_params) if part == "full" else [part]
+        if part == "full" and "dec" not in params:  # A SigLIP checkpoint: fresh decoder.
+            names = [name for name in names if name != "dec"]
         missing = [name for name in names if name not in params]
         if missing:
             raise ConfigError(f"model_init.{part}: checkpoint {path!r} has no {missing[0]!r} "

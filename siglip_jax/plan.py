@@ -178,6 +178,67 @@ def forward_flops(t: Tower) -> float:
     return float(flops)
 
 
+@dataclasses.dataclass(frozen=True)
+class DecoderShape:
+    """The LocCa caption decoder's shape (models/decoder.py) for the estimates."""
+
+    tokens: int  # max_len L
+    image_tokens: int  # N, cross-attention keys
+    image_width: int
+    width: int
+    depth: int
+    mlp_dim: int
+    heads: int
+    vocab_size: int
+    act_bytes: int
+    remat: str
+
+
+def decoder_shape(model: Any, image_tokens: int) -> DecoderShape | None:
+    """The decoder of a two-towers model (None without one), at `image_tokens` keys."""
+    import jax.numpy as jnp
+
+    from siglip_jax.models.decoder import make_decoder
+    from siglip_jax.models.two_towers import towers
+    from siglip_jax.models.variants import text_kwargs
+
+    if model.decoder is None:
+        return None
+    vit, txt = towers(model)
+    dec = make_decoder(model.decoder, text_kwargs(model.text), txt.vocab_size)
+    return DecoderShape(dec.max_len, image_tokens, vit.width, dec.width, dec.depth,
+                        dec.mlp_dim or 4 * dec.width, dec.num_heads, dec.vocab_size,
+                        jnp.dtype(dec.dtype or jnp.float32).itemsize, dec.remat_policy)
+
+
+def decoder_forward_flops(d: DecoderShape) -> float:
+    """Matmul FLOPs of one example through the decoder: per block self-attention over L
+    tokens, cross-attention to N image tokens, MLP; the image projection and output layer."""
+    n, k, w, m = d.tokens, d.image_tokens, d.width, d.mlp_dim
+    self_attn = 2 * n * 4 * w * w + 2 * 2 * n * n * w
+    cross = 2 * n * 2 * w * w + 2 * k * 2 * d.image_width * w + 2 * 2 * n * k * w
+    per_block = self_attn + cross + 2 * 2 * n * w * m
+    proj = 2 * k * d.image_width * w if d.image_width != w else 0
+    return float(d.depth * per_block + proj + 2 * n * w * d.vocab_size)
+
+
+def decoder_activation_bytes(d: DecoderShape, batch: int) -> int:
+    """Bytes the decoder keeps for its backward pass for `batch` examples: per block (as a
+    tower block of L tokens, plus cross-attention q/out, k/v of N image tokens and the
+    [heads, L, N] logits and probabilities), the projected image tokens, and the float32
+    logits, log-probabilities and their gradient [L, V]."""
+    a, n, k, w = d.act_bytes, d.tokens, d.image_tokens, d.width
+    block = _block_bytes(Tower("dec", n, w, d.depth, d.mlp_dim, d.heads, a, d.remat, "none",
+                               None))
+    block += n * w * (2 * a + 2 * 4) + 2 * k * w * a + 2 * d.heads * n * k * a
+    embed = n * w * a
+    if d.remat == "nothing_saveable":
+        kept = d.depth * embed + 2 * block
+    else:
+        kept = d.depth * block
+    return batch * (kept + embed + k * w * a + 3 * 4 * n * d.vocab_size)
+
+
 def _block_bytes(t: Tower) -> int:
     """Bytes one block keeps for its backward pass, per example (no remat).
 
@@ -242,6 +303,7 @@ class Plan:
     dataset_size: int | None = None
     mfu: float = 0.4
     towers: tuple[Tower, ...] = ()
+    decoder: DecoderShape | None = None
     frozen: tuple[str, ...] = ()
     errors: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -410,6 +472,7 @@ def _step_parts(run: RunConfig, plan: Plan) -> Any:
         parts = build_step(run, mesh, shapes)
         plan.towers = towers_from_model(parts.model, plan.image_tokens or plan.image_hw,
                                         plan.text_len)
+        plan.decoder = decoder_shape(parts.model, plan.towers[0].tokens)
     except ShardingError as e:
         plan.errors.append(f"sharding_rules: {e}")
         return None
@@ -420,10 +483,11 @@ def _step_parts(run: RunConfig, plan: Plan) -> Any:
         plan.errors.append(f"config.model: {e}")
         return None
     params = parts.abstract_state["params"]
-    for name in ("img", "txt"):
+    for name in ("img", "txt", "dec"):
         plan.params[name] = _count(params.get(name, {}))
     plan.params["total"] = _count(params)
-    plan.params["other"] = plan.params["total"] - plan.params["img"] - plan.params["txt"]
+    plan.params["other"] = plan.params["total"] - sum(plan.params[n] for n in ("img", "txt",
+                                                                              "dec"))
     _note_unsharded(params, parts.shardings["params"], run.mesh.rules, plan)
     plan.errors.extend(frozen_group_problems(run.optim, params, run.model_init.parts()))
     paths = tree_paths(params)
@@ -455,6 +519,8 @@ def _memory(run: RunConfig, plan: Plan, parts: Any) -> None:
         k, w = activation_bytes(tower, micro, trained=tower.name not in plan.frozen)
         kept, working = kept + k, max(working, w)
     plan.bytes["activations"] = kept + working
+    if plan.decoder is not None:
+        plan.bytes["decoder activations"] = decoder_activation_bytes(plan.decoder, micro)
     plan.bytes["loss"] = loss_bytes(micro, plan.global_batch // plan.accum, _embed_dim(plan),
                                     run.loss.impl)
     plan.bytes["input batch"] = int(plan.per_device_batch) * plan.example_bytes  # All micros.
@@ -492,6 +558,10 @@ def _flops(plan: Plan) -> None:
         model_flops += fwd * (3 if trained else 1)
         if trained and tower.remat != "none":
             remat_flops += fwd
+    if plan.decoder is not None:  # Always trained (its own or the default group).
+        fwd = decoder_forward_flops(plan.decoder) * plan.global_batch
+        model_flops += 3 * fwd
+        remat_flops += fwd if plan.decoder.remat != "none" else 0.0
     loss_fwd = 2.0 * plan.global_batch * (plan.global_batch / plan.accum) * _embed_dim(plan)
     plan.flops = {"model": model_flops + 3 * loss_fwd, "remat recompute": remat_flops}
 
@@ -555,7 +625,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  mesh          {mesh}; batch split over {', '.join(plan.batch_axes)}")
     if plan.params:
         p = plan.params
-        lines.append(f"  parameters    img {_m(p['img'])} | txt {_m(p['txt'])} | "
+        dec = f"dec {_m(p['dec'])} | " if p.get("dec") else ""
+        lines.append(f"  parameters    img {_m(p['img'])} | txt {_m(p['txt'])} | {dec}"
                      f"t, b {p['other']} | total {_m(p['total'])}"
                      + (f"  (frozen: {', '.join(plan.frozen)})" if plan.frozen else ""))
     for tower in plan.towers:

@@ -526,6 +526,9 @@ class RunConfig:
              on_nonfinite=_choice(self.on_nonfinite, "on_nonfinite", ON_NONFINITE),
              peak_flops=None if not self.peak_flops else _float(self.peak_flops, "peak_flops", 0),
              tensorboard=bool(self.tensorboard))
+        if "decoder" in self.loss.objectives and self.model.decoder is None:
+            raise ConfigError("config.loss.decoder needs config.model.decoder (the decoder's "
+                              "shape, e.g. dict(max_len=64))")
 
     def check_batch(self, batch_shards: int, processes: int, detail: str = "") -> None:
         """The global batch must split over the batch shards × accumulation steps and over

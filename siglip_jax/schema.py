@@ -430,6 +430,10 @@ EVAL_TYPE_KEYS = {  # type -> its own keys with their defaults.
     "dense_probe": {"label_set": "class", "num_classes": 0, "ignore_label": None,
                     "segmentation_key": "segmentation", "train_fraction": 0.5,
                     "train_data": None, "ridge": 1e-3},  # evaluators/dense_probe.OPTIONS
+    # LocCa decoder tasks (evaluators/decoder_tasks.py).
+    "captioning": {"parallel": False},
+    "referring": {"parallel": False, "constrain_boxes": True},
+    "grounded_captioning": {"parallel": False},
 }
 
 
@@ -469,6 +473,10 @@ class EvalConfig:
             from siglip_jax.evaluators.dense_probe import check_options
 
             options = check_options(options, where)
+        for key in ("parallel", "constrain_boxes"):
+            if key in options and not isinstance(options[key], bool):
+                raise ConfigError(f"config key {where}.{key} expects true or false, got "
+                                  f"{options[key]!r}")
         return cls(name, kind, data, str(raw["pp"]),
                    _int(raw.get("every_n_steps", 0), f"{where}.every_n_steps", 0),
                    _int(raw.get("batch_size", 256), f"{where}.batch_size", 1), _frozen(options))

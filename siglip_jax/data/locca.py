@@ -8,12 +8,23 @@ Its ids are laid out as
     then one id per task in TASKS           the task prompt at position 0 of every sequence
     then mask_id                            the input at positions predicted in parallel
 
-so the decoder's embedding and output layer have `size` rows.
+so the decoder's embedding and output layer have `size` rows. Text id 0 pads a sequence and
+`eos_id` (the tokenizer's EOS, 1 in the T5 and Gemma layouts) ends it.
+
+Boxes are (ymin, xmin, ymax, xmax) in [0, 1] (the TFDS detection convention). Each
+coordinate c becomes bin `min(floor(c * num_bins), num_bins - 1)` (c clipped to [0, 1]) and
+location id `loc_start + bin`; a location id maps back to the bin centre
+`(bin + 0.5) / num_bins`, so a round trip moves a coordinate by at most half a bin,
+`0.5 / num_bins`. `box_to_tokens` / `tokens_to_box` are the numpy versions,
+`tf_box_to_tokens` the one for pp ops.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
+
+import numpy as np
 
 TASKS: tuple[str, ...] = ("cap", "aref", "gcap")  # captioning, referring, grounded captioning
 
@@ -24,11 +35,20 @@ class DecoderVocab:
 
     text_vocab: int
     num_bins: int = 100
+    eos_id: int = 1
 
     def __post_init__(self) -> None:
         if self.text_vocab < 2 or self.num_bins < 2:
             raise ValueError(f"decoder vocabulary needs text_vocab >= 2 and num_bins >= 2, got "
                              f"text_vocab={self.text_vocab}, num_bins={self.num_bins}")
+        if not 0 < self.eos_id < self.text_vocab:
+            raise ValueError(f"decoder vocabulary: eos_id={self.eos_id} must be a text id in "
+                             f"[1, {self.text_vocab})")
+
+    @property
+    def pad_id(self) -> int:
+        """Id padding a sequence after its EOS (the text tokenizer's <pad>, 0)."""
+        return 0
 
     @property
     def loc_start(self) -> int:
@@ -46,7 +66,46 @@ class DecoderVocab:
         """Id fed at target positions predicted in parallel."""
         return self.text_vocab + self.num_bins + len(TASKS)
 
+    def is_location(self, ids: np.ndarray) -> np.ndarray:
+        """Boolean mask of the location ids in `ids` (numpy or jax arrays)."""
+        return (ids >= self.loc_start) & (ids < self.loc_start + self.num_bins)
+
     @property
     def size(self) -> int:
         """Number of ids (rows of the decoder's embedding and output layer)."""
         return self.mask_id + 1
+
+
+def coords_to_bins(coords: np.ndarray, num_bins: int) -> np.ndarray:
+    """Bin index (int32) of each coordinate in [0, 1] (values outside are clipped)."""
+    coords = np.clip(np.asarray(coords, np.float64), 0.0, 1.0)
+    return np.minimum(np.floor(coords * num_bins), num_bins - 1).astype(np.int32)
+
+
+def box_to_tokens(boxes: np.ndarray, vocab: DecoderVocab) -> np.ndarray:
+    """Location ids int32 [..., 4] of boxes [..., 4] (ymin, xmin, ymax, xmax) in [0, 1]."""
+    boxes = np.asarray(boxes)
+    if boxes.shape[-1:] != (4,):
+        raise ValueError(f"box_to_tokens: boxes must have a last axis of 4 (ymin, xmin, ymax, "
+                         f"xmax), got shape {boxes.shape}")
+    return (vocab.loc_start + coords_to_bins(boxes, vocab.num_bins)).astype(np.int32)
+
+
+def tokens_to_box(tokens: np.ndarray, vocab: DecoderVocab) -> np.ndarray:
+    """Boxes float32 [..., 4] (bin centres) of location ids [..., 4]; NaN where an id is not a
+    location id (e.g. a model that answered with a word)."""
+    tokens = np.asarray(tokens)
+    if tokens.shape[-1:] != (4,):
+        raise ValueError(f"tokens_to_box: tokens must have a last axis of 4, got shape "
+                         f"{tokens.shape}")
+    centres = (tokens.astype(np.float64) - vocab.loc_start + 0.5) / vocab.num_bins
+    return np.where(vocab.is_location(tokens), centres, np.nan).astype(np.float32)
+
+
+def tf_box_to_tokens(boxes: Any, vocab: DecoderVocab) -> Any:
+    """`box_to_tokens` as TF ops (for pp): float boxes [..., 4] -> int32 location ids."""
+    import tensorflow as tf  # Only pp needs TF; the model side imports this module too.
+
+    boxes = tf.clip_by_value(tf.cast(boxes, tf.float64), 0.0, 1.0)
+    bins = tf.minimum(tf.floor(boxes * vocab.num_bins), vocab.num_bins - 1)
+    return tf.cast(bins, tf.int32) + vocab.loc_start

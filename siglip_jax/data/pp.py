@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from siglip_jax.data import naflex
+from siglip_jax.data import naflex, pp_locca
 from siglip_jax.data.tokenizer import CONVENTIONS, Tokenizer
 
 SEED_KEY = "_seed"
@@ -480,6 +480,9 @@ def get_copy(ctx: OpContext, inkey: str, outkey: str) -> PPFn:
         return data
 
     return apply
+
+
+_register("locca_task")(pp_locca.get_locca_task)  # LocCa decoder sequences (pp_locca.py)
 
 
 # The registry is frozen here: a read-only copy; the builder and its decorator are deleted.

@@ -3,7 +3,8 @@ and the evaluation CLI. Every evaluator has `run(params) -> dict[str, float]` an
 `every_n_steps` attribute; the caller logs the results as `<name>/<metric>`.
 
 Keys shared by all types:
-  type           "zeroshot" | "retrieval" | "dense_probe"
+  type           "zeroshot" | "retrieval" | "dense_probe" | "captioning" | "referring" |
+                 "grounded_captioning"
   data           data source section (see data/builder.py); the source must know its size
   pp             preprocessing string (see data/pp.py)
   every_n_steps  run every N training steps (0: only at the end)
@@ -33,6 +34,14 @@ multiple of the patch) and the segmentation map [H, W] or [H, W, 1] of the same 
   train_fraction    the first fraction of `data` fits the probe, the rest tests it (0.5)
   train_data        a separate source section to fit on (then all of `data` tests)
   ridge             ridge strength relative to the mean feature variance (1e-3)
+`captioning` (exact_match, token_acc, num_examples), `referring` (acc@0.5, mean_iou,
+num_examples), `grounded_captioning` (exact_match, token_acc, num_examples): the LocCa
+decoder's tasks (evaluators/decoder_tasks.py); the model needs `model.decoder`. pp must
+produce "image", "dec_tokens" and "dec_target_mask" with the `locca_task` op and the one task
+("cap", "aref", "gcap"); `referring` also needs "dec_box" (`box_key="dec_box"`); captioning
+may give every caption as "dec_refs" (`refs_key="dec_refs"`):
+  parallel         one-shot parallel decoding instead of greedy (default False)
+  constrain_boxes  referring only: the 4 answer ids are location ids, then eos (default True)
 """
 
 from __future__ import annotations
@@ -50,6 +59,12 @@ from siglip_jax.data.builder import make_source
 from siglip_jax.data.pp import get_preprocess_fn
 from siglip_jax.evaluators import prompts
 from siglip_jax.evaluators.common import Embedder
+from siglip_jax.evaluators.decoder_tasks import (
+    TASK_OF,
+    DecoderTaskEvaluator,
+    make_decode_fn,
+    model_vocab,
+)
 from siglip_jax.evaluators.dense_probe import DenseProbeEvaluator
 from siglip_jax.evaluators.retrieval import CAPTION_MASK_KEY, RetrievalEvaluator
 from siglip_jax.evaluators.zeroshot import ZeroShotEvaluator
@@ -93,6 +108,9 @@ def build_evaluators(config: Any, *, model: Any, mesh: Any, param_shardings: Any
                                       "'imagenet'")
             evaluator = _zeroshot(spec, where, embedder, source, preprocess, batch_size,
                                   tokenizer, run.tokenizer, list(names), templates)
+        elif spec.type in TASK_OF:
+            evaluator = _decoder_task(spec, where, model, mesh, run.mesh.batch_axes,
+                                      param_shardings, source, preprocess, batch_size)
         else:
             evaluator = _retrieval(spec, where, embedder, source, preprocess, batch_size)
         evaluators[spec.name] = evaluator
@@ -246,3 +264,21 @@ def _retrieval(spec: EvalConfig, where: str, embedder: Embedder, source: Any,
     return RetrievalEvaluator(embedder=embedder, every_n_steps=spec.every_n_steps,
                               batches=_batches_fn(source, lambda ex: fix(preprocess(ex)),
                                                   batch_size))
+
+
+def _decoder_task(spec: EvalConfig, where: str, model: Any, mesh: Any,
+                  batch_axes: tuple[str, ...], param_shardings: Any, source: Any,
+                  preprocess: Callable, batch_size: int) -> DecoderTaskEvaluator:
+    if getattr(model, "decoder", None) is None:
+        raise ConfigError(f"{where}: type {spec.type!r} needs a model with a decoder "
+                          "(config.model.decoder)")
+    keys = ("image", "dec_tokens", "dec_target_mask") + (
+        ("dec_box",) if spec.type == "referring" else ())
+    pp_output_spec(source, preprocess, keys, where)
+    vocab = model_vocab(model)
+    decode = make_decode_fn(model, vocab, mesh, batch_axes, param_shardings,
+                            parallel=bool(spec.options["parallel"]),
+                            constrain_boxes=bool(spec.options.get("constrain_boxes", False)))
+    return DecoderTaskEvaluator(kind=spec.type, decode=decode, mesh=mesh, batch_axes=batch_axes,
+                                vocab=vocab, every_n_steps=spec.every_n_steps,
+                                batches=_batches_fn(source, preprocess, batch_size))

@@ -96,3 +96,17 @@ class Model(nn.Module):
         if self.bias_init is not None:
             out["b"] = self.b[0]
         return zimg_bxd, ztxt_bxd, out
+
+    def image_features(
+        self,
+        image: jax.Array,
+        *,
+        patch_mask: jax.Array | None = None,
+        mask_token: jax.Array | None = None,
+        train: bool = False,
+    ) -> tuple[jax.Array, jax.Array]:
+        """(pooled features [B, W] before `img/head`, tokens [B, N, W]) of the ViT image tower;
+        `patch_mask` [B, N] (True = masked) swaps those patch embeddings for `mask_token` [W].
+        Of the params only `img` is used (setup also looks up `t` and `b`)."""
+        _, img_out = self.img(image, train=train, patch_mask=patch_mask, mask_token=mask_token)
+        return img_out["pre_logits"], img_out["encoded"]

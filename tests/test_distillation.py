@@ -43,6 +43,13 @@ def _batch(seed=0, n=16):
             "local_views": rng.uniform(-1, 1, (n, 2, 8, 8, 3)).astype(np.float32)}
 
 
+@jax.jit
+def _init(rng):
+    """The tiny model's params (jitted: an eager init compiles op by op)."""
+    return Model(**MODEL).init(rng, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 6), jnp.int32))[
+        "params"]
+
+
 def _dense_loss(zimg, ztxt, t_prime, b):
     return losses.sigmoid_loss_dense(zimg, ztxt, t_prime, b)
 
@@ -95,6 +102,7 @@ def _ce_np(targets, student, temp):
     return float(np.mean(-(targets * logp).sum(-1)))
 
 
+@jax.jit
 def _noisy(tree, seed):
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
@@ -136,9 +144,7 @@ def test_sinkhorn_and_cross_entropy_match_numpy():
 def test_distillation_loss_matches_numpy(centering):
     model = Model(**MODEL)
     sd = _objectives(centering=centering)[0]
-    rng = jax.random.key(0)
-    params = {**model.init(rng, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 6), jnp.int32))[
-        "params"], **sd.init_params(jax.random.key(1))}
+    params = {**_init(jax.random.key(0)), **jax.jit(sd.init_params)(jax.random.key(1))}
     teacher = _noisy({k: params[k] for k in sd.teacher_parts}, 2)
     batch = _batch(n=3)
     got = jax.jit(lambda *a: sd.loss(model, *a))(params, teacher, batch["image"],
@@ -160,9 +166,7 @@ def test_distillation_loss_matches_numpy(centering):
 def test_masked_prediction_loss_matches_numpy():
     model = Model(**MODEL)
     mp = _objectives()[1]
-    params = {**model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
-                           jnp.zeros((1, 6), jnp.int32))["params"],
-              **mp.init_params(jax.random.key(1))}
+    params = {**_init(jax.random.key(0)), **jax.jit(mp.init_params)(jax.random.key(1))}
     teacher = _noisy({k: params[k] for k in mp.teacher_parts}, 3)
     image = _batch(n=3)["image"]
     mask, ids = masked.random_mask(jax.random.key(4), 3, 4, 0.5)
@@ -185,8 +189,7 @@ def test_masked_prediction_loss_matches_numpy():
 
 def test_patch_mask_replaces_patch_embeddings_before_the_position_embedding():
     model = Model(**MODEL)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
-                        jnp.zeros((1, 6), jnp.int32))["params"]
+    params = _init(jax.random.key(0))
     patch = np.random.default_rng(0).uniform(-1, 1, (8, 8, 3)).astype(np.float32)
     image = np.tile(patch, (2, 2, 1))[None]  # Four identical patches.
     kernel = np.asarray(params["img"]["embedding"]["kernel"])  # [8, 8, 3, W]
@@ -207,8 +210,8 @@ def test_patch_mask_replaces_patch_embeddings_before_the_position_embedding():
 
 def test_position_grid_is_resized_bilinearly_for_another_image_size():
     model = Model(**{**MODEL, "image": dict(MODEL["image"], patch_size=4)})
-    params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)),  # 2x2 position grid
-                        jnp.zeros((1, 6), jnp.int32))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)),  # 2x2 grid
+                                 jnp.zeros((1, 6), jnp.int32))["params"]
     grid = np.asarray(params["img"]["pos_embedding"]).reshape(2, 2, -1)
     # Bilinear with half-pixel centres, edges clamped: 2 -> 4 samples at (i + .5)/2 - .5.
     coords = np.clip((np.arange(4) + 0.5) / 2 - 0.5, 0, 1)
@@ -223,9 +226,20 @@ def test_position_grid_is_resized_bilinearly_for_another_image_size():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_teacher_is_outside_the_optimizer_and_follows_by_ema_after_switch_on():
+@pytest.fixture(scope="module")
+def adam_run():
+    """(objectives on from step 2 with EMA 0.9, the setup with Adam, the jitted step): one
+    compile shared by the teacher and resume tests."""
     objs = _objectives(start=2, ema=0.9)
-    mesh, model, tx, lr_fn, _, state, _ = _setup(objs, optim="adam")
+    setup = _setup(objs, optim="adam")
+    _, model, tx, lr_fn, *_ = setup
+    step = jax.jit(make_train_step(model, tx, _dense_loss, lr_fn, objectives=objs, seed=3))
+    return objs, setup, step
+
+
+def test_teacher_is_outside_the_optimizer_and_follows_by_ema_after_switch_on(adam_run):
+    objs, (mesh, model, tx, lr_fn, _, state, _), step = adam_run
+    state = jax.tree_util.tree_map(jnp.copy, state)
     assert sorted(state["teacher"]) == ["distill_head", "img", "masked_head"]
     for path, _ in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]:
         assert "teacher" not in path_str(path)
@@ -236,7 +250,6 @@ def test_teacher_is_outside_the_optimizer_and_follows_by_ema_after_switch_on():
         jax.tree_util.tree_map(np.testing.assert_array_equal, state["teacher"][part],
                                state["params"][part])
 
-    step = jax.jit(make_train_step(model, tx, _dense_loss, lr_fn, objectives=objs))
     heads = ("distill_head", "masked_head", "mask_token")
     for i in range(3):
         before = jax.device_get(state)
@@ -266,25 +279,24 @@ def test_teacher_is_outside_the_optimizer_and_follows_by_ema_after_switch_on():
                 after["teacher"][part], before["teacher"][part], after["params"][part])
 
 
-def test_resume_with_the_teacher_is_bit_exact(tmp_path):
+def test_resume_with_the_teacher_is_bit_exact(tmp_path, adam_run):
     from siglip_jax.checkpoints.orbax_io import Checkpointer
 
-    objs = _objectives(start=0, ema=0.9)
-    mesh, model, tx, lr_fn, rules, state, shardings = _setup(objs, optim="adam")
-    step = jax.jit(make_train_step(model, tx, _dense_loss, lr_fn, objectives=objs, seed=3))
-    state, _ = step(state, _batch(0))
+    objs, (mesh, model, tx, lr_fn, rules, state, _), step = adam_run
+    for i in range(3):  # Past switch-on (step 2): the teacher is an EMA, not a copy.
+        state, _ = step(state, _batch(i))
     with Checkpointer(str(tmp_path), every_n_steps=1, use_async=False) as ckpt:
-        ckpt.maybe_save(1, state, force=True)
+        ckpt.maybe_save(3, state, force=True)
     saved = jax.device_get(state)
-    uninterrupted, _ = step(state, _batch(1))
+    uninterrupted, _ = step(state, _batch(3))
 
     abstract, _ = state_shardings(abstract_params(model, SHAPES, objs), tx, mesh, rules,
                                   selfsup.teacher_spec(objs).parts)
     with Checkpointer(str(tmp_path), every_n_steps=1, use_async=False) as ckpt:
-        restored = ckpt.restore(abstract, 1)
+        restored = ckpt.restore(abstract, 3)
     assert "teacher" in restored
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(restored), saved)
-    resumed, _ = step(restored, _batch(1))
+    resumed, _ = step(restored, _batch(3))
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(resumed),
                            jax.device_get(uninterrupted))
 
@@ -330,7 +342,7 @@ def test_ring_step_with_both_objectives_and_accumulation(tmp_path):
     from siglip_jax import experiment
     from siglip_jax.schema import parse
 
-    config = tiny_config(tmp_path, steps=4, grad_accum_steps=2, **{"input.global_batch": 32})
+    config = tiny_config(tmp_path, steps=4, grad_accum_steps=2, **{"input.global_batch": 16})
     with config.unlocked():
         config.loss.self_distillation = dict(HEAD, n_local=2, local_size=16, start_frac=0.5)
         config.loss.masked_prediction = dict(HEAD, start_frac=0.5)
@@ -339,7 +351,7 @@ def test_ring_step_with_both_objectives_and_accumulation(tmp_path):
     mesh = make_mesh(list(run.mesh.axes))
     assert mesh.devices.size == 8
     shapes = experiment.input_shapes(run)
-    assert shapes["local_views"] == (32, 2, 16, 16, 3)
+    assert shapes["local_views"] == (16, 2, 16, 16, 3)
     parts = experiment.build_step(run, mesh, shapes)
     state = experiment.init_state(run, parts, mesh, shapes)
     assert "teacher" in parts.abstract_state and "teacher" in state

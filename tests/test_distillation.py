@@ -377,3 +377,33 @@ def test_ring_step_with_both_objectives_and_accumulation(tmp_path):
     diff = jax.tree_util.tree_map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(),
                                   state["teacher"]["img"], state["params"]["img"])
     assert max(jax.tree_util.tree_leaves(diff)) > 0  # EMA (0.996) lags after switch-on.
+
+
+def test_plan_counts_the_teacher_and_the_extra_passes():
+    import dataclasses
+
+    from siglip_jax import plan
+    from siglip_jax.config import load_config
+
+    topology = plan.parse_topology("v4-8")
+    base = load_config("configs/demo.py", ["input.global_batch=64"])
+    extra = load_config("configs/demo.py", ["input.global_batch=64"])
+    with extra.unlocked():
+        extra.loss.self_distillation = dict(HEAD, n_local=4, local_size=16)
+        extra.loss.masked_prediction = dict(HEAD)
+    p0, p1 = plan.make_plan(base, topology), plan.make_plan(extra, topology)
+    assert not p1.errors, p1.errors
+    img = p0.towers[0]
+    assert (img.tokens, img.width) == (64, 64)  # demo: 32 px, patch 4, width 64.
+    # Heads: 3 Dense (64→24, 24→24, 24→8, with biases) + 8×12 prototypes, each; + mask token.
+    head = 64 * 24 + 24 + 24 * 24 + 24 + 24 * 8 + 8 + 8 * 12
+    assert p1.params["other"] - p0.params["other"] == 2 * head + 64
+    # The teacher: img + both heads, float32, replicated (demo rules), no optimizer state.
+    assert p1.bytes["EMA teacher"] == 4 * (p0.params["img"] + 2 * head)
+    assert "EMA teacher" not in p0.bytes
+    # FLOPs: 3× forward of 4 crops of (16/4)² = 16 tokens and of the masked full image,
+    # 1× forward of the teacher's full image, per example.
+    local = dataclasses.replace(img, tokens=16)
+    want = 64 * (3 * 4 * plan.forward_flops(local) + 4 * plan.forward_flops(img))
+    assert p1.flops["model"] - p0.flops["model"] == pytest.approx(want, rel=1e-9)
+    assert p1.bytes["activations"] > p0.bytes["activations"]

@@ -188,6 +188,7 @@ def load_model_init(run: RunConfig, abstract_params: Mapping[str, Any]) -> dict[
     from siglip_jax.checkpoints import big_vision, loader
     from siglip_jax.checkpoints.hf import HFCheckpointError
     from siglip_jax.checkpoints.open import open_model
+    from siglip_jax.objectives.selfsup import HEAD_PARTS
 
     parts: dict[str, Any] = {}
     for part, path in run.model_init.parts().items():
@@ -197,8 +198,8 @@ def load_model_init(run: RunConfig, abstract_params: Mapping[str, Any]) -> dict[
                 HFCheckpointError) as e:
             raise ConfigError(f"model_init.{part}: {e}") from None
         names = sorted(abstract_params) if part == "full" else [part]
-        if part == "full" and "dec" not in params:  # A SigLIP checkpoint: fresh decoder.
-            names = [name for name in names if name != "dec"]
+        if part == "full":  # Parts the checkpoint lacks (decoder, heads) keep their own init.
+            names = [n for n in names if n not in (*HEAD_PARTS, "dec") or n in params]
         missing = [name for name in names if name not in params]
         if missing:
             raise ConfigError(f"model_init.{part}: checkpoint {path!r} has no {missing[0]!r} "
@@ -227,6 +228,7 @@ class StepParts:
     shardings: dict[str, Any]  # NamedShardings of the state
     data_sharding: dict[str, Any]  # NamedSharding per batch key
     step_fn: Any  # jax.jit of (state, batch) -> (state, metrics), state donated
+    objectives: tuple[Any, ...] = ()  # siglip_jax.objectives, as made for this run
 
 
 def make_loss_fn(run: RunConfig, mesh: Any) -> Callable[..., Any]:
@@ -244,25 +246,30 @@ def build_step(config: RunConfig | Any, mesh: Any, shapes: Mapping[str, Sequence
 
     from siglip_jax import objectives
     from siglip_jax import step as step_lib
+    from siglip_jax.objectives.selfsup import teacher_spec
     from siglip_jax.optim import FROZEN, group_labels, make_optimizer
     from siglip_jax.sharding import batch_sharding
 
     run = parse(config)
     shapes = {k: v if isinstance(v, Mapping) else tuple(v) for k, v in shapes.items()}
     model = make_model(run.model)
-    abstract_params = step_lib.abstract_params(model, shapes)
+    extra = tuple(objectives.make(run, mesh))
+    teacher = teacher_spec(extra)
+    abstract_params = step_lib.abstract_params(model, shapes, extra)
     tx, lr_fn = make_optimizer(run.optim, abstract_params, run.total_steps)
     frozen = step_lib.frozen_mask(group_labels(run.optim, abstract_params), FROZEN)
-    abstract, shardings = step_lib.state_shardings(abstract_params, tx, mesh, run.mesh.rules)
+    abstract, shardings = step_lib.state_shardings(abstract_params, tx, mesh, run.mesh.rules,
+                                                   teacher.parts if teacher else ())
     train_step = step_lib.make_train_step(
         model, tx, make_loss_fn(run, mesh), lr_fn, frozen=frozen,
         accum_steps=run.grad_accum_steps, skip_nonfinite=run.on_nonfinite == "skip",
         mesh=mesh, batch_axes=run.mesh.batch_axes,  # Activations stay batch-sharded.
-        objectives=objectives.make(run, mesh), seed=run.seed)
+        objectives=extra, seed=run.seed)
     data_sharding = {k: batch_sharding(mesh, run.mesh.batch_axes) for k in shapes}
     step_fn = jax.jit(train_step, in_shardings=(shardings, data_sharding),
                       out_shardings=(shardings, None), donate_argnums=(0,))
-    return StepParts(model, tx, lr_fn, frozen, abstract, shardings, data_sharding, step_fn)
+    return StepParts(model, tx, lr_fn, frozen, abstract, shardings, data_sharding, step_fn,
+                     extra)
 
 
 def abstract_batch(parts: StepParts, shapes: Mapping[str, Any],
@@ -293,5 +300,5 @@ def init_state(run: RunConfig, parts: StepParts, mesh: Any, shapes: Mapping[str,
     from siglip_jax import step as step_lib
 
     state, _ = step_lib.init_state(parts.model, parts.tx, shapes, mesh, run.mesh.rules,
-                                   run.seed, pretrained)
+                                   run.seed, pretrained, parts.objectives)
     return state

@@ -271,6 +271,38 @@ def activation_bytes(t: Tower, batch: int, trained: bool) -> tuple[int, int]:
     return t.depth * block + embed, block
 
 
+@dataclasses.dataclass(frozen=True)
+class ExtraPass:
+    """An extra image-tower pass of an objective (self-distillation, masked prediction)."""
+
+    tower: Tower  # At the pass's input size.
+    per_image: int  # Tower inputs per training image (local crops per image, or 1).
+    trained: bool  # False for the EMA teacher (forward only).
+    head_rows: int = 0  # Rows through the projection head per training image.
+    prototypes: int = 0
+
+
+def objective_passes(run: RunConfig, image: Tower) -> tuple[ExtraPass, ...]:
+    """The extra passes of the configured self-distillation / masked-prediction objectives
+    (one teacher forward on the full image serves both)."""
+    objectives = run.loss.objectives
+    passes = []
+    if "self_distillation" in objectives:
+        o = objectives["self_distillation"]
+        grid = o["local_size"] // math.isqrt(image.patch_input // 3)  # Square patches.
+        local = dataclasses.replace(image, tokens=grid * grid + (image.pool == "tok"))
+        passes.append(ExtraPass(local, o["n_local"], True, o["n_local"], o["prototypes"]))
+        passes.append(ExtraPass(image, 1, False, 1, o["prototypes"]))
+    if "masked_prediction" in objectives:
+        o = objectives["masked_prediction"]
+        rows = max(1, round(o["mask_ratio"] * image.tokens))
+        passes.append(ExtraPass(image, 1, True, rows, o["prototypes"]))
+        if "self_distillation" not in objectives:
+            passes.append(ExtraPass(image, 1, False, 0, 0))
+        passes.append(ExtraPass(image, 0, False, rows, o["prototypes"]))  # Teacher's head.
+    return tuple(passes)
+
+
 def loss_bytes(per_device_batch: int, global_batch: int, dim: int, impl: str) -> int:
     """Per-device memory of the sigmoid loss: logits blocks and embedding blocks (float32)."""
     b = per_device_batch
@@ -304,6 +336,7 @@ class Plan:
     mfu: float = 0.4
     towers: tuple[Tower, ...] = ()
     decoder: DecoderShape | None = None
+    passes: tuple[ExtraPass, ...] = ()  # Extra image-tower passes of the objectives.
     frozen: tuple[str, ...] = ()
     errors: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -473,6 +506,7 @@ def _step_parts(run: RunConfig, plan: Plan) -> Any:
         plan.towers = towers_from_model(parts.model, plan.image_tokens or plan.image_hw,
                                         plan.text_len)
         plan.decoder = decoder_shape(parts.model, plan.towers[0].tokens)
+        plan.passes = objective_passes(run, plan.towers[0])
     except ShardingError as e:
         plan.errors.append(f"sharding_rules: {e}")
         return None
@@ -518,9 +552,15 @@ def _memory(run: RunConfig, plan: Plan, parts: Any) -> None:
     for tower in plan.towers:
         k, w = activation_bytes(tower, micro, trained=tower.name not in plan.frozen)
         kept, working = kept + k, max(working, w)
+    for p in plan.passes:  # Objectives: student passes keep theirs, the teacher works.
+        k, w = activation_bytes(p.tower, micro * p.per_image, trained=p.trained)
+        kept, working = kept + k, max(working, w)
+        kept += 3 * 4 * micro * p.head_rows * p.prototypes  # Head scores, softmax, targets.
     plan.bytes["activations"] = kept + working
     if plan.decoder is not None:
         plan.bytes["decoder activations"] = decoder_activation_bytes(plan.decoder, micro)
+    if "teacher" in state:  # The EMA teacher: params only, no optimizer state.
+        plan.bytes["EMA teacher"] = sharded_bytes(state["teacher"], shardings["teacher"])
     plan.bytes["loss"] = loss_bytes(micro, plan.global_batch // plan.accum, _embed_dim(plan),
                                     run.loss.impl)
     plan.bytes["input batch"] = int(plan.per_device_batch) * plan.example_bytes  # All micros.
@@ -562,6 +602,9 @@ def _flops(plan: Plan) -> None:
         fwd = decoder_forward_flops(plan.decoder) * plan.global_batch
         model_flops += 3 * fwd
         remat_flops += fwd if plan.decoder.remat != "none" else 0.0
+    for p in plan.passes:  # Heads are not counted (small next to the tower).
+        model_flops += (forward_flops(p.tower) * plan.global_batch * p.per_image
+                        * (3 if p.trained else 1))
     loss_fwd = 2.0 * plan.global_batch * (plan.global_batch / plan.accum) * _embed_dim(plan)
     plan.flops = {"model": model_flops + 3 * loss_fwd, "remat recompute": remat_flops}
 

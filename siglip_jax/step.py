@@ -26,7 +26,7 @@ from siglip_jax.sharding import (
     replicated,
 )
 
-State = dict[str, Any]  # {"params", "opt_state", "step"}
+State = dict[str, Any]  # {"params", "opt_state", "step"} (+ "teacher" when objectives need it)
 
 
 def example_image(shape: tuple[int, ...] | Mapping[str, tuple[int, ...]]) -> Any:
@@ -39,34 +39,48 @@ def example_image(shape: tuple[int, ...] | Mapping[str, tuple[int, ...]]) -> Any
     return jnp.zeros(shape, jnp.float32)
 
 
-def abstract_params(model: Any, batch_shapes: Mapping[str, Any]) -> Any:
-    """Parameter shapes and dtypes, without allocating anything."""
+def abstract_params(model: Any, batch_shapes: Mapping[str, Any],
+                    objectives: Sequence[Any] = ()) -> Any:
+    """Parameter shapes and dtypes (the model's, plus the objectives' heads), without
+    allocating anything."""
+    from siglip_jax.objectives.selfsup import objective_params
+
     def init(rng):
         image = example_image(batch_shapes["image"])
         text = jnp.zeros(batch_shapes["labels"], jnp.int32)
-        return model.init(rng, image, text)["params"]
+        return {**model.init(rng, image, text)["params"], **objective_params(objectives, rng)}
 
     return jax.eval_shape(init, jax.random.key(0))
 
 
 def _init_fn(model: Any, tx: optax.GradientTransformation,
-             batch_shapes: Mapping[str, tuple[int, ...]]) -> Callable:
+             batch_shapes: Mapping[str, tuple[int, ...]], objectives: Sequence[Any] = ()
+             ) -> Callable:
+    from siglip_jax.objectives.selfsup import objective_params, teacher_spec
+
+    teacher = teacher_spec(objectives)
+
     def init_all(rng, pretrained):
         image = example_image(batch_shapes["image"])
         text = jnp.zeros(batch_shapes["labels"], jnp.int32)
-        params = dict(model.init(rng, image, text)["params"])
+        params = {**model.init(rng, image, text)["params"], **objective_params(objectives, rng)}
         params.update(pretrained)
-        return {"params": params, "opt_state": tx.init(params),
-                "step": jnp.zeros((), jnp.int32)}
+        state = {"params": params, "opt_state": tx.init(params),
+                 "step": jnp.zeros((), jnp.int32)}
+        if teacher is not None:  # The EMA teacher starts as a copy of the student.
+            state["teacher"] = jax.tree_util.tree_map(jnp.copy, {k: params[k]
+                                                                 for k in teacher.parts})
+        return state
     return init_all
 
 
 def state_shardings(abstract_params: Any, tx: optax.GradientTransformation, mesh: Any,
-                    rules: Sequence) -> tuple[State, State]:
+                    rules: Sequence, teacher_parts: Sequence[str] = ()) -> tuple[State, State]:
     """(abstract state, shardings) for params of the given shapes; nothing is allocated.
 
     The abstract state's leaves carry their shardings, so it can be passed to
-    `jit(...).lower()` to compile a step without creating the model.
+    `jit(...).lower()` to compile a step without creating the model. `teacher_parts` (top-level
+    param names) adds state["teacher"], sharded like those params.
     """
     abstract = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
                 "step": jax.ShapeDtypeStruct((), jnp.int32)}
@@ -76,6 +90,9 @@ def state_shardings(abstract_params: Any, tx: optax.GradientTransformation, mesh
         "opt_state": follow_params(abstract["opt_state"], abstract["params"], pshard, mesh),
         "step": replicated(mesh),
     }
+    if teacher_parts:
+        abstract["teacher"] = {k: abstract_params[k] for k in teacher_parts}
+        shardings["teacher"] = {k: pshard[k] for k in teacher_parts}
     abstract = jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
     return abstract, shardings
@@ -83,17 +100,23 @@ def state_shardings(abstract_params: Any, tx: optax.GradientTransformation, mesh
 
 def init_state(model: Any, tx: optax.GradientTransformation,
                batch_shapes: Mapping[str, tuple[int, ...]], mesh: Any, rules: Sequence,
-               seed: int, pretrained: Mapping[str, Any] | None = None) -> tuple[State, State]:
+               seed: int, pretrained: Mapping[str, Any] | None = None,
+               objectives: Sequence[Any] = ()) -> tuple[State, State]:
     """Creates the sharded train state; returns (state, state_shardings).
 
     `pretrained` maps top-level param names ("img", "txt", "t", "b") to trees of arrays that
-    replace the random init of that part; shapes must match.
+    replace the random init of that part; shapes must match. `objectives` add their params
+    and, if one needs it, the EMA teacher (a copy of the initial, pretrained-updated params).
     """
+    from siglip_jax.objectives.selfsup import teacher_spec
+
     pretrained = dict(pretrained or {})
-    abstract, shardings = state_shardings(abstract_params(model, batch_shapes), tx, mesh, rules)
+    teacher = teacher_spec(objectives)
+    abstract, shardings = state_shardings(abstract_params(model, batch_shapes, objectives), tx,
+                                          mesh, rules, teacher.parts if teacher else ())
     check_pretrained(abstract["params"], pretrained)
     pretrained = jax.device_put(pretrained, {k: shardings["params"][k] for k in pretrained})
-    init_all = _init_fn(model, tx, batch_shapes)
+    init_all = _init_fn(model, tx, batch_shapes, objectives)
     state = jax.jit(init_all, out_shardings=shardings)(jax.random.key(seed), pretrained)
     return state, shardings
 
@@ -151,8 +174,14 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: Calla
       objectives: extra losses (siglip_jax.objectives), each called with an ObjectiveInputs
         after the main forward pass; their weighted losses are added to the sigmoid loss.
       seed: base of the per-step PRNG key handed to the objectives.
+
+    A state["teacher"] (see `state_shardings`) follows the new params by EMA after the
+    optimizer update, at the momentum the objectives give for the step.
     """
     from siglip_jax.objectives import ObjectiveInputs
+    from siglip_jax.objectives.selfsup import ema_update, teacher_spec
+
+    teacher_of = teacher_spec(objectives)
 
     def loss_of(params, batch, step, teacher, rng):
         if frozen is not None:
@@ -209,7 +238,11 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: Calla
             opt_state = keep(opt_state, state["opt_state"])
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state["step"]),
                    "finite": finite}
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+        new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        if "teacher" in state:
+            new["teacher"] = ema_update(state["teacher"], params,
+                                        teacher_of.momentum(state["step"]))
+        return new, metrics
 
     return train_step
 

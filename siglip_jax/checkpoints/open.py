@@ -88,8 +88,12 @@ class OpenedModel:
 
         if self.params is None:
             raise ValueError(f"checkpoint {self.path!r} was opened without its params")
+        from siglip_jax.objectives.selfsup import HEAD_PARTS
+
         target = self.abstract_params() if target is None else target
-        return load_params(self.params, target, source=self.path,
+        params = {k: v for k, v in self.params.items()  # Training-only heads are dropped.
+                  if k not in HEAD_PARTS or k in target}
+        return load_params(params, target, source=self.path,
                            resample_posemb=resample_posemb)
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from siglip_jax.data import naflex, pp_locca
+from siglip_jax.data import naflex, pp_locca, pp_views
 from siglip_jax.data.tokenizer import CONVENTIONS, Tokenizer
 
 SEED_KEY = "_seed"
@@ -484,10 +484,12 @@ def get_copy(ctx: OpContext, inkey: str, outkey: str) -> PPFn:
 
 _register("locca_task")(pp_locca.get_locca_task)  # LocCa decoder sequences (pp_locca.py)
 
+for _name, _factory in pp_views.OPS.items():  # Multi-view ops (self-distillation).
+    _register(_name)(_factory)
 
 # The registry is frozen here: a read-only copy; the builder and its decorator are deleted.
 OPS: Mapping[str, Callable[..., PPFn]] = types.MappingProxyType(dict(_BUILDING))
-del _BUILDING, _register, _registry_builder
+del _BUILDING, _register, _registry_builder, _name, _factory
 
 
 # ------------------------------------------------------------------------------------------

@@ -125,3 +125,17 @@ class Model(nn.Module):
             raise ValueError("Model.decode needs a decoder: set config.model.decoder")
         return self.dec(dec_tokens, image_tokens, parallel=parallel, image_mask=image_mask,
                         train=train)
+
+    def image_features(
+        self,
+        image: jax.Array,
+        *,
+        patch_mask: jax.Array | None = None,
+        mask_token: jax.Array | None = None,
+        train: bool = False,
+    ) -> tuple[jax.Array, jax.Array]:
+        """(pooled features [B, W] before `img/head`, tokens [B, N, W]) of the ViT image tower;
+        `patch_mask` [B, N] (True = masked) swaps those patch embeddings for `mask_token` [W].
+        Of the params only `img` is used (setup also looks up `t` and `b`)."""
+        _, img_out = self.img(image, train=train, patch_mask=patch_mask, mask_token=mask_token)
+        return img_out["pre_logits"], img_out["encoded"]

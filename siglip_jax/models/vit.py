@@ -59,6 +59,18 @@ def resample_posemb(old_1xnxd: np.ndarray, new_len: int) -> np.ndarray:
     return grid.reshape(1, gs_new * gs_new, -1).astype(old_1xnxd.dtype)
 
 
+def resize_posemb_grid(posemb_1xnxd: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """Bilinearly resizes a square learned position grid [1, g·g, D] to `grid` (h, w)
+    in-graph (jax.image.resize), e.g. to run the tower on smaller local crops."""
+    n, d = posemb_1xnxd.shape[1], posemb_1xnxd.shape[2]
+    g = int(round(np.sqrt(n)))
+    if g * g != n:
+        raise ValueError(f"can only resize a square pos_embedding grid, got {n} positions")
+    square = jnp.reshape(posemb_1xnxd, (g, g, d))
+    resized = jax.image.resize(square, (grid[0], grid[1], d), method="bilinear")
+    return jnp.reshape(resized, (1, grid[0] * grid[1], d)).astype(posemb_1xnxd.dtype)
+
+
 def _pair(patch_size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(patch_size, int):
         return (patch_size, patch_size)
@@ -80,8 +92,14 @@ class ViT(EncoderSettings):
     head_zeroinit: bool = False
 
     @nn.compact
-    def __call__(self, image_bxhxwx3: jax.Array, *, train: bool = False):
-        """Encodes images [B, H, W, C] (values in [-1, 1])."""
+    def __call__(self, image_bxhxwx3: jax.Array, *, train: bool = False,
+                 patch_mask: jax.Array | None = None, mask_token: jax.Array | None = None):
+        """Encodes images [B, H, W, C] (values in [-1, 1]).
+
+        `patch_mask` [B, N] (True = masked) replaces those patch embeddings by `mask_token`
+        [W] before the position embedding is added (masked prediction). Images whose patch
+        grid differs from the learned position grid get that grid resized bilinearly.
+        """
         out = {}
         if self.pool_type not in POOL_TYPES:
             raise ValueError(f"unknown image pool_type {self.pool_type!r}; valid: {POOL_TYPES}")
@@ -100,8 +118,16 @@ class ViT(EncoderSettings):
         )(image)
         n, h, w, c = x.shape
         x = constrain_batch(jnp.reshape(x, [n, h * w, c]))  # Row-major patch order.
+        if patch_mask is not None:
+            if mask_token is None:
+                raise ValueError("ViT: patch_mask needs a mask_token")
+            token = jnp.reshape(jnp.asarray(mask_token, x.dtype), (1, 1, c))
+            x = jnp.where(patch_mask[..., None], token, x)
 
-        if self.posemb == "learn":
+        if self.posemb == "learn" and self.has_variable("params", "pos_embedding") and (
+                self.get_variable("params", "pos_embedding").shape[1] != h * w):
+            pe = resize_posemb_grid(self.get_variable("params", "pos_embedding"), (h, w))
+        elif self.posemb == "learn":
             pe = self.param(
                 "pos_embedding",
                 nn.initializers.normal(stddev=1 / np.sqrt(c)),

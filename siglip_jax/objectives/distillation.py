@@ -1,0 +1,113 @@
+"""Local-to-global self-distillation (SILC, arXiv:2310.13355; SigLIP 2 §2.3): the student's
+image tower sees `n_local` small crops of each image (batch["local_views"] [B, n, s, s, 3]),
+the EMA teacher sees the full image (batch["image"]); both pooled features go through the
+DINO-style head `distill_head` (student) / the teacher's copy of it, and the student's
+prototype distribution of every crop is pulled to the teacher's sharpened (Sinkhorn-Knopp
+centred) one by cross-entropy. Config: `config.loss.self_distillation = dict(...)` with the
+options of `DEFAULTS`; docs/self_distillation.md gives the sources of each default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from siglip_jax.config import ConfigError
+from siglip_jax.objectives import selfsup
+
+NAME = "self_distillation"
+VIEWS_KEY = "local_views"
+
+DEFAULTS: dict[str, Any] = {
+    "weight": 1.0,          # SigLIP 2 §2.3 (times a per-size factor, see the docs).
+    "start_frac": 0.8,      # SigLIP 2: added for the last 20 % of training.
+    "ema": 0.996,           # Not given by SILC / SigLIP 2; DINO's base momentum.
+    "n_local": 8,           # SILC: eight local views.
+    "local_size": 96,       # Not given; DINO's local crop size (224 px global).
+    "head_hidden": 2048,    # DINO head.
+    "head_bottleneck": 256,
+    "head_layers": 3,
+    "prototypes": 65536,
+    "student_temp": 0.1,    # DINO.
+    "teacher_temp": 0.04,   # DINO.
+    "centering": "sinkhorn",  # DINOv2 (stateless); "softmax" = sharpening only.
+}
+
+
+def check_options(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The options with defaults; ValueError naming a bad option."""
+    return selfsup.check_options(raw, DEFAULTS)
+
+
+def batch_shapes(run: Any, options: Mapping[str, Any], batch: int
+                 ) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{"local_views": ((B, n_local, s, s, 3), float32)}."""
+    opts = check_options(options)
+    size = opts["local_size"]
+    return {VIEWS_KEY: ((batch, opts["n_local"], size, size, 3), np.float32)}
+
+
+def _head(opts: Mapping[str, Any]) -> selfsup.ProjectionHead:
+    return selfsup.ProjectionHead(opts["head_hidden"], opts["head_bottleneck"],
+                                  opts["prototypes"], opts["head_layers"])
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfDistillation:
+    """The objective: call with an ObjectiveInputs → (weighted loss, metrics)."""
+
+    options: Mapping[str, Any]
+    width: int
+    start: int
+    ema: float
+    teacher_parts: tuple[str, ...] = ("img", "distill_head")
+
+    def init_params(self, rng: Any) -> dict[str, Any]:
+        """{"distill_head": head params}."""
+        head = _head(self.options).init(rng, jnp.zeros((1, self.width), jnp.float32))
+        return {"distill_head": head["params"]}
+
+    def loss(self, model: Any, params: Mapping[str, Any], teacher: Mapping[str, Any],
+             image: jax.Array, local_views: jax.Array) -> jax.Array:
+        """Unweighted loss: mean over images and views of CE(teacher(image), student(view))."""
+        from siglip_jax.models.two_towers import Model
+
+        opts = self.options
+        b, n = local_views.shape[:2]
+        flat = jnp.reshape(local_views, (b * n, *local_views.shape[2:]))
+        feats_s, _ = model.apply({"params": params}, flat, train=True,
+                                 method=Model.image_features)
+        scores_s = _head(opts).apply({"params": params["distill_head"]}, feats_s)
+        feats_t, _ = model.apply({"params": {**params, **teacher}}, image, train=False,
+                                 method=Model.image_features)
+        scores_t = _head(opts).apply({"params": teacher["distill_head"]}, feats_t)
+        targets = selfsup.teacher_targets(scores_t, opts["teacher_temp"], opts["centering"])
+        targets = jnp.repeat(targets, n, axis=0)  # Row b·n + v is view v of image b.
+        return selfsup.cross_entropy(targets, scores_s, opts["student_temp"])
+
+    def __call__(self, inputs: Any) -> tuple[jax.Array, dict[str, Any]]:
+        """(weight · loss from the switch-on step on, else 0; metrics)."""
+        if inputs.teacher is None:
+            raise ValueError(f"{NAME}: the train state has no EMA teacher")
+        raw = self.loss(inputs.model, inputs.params, inputs.teacher, inputs.batch["image"],
+                        inputs.batch[VIEWS_KEY])
+        loss = selfsup.switched(inputs.step, self.start, raw)
+        return self.options["weight"] * loss, {f"{NAME}/loss": loss}
+
+
+def make(run: Any, options: Mapping[str, Any], mesh: Any) -> SelfDistillation:
+    """The self-distillation objective for `run`'s ViT image tower."""
+    del mesh
+    opts = check_options(options)
+    tower = selfsup.image_tower_of(run, NAME)
+    patch = tower.patch_size
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    if any(opts["local_size"] % int(p) for p in patch):
+        raise ConfigError(f"config.loss.{NAME}.local_size={opts['local_size']}: expected a "
+                          f"multiple of the image patch size {patch}")
+    return SelfDistillation(opts, tower.width, selfsup.start_step(run, opts), opts["ema"])

@@ -1,0 +1,132 @@
+"""Masked prediction on patch features (TIPS, arXiv:2410.16512; SigLIP 2 §2.3): the student's
+image tower sees the full image (batch["image"]) with a random `mask_ratio` of its patch
+embeddings replaced by the learned `mask_token` [W]; at those positions its tokens, through
+the DINO-style head `masked_head`, are pulled by cross-entropy to the EMA teacher's sharpened
+(Sinkhorn-Knopp centred) prototype distribution of the same patch of the unmasked image.
+Config: `config.loss.masked_prediction = dict(...)` with the options of `DEFAULTS`;
+docs/self_distillation.md gives the sources of each default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from siglip_jax.objectives import selfsup
+
+NAME = "masked_prediction"
+SALT = 0x6D61736B  # Folded into the step's key for the mask.
+
+DEFAULTS: dict[str, Any] = {
+    "weight": 0.25,         # SigLIP 2 §2.3 (times a per-size factor, see the docs).
+    "start_frac": 0.8,      # SigLIP 2: added for the last 20 % of training.
+    "ema": 0.996,           # Not given; the same teacher as self_distillation.
+    "mask_ratio": 0.5,      # SigLIP 2 §2.3: 50 % of the patches.
+    "head_hidden": 2048,    # iBOT / DINO head.
+    "head_bottleneck": 256,
+    "head_layers": 3,
+    "prototypes": 8192,     # iBOT's patch-head size.
+    "student_temp": 0.1,
+    "teacher_temp": 0.04,
+    "centering": "sinkhorn",
+}
+
+
+def check_options(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The options with defaults; ValueError naming a bad option."""
+    opts = selfsup.check_options(raw, DEFAULTS)
+    if not 0.0 < opts["mask_ratio"] < 1.0:
+        raise ValueError(f"mask_ratio={opts['mask_ratio']!r}: expected a number in (0, 1)")
+    return opts
+
+
+def batch_shapes(run: Any, options: Mapping[str, Any], batch: int
+                 ) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """No extra batch entries (the student and teacher both read batch["image"])."""
+    return {}
+
+
+def _head(opts: Mapping[str, Any]) -> selfsup.ProjectionHead:
+    return selfsup.ProjectionHead(opts["head_hidden"], opts["head_bottleneck"],
+                                  opts["prototypes"], opts["head_layers"])
+
+
+def random_mask(rng: Any, batch: int, num: int, ratio: float) -> tuple[jax.Array, jax.Array]:
+    """(mask [B, N] bool with exactly k = max(1, round(ratio·N)) True per row, the masked
+    positions [B, k] in increasing order)."""
+    k = max(1, int(round(ratio * num)))
+    rank = jnp.argsort(jnp.argsort(jax.random.uniform(rng, (batch, num)), axis=1), axis=1)
+    mask = rank < k
+    ids = jnp.sort(jnp.argsort(rank, axis=1)[:, :k], axis=1)
+    return mask, ids
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedPrediction:
+    """The objective: call with an ObjectiveInputs → (weighted loss, metrics)."""
+
+    options: Mapping[str, Any]
+    width: int
+    start: int
+    ema: float
+    patch: tuple[int, int] = (16, 16)  # The image tower's patch size (h, w).
+    teacher_parts: tuple[str, ...] = ("img", "masked_head")
+
+    def init_params(self, rng: Any) -> dict[str, Any]:
+        """{"masked_head": head params, "mask_token": [W]}."""
+        k_head, k_token = jax.random.split(rng)
+        head = _head(self.options).init(k_head, jnp.zeros((1, self.width), jnp.float32))
+        token = 0.02 * jax.random.normal(k_token, (self.width,), jnp.float32)
+        return {"masked_head": head["params"], "mask_token": token}
+
+    def loss(self, model: Any, params: Mapping[str, Any], teacher: Mapping[str, Any],
+             image: jax.Array, mask: jax.Array, ids: jax.Array) -> jax.Array:
+        """Unweighted loss: mean over the masked positions `ids` [B, k] (mask [B, N])."""
+        from siglip_jax.models.two_towers import Model
+
+        opts = self.options
+        _, tokens_s = model.apply({"params": params}, image, patch_mask=mask,
+                                  mask_token=params["mask_token"], train=True,
+                                  method=Model.image_features)
+        _, tokens_t = model.apply({"params": {**params, **teacher}}, image, train=False,
+                                  method=Model.image_features)
+        num = mask.shape[1]  # A class token (pool_type "tok") comes first: keep the patches.
+        pick = lambda t: jnp.take_along_axis(t[:, -num:], ids[..., None], axis=1)
+        b, k = ids.shape
+        scores_s = _head(opts).apply({"params": params["masked_head"]}, pick(tokens_s))
+        scores_t = _head(opts).apply({"params": teacher["masked_head"]}, pick(tokens_t))
+        targets = selfsup.teacher_targets(jnp.reshape(scores_t, (b * k, -1)),
+                                          opts["teacher_temp"], opts["centering"])
+        return selfsup.cross_entropy(targets, jnp.reshape(scores_s, (b * k, -1)),
+                                     opts["student_temp"])
+
+    def __call__(self, inputs: Any) -> tuple[jax.Array, dict[str, Any]]:
+        """(weight · loss from the switch-on step on, else 0; metrics)."""
+        if inputs.teacher is None:
+            raise ValueError(f"{NAME}: the train state has no EMA teacher")
+        image = inputs.batch["image"]
+        num = self.num_patches(image.shape[1:3])
+        mask, ids = random_mask(jax.random.fold_in(inputs.rng, SALT), image.shape[0], num,
+                                self.options["mask_ratio"])
+        raw = self.loss(inputs.model, inputs.params, inputs.teacher, image, mask, ids)
+        loss = selfsup.switched(inputs.step, self.start, raw)
+        return self.options["weight"] * loss, {f"{NAME}/loss": loss}
+
+    def num_patches(self, hw: tuple[int, int]) -> int:
+        """Patches of an image of size `hw` (h, w)."""
+        return (hw[0] // self.patch[0]) * (hw[1] // self.patch[1])
+
+
+def make(run: Any, options: Mapping[str, Any], mesh: Any) -> MaskedPrediction:
+    """The masked-prediction objective for `run`'s ViT image tower."""
+    del mesh
+    opts = check_options(options)
+    tower = selfsup.image_tower_of(run, NAME)
+    patch = tower.patch_size
+    patch = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
+    return MaskedPrediction(opts, tower.width, selfsup.start_step(run, opts), opts["ema"],
+                            patch=patch)

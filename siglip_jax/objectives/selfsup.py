@@ -1,0 +1,181 @@
+"""Shared parts of the image tower's self-supervised objectives (SigLIP 2 §2.3, after SILC and
+TIPS): the DINO-style projection head, teacher targets (sharpened, optionally Sinkhorn-Knopp
+centred), the cross-entropy between teacher and student, option checking, and the EMA teacher
+(which param parts it holds, its momentum per step, the update).
+
+An objective that needs the teacher exposes `teacher_parts` (top-level param names the teacher
+copies, e.g. ("img", "distill_head")), `ema` (momentum), `start` (switch-on step) and
+`init_params(rng)` (its own top-level params, created next to the model's); `step.py` reads
+them through the functions here (`objective_params`, `teacher_spec`, `ema_update`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from siglip_jax.config import ConfigError
+
+# ----------------------------------------------------------------------------- options
+
+CENTERINGS = ("sinkhorn", "softmax")
+# Top-level params the objectives add next to the model's (not part of an exported model).
+HEAD_PARTS = ("distill_head", "masked_head", "mask_token")
+
+
+def check_options(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """`raw` merged over `defaults`; unknown names, wrong types and out-of-range values raise
+    ValueError naming the option."""
+    unknown = sorted(set(raw) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} (known: {sorted(defaults)})")
+    out = {**defaults, **raw}
+    for key, default in defaults.items():
+        value = out[key]
+        if isinstance(default, bool) or isinstance(default, str):
+            if type(value) is not type(default):
+                raise ValueError(f"{key}={value!r}: expected a {type(default).__name__}")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key}={value!r}: expected a positive int")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{key}={value!r}: expected a number")
+            out[key] = value = float(value)
+    for key in ("start_frac", "ema"):
+        if key in out and not 0.0 <= out[key] <= 1.0:
+            raise ValueError(f"{key}={out[key]!r}: expected a number in [0, 1]")
+    for key in ("student_temp", "teacher_temp"):
+        if key in out and out[key] <= 0:
+            raise ValueError(f"{key}={out[key]!r}: expected a temperature > 0")
+    if "weight" in out and out["weight"] < 0:
+        raise ValueError(f"weight={out['weight']!r}: expected a number >= 0")
+    if "centering" in out and out["centering"] not in CENTERINGS:
+        raise ValueError(f"centering={out['centering']!r}: expected one of {CENTERINGS}")
+    return out
+
+
+def image_tower_of(run: Any, name: str) -> Any:
+    """The run's (unbound) ViT image tower; ConfigError for a NaFlex tower (not supported)."""
+    from siglip_jax.experiment import make_model
+    from siglip_jax.models import variants
+    from siglip_jax.models.two_towers import towers
+
+    if variants.image_kind(run.model.image) == "naflex":
+        raise ConfigError(f"config.loss.{name}: needs the fixed-resolution ViT image tower "
+                          "(model.image.kind='vit'), got 'naflex'")
+    return towers(make_model(run.model))[0]
+
+
+def start_step(run: Any, options: Mapping[str, Any]) -> int:
+    """The first step at which the objective's loss counts: round(start_frac · total_steps)."""
+    return int(round(options["start_frac"] * run.total_steps))
+
+
+# ----------------------------------------------------------------------------- head and loss
+
+
+class ProjectionHead(nn.Module):
+    """DINO-style head: MLP (`layers` Dense, GELU between) to a `bottleneck`, L2-normalised,
+    then cosine scores against `prototypes` L2-normalised prototype vectors → [..., K]."""
+
+    hidden: int = 2048
+    bottleneck: int = 256
+    prototypes: int = 65536
+    layers: int = 3
+
+    @nn.compact
+    def __call__(self, x_bxw: jax.Array) -> jax.Array:
+        """Prototype scores in [-1, 1] (float32) of features [..., W]."""
+        x = jnp.asarray(x_bxw, jnp.float32)
+        for i in range(self.layers - 1):
+            x = nn.gelu(nn.Dense(self.hidden, name=f"mlp_{i}")(x), approximate=True)
+        x = nn.Dense(self.bottleneck, name=f"mlp_{self.layers - 1}")(x)
+        x = x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
+        protos = self.param("prototypes", nn.initializers.normal(stddev=0.02),
+                            (self.bottleneck, self.prototypes), jnp.float32)
+        protos = protos / (jnp.linalg.norm(protos, axis=0, keepdims=True) + 1e-6)
+        return x @ protos
+
+
+def sinkhorn_knopp(scores_nxk: jax.Array, temp: float, iters: int = 3) -> jax.Array:
+    """Teacher targets [n, K] by Sinkhorn-Knopp on exp(scores / temp) (DINOv2): every
+    prototype gets equal mass over the n rows, each row sums to 1."""
+    n, k = scores_nxk.shape
+    q = jnp.exp((scores_nxk - jnp.max(scores_nxk)) / temp)
+    q = q / jnp.sum(q)
+    for _ in range(iters):
+        q = q / jnp.sum(q, axis=0, keepdims=True) / k  # Columns (prototypes) equal mass.
+        q = q / jnp.sum(q, axis=1, keepdims=True) / n  # Rows (samples) equal mass.
+    return q * n
+
+
+def teacher_targets(scores_nxk: jax.Array, temp: float, centering: str) -> jax.Array:
+    """Teacher probabilities [n, K]: Sinkhorn-Knopp centred ("sinkhorn") or only sharpened
+    ("softmax")."""
+    if centering == "sinkhorn":
+        return sinkhorn_knopp(scores_nxk, temp)
+    return jax.nn.softmax(scores_nxk / temp, axis=-1)
+
+
+def cross_entropy(targets_nxk: jax.Array, student_nxk: jax.Array, temp: float) -> jax.Array:
+    """Mean over rows of -Σ_k p_teacher · log softmax(student / temp)."""
+    logp = jax.nn.log_softmax(student_nxk / temp, axis=-1)
+    return jnp.mean(-jnp.sum(targets_nxk * logp, axis=-1))
+
+
+def switched(step: Any, start: int, loss: jax.Array) -> jax.Array:
+    """`loss` from step `start` on, exactly 0 (and no gradient) before."""
+    return jnp.where(step >= start, loss, jnp.zeros_like(loss))
+
+
+# ----------------------------------------------------------------------------- the teacher
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+    """What the EMA teacher holds and how fast it follows the student."""
+
+    parts: tuple[str, ...]  # Top-level param names copied into state["teacher"].
+    momentum: Callable[[Any], Any]  # step -> m of teacher = m·teacher + (1-m)·student.
+
+
+def objective_params(objectives: Sequence[Any], rng: Any) -> dict[str, Any]:
+    """The objectives' own top-level params (heads, mask token), merged."""
+    params: dict[str, Any] = {}
+    for i, objective in enumerate(objectives):
+        init = getattr(objective, "init_params", None)
+        if init is not None:
+            params.update(init(jax.random.fold_in(rng, 1_000_003 + i)))
+    return params
+
+
+def teacher_spec(objectives: Sequence[Any]) -> TeacherSpec | None:
+    """The teacher the objectives need (union of their parts), None if none needs one.
+
+    Before the earliest switch-on step the momentum is 0 (the teacher is a copy of the
+    student, as SigLIP 2 initialises it at switch-on); from then on the objectives' `ema`,
+    which must agree."""
+    users = [o for o in objectives if getattr(o, "teacher_parts", ())]
+    if not users:
+        return None
+    emas = {float(o.ema) for o in users}
+    if len(emas) > 1:
+        raise ConfigError(f"config.loss: the objectives sharing the EMA teacher give different "
+                          f"ema values {sorted(emas)}; give them the same")
+    ema, start = emas.pop(), min(int(o.start) for o in users)
+    parts = tuple(sorted({p for o in users for p in o.teacher_parts}))
+    return TeacherSpec(parts, lambda step: jnp.where(step < start, 0.0, ema))
+
+
+def ema_update(teacher: Any, params: Mapping[str, Any], momentum: Any) -> Any:
+    """teacher = m·teacher + (1-m)·student for the teacher's parts (dtype kept)."""
+    def mix(t, s):
+        m = jnp.asarray(momentum, jnp.float32)
+        return (m * t.astype(jnp.float32) + (1 - m) * s.astype(jnp.float32)).astype(t.dtype)
+    return {k: jax.tree_util.tree_map(mix, v, params[k]) for k, v in teacher.items()}

@@ -202,6 +202,17 @@ def test_end_to_end_tiny_random_model_on_demo_objects(tmp_path, tiny):
     assert again == metrics  # Deterministic.
 
 
+def test_a_separate_train_source_fits_and_all_of_data_is_scored(tmp_path, tiny):
+    data = dict(name="demo_shapes", split="test", data_dir=str(tmp_path), objects=True,
+                train_per_class=1, test_per_class=2)
+    config = _config(tmp_path, data=data, train_data={**data, "split": "train"},
+                     batch_size=32, pp='value_range(-1, 1)|keep("image", "segmentation")')
+    evaluator, params = _build(config, tiny)
+    metrics = evaluator.run(params)
+    # 36 train images (1 per class) fit; all 72 test images (2 per class) are scored.
+    assert metrics["num_train_patches"] == 36 * 64 and metrics["num_patches"] == 72 * 64
+
+
 def test_config_errors_are_one_line(tmp_path, tiny):
     data = dict(name="demo_shapes", split="test", data_dir=str(tmp_path), objects=True,
                 train_per_class=1, test_per_class=1)
@@ -215,6 +226,8 @@ def test_config_errors_are_one_line(tmp_path, tiny):
     with pytest.raises(ConfigError, match=r"evals.dense.pp must produce \['image', "
                                           r"'segmentation'\]"):
         _build(_config(tmp_path, data=data, pp='keep("image")'), tiny)
+    with pytest.raises(ConfigError, match=r"evals.dense.train_data.name 'nope' is not one"):
+        _build(_config(tmp_path, data=data, pp=pp, train_data=dict(name="nope")))
     with pytest.raises(ConfigError, match=r"do not tile into the model's 8×8 patches"):
         _build(_config(tmp_path, data=data, pp=f'resize(60)|{pp}'), tiny)
 

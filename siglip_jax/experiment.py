@@ -147,6 +147,16 @@ def input_shapes(run: RunConfig, batch: int | None = None) -> BatchShapes | None
     return shapes
 
 
+def decoder_vocab(run: RunConfig) -> Any:
+    """The DecoderVocab of the run's caption decoder (None without one), for the pp ops."""
+    if run.model.decoder is None:
+        return None
+    from siglip_jax.models.decoder import vocab_of
+    from siglip_jax.schema import thaw
+
+    return vocab_of(thaw(run.model.decoder), run.model.vocab_size)
+
+
 def build_input(run: RunConfig, mesh: Any, start_step: int, *, source: Any = None,
                 tokenizer: Any = None) -> tuple[Iterator[dict[str, Any]], Any, Any]:
     """(this process's batch iterator, the tokenizer, the data source) for training."""
@@ -162,7 +172,8 @@ def build_input(run: RunConfig, mesh: Any, start_step: int, *, source: Any = Non
     source = source or make_source(run.input.data)
     tokenizer = tokenizer or resolve_tokenizer(run.tokenizer, source,
                                                vocab_size=run.model.vocab_size)
-    preprocess = get_preprocess_fn(run.input.pp, tokenizer=tokenizer)
+    preprocess = get_preprocess_fn(run.input.pp, tokenizer=tokenizer,
+                                   decoder_vocab=decoder_vocab(run))
     global_batch = run.input.global_batch
     shard_ids = input_lib.local_shard_ids(batch_sharding(mesh, run.mesh.batch_axes),
                                           global_batch)

@@ -79,25 +79,27 @@ def _log_softmax(x):
 
 
 def reference_loss(model, params, image_tokens, tokens, target_mask, parallel, image_mask=None):
-    """(mean CE, accuracy) row by row: autoregressive rows feed tokens[:-1] and predict
-    tokens[1:]; parallel rows feed the sequence with targets and padding set to the mask id."""
-    decode = jax.jit(lambda p, i, x, m, parallel: model.apply(
-        {"params": p}, i, x, parallel=parallel, image_mask=m, method="decode"),
-        static_argnames="parallel")
+    """(mean CE, accuracy): autoregressive rows feed tokens[:, :-1] and predict tokens[:, 1:];
+    parallel rows feed the sequence with targets and padding set to the mask id."""
     total = hits = count = 0.0
-    for r in range(tokens.shape[0]):
-        img = image_tokens[r:r + 1]
-        m = None if image_mask is None else image_mask[r:r + 1]
-        if parallel[r]:
-            x = np.where((target_mask[r] > 0) | (tokens[r] == 0), VOCAB.mask_id, tokens[r])
-            y, w = tokens[r], target_mask[r]
+    for mode in (False, True):
+        rows = np.flatnonzero(np.asarray(parallel) == mode)
+        if not len(rows):
+            continue
+        if mode:
+            t = tokens[rows]
+            x = np.where((target_mask[rows] > 0) | (t == 0), VOCAB.mask_id, t)
+            y, w = t, target_mask[rows]
         else:
-            x, y, w = tokens[r, :-1], tokens[r, 1:], target_mask[r, 1:]
-        logits = decode(params, img, x[None], m, parallel=bool(parallel[r]))[0]
+            x, y, w = tokens[rows, :-1], tokens[rows, 1:], target_mask[rows, 1:]
+        m = None if image_mask is None else image_mask[rows]
+        logits = jax.jit(lambda p, i, x, m, mode=mode: model.apply(
+            {"params": p}, i, x, parallel=mode, image_mask=m, method="decode"))(
+                params, image_tokens[rows], x, m)
         logp = _log_softmax(logits)
-        for i in np.flatnonzero(w):
-            total -= logp[i, y[i]]
-            hits += float(np.argmax(logp[i]) == y[i])
+        for r, i in zip(*np.nonzero(w), strict=True):
+            total -= logp[r, i, y[r, i]]
+            hits += float(np.argmax(logp[r, i]) == y[r, i])
             count += 1
     return total / count, hits / count
 
@@ -142,6 +144,17 @@ def test_loss_equals_a_numpy_reference_of_the_masked_cross_entropy():
     np.testing.assert_allclose(metrics["decoder/loss"], ref_loss, rtol=1e-5)
     np.testing.assert_allclose(loss, 0.25 * ref_loss, rtol=1e-5)
     np.testing.assert_allclose(metrics["decoder/token_acc"], ref_acc, atol=1e-6)
+    # A NaFlex batch: the objective passes the patch mask, so padded tokens do not count.
+    mask = np.arange(5)[None, :] < np.array([[5], [3], [4], [2]])
+    noisy = jnp.where(mask[..., None], image_tokens, 50.0)
+    naflex = {**batch, "image": {"patches": np.zeros((4, 5, 12), np.float32), "mask": mask,
+                                 "spatial_shapes": np.ones((4, 2), np.int32)}}
+    _, metrics = jax.jit(lambda p, b, i: objective(_objective_inputs(model, p, b, i)))(
+        params, naflex, noisy)
+    ref_masked, _ = reference_loss(model, params, np.asarray(image_tokens), TOKENS,
+                                   TARGET_MASK, PARALLEL, image_mask=mask)
+    np.testing.assert_allclose(metrics["decoder/loss"], ref_masked, rtol=1e-5)
+    assert abs(ref_masked - ref_loss) > 1e-4  # The mask changes what the decoder sees.
 
 
 def test_zero_initialised_head_gives_the_uniform_loss_log_v():
@@ -282,7 +295,8 @@ def test_train_step_with_decoder_ring_loss_accumulation_and_fsdp_on_8_devices():
     ref = []
     for m in range(2):
         sl = slice(m, None, 2)
-        _, _, out = model.apply({"params": params1}, local["image"][sl], local["labels"][sl])
+        _, _, out = jax.jit(model.apply)({"params": params1}, local["image"][sl],
+                                         local["labels"][sl])
         ref.append(reference_loss(model, params1, np.asarray(out["img/encoded"]),
                                   local["dec_tokens"][sl], local["dec_target_mask"][sl],
                                   local["dec_parallel"][sl])[0])
@@ -365,3 +379,29 @@ def test_full_model_init_from_a_checkpoint_without_decoder_keeps_a_fresh_decoder
     assert sorted(loaded) == ["b", "img", "t", "txt"]
     np.testing.assert_array_equal(loaded["img"]["embedding"]["kernel"],
                                   plain["img"]["embedding"]["kernel"])
+
+
+def test_scanned_remat_decoder_computes_the_same_as_the_unscanned_one():
+    from siglip_jax.models.decoder import Decoder
+
+    kw = dict(vocab_size=VOCAB.size, width=16, depth=2, mlp_dim=32, num_heads=2, max_len=L)
+    plain, scanned = Decoder(**kw), Decoder(**kw, scan=True, remat_policy="nothing_saveable")
+    image = jax.random.normal(jax.random.key(4), (2, 3, 16))
+    tokens, parallel = jnp.asarray(TOKENS[:2]), jnp.array([False, True])
+    params = jax.jit(plain.init, static_argnames="parallel")(
+        jax.random.key(0), tokens, image, parallel=True)["params"]
+    params = {**params, "head": {"kernel": jax.random.normal(jax.random.key(1), (16, VOCAB.size)),
+                                 "bias": params["head"]["bias"]}}
+    blocks = [params.pop(f"decoderblock_{i}") for i in range(2)]
+    stacked = {**params, "decoderblock": jax.tree.map(lambda *x: jnp.stack(x), *blocks)}
+    params.update({f"decoderblock_{i}": b for i, b in enumerate(blocks)})
+
+    def run(module, p):
+        return jax.jit(lambda p: module.apply({"params": p}, tokens, image, parallel=parallel))(p)
+    np.testing.assert_allclose(run(scanned, stacked), run(plain, params), rtol=1e-5, atol=1e-5)
+    grads = [jax.jit(jax.grad(lambda p, m=m: jnp.sum(m.apply(
+        {"params": p}, tokens, image, parallel=parallel) ** 2)))(q)
+             for m, q in ((plain, params), (scanned, stacked))]
+    want = np.asarray(grads[0]["decoderblock_1"]["mlp"]["Dense_0"]["kernel"])
+    np.testing.assert_allclose(grads[1]["decoderblock"]["mlp"]["Dense_0"]["kernel"][1], want,
+                               rtol=1e-4, atol=1e-5 * np.abs(want).max())

@@ -3,6 +3,7 @@ the full decoder on the growing sequence; the box constraint; one-shot parallel 
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,3 +137,31 @@ def test_greedy_with_hand_made_logits():
                                         [9, 9, 9, 9, 9, 1]])
     cut = decoding.cut_after_eos(jnp.array([[1, 5, 1, 7, 1]]), jnp.array([1]), EOS)
     np.testing.assert_array_equal(cut, [[1, 5, 1, 0, 0]])  # The prompt's 1 is not an eos.
+
+
+class _MaskCounter(nn.Module):
+    """Image tower: NaFlex-style dict in, tokens out; decoder: always answers the id
+    2 + (number of image tokens its cross-attention may see)."""
+
+    @nn.compact
+    def __call__(self, image, text=None, train=False):
+        self.param("unused", nn.initializers.zeros, (1,))
+        return None, None, {"img/encoded": image["patches"]}
+
+    def decode(self, image_tokens, tokens, *, parallel, train=False, image_mask=None):
+        seen = (image_tokens.shape[1] if image_mask is None
+                else jnp.sum(image_mask, axis=1))
+        answer = jnp.broadcast_to(2 + jnp.asarray(seen)[..., None], tokens.shape)
+        return jax.nn.one_hot(answer, VOCAB.size)
+
+
+def test_naflex_patch_mask_reaches_the_decoder():
+    mask = np.arange(6)[None, :] < np.array([[2], [5]])
+    images = {"patches": np.zeros((2, 6, 3), np.float32), "mask": mask,
+              "spatial_shapes": np.array([[1, 2], [1, 5]], np.int32)}
+    prompt, plen = padded([[VOCAB.task_id("cap")], [VOCAB.task_id("cap")]])
+    for parallel in (False, True):
+        got = decoding.decode_images(_MaskCounter(), {"unused": jnp.zeros(1)}, images, prompt,
+                                     plen, vocab=VOCAB, parallel=parallel)
+        np.testing.assert_array_equal(got[:, :3], [[VOCAB.task_id("cap"), 4, 4],
+                                                   [VOCAB.task_id("cap"), 7, 7]])

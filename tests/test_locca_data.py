@@ -196,3 +196,16 @@ def test_bad_arguments_name_the_option(tok):
             get_preprocess_fn(f"locca_task({args})", tokenizer=tok)
     with pytest.raises(PPError, match="tokenizer"):
         get_preprocess_fn("locca_task(16)")
+
+
+def test_follows_the_model_decoder_vocabulary(tok):
+    # The trainer/evaluators pass the model's vocabulary: its text size may exceed the
+    # tokenizer's (a model built for a 64-piece vocabulary, a 40-piece tokenizer).
+    model_vocab = locca.DecoderVocab(text_vocab=64, num_bins=NUM_BINS)
+    ex = example(boxes=[(0.1, 0.2, 0.5, 0.65)], phrases=["green triangle"])
+    fn = get_preprocess_fn("locca_task(16, tasks='gcap', parallel_frac=0)", tokenizer=tok,
+                           decoder_vocab=model_vocab)
+    out = fn(ex)["dec_tokens"].numpy()
+    assert out[0] == 64 + NUM_BINS + 2 and list(out[1:5]) == [65, 66, 69, 70]
+    with pytest.raises(PPError, match="num_bins=7 but the model's decoder has 10"):
+        get_preprocess_fn("locca_task(16, num_bins=7)", tokenizer=tok, decoder_vocab=model_vocab)

@@ -58,6 +58,7 @@ class OpContext:
 
     index: int  # position of the op in the pipe (0-based); folds into random seeds
     tokenizer: Tokenizer | None = None
+    decoder_vocab: Any = None  # data.locca.DecoderVocab of the model's decoder (locca_task)
 
 
 def _registry_builder() -> tuple[dict[str, Callable[..., PPFn]], Callable[[str], Any]]:
@@ -564,15 +565,17 @@ def parse(pp_string: str) -> list[OpCall]:
     return calls
 
 
-def get_preprocess_fn(pp_string: str, *, tokenizer: Tokenizer | None = None) -> PPFn:
-    """Build the example -> example function described by pp_string."""
+def get_preprocess_fn(pp_string: str, *, tokenizer: Tokenizer | None = None,
+                      decoder_vocab: Any = None) -> PPFn:
+    """Build the example -> example function described by pp_string (`decoder_vocab`: the
+    model decoder's data.locca.DecoderVocab, which `locca_task` follows)."""
     fns: list[PPFn] = []
     for call in parse(pp_string):
         where = f"pp op #{call.index + 1} {call.text!r} (char {call.offset})"
         if call.name not in OPS:
             raise PPError(f"{where}: unknown op {call.name!r}; registered ops: {sorted(OPS)}")
         factory = OPS[call.name]
-        ctx = OpContext(index=call.index, tokenizer=tokenizer)
+        ctx = OpContext(index=call.index, tokenizer=tokenizer, decoder_vocab=decoder_vocab)
         sig = inspect.signature(factory)
         try:
             sig.bind(ctx, *call.args, **call.kwargs)

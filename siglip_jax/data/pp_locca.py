@@ -64,7 +64,7 @@ def _assemble(task_id: int, prefix: tf.Tensor, plen: tf.Tensor, target: tf.Tenso
 def get_locca_task(
     ctx: Any,
     max_len: int,
-    num_bins: int = 100,
+    num_bins: int | None = None,
     tasks: Sequence[str] = locca.TASKS,
     weights: Sequence[float] | None = None,
     parallel_frac: float = 0.5,
@@ -81,8 +81,9 @@ def get_locca_task(
     refs_key: str | None = None,
 ) -> Callable[[Example], Example]:
     """One LocCa decoder sequence per example: "dec_tokens", "dec_target_mask", "dec_parallel"
-    (see the module docstring). `text_vocab` defaults to the tokenizer's vocabulary size and
-    `num_bins` must equal the model's decoder `num_bins`."""
+    (see the module docstring). `num_bins` and `text_vocab` default to the model decoder's
+    (the trainer and the evaluators pass its vocabulary to the pp); given explicitly they must
+    agree with it. Without a model vocabulary they default to 100 and the tokenizer's size."""
     from siglip_jax.data.pp import PPError, _get, _seed
 
     tok = ctx.tokenizer
@@ -106,8 +107,18 @@ def get_locca_task(
     if not isinstance(max_len, int) or max_len < (BOX_TOKENS + 2 if needs_box else 2):
         raise PPError(f"locca_task: max_len={max_len!r} must be an int >= "
                       f"{BOX_TOKENS + 2 if needs_box else 2} (task, 4 box ids, eos)")
-    vocab = locca.DecoderVocab(int(text_vocab or tok.vocab_size), int(num_bins),
-                               eos_id=tok.eos_id)
+    model_vocab = ctx.decoder_vocab
+    if model_vocab is not None:
+        for name, given, want in (("num_bins", num_bins, model_vocab.num_bins),
+                                  ("text_vocab", text_vocab, model_vocab.text_vocab),
+                                  ("the tokenizer's eos id", tok.eos_id, model_vocab.eos_id)):
+            if given is not None and given != want:
+                raise PPError(f"locca_task: {name}={given} but the model's decoder has {want}")
+        vocab = model_vocab
+    else:
+        vocab = locca.DecoderVocab(int(text_vocab or tok.vocab_size),
+                                   int(num_bins or locca.DecoderVocab.num_bins),
+                                   eos_id=tok.eos_id)
     if tok.vocab_size > vocab.text_vocab:
         raise PPError(f"locca_task: text_vocab={vocab.text_vocab} is smaller than the "
                       f"tokenizer's {tok.vocab_size} pieces")

@@ -93,7 +93,8 @@ def build_evaluators(config: Any, *, model: Any, mesh: Any, param_shardings: Any
         source = make_source(spec.data, f"{where}.data")
         if source.num_examples is None:
             raise ConfigError(f"{where}.data: the evaluation source must know its size")
-        preprocess = get_preprocess_fn(spec.pp, tokenizer=tokenizer)
+        preprocess = get_preprocess_fn(spec.pp, tokenizer=tokenizer, decoder_vocab=(
+            model_vocab(model) if getattr(model, "decoder", None) is not None else None))
         shards = embedder.num_shards * jax.process_count()
         batch_size = max(shards, spec.batch_size // shards * shards)
         if spec.type == "dense_probe":

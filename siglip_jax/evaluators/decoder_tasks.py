@@ -117,6 +117,12 @@ def scores(kind: str, collected: Mapping[str, np.ndarray], vocab: DecoderVocab
            ) -> dict[str, float]:
     """The metrics of evaluator `kind` from the collected arrays (see DecoderTaskEvaluator)."""
     tokens = collected["dec_tokens"]
+    known = [vocab.task_id(t) for t in TASK_OF.values()]
+    unknown = collected[MASK_KEY] & ~np.isin(tokens[:, 0], known)
+    if unknown.any():
+        raise ValueError(f"{kind}: a sequence starts with id {tokens[unknown][0, 0]}, not one of "
+                         f"the model decoder's task ids {known}: the pp's locca_task vocabulary "
+                         "differs from the model's")
     valid = collected[MASK_KEY] & (tokens[:, 0] == vocab.task_id(TASK_OF[kind]))
     if kind == "referring":
         return box_scores(collected["generated"], tokens, collected["dec_target_mask"],

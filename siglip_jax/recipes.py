@@ -309,3 +309,47 @@ def siglip2_naflex_finetune_config(arg: str | None) -> ml_collections.ConfigDict
     c.model_init = dict(img="", txt="", full=str(args["init"]))
     _siglip2_text(c)
     return c
+
+
+# SigLIP 2 §2.3: the self-distillation and masked-prediction weights (1 and 0.25) are scaled
+# per model size to balance global and dense quality (docs/self_distillation.md).
+SELFSUP_SIZE_FACTOR = {"B": 0.25, "L": 0.5, "So400m": 1.0, "g": 0.5}
+FULL_DEFAULTS: dict[str, Any] = dict(
+    PRETRAIN_DEFAULTS, tokenizer=PLACEHOLDER_GEMMA, decoder=1, selfsup=1, local_crops=8,
+    local_size=96, fsdp=16,
+)
+ARG_DOCS.update({
+    "decoder": "1: add the LocCa caption decoder and its loss (0: off)",
+    "selfsup": "1: add self-distillation and masked prediction for the last 20 % (0: off)",
+    "local_crops": "local views per image for self-distillation (default 8)",
+    "local_size": "side of the local views in pixels, a multiple of the patch (default 96)",
+})
+
+
+def siglip2_full_config(image_variant: str, res: int, arg: str | None
+                        ) -> ml_collections.ConfigDict:
+    """The whole SigLIP 2 recipe (arXiv:2502.14786 §2): the FixRes SigLIP 2 recipe plus the
+    LocCa decoder (captioning, referring expressions, grounded captioning; loss weight 1) and,
+    for the last 20 % of steps, self-distillation and masked prediction against an EMA
+    teacher, their weights scaled by SELFSUP_SIZE_FACTOR."""
+    args = parse_args(arg, FULL_DEFAULTS)
+    c = pretrain_config(image_variant, res, None, defaults={
+        k: v for k, v in args.items() if k in PRETRAIN_DEFAULTS})
+    _siglip2_text(c)
+    keep = ["image", "labels"]
+    ops = [image_pp(res)]
+    if int(args["decoder"]):
+        c.model.decoder = dict(max_len=64)  # Width, heads from the text tower; half its depth.
+        c.loss.decoder = dict(weight=1.0)
+        ops.append("locca_task(max_len=64)")
+        keep += ["dec_tokens", "dec_target_mask", "dec_parallel"]
+    if int(args["selfsup"]):
+        n, size = int(args["local_crops"]), int(args["local_size"])
+        factor = SELFSUP_SIZE_FACTOR[image_variant.partition("/")[0]]
+        c.loss.self_distillation = dict(weight=1.0 * factor, n_local=n, local_size=size)
+        c.loss.masked_prediction = dict(weight=0.25 * factor, mask_ratio=0.5)
+        ops.append(f"local_crops({n}, {size})")
+        keep.append("local_views")
+    text = text_pp().replace('eos="sticky", ', 'convention="siglip2", ')
+    c.input.pp = "|".join([*ops, text, "keep(" + ", ".join(f'"{k}"' for k in keep) + ")"])
+    return c

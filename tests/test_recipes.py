@@ -30,6 +30,8 @@ INTENDED = {
     "demo_naflex.py": ("", "cpu-8"),
     "siglip2_b16_256.py": (f"{DATA},tokenizer=gs://b/gemma.model", "v4-128"),
     "siglip2_naflex_b16.py": (f"{DATA},init=/tmp,tokenizer=gs://b/gemma.model", "v4-32"),
+    "siglip2_full_b16_256.py": (f"{DATA},tokenizer=gs://b/gemma.model", "v4-1024"),
+    "demo_siglip2.py": ("", "cpu-8"),
 }
 # Configs that read a real checkpoint when loaded: planned in tests/test_docs.py instead.
 NEEDS_CHECKPOINT = {"finetune_csv.py"}
@@ -114,7 +116,8 @@ def test_large_models_shard_params_and_optimizer_state():
         assert full / 17 < p.bytes["optimizer state"] < full / 16 + 0.08 * full
 
 
-@pytest.mark.parametrize("name", sorted(set(INTENDED) - {"demo.py", "demo_naflex.py"}))
+@pytest.mark.parametrize("name", sorted(set(INTENDED) - {"demo.py", "demo_naflex.py",
+                                                         "demo_siglip2.py"}))
 def test_docstrings_say_how_to_launch_and_what_to_expect(name):
     doc = load_module_doc(CONFIGS / name)
     topology = INTENDED[name][1]

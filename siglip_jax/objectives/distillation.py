@@ -94,9 +94,9 @@ class SelfDistillation:
         """(weight · loss from the switch-on step on, else 0; metrics)."""
         if inputs.teacher is None:
             raise ValueError(f"{NAME}: the train state has no EMA teacher")
-        raw = self.loss(inputs.model, inputs.params, inputs.teacher, inputs.batch["image"],
-                        inputs.batch[VIEWS_KEY])
-        loss = selfsup.switched(inputs.step, self.start, raw)
+        loss = selfsup.switched(inputs.step, self.start, lambda: self.loss(
+            inputs.model, inputs.params, inputs.teacher, inputs.batch["image"],
+            inputs.batch[VIEWS_KEY]))
         return self.options["weight"] * loss, {f"{NAME}/loss": loss}
 
 

@@ -112,8 +112,8 @@ class MaskedPrediction:
         num = self.num_patches(image.shape[1:3])
         mask, ids = random_mask(jax.random.fold_in(inputs.rng, SALT), image.shape[0], num,
                                 self.options["mask_ratio"])
-        raw = self.loss(inputs.model, inputs.params, inputs.teacher, image, mask, ids)
-        loss = selfsup.switched(inputs.step, self.start, raw)
+        loss = selfsup.switched(inputs.step, self.start, lambda: self.loss(
+            inputs.model, inputs.params, inputs.teacher, image, mask, ids))
         return self.options["weight"] * loss, {f"{NAME}/loss": loss}
 
     def num_patches(self, hw: tuple[int, int]) -> int:

@@ -129,9 +129,13 @@ def cross_entropy(targets_nxk: jax.Array, student_nxk: jax.Array, temp: float) -
     return jnp.mean(-jnp.sum(targets_nxk * logp, axis=-1))
 
 
-def switched(step: Any, start: int, loss: jax.Array) -> jax.Array:
-    """`loss` from step `start` on, exactly 0 (and no gradient) before."""
-    return jnp.where(step >= start, loss, jnp.zeros_like(loss))
+def switched(step: Any, start: int, loss_fn: Callable[[], jax.Array]) -> jax.Array:
+    """`loss_fn()` from step `start` on, exactly 0 (and no gradient) before. A `lax.cond`:
+    before the switch-on step the extra forward passes are not run at all (only compiled)."""
+    if start <= 0:
+        return loss_fn()
+    return jax.lax.cond(step >= start, lambda: loss_fn().astype(jnp.float32),
+                        lambda: jnp.zeros((), jnp.float32))
 
 
 # ----------------------------------------------------------------------------- the teacher

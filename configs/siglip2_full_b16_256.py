@@ -1,0 +1,40 @@
+"""The whole SigLIP 2 recipe for B/16 at 256 px: sigmoid loss + LocCa decoder, then
+self-distillation and masked prediction for the last 20 % of training.
+
+Launch (plan it first, then train):
+
+    python -m siglip_jax.plan --topology v4-1024 \
+        --config 'configs/siglip2_full_b16_256.py:data=gs://B/w/*.tar,tokenizer=gs://B/gemma.model'
+    launch/tpu.sh run my-tpu --type v4-1024 \
+        --config 'configs/siglip2_full_b16_256.py:data=gs://B/w/*.tar,tokenizer=gs://B/gemma.model'
+
+The FixRes SigLIP 2 recipe (configs/siglip2_b16_256.py: ring sigmoid loss, batch 32k, Adam
+β2 0.95, lr 1e-3, wd 1e-4, cosine with 20k warmup, Gemma tokenizer) with, as in SigLIP 2
+(arXiv:2502.14786 §2.2–2.3):
+  * a LocCa decoder (docs/decoder.md) on the un-pooled image tokens: text-tower width and
+    heads, half its depth, 64 tokens, loss weight 1; tasks captioning, referring expressions
+    and grounded captioning (docs/decoder_tasks.md). Referring and grounded captioning need
+    region boxes and phrases in the data ("boxes", "box_texts", "num_boxes"; LocCa takes
+    them from an open-vocabulary detector run over WebLI); examples without boxes train
+    captioning only;
+  * self-distillation (8 local 96 px views vs an EMA teacher's full image) and masked
+    prediction (half of the patches), weights 1 and 0.25 times 0.25 for B, switched on for
+    the last 20 % of steps (docs/self_distillation.md).
+Parameters and optimizer state are sharded over 16 chips (`fsdp=16`; the decoder's 256k
+embedding and output layer alone hold 393 M parameters). The decoder's float32 [64, 256k]
+logits dominate activation memory, hence 512 chips for the 32k batch (SigLIP 2 trained on
+2048 TPUv5e chips); on fewer, raise `accum` (each micro-batch then sees fewer negatives). Arguments: the SigLIP recipes'
+(siglip_jax.recipes.ARG_DOCS) plus decoder=0|1, selfsup=0|1, local_crops, local_size.
+Expected result: the released SigLIP 2 B/16-256 reaches 79.1 % ImageNet zero-shot (paper,
+Table 1; recalled, check it) after 40B examples with this recipe plus the paper's data
+curation, which this recipe does not reproduce.
+"""
+
+import ml_collections
+
+from siglip_jax.recipes import siglip2_full_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The full SigLIP 2 B/16-256 recipe."""
+    return siglip2_full_config("B/16", 256, arg)

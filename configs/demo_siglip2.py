@@ -104,7 +104,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if decoder:
         c.loss.decoder = dict(weight=1.0)
     if selfsup:
-        head = dict(head_hidden=256, head_bottleneck=64, head_layers=3, prototypes=256)
+        head = dict(head_hidden=256, head_bottleneck=64, head_layers=3, prototypes=256,
+                    start_frac=0.8, ema=0.996)  # On for the last 20 % (SigLIP 2 §2.3).
         c.loss.self_distillation = dict(weight=1.0, n_local=LOCAL_CROPS,
                                         local_size=LOCAL_SIZE, **head)
         c.loss.masked_prediction = dict(weight=0.25, mask_ratio=0.5, **head)

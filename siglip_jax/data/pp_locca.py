@@ -90,7 +90,8 @@ def get_locca_task(
     """One LocCa decoder sequence per example: "dec_tokens", "dec_target_mask", "dec_parallel"
     (see the module docstring); with `all_tasks=True` one row per task in `tasks`. `num_bins`
     and `text_vocab` default to the model decoder's (the trainer and the evaluators pass its
-    vocabulary to the pp); given explicitly they must agree with it. Without a model vocabulary they default to 100 and the tokenizer's size."""
+    vocabulary to the pp); given explicitly they must agree with it. Without a model
+    vocabulary they default to 100 and the tokenizer's size."""
     from siglip_jax.data.pp import PPError, _get, _seed
 
     tok = ctx.tokenizer

@@ -12,9 +12,10 @@ sigmoid loss over 8 emulated CPU devices, batch 128, AdamW (β2 0.95), cosine wi
 
 Argument `objectives=` picks the row of the ablation (benchmarks/siglip2_ablation.py):
   sigmoid   the sigmoid loss only;
-  decoder   + a 2-layer LocCa decoder (width 64) on captioning, referring expressions
-            (phrase → box as 4 location tokens, 32 bins) and grounded captioning (box →
-            phrase), half of the captions predicted in parallel (docs/decoder.md);
+  decoder   + a 2-layer LocCa decoder (width 64) trained on all three tasks of every image:
+            captioning, referring expressions (phrase → box as 4 location tokens, 32 bins)
+            and grounded captioning (box → phrase), half of the captions predicted in
+            parallel (docs/decoder.md);
   all       (default) + self-distillation (4 local 32 px crops vs the EMA teacher's full
             image) and masked prediction (half of the patches masked), switched on for the
             last 20 % of steps as in SigLIP 2 (docs/self_distillation.md).
@@ -66,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     data = dict(name="demo_shapes", data_dir="~/.cache/siglip_jax", objects=True,
                 image_size=64, train_per_class=250, test_per_class=20)
-    task_op = f"locca_task(max_len={DEC_LEN}, num_bins={BINS})"
+    task_op = f"locca_task(max_len={DEC_LEN}, num_bins={BINS}, all_tasks=True)"  # [3, L]
     crops_op = f"local_crops({LOCAL_CROPS}, {LOCAL_SIZE})"
     keep = ["image", "labels"]
     pp = ["value_range(-1, 1)"]
@@ -102,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.loss = dict(impl="ring")
     if decoder:
-        c.loss.decoder = dict(weight=1.0)
+        c.loss.decoder = dict(weight=1.0, tasks_per_example=3)  # All 3 tasks per image.
     if selfsup:
         head = dict(head_hidden=256, head_bottleneck=64, head_layers=3, prototypes=256,
                     start_frac=0.8, ema=0.996)  # On for the last 20 % (SigLIP 2 §2.3).

@@ -192,10 +192,12 @@ class DecoderShape:
     vocab_size: int
     act_bytes: int
     remat: str
+    rows: int = 1  # Decoder sequences per image (loss.decoder.tasks_per_example).
 
 
-def decoder_shape(model: Any, image_tokens: int) -> DecoderShape | None:
-    """The decoder of a two-towers model (None without one), at `image_tokens` keys."""
+def decoder_shape(model: Any, image_tokens: int, rows: int = 1) -> DecoderShape | None:
+    """The decoder of a two-towers model (None without one), at `image_tokens` keys, run on
+    `rows` sequences per image."""
     import jax.numpy as jnp
 
     from siglip_jax.models.decoder import make_decoder
@@ -208,7 +210,7 @@ def decoder_shape(model: Any, image_tokens: int) -> DecoderShape | None:
     dec = make_decoder(model.decoder, text_kwargs(model.text), txt.vocab_size)
     return DecoderShape(dec.max_len, image_tokens, vit.width, dec.width, dec.depth,
                         dec.mlp_dim or 4 * dec.width, dec.num_heads, dec.vocab_size,
-                        jnp.dtype(dec.dtype or jnp.float32).itemsize, dec.remat_policy)
+                        jnp.dtype(dec.dtype or jnp.float32).itemsize, dec.remat_policy, rows)
 
 
 def decoder_forward_flops(d: DecoderShape) -> float:
@@ -505,7 +507,8 @@ def _step_parts(run: RunConfig, plan: Plan) -> Any:
         parts = build_step(run, mesh, shapes)
         plan.towers = towers_from_model(parts.model, plan.image_tokens or plan.image_hw,
                                         plan.text_len)
-        plan.decoder = decoder_shape(parts.model, plan.towers[0].tokens)
+        plan.decoder = decoder_shape(parts.model, plan.towers[0].tokens, int(
+            run.loss.objectives.get("decoder", {}).get("tasks_per_example", 1)))
         plan.passes = objective_passes(run, plan.towers[0])
     except ShardingError as e:
         plan.errors.append(f"sharding_rules: {e}")
@@ -558,7 +561,8 @@ def _memory(run: RunConfig, plan: Plan, parts: Any) -> None:
         kept += 3 * 4 * micro * p.head_rows * p.prototypes  # Head scores, softmax, targets.
     plan.bytes["activations"] = kept + working
     if plan.decoder is not None:
-        plan.bytes["decoder activations"] = decoder_activation_bytes(plan.decoder, micro)
+        plan.bytes["decoder activations"] = decoder_activation_bytes(plan.decoder,
+                                                                     micro * plan.decoder.rows)
     if "teacher" in state:  # The EMA teacher: params only, no optimizer state.
         plan.bytes["EMA teacher"] = sharded_bytes(state["teacher"], shardings["teacher"])
     plan.bytes["loss"] = loss_bytes(micro, plan.global_batch // plan.accum, _embed_dim(plan),
@@ -599,7 +603,7 @@ def _flops(plan: Plan) -> None:
         if trained and tower.remat != "none":
             remat_flops += fwd
     if plan.decoder is not None:  # Always trained (its own or the default group).
-        fwd = decoder_forward_flops(plan.decoder) * plan.global_batch
+        fwd = decoder_forward_flops(plan.decoder) * plan.global_batch * plan.decoder.rows
         model_flops += 3 * fwd
         remat_flops += fwd if plan.decoder.remat != "none" else 0.0
     for p in plan.passes:  # Heads are not counted (small next to the tower).

@@ -209,3 +209,65 @@ def test_follows_the_model_decoder_vocabulary(tok):
     assert out[0] == 64 + NUM_BINS + 2 and list(out[1:5]) == [65, 66, 69, 70]
     with pytest.raises(PPError, match="num_bins=7 but the model's decoder has 10"):
         get_preprocess_fn("locca_task(16, num_bins=7)", tokenizer=tok, decoder_vocab=model_vocab)
+
+
+# ------------------------------------------------------------------------------------------
+# all_tasks=True: one row per task
+
+
+def test_all_tasks_rows_match_hand_built(tok):
+    ex = example(boxes=[(0.1, 0.2, 0.5, 0.65)], phrases=["green triangle"])
+    out = run(f"locca_task(16, {NUM_BINS}, all_tasks=True, parallel_frac=0, box_key='box')",
+              [ex], tok)[0]
+    assert out["dec_tokens"].shape == (3, 16) and out["dec_target_mask"].shape == (3, 16)
+    assert out["dec_parallel"].shape == (3,) and not out["dec_parallel"].any()
+    for row, task in enumerate(("cap", "aref", "gcap")):
+        want_seq, want_mask = expected(tok, task)
+        np.testing.assert_array_equal(out["dec_tokens"][row], want_seq, err_msg=task)
+        np.testing.assert_array_equal(out["dec_target_mask"][row], want_mask, err_msg=task)
+    np.testing.assert_allclose(out["box"], [0.1, 0.2, 0.5, 0.65])
+    # Task order follows `tasks`; parallel_frac=1 makes exactly the parallel_tasks rows parallel.
+    out = run(f"locca_task(16, {NUM_BINS}, tasks=('gcap', 'cap'), all_tasks=True, "
+              "parallel_frac=1, parallel_tasks=('cap',))", [ex], tok)[0]
+    np.testing.assert_array_equal(out["dec_tokens"][0], expected(tok, "gcap")[0])
+    np.testing.assert_array_equal(out["dec_tokens"][1], expected(tok, "cap")[0])
+    np.testing.assert_array_equal(out["dec_parallel"], [False, True])
+
+
+def test_all_tasks_without_boxes_zeroes_the_box_rows(tok):
+    ex = example(boxes=[], phrases=[], num=0)
+    no_keys = {k: v for k, v in ex.items() if k not in ("boxes", "box_texts", "num_boxes")}
+    vocab = locca.DecoderVocab(tok.vocab_size, NUM_BINS)
+    for e in (ex, no_keys):
+        out = run(f"locca_task(16, {NUM_BINS}, all_tasks=True, parallel_frac=0)", [e], tok)[0]
+        want_seq, want_mask = expected(tok, "cap")
+        np.testing.assert_array_equal(out["dec_tokens"][0], want_seq)
+        np.testing.assert_array_equal(out["dec_target_mask"][0], want_mask)
+        np.testing.assert_array_equal(out["dec_target_mask"][1:], np.zeros((2, 16)))
+        assert list(out["dec_tokens"][1:, 0]) == [vocab.task_id("aref"), vocab.task_id("gcap")]
+
+
+def test_all_tasks_seeded_object_and_parallel_draws(tok):
+    n = 600
+    ds = tf.data.Dataset.from_tensors(example()).repeat(n)
+    fn = get_preprocess_fn(f"locca_task(16, {NUM_BINS}, all_tasks=True, parallel_frac=0.5, "
+                           "parallel_tasks=('cap', 'gcap'))", tokenizer=tok)
+    outs = list(add_example_seeds(ds, seed=5).map(fn).as_numpy_iterator())
+    again = list(add_example_seeds(ds, seed=5).take(30).map(fn).as_numpy_iterator())
+    for a, b in zip(outs, again, strict=False):
+        np.testing.assert_array_equal(a["dec_tokens"], b["dec_tokens"])
+        np.testing.assert_array_equal(a["dec_parallel"], b["dec_parallel"])
+    vocab = locca.DecoderVocab(tok.vocab_size, NUM_BINS)
+    # aref's target and gcap's prefix are the same object's box ids.
+    for o in outs[:50]:
+        aref_len = int(np.argmax(o["dec_target_mask"][1]))  # First target position.
+        np.testing.assert_array_equal(o["dec_tokens"][1, aref_len:aref_len + 4],
+                                      o["dec_tokens"][2, 1:5])
+    ymin = np.array([o["dec_tokens"][2, 1] - vocab.loc_start for o in outs])
+    assert set(ymin) == {0, 1} and abs(ymin.mean() - 0.5) < 0.15
+    par = np.array([o["dec_parallel"] for o in outs])
+    assert not par[:, 1].any() and abs(par[:, 0].mean() - 0.5) < 0.1
+    assert abs(par[:, 2].mean() - 0.5) < 0.1
+    assert 0.1 < np.mean(par[:, 0] != par[:, 2]) < 0.9  # Drawn per row, not shared.
+    with pytest.raises(PPError, match="weights=.*all_tasks"):
+        get_preprocess_fn("locca_task(16, weights=(1, 1, 1), all_tasks=True)", tokenizer=tok)

@@ -16,6 +16,12 @@ Output (the batch contract the decoder objective reads), L = max_len:
                      `prefix_loss=True` also at the prefix positions);
   "dec_parallel"     bool []: predict this example's targets in parallel (CapPa): True with
                      probability `parallel_frac` when the task is in `parallel_tasks`.
+With `all_tasks=True` the op emits one row per task in `tasks` (in that order), T = len(tasks):
+"dec_tokens" int32 [T, L], "dec_target_mask" float32 [T, L], "dec_parallel" bool [T] (each
+row of a task in `parallel_tasks` is parallel with probability `parallel_frac`, drawn per row).
+aref and gcap use the same object. In an example without boxes the aref/gcap rows keep their
+layout (empty phrase, zero box) with an all-zero target mask, so they add nothing to the loss
+or its normaliser. `weights` does not apply (every task is trained); passing it raises.
 Optional extra outputs for evaluators: `box_key` -> the chosen object's box float32 [4]
 (zeros for cap); `refs_key` -> every caption as a target row int32 [N, L] (caption ids, eos,
 0-padded; a single caption gives [1, L]).
@@ -79,11 +85,13 @@ def get_locca_task(
     num_boxes_key: str = "num_boxes",
     box_key: str | None = None,
     refs_key: str | None = None,
+    all_tasks: bool = False,
 ) -> Callable[[Example], Example]:
     """One LocCa decoder sequence per example: "dec_tokens", "dec_target_mask", "dec_parallel"
-    (see the module docstring). `num_bins` and `text_vocab` default to the model decoder's
-    (the trainer and the evaluators pass its vocabulary to the pp); given explicitly they must
-    agree with it. Without a model vocabulary they default to 100 and the tokenizer's size."""
+    (see the module docstring); with `all_tasks=True` one row per task in `tasks`. `num_bins`
+    and `text_vocab` default to the model decoder's (the trainer and the evaluators pass its
+    vocabulary to the pp); given explicitly they must agree with it. Without a model
+    vocabulary they default to 100 and the tokenizer's size."""
     from siglip_jax.data.pp import PPError, _get, _seed
 
     tok = ctx.tokenizer
@@ -97,6 +105,9 @@ def get_locca_task(
         if bad or (name == "tasks" and not group):
             raise PPError(f"locca_task: {name}={group!r} must be a non-empty subset of "
                           f"{locca.TASKS}")
+    if all_tasks and weights is not None:
+        raise PPError(f"locca_task: weights={weights!r} has no meaning with all_tasks=True "
+                      "(every task gets a row); drop it")
     weights = (1.0,) * len(tasks) if weights is None else tuple(float(w) for w in weights)
     if len(weights) != len(tasks) or min(weights) < 0 or sum(weights) <= 0:
         raise PPError(f"locca_task: weights={weights!r} must be {len(tasks)} non-negative "
@@ -131,8 +142,9 @@ def get_locca_task(
     def apply(data: Example) -> Example:
         data = dict(data)
         seed = _seed(data, ctx)
-        u_task, u_obj, u_par, u_cap = tf.unstack(
-            tf.random.stateless_uniform([4], seed=seed, dtype=tf.float32))
+        draws = tf.random.stateless_uniform([4 + (len(tasks) if all_tasks else 0)], seed=seed,
+                                            dtype=tf.float32)
+        u_task, u_obj, u_par, u_cap = tf.unstack(draws[:4])
         texts = tf.convert_to_tensor(_get(data, text_key, "locca_task"))
         all_caps = texts[None] if texts.shape.rank == 0 else texts
         n_caps = tf.shape(all_caps)[0]
@@ -165,6 +177,16 @@ def get_locca_task(
             "gcap": (vocab.task_id("gcap"), box_ids, BOX_TOKENS, phr_ids, phr_len),
         }
         built = [_assemble(*candidates[t], eos, max_len, prefix_loss) for t in (*tasks, "cap")]
+        if all_tasks:
+            rows = built[:-1]
+            has = tf.stack([tf.constant(True) if t == "cap" else has_box for t in tasks])
+            data["dec_tokens"] = tf.stack([b[0] for b in rows])
+            data["dec_target_mask"] = tf.stack([b[1] for b in rows]) * tf.cast(
+                has, tf.float32)[:, None]
+            data["dec_parallel"] = (draws[4:] < parallel_frac) & parallel_ok[:-1]
+            if box_key is not None:
+                data[box_key] = box
+            return _add_refs(data, all_caps) if refs_key is not None else data
         choice = tf.reduce_sum(tf.cast(u_task >= cum, tf.int32))
         if needs_box:
             choice = tf.where(has_box, choice, cap_idx)
@@ -174,12 +196,14 @@ def get_locca_task(
         if box_key is not None:
             chosen = tf.constant([t for t in (*tasks, "cap")])[choice]
             data[box_key] = tf.where(chosen == "cap", tf.zeros([4]), box)
-        if refs_key is not None:
-            ref_ids, ref_lens = _tokenize(tok, all_caps, max_len, lower, canonicalize)
-            ref_lens = tf.minimum(ref_lens, max_len - 2)
-            pos = tf.range(max_len)[None, :]
-            refs = tf.where(pos < ref_lens[:, None], ref_ids, 0)
-            data[refs_key] = tf.where(pos == ref_lens[:, None], eos, refs)
+        return _add_refs(data, all_caps) if refs_key is not None else data
+
+    def _add_refs(data: Example, all_caps: tf.Tensor) -> Example:
+        ref_ids, ref_lens = _tokenize(tok, all_caps, max_len, lower, canonicalize)
+        ref_lens = tf.minimum(ref_lens, max_len - 2)
+        pos = tf.range(max_len)[None, :]
+        refs = tf.where(pos < ref_lens[:, None], ref_ids, 0)
+        data[refs_key] = tf.where(pos == ref_lens[:, None], eos, refs)
         return data
 
     return apply

@@ -1,21 +1,28 @@
 """The LocCa decoder loss (SigLIP 2): token cross-entropy of the caption decoder.
 
-Configured as `config.loss.decoder = dict(weight=1.0)`; needs `config.model.decoder` (the
-decoder's shape, models/decoder.py). The batch carries, per example, one decoder sequence
-(made by the input pipeline):
+Configured as `config.loss.decoder = dict(weight=1.0, tasks_per_example=1)`; needs
+`config.model.decoder` (the decoder's shape, models/decoder.py). The batch carries, per
+example, T = tasks_per_example decoder sequences (made by the input pipeline; T = 1: the pp
+op `locca_task` samples one task, shapes [B, L] / [B]; T > 1: `locca_task(all_tasks=True)`
+gives one row per task, shapes [B, T, L] / [B, T]):
 
-  "dec_tokens"      int32 [B, L]   `[task, prefix..., target..., eos, 0-pad]` in DecoderVocab
-                                   ids (L = model.decoder.max_len)
-  "dec_target_mask" float32 [B, L] 1.0 at the positions holding target tokens (incl. eos)
-  "dec_parallel"    bool [B]       predict this example's targets in parallel (CapPa)
+  "dec_tokens"      int32 [B, (T,) L]   `[task, prefix..., target..., eos, 0-pad]` in
+                                        DecoderVocab ids (L = model.decoder.max_len)
+  "dec_target_mask" float32 [B, (T,) L] 1.0 at the positions holding target tokens (incl. eos)
+  "dec_parallel"    bool [B, (T)]       predict this row's targets in parallel (CapPa)
+
+T rows are flattened to B·T decoder rows (example-major), each cross-attending to its
+example's image tokens (repeated T times along the batch axis; the image tower runs once).
 
 One decoder pass of length L per (micro-)batch (models/decoder.training_inputs): causal
 self-attention and next-token targets for autoregressive rows, full self-attention over the
 input with targets (and padding) replaced by the mask id for parallel rows. The decoder
 cross-attends to the main forward pass's un-pooled image tokens (out["img/encoded"]; for a
 NaFlex batch the patch mask hides padding). Loss = weight × Σ token CE / number of target
-tokens of the micro-batch; metrics "decoder/loss" (the unweighted mean CE) and
-"decoder/token_acc" (argmax accuracy over the target tokens).
+tokens of the micro-batch (over all B·T rows); metrics "decoder/loss" (the unweighted mean
+CE), "decoder/token_acc" (argmax accuracy over the target tokens) and per task (read from each
+row's task token) "decoder/{cap,aref,gcap}_token_acc" (0 when the micro-batch has no target
+token of that task).
 """
 
 from __future__ import annotations
@@ -28,13 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from siglip_jax.config import ConfigError
+from siglip_jax.data.locca import TASKS
 
-OPTIONS: dict[str, Any] = {"weight": 1.0}
+OPTIONS: dict[str, Any] = {"weight": 1.0, "tasks_per_example": 1}
 _RNG_SALT = 0xDEC
 
 
 def check_options(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """`weight` (a finite number >= 0, default 1.0); unknown options raise ValueError."""
+    """`weight` (a finite number >= 0, default 1.0), `tasks_per_example` (an int in 1..3, the
+    pp's rows per example, default 1); unknown options raise ValueError."""
     unknown = sorted(set(raw) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; valid: {sorted(OPTIONS)}")
@@ -44,6 +53,10 @@ def check_options(raw: Mapping[str, Any]) -> dict[str, Any]:
             np.isfinite(weight) and weight >= 0):
         raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
     options["weight"] = float(weight)
+    tasks = options["tasks_per_example"]
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or not 1 <= tasks <= len(TASKS):
+        raise ValueError(f"tasks_per_example must be an int in 1..{len(TASKS)} (rows per "
+                         f"example of the pp's locca_task), got {tasks!r}")
     return options
 
 
@@ -61,10 +74,11 @@ def _max_len(run: Any) -> int:
 def batch_shapes(run: Any, options: dict[str, Any], batch: int
                  ) -> dict[str, tuple[tuple[int, ...], Any]]:
     """The batch entries the decoder loss reads (global shapes, numpy dtypes)."""
-    length = _max_len(run)
-    return {"dec_tokens": ((batch, length), np.int32),
-            "dec_target_mask": ((batch, length), np.float32),
-            "dec_parallel": ((batch,), np.bool_)}
+    length, tasks = _max_len(run), options["tasks_per_example"]
+    rows = (batch,) if tasks == 1 else (batch, tasks)
+    return {"dec_tokens": ((*rows, length), np.int32),
+            "dec_target_mask": ((*rows, length), np.float32),
+            "dec_parallel": (rows, np.bool_)}
 
 
 def token_loss(logits_bxlxv: jax.Array, targets_bxl: jax.Array, weights_bxl: jax.Array
@@ -86,21 +100,40 @@ def make(run: Any, options: dict[str, Any], mesh: Any) -> Any:
     from siglip_jax.schema import thaw
 
     _max_len(run)  # One-line error without a model.decoder.
-    mask_id = vocab_of(thaw(run.model.decoder), run.model.vocab_size).mask_id
-    weight = float(options["weight"])
+    vocab = vocab_of(thaw(run.model.decoder), run.model.vocab_size)
+    weight, rows = float(options["weight"]), int(options["tasks_per_example"])
 
     def objective(inputs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         batch = inputs.batch
         image = batch["image"]
         image_mask = image["mask"] if isinstance(image, Mapping) else None
-        parallel = jnp.asarray(batch["dec_parallel"], bool)
-        tokens, targets, weights = training_inputs(
-            batch["dec_tokens"], batch["dec_target_mask"], parallel, mask_id)
+        image_tokens = inputs.out["img/encoded"]
+        dec_tokens = jnp.asarray(batch["dec_tokens"], jnp.int32)
+        want = 2 if rows == 1 else 3
+        if dec_tokens.ndim != want or (rows > 1 and dec_tokens.shape[1] != rows):
+            raise ValueError(
+                f"loss.decoder.tasks_per_example={rows} expects dec_tokens "
+                f"{'[B, L]' if rows == 1 else f'[B, {rows}, L]'}, got {dec_tokens.shape}; "
+                "match it to the pp (locca_task(all_tasks=True) gives one row per task)")
+        if rows > 1:  # [B, T, ...] -> [B·T, ...], example-major; image tokens repeated.
+            image_tokens = jnp.repeat(image_tokens, rows, axis=0)
+            image_mask = None if image_mask is None else jnp.repeat(image_mask, rows, axis=0)
+        dec_tokens = dec_tokens.reshape(-1, dec_tokens.shape[-1])
+        target_mask = jnp.reshape(batch["dec_target_mask"], dec_tokens.shape)
+        parallel = jnp.asarray(batch["dec_parallel"], bool).reshape(-1)
+        tokens, targets, weights = training_inputs(dec_tokens, target_mask, parallel,
+                                                   vocab.mask_id)
         logits = inputs.model.apply(
-            {"params": inputs.params}, inputs.out["img/encoded"], tokens, parallel=parallel,
+            {"params": inputs.params}, image_tokens, tokens, parallel=parallel,
             train=True, image_mask=image_mask, method="decode",
             rngs={"dropout": jax.random.fold_in(inputs.rng, _RNG_SALT)})
         loss, acc = token_loss(logits, targets, weights)
-        return weight * loss, {"decoder/loss": loss, "decoder/token_acc": acc}
+        metrics = {"decoder/loss": loss, "decoder/token_acc": acc}
+        hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * weights
+        for task in TASKS:  # Per-task accuracy, the task read from each row's first token.
+            w = weights * (dec_tokens[:, :1] == vocab.task_id(task))
+            metrics[f"decoder/{task}_token_acc"] = (
+                jnp.sum(hit * w) / jnp.maximum(jnp.sum(w), 1.0))
+        return weight * loss, metrics
 
     return objective

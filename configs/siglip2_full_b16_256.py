@@ -3,17 +3,17 @@ self-distillation and masked prediction for the last 20 % of training.
 
 Launch (plan it first, then train):
 
-    python -m siglip_jax.plan --topology v4-1024 \
+    python -m siglip_jax.plan --topology v4-2048 \
         --config 'configs/siglip2_full_b16_256.py:data=gs://B/w/*.tar,tokenizer=gs://B/gemma.model'
-    launch/tpu.sh run my-tpu --type v4-1024 \
+    launch/tpu.sh run my-tpu --type v4-2048 \
         --config 'configs/siglip2_full_b16_256.py:data=gs://B/w/*.tar,tokenizer=gs://B/gemma.model'
 
 The FixRes SigLIP 2 recipe (configs/siglip2_b16_256.py: ring sigmoid loss, batch 32k, Adam
 β2 0.95, lr 1e-3, wd 1e-4, cosine with 20k warmup, Gemma tokenizer) with, as in SigLIP 2
 (arXiv:2502.14786 §2.2–2.3):
   * a LocCa decoder (docs/decoder.md) on the un-pooled image tokens: text-tower width and
-    heads, half its depth, 64 tokens, loss weight 1; tasks captioning, referring expressions
-    and grounded captioning (docs/decoder_tasks.md). Referring and grounded captioning need
+    heads, half its depth, 64 tokens, loss weight 1; all three tasks for every image:
+    captioning, referring expressions and grounded captioning (docs/decoder_tasks.md). Referring and grounded captioning need
     region boxes and phrases in the data ("boxes", "box_texts", "num_boxes"; LocCa takes
     them from an open-vocabulary detector run over WebLI); examples without boxes train
     captioning only;
@@ -22,8 +22,9 @@ The FixRes SigLIP 2 recipe (configs/siglip2_b16_256.py: ring sigmoid loss, batch
     the last 20 % of steps (docs/self_distillation.md).
 Parameters and optimizer state are sharded over 16 chips (`fsdp=16`; the decoder's 256k
 embedding and output layer alone hold 393 M parameters). The decoder's float32 [64, 256k]
-logits dominate activation memory, hence 512 chips for the 32k batch (SigLIP 2 trained on
-2048 TPUv5e chips); on fewer, raise `accum` (each micro-batch then sees fewer negatives). Arguments: the SigLIP recipes'
+logits (three rows per image) dominate activation memory, hence 1024 chips for the 32k batch
+(SigLIP 2 trained on 2048 TPUv5e chips); on fewer, raise `accum` (each micro-batch then sees
+fewer negatives). Arguments: the SigLIP recipes'
 (siglip_jax.recipes.ARG_DOCS) plus decoder=0|1, selfsup=0|1, local_crops, local_size.
 Expected result: the released SigLIP 2 B/16-256 reaches 79.1 % ImageNet zero-shot (paper,
 Table 1; recalled, check it) after 40B examples with this recipe plus the paper's data

@@ -340,8 +340,8 @@ def siglip2_full_config(image_variant: str, res: int, arg: str | None
     ops = [image_pp(res)]
     if int(args["decoder"]):
         c.model.decoder = dict(max_len=64)  # Width, heads from the text tower; half its depth.
-        c.loss.decoder = dict(weight=1.0)
-        ops.append("locca_task(max_len=64)")
+        c.loss.decoder = dict(weight=1.0, tasks_per_example=3)  # §2.2: all three per image.
+        ops.append("locca_task(max_len=64, all_tasks=True)")
         keep += ["dec_tokens", "dec_target_mask", "dec_parallel"]
     if int(args["selfsup"]):
         n, size = int(args["local_crops"]), int(args["local_size"])

@@ -83,14 +83,18 @@ def state_shardings(abstract_params: Any, tx: optax.GradientTransformation, mesh
 
 def init_state(model: Any, tx: optax.GradientTransformation,
                batch_shapes: Mapping[str, tuple[int, ...]], mesh: Any, rules: Sequence,
-               seed: int, pretrained: Mapping[str, Any] | None = None) -> tuple[State, State]:
+               seed: int, pretrained: Mapping[str, Any] | None = None, *,
+               abstract: tuple[State, State] | None = None) -> tuple[State, State]:
     """Creates the sharded train state; returns (state, state_shardings).
 
     `pretrained` maps top-level param names ("img", "txt", "t", "b") to trees of arrays that
-    replace the random init of that part; shapes must match.
+    replace the random init of that part; shapes must match. `abstract` is the (abstract
+    state, shardings) pair of `state_shardings` when the caller has it already (e.g.
+    experiment.StepParts): model.init is then not traced again for the shapes.
     """
     pretrained = dict(pretrained or {})
-    abstract, shardings = state_shardings(abstract_params(model, batch_shapes), tx, mesh, rules)
+    abstract, shardings = abstract or state_shardings(abstract_params(model, batch_shapes), tx,
+                                                      mesh, rules)
     check_pretrained(abstract["params"], pretrained)
     pretrained = jax.device_put(pretrained, {k: shardings["params"][k] for k in pretrained})
     init_all = _init_fn(model, tx, batch_shapes)

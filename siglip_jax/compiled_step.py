@@ -18,7 +18,9 @@
 `compile_train_step(config, "v4-256")` builds the trainer's own step (`build_step`: the
 config's model, mesh, sharding rules, loss, dtype, scan, remat, accumulation) on compile-only
 devices of the slice and analyses it; a program that does not fit is reported (`oom`), not
-raised. Times are compiler/roofline estimates, never measurements.
+raised. `build_for_slice(config, slice)` builds once for both the train step and the
+evaluators' image steps (`SliceBuild.compile_train_step`, `.compile_eval_steps`).
+Times are compiler/roofline estimates, never measurements.
 """
 
 from __future__ import annotations
@@ -320,12 +322,83 @@ def is_hbm_oom(error: BaseException) -> bool:
     return "HbmOom" in text or "RESOURCE_EXHAUSTED" in text or "exceeds the HBM" in text.lower()
 
 
-def compile_train_step(config: Any, slice_name: str | Slice, *,
-                       model_flops: float | None = None) -> CompiledReport:
-    """Compiles the trainer's own step of `config` (experiment.build_step: its mesh, rules,
-    loss, dtypes, scan and remat) for a TPU slice (compile-only devices) and analyses it."""
+@dataclasses.dataclass(frozen=True)
+class SliceBuild:
+    """The trainer's step built ONCE for a TPU slice (compile-only devices): the train step and
+    every evaluator's image step compile from the same model, params and shardings."""
+
+    run: Any  # schema.RunConfig
+    spec: Slice
+    mesh: Any
+    shapes: dict[str, Any]  # The global batch's shapes (experiment.input_shapes).
+    parts: Any  # experiment.StepParts
+
+    def compile_train_step(self, *, model_flops: float | None = None) -> CompiledReport:
+        """Compiles and analyses the train step; a program over HBM is reported (`oom`)."""
+        from siglip_jax.experiment import abstract_batch
+
+        spec, examples = self.spec, self.run.input.global_batch
+        start = time.perf_counter()
+        lowered = self.parts.step_fn.lower(self.parts.abstract_state,
+                                           abstract_batch(self.parts, self.shapes, self.run))
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # The TPU compiler reports HBM overflow as a runtime error.
+            if not is_hbm_oom(e):
+                raise
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return CompiledReport(spec.name, spec.chips, spec.chip, examples,
+                                  time.perf_counter() - start, oom=message[:400])
+        return analyse(compiled, spec.chip, slice_name=spec.name, chips=spec.chips,
+                       examples_per_step=examples, compile_seconds=time.perf_counter() - start,
+                       model_flops=model_flops)
+
+    def compile_eval_steps(self) -> dict[str, CompiledReport]:
+        """Compiles each evaluator's image-embedding step (its batch size and pp's image size,
+        the trainer's params and shardings); {evaluator name: report}. Evaluators whose pp does
+        not fix the image size (or NaFlex ones) are left out."""
+        import jax
+
+        from siglip_jax.evaluators.common import Embedder
+        from siglip_jax.experiment import pp_image_size
+
+        spec, parts = self.spec, self.parts
+        if not self.run.evals or isinstance(self.shapes["image"], dict):
+            return {}
+        params = parts.abstract_state["params"]
+        embedder = Embedder(parts.model, self.mesh, self.run.mesh.batch_axes,
+                            parts.shardings["params"])
+        reports = {}
+        for ev in self.run.evals:
+            image_hw = pp_image_size(ev.pp, ev.data)
+            if image_hw is None:
+                continue
+            batch = max(embedder.num_shards, ev.batch_size // embedder.num_shards
+                        * embedder.num_shards)
+            images = jax.ShapeDtypeStruct((batch, *image_hw, 3), jax.numpy.float32,
+                                          sharding=parts.data_sharding["image"])
+            start = time.perf_counter()
+            lowered = embedder.image_step.lower(params, images)
+            try:
+                compiled = lowered.compile()
+            except Exception as e:  # The TPU compiler reports HBM overflow as a runtime error.
+                if not is_hbm_oom(e):
+                    raise
+                reports[ev.name] = CompiledReport(spec.name, spec.chips, spec.chip, batch,
+                                                  time.perf_counter() - start,
+                                                  oom=str(e).strip().splitlines()[0][:400])
+                continue
+            reports[ev.name] = analyse(compiled, spec.chip, slice_name=spec.name,
+                                       chips=spec.chips, examples_per_step=batch,
+                                       compile_seconds=time.perf_counter() - start)
+        return reports
+
+
+def build_for_slice(config: Any, slice_name: str | Slice) -> SliceBuild:
+    """Builds the trainer's step of `config` (experiment.build_step: its mesh, rules, loss,
+    dtypes, scan and remat) once on compile-only devices of a TPU slice; nothing compiled yet."""
     from siglip_jax.config import ConfigError
-    from siglip_jax.experiment import abstract_batch, build_step, input_shapes
+    from siglip_jax.experiment import build_step, input_shapes
     from siglip_jax.schema import parse
 
     run = parse(config)
@@ -335,66 +408,26 @@ def compile_train_step(config: Any, slice_name: str | Slice, *,
         raise ConfigError("cannot tell the training image size: input.pp has no resize/crop "
                           "or patchify op and input.data has no image_size")
     mesh = run.mesh.make(compile_only_devices(spec))
-    parts = build_step(run, mesh, shapes)
-    examples = run.input.global_batch
-    start = time.perf_counter()
-    lowered = parts.step_fn.lower(parts.abstract_state, abstract_batch(parts, shapes, run))
-    try:
-        compiled = lowered.compile()
-    except Exception as e:  # The TPU compiler reports HBM overflow as a runtime error.
-        if not is_hbm_oom(e):
-            raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return CompiledReport(spec.name, spec.chips, spec.chip, examples,
-                              time.perf_counter() - start, oom=message[:400])
-    return analyse(compiled, spec.chip, slice_name=spec.name, chips=spec.chips,
-                   examples_per_step=examples, compile_seconds=time.perf_counter() - start,
-                   model_flops=model_flops)
+    return SliceBuild(run, spec, mesh, shapes, build_step(run, mesh, shapes))
+
+
+def compile_train_step(config: Any, slice_name: str | Slice, *,
+                       model_flops: float | None = None) -> CompiledReport:
+    """Compiles the trainer's own step of `config` for a TPU slice (compile-only devices) and
+    analyses it (to compile the evaluators' steps too, build once with `build_for_slice`)."""
+    return build_for_slice(config, slice_name).compile_train_step(model_flops=model_flops)
 
 
 def compile_eval_steps(config: Any, slice_name: str | Slice) -> dict[str, CompiledReport]:
-    """Compiles each evaluator's image-embedding step (its batch size and pp's image size, the
-    trainer's params and shardings) for a TPU slice; {evaluator name: report}. Evaluators
-    whose pp does not fix the image size (or NaFlex ones) are left out."""
-    import jax
-
-    from siglip_jax.evaluators.common import Embedder
-    from siglip_jax.experiment import build_step, input_shapes, pp_image_size
+    """Compiles each evaluator's image-embedding step for a TPU slice; {evaluator name: report}
+    (see SliceBuild.compile_eval_steps); {} without evaluators or a known image size."""
+    from siglip_jax.experiment import input_shapes
     from siglip_jax.schema import parse
 
     run = parse(config)
-    spec = parse_slice(slice_name) if isinstance(slice_name, str) else slice_name
-    shapes = input_shapes(run)
-    if not run.evals or shapes is None:
+    if not run.evals or input_shapes(run) is None:
         return {}
-    mesh = run.mesh.make(compile_only_devices(spec))
-    parts = build_step(run, mesh, shapes)
-    params = parts.abstract_state["params"]
-    embedder = Embedder(parts.model, mesh, run.mesh.batch_axes, parts.shardings["params"])
-    reports = {}
-    for ev in run.evals:
-        image_hw = pp_image_size(ev.pp, ev.data)
-        if image_hw is None or isinstance(shapes["image"], dict):
-            continue
-        batch = max(embedder.num_shards, ev.batch_size // embedder.num_shards
-                    * embedder.num_shards)
-        images = jax.ShapeDtypeStruct((batch, *image_hw, 3), jax.numpy.float32,
-                                      sharding=parts.data_sharding["image"])
-        start = time.perf_counter()
-        lowered = embedder.image_step.lower(params, images)
-        try:
-            compiled = lowered.compile()
-        except Exception as e:  # The TPU compiler reports HBM overflow as a runtime error.
-            if not is_hbm_oom(e):
-                raise
-            reports[ev.name] = CompiledReport(spec.name, spec.chips, spec.chip, batch,
-                                              time.perf_counter() - start,
-                                              oom=str(e).strip().splitlines()[0][:400])
-            continue
-        reports[ev.name] = analyse(compiled, spec.chip, slice_name=spec.name, chips=spec.chips,
-                                   examples_per_step=batch,
-                                   compile_seconds=time.perf_counter() - start)
-    return reports
+    return build_for_slice(run, slice_name).compile_eval_steps()
 
 
 def _gib(n: float) -> str:

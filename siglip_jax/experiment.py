@@ -307,9 +307,11 @@ def abstract_batch(parts: StepParts, shapes: Mapping[str, Any],
 
 def init_state(run: RunConfig, parts: StepParts, mesh: Any, shapes: Mapping[str, Any],
                pretrained: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The train state, created already sharded (random init, then the pretrained parts)."""
+    """The train state, created already sharded (random init, then the pretrained parts), with
+    the abstract state and shardings `build_step` computed (not traced again)."""
     from siglip_jax import step as step_lib
 
     state, _ = step_lib.init_state(parts.model, parts.tx, shapes, mesh, run.mesh.rules,
-                                   run.seed, pretrained, parts.objectives)
+                                   run.seed, pretrained, parts.objectives,
+                                   abstract=(parts.abstract_state, parts.shardings))
     return state

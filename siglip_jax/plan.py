@@ -785,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def compile_and_compare(config: Any, slice_name: str, plan: Plan) -> str | None:
     """Compiles the train step for the slice, prints the compiler's report next to the
     analytic estimate, and returns an error line if the compiled step does not fit."""
-    from siglip_jax.compiled_step import compile_train_step, format_report
+    from siglip_jax.compiled_step import build_for_slice, format_report
 
     hbm = plan.topology.hbm_bytes
     analytic_memory = [e for e in plan.errors if e.startswith(MEMORY_ERROR)]
@@ -795,8 +795,9 @@ def compile_and_compare(config: Any, slice_name: str, plan: Plan) -> str | None:
     print(f"  compile       the trainer's step for {slice_name} (compile-only TPU devices) …",
           flush=True)
     model_flops = plan.flops.get("model")
-    report = compile_train_step(config, slice_name, model_flops=model_flops
-                                and model_flops / plan.topology.chips)  # Per chip.
+    build = build_for_slice(config, slice_name)  # Built once: train and eval steps.
+    report = build.compile_train_step(model_flops=model_flops
+                                      and model_flops / plan.topology.chips)  # Per chip.
     print(format_report(report), flush=True)
     if report.oom is not None:
         return (f"the compiled train step does not fit the {_gib(hbm)} HBM of a "
@@ -811,14 +812,13 @@ def compile_and_compare(config: Any, slice_name: str, plan: Plan) -> str | None:
         plan.errors = [e for e in plan.errors if e not in analytic_memory]
         print("  note: the analytic estimate is over the HBM but the compiled step fits; the "
               "compiler's number is exact", flush=True)
-    return _compile_evaluators(config, slice_name, plan)
+    return _compile_evaluators(build, plan)
 
 
-def _compile_evaluators(config: Any, slice_name: str, plan: Plan) -> str | None:
-    """Compiles each evaluator's image step too; an error line if one does not fit."""
-    from siglip_jax.compiled_step import compile_eval_steps
-
-    for name, report in compile_eval_steps(config, slice_name).items():
+def _compile_evaluators(build: Any, plan: Plan) -> str | None:
+    """Compiles each evaluator's image step of a `compiled_step.SliceBuild` too; an error line
+    if one does not fit."""
+    for name, report in build.compile_eval_steps().items():
         if report.oom is not None or not report.fits:
             return (f"evals.{name}: the compiled image step at batch {report.examples_per_step} "
                     f"does not fit the {_gib(plan.topology.hbm_bytes)} HBM of a "

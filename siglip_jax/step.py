@@ -101,19 +101,23 @@ def state_shardings(abstract_params: Any, tx: optax.GradientTransformation, mesh
 def init_state(model: Any, tx: optax.GradientTransformation,
                batch_shapes: Mapping[str, tuple[int, ...]], mesh: Any, rules: Sequence,
                seed: int, pretrained: Mapping[str, Any] | None = None,
-               objectives: Sequence[Any] = ()) -> tuple[State, State]:
+               objectives: Sequence[Any] = (), *,
+               abstract: tuple[State, State] | None = None) -> tuple[State, State]:
     """Creates the sharded train state; returns (state, state_shardings).
 
     `pretrained` maps top-level param names ("img", "txt", "t", "b") to trees of arrays that
     replace the random init of that part; shapes must match. `objectives` add their params
     and, if one needs it, the EMA teacher (a copy of the initial, pretrained-updated params).
+    `abstract` is the (abstract state, shardings) pair of `state_shardings` when the caller has
+    it already (e.g. experiment.StepParts): model.init is then not traced again for the shapes.
     """
     from siglip_jax.objectives.selfsup import teacher_spec
 
     pretrained = dict(pretrained or {})
     teacher = teacher_spec(objectives)
-    abstract, shardings = state_shardings(abstract_params(model, batch_shapes, objectives), tx,
-                                          mesh, rules, teacher.parts if teacher else ())
+    abstract, shardings = abstract or state_shardings(
+        abstract_params(model, batch_shapes, objectives), tx, mesh, rules,
+        teacher.parts if teacher else ())
     check_pretrained(abstract["params"], pretrained)
     pretrained = jax.device_put(pretrained, {k: shardings["params"][k] for k in pretrained})
     init_all = _init_fn(model, tx, batch_shapes, objectives)

@@ -1,14 +1,31 @@
-"""Test setup: 8 emulated CPU devices and strict numerics, before JAX starts its backend."""
+"""Test setup: 8 emulated CPU devices and strict numerics, before JAX starts its backend, and
+one persistent XLA compilation cache per test session.
 
+The cache is a fresh temporary folder (removed at exit), so a run never reads programs from
+an earlier one: each distinct program is still compiled once per session, and every later
+build of it (the tiny trainer's step is built by many test files, in-process and in the
+subprocesses, which inherit JAX_COMPILATION_CACHE_DIR) loads the compiled executable instead
+of compiling again. Compile-only TPU programs cannot be read back (tests/test_tpu_compile.py
+turns the cache off for itself).
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # libtpu may be installed (for compile-only TPU tests): keep the default backend CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="siglip_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
 
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_threefry_partitionable", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])

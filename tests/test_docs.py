@@ -16,7 +16,8 @@ must appear in the real output in that order (`…` lines stand for omitted ones
 
 Every block runs in one sandbox: a temporary folder with links to the repository's configs/,
 launch/, siglip_jax/ and benchmarks/, `/tmp/` in the text pointing into it, and HOME and
-TMPDIR inside it — nothing is written elsewhere. The sandbox holds what the README's next
+TMPDIR inside it — nothing is written elsewhere (but for the session's XLA compilation
+cache, tests/conftest.py). The sandbox holds what the README's next
 steps assume: the demo's workdir (`/tmp/siglip_demo`, a 5-step demo run on a smaller
 dataset), a stand-in for a
 downloaded Hugging Face checkpoint (`siglip-base-patch16-224`, a tiny random SigLIP with the
@@ -208,8 +209,8 @@ def _make_checkpoint_and_csv(root: str) -> None:
                   text=dict(vocab_size=64, width=32, depth=1, mlp_dim=64, num_heads=2,
                             pool_type="last"),
                   out_dim=(None, 32), temperature_init=10.0, bias_init=-10.0)
-    params = Model(**kwargs).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                  jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.jit(Model(**kwargs).init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                           jnp.zeros((1, 8), jnp.int32))["params"]
     hf.save_hf(ckpt, jax.tree.map(np.asarray, params), kwargs, 32, 8)
     data = os.path.join(root, "my_data")
     os.makedirs(os.path.join(data, "images"))
@@ -232,12 +233,18 @@ def sandbox(tmp_path_factory):
         os.makedirs(os.path.join(root, name))
     for name in LINKED:
         os.symlink(os.path.join(REPO, name), os.path.join(root, name))
-    demo = subprocess.run(
+    demo = subprocess.Popen(  # Runs while this process makes the checkpoint and the CSV.
         [sys.executable, "-m", "siglip_jax.train", "--config", "configs/demo.py:steps=5",
          "--workdir", os.path.join(root, "tmp", "siglip_demo"), *DEMO_SMALLER],
-        cwd=root, env=_env(root), capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
-    _make_checkpoint_and_csv(root)
+        cwd=root, env=_env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _make_checkpoint_and_csv(root)
+        stdout, stderr = demo.communicate(timeout=TIMEOUT_S)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.communicate()
+    assert demo.returncode == 0, stdout[-2000:] + stderr[-2000:]
     return root
 
 

@@ -65,7 +65,7 @@ def test_tiny_npz_opens_without_config_and_computes_the_same(tmp_path, scanned, 
     model = Model(**{**TINY, "image": {**TINY["image"], "scan": not scanned}})
     image = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
     text = jax.random.randint(jax.random.key(2), (2, 8), 2, 50)
-    params = model.init(jax.random.key(0), image, text)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), image, text)["params"]
     bv.save_npz(tmp_path / "tiny.npz", params, scanned=scanned)
 
     monkeypatch.chdir(tmp_path)

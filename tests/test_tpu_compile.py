@@ -118,6 +118,20 @@ def test_roofline_names_its_bound_and_drops_an_insane_compiler_estimate():
 libtpu = pytest.importorskip("libtpu", reason="the TPU compile tests need libtpu (test extra)")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_persistent_compilation_cache():
+    """Compile-only TPU executables cannot be read back from the session's compilation cache
+    (tests/conftest.py): keep it off here, so each compile is a plain one."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
+
+
 @pytest.fixture(scope="module")
 def v5e():
     from siglip_jax.tpu_slices import compile_only_devices
@@ -247,21 +261,51 @@ def test_analyse_reads_the_compiled_program(v5e):
     assert np.isfinite(r.step_seconds) and r.bound in ("compute", "memory", "collectives")
 
 
-def test_plan_compile_reports_the_trainers_compiled_step(capsys):
-    """`plan --compile` compiles experiment.build_step's step for the slice: the compiler's
-    exact bytes per chip sit next to the analytic estimate; a CPU topology is refused."""
-    from siglip_jax import plan
+_TRAIN_REPORTS = {}
 
+
+@pytest.fixture
+def train_step_compiled_once(monkeypatch):
+    """The plan tests below compile the same train step (the demo at batch 64 on v4-8; their
+    evaluator settings differ, which the train step does not read): the first compiles it,
+    the others reuse its report. Each still builds the step and compiles its own eval steps."""
+    import dataclasses
+
+    compile_train_step = cs.SliceBuild.compile_train_step
+
+    def once(self, *, model_flops=None):
+        key = (repr(dataclasses.replace(self.run, evals=())), self.spec.name)
+        if key not in _TRAIN_REPORTS:
+            _TRAIN_REPORTS[key] = compile_train_step(self)
+        return dataclasses.replace(_TRAIN_REPORTS[key], model_flops=model_flops)
+
+    monkeypatch.setattr(cs.SliceBuild, "compile_train_step", once)
+
+
+@pytest.mark.usefixtures("train_step_compiled_once")
+def test_plan_compile_reports_the_trainers_compiled_step(capsys, monkeypatch):
+    """`plan --compile` compiles experiment.build_step's step for the slice: the compiler's
+    exact bytes per chip sit next to the analytic estimate; one build serves the train step
+    and the evaluator's image step; a CPU topology is refused."""
+    from siglip_jax import experiment, plan
+
+    builds = []
+    build_step = experiment.build_step
+    monkeypatch.setattr(experiment, "build_step",
+                        lambda *args, **kwargs: builds.append(args) or build_step(*args, **kwargs))
     assert plan.main(["--config", "configs/demo.py", "--topology", "v4-8", "--compile",
                       "--config.input.global_batch=64"]) == 0
     out = capsys.readouterr().out
     assert "memory per chip (compiler, exact)" in out and "compiled for v4-8 (4 × TPU v4)" in out
     assert re.search(r"analytic vs compiled: .* estimated, .* compiled per chip", out)
     assert re.search(r"eval zeroshot +image step at batch 240: .* per chip \(compiler\)", out)
+    # make_plan builds once on an abstract mesh; the compile builds once on the slice's devices.
+    assert len([a for a in builds if not isinstance(a[1], jax.sharding.AbstractMesh)]) == 1
     assert plan.main(["--config", "configs/demo.py", "--topology", "cpu-8", "--compile"]) == 2
     assert "--compile needs a TPU slice" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("train_step_compiled_once")
 def test_plan_compile_fails_in_one_line_when_an_evaluator_step_does_not_fit(capsys):
     """An evaluation batch too large for the chip: the evaluator's compiled image step is
     over HBM, so the plan fails naming the key to change."""
@@ -275,6 +319,7 @@ def test_plan_compile_fails_in_one_line_when_an_evaluator_step_does_not_fit(caps
                    "fit the 32.00 GiB HBM of a TPU v4 chip; lower evals.zeroshot.batch_size"]
 
 
+@pytest.mark.usefixtures("train_step_compiled_once")
 def test_a_compiled_step_that_fits_overrules_the_analytic_memory_error(capsys):
     """The analytic activation estimate is conservative: with --compile, a step that the
     compiler fits within the chip's HBM clears the analytic 'estimated memory' error."""

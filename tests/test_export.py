@@ -9,6 +9,7 @@ Every export is reopened with `open_model` and must give the embeddings of the r
 
 import json
 import os
+import re
 
 import jax
 import ml_collections
@@ -219,14 +220,13 @@ def test_teacher_export_is_the_ema_of_the_saved_steps(run, reference, tmp_path):
     t2 = bv.read_npz(_export(run, tmp_path / "t2.npz", "--format", "npz", "--part", "teacher"))
     student = reference["params"]
     assert sorted(t2) == ["b", "img", "t", "txt"]
-    bv_flat = bv.flatten
-    for k, v in bv_flat(t2, "").items():
+    for k, v in bv.flatten(t2, "").items():
         if not k.startswith("img/"):  # Text tower, t, b: the student's.
-            np.testing.assert_array_equal(v, bv_flat(student, "")[k], err_msg=k)
+            np.testing.assert_array_equal(v, bv.flatten(student, "")[k], err_msg=k)
     # Step 2's teacher = 0.996 · step 1's teacher + 0.004 · step 2's student (start_frac 0).
-    s_img, t1_img = bv_flat(student["img"], ""), bv_flat(t1["img"], "")
+    s_img, t1_img = bv.flatten(student["img"], ""), bv.flatten(t1["img"], "")
     lag = 0.0
-    for k, v in bv_flat(t2["img"], "").items():
+    for k, v in bv.flatten(t2["img"], "").items():
         np.testing.assert_allclose(v, EMA * t1_img[k] + (1 - EMA) * s_img[k], rtol=1e-6,
                                    atol=1e-7, err_msg=k)
         lag = max(lag, float(np.abs(v - s_img[k]).max()))
@@ -249,20 +249,17 @@ def test_step_flag_and_conversions(run, reference, tmp_path):
         np.testing.assert_array_equal(bv.flatten(back)[k], v, err_msg=k)
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (["--format", "hf", "--part", "decoder"], 2, "--part decoder is written as --format npz"),
-    (["--format", "npz", "--step", "7"], 2, r"no saved step 7 \(saved: \[1, 2\]\)"),
-    (["--format", "npz", "--out-name", "x.txt"], 2, "an npz export is a file ending in .npz"),
+@pytest.mark.parametrize("args, out_name, message", [
+    (["--format", "hf", "--part", "decoder"], "x", "--part decoder is written as --format npz"),
+    (["--format", "npz", "--step", "7"], "x.npz", r"no saved step 7 \(saved: \[1, 2\]\)"),
+    (["--format", "npz"], "x.txt", "an npz export is a file ending in .npz"),
 ])
-def test_bad_arguments_are_one_line_errors(run, tmp_path, capsys, args, code, message):
-    out = str(tmp_path / "x.npz")
-    if "--out-name" in args:
-        i = args.index("--out-name")
-        out, args = str(tmp_path / args[i + 1]), args[:i] + args[i + 2:]
-    assert cli.main(["--checkpoint", run, "--out", out, *args]) == code
+def test_bad_arguments_are_one_line_errors(run, tmp_path, capsys, args, out_name, message):
+    assert cli.main(["--checkpoint", run, "--out", str(tmp_path / out_name), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
+    assert not os.listdir(tmp_path)  # Nothing was written.
 
 
 def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys):
@@ -290,3 +287,37 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys):
     fails(["--checkpoint", gap, "--format", "hf", "--out", str(tmp_path / "gap_hf")], 2,
           "image pool_type must be 'map'")
     assert cli.main(["--checkpoint", run, "--format", "npz", "--out", npz, "--force"]) == 0
+
+
+def test_naflex_towers_export_as_siglip2_with_the_gemma_tokenizer_name(reference, tmp_path):
+    """A NaFlex image tower is written as a Siglip2Model directory with `tokenizer.model`, so
+    it reopens as NaFlex with the "siglip2" text convention and the same embeddings."""
+    from siglip_jax.models import naflex
+    from siglip_jax.models.two_towers import Model
+
+    kw = dict(image=dict(kind="naflex", variant="mu/4", posemb_grid=4, pool_type="map"),
+              text=dict(variant="mu", vocab_size=TEXT_VOCAB), out_dim=(None, 32))
+    rng = np.random.default_rng(4)
+    image = {"patches": rng.uniform(-1, 1, (2, 20, 48)).astype(np.float32),
+             "mask": np.arange(20)[None].repeat(2, 0) < np.array([[16], [12]]),
+             "spatial_shapes": np.array([[4, 4], [3, 4]], np.int32)}
+    text = _inputs()[1][:2, :8]
+    shapes = jax.eval_shape(Model(**kw).init, jax.random.key(0), naflex.example_input(1, 20, 4),
+                            jax.ShapeDtypeStruct((1, 8), np.int32))["params"]
+    params = jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32), shapes)
+    want = Model(**kw).apply({"params": params}, image, text)
+    convention = parts.hf_convention(kw, "")
+    assert convention == "siglip2"
+    files = parts.save_towers(str(tmp_path / "hf"), params, "hf", model_config=kw,
+                              text_len=8, tokenizer=reference["opened"].tokenizer,
+                              convention=convention)
+    assert sorted(os.path.basename(f) for f in files) == [
+        "config.json", "model.safetensors", "tokenizer.model"]
+    with open(tmp_path / "hf" / "config.json") as f:
+        assert json.load(f)["architectures"] == ["Siglip2Model"]
+    opened = open_model(tmp_path / "hf")
+    assert opened.is_naflex and opened.convention == "siglip2" and opened.text_len == 8
+    got = Model(**opened.model_config).apply({"params": opened.params}, image, text)
+    for g, w in zip(got[:2], want[:2], strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-6)
+    assert hf.is_naflex(hf.read_hf_config(tmp_path / "hf"))

@@ -70,10 +70,18 @@ def _listdir(path: str) -> list[str]:
     return [d.rstrip("/") for d in fs.listdir(path)] if fs else os.listdir(path)
 
 
+def saved_steps(workdir: str | os.PathLike) -> list[int]:
+    """The steps saved in one of our workdirs (`checkpoints/<step>/default`), ascending."""
+    checkpoints_dir = os.path.join(os.fspath(workdir), "checkpoints")
+    if not _isdir(checkpoints_dir):
+        return []
+    return sorted(int(d) for d in _listdir(checkpoints_dir)
+                  if _STEP_RE.match(d) and _isdir(os.path.join(checkpoints_dir, d, "default")))
+
+
 def _latest_step_dir(checkpoints_dir: str) -> str | None:
-    steps = [int(d) for d in _listdir(checkpoints_dir)
-             if _STEP_RE.match(d) and _isdir(os.path.join(checkpoints_dir, d, "default"))]
-    return os.path.join(checkpoints_dir, str(max(steps))) if steps else None
+    steps = saved_steps(os.path.dirname(checkpoints_dir.rstrip("/")))
+    return os.path.join(checkpoints_dir, str(steps[-1])) if steps else None
 
 
 def _orbax_item_dir(path: str) -> tuple[str | None, str | None]:
@@ -121,21 +129,44 @@ def _read_json(path: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
-def _orbax_params(item_dir: str) -> dict[str, Any]:
+def _orbax_entry(item_dir: str, key: str = "params", required: bool = True
+                 ) -> dict[str, Any] | None:
+    """One top-level entry of a saved train state as numpy (None if absent and not required)."""
     import jax
     import orbax.checkpoint as ocp
 
     checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(item_dir).item_metadata.tree
-    if "params" not in tree:
-        raise CheckpointFormatError(f"checkpoint {item_dir!r} has no 'params' (keys: "
+    if key not in tree:
+        if not required:
+            return None
+        raise CheckpointFormatError(f"checkpoint {item_dir!r} has no {key!r} (keys: "
                                     f"{sorted(tree)})")
-    item = {"params": tree["params"]}
+    item = {key: tree[key]}
     restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                                           item)
     restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
-    return jax.tree_util.tree_map(np.asarray, dict(restored["params"]))
+    return jax.tree_util.tree_map(np.asarray, dict(restored[key]))
+
+
+def _orbax_params(item_dir: str) -> dict[str, Any]:
+    return _orbax_entry(item_dir, "params")
+
+
+def load_state_entry(path: str | os.PathLike, key: str) -> dict[str, Any] | None:
+    """numpy tree of one entry of our run's saved train state (e.g. "teacher", the EMA
+    teacher of the self-supervised objectives), None if the state has no such entry.
+
+    `path` is our workdir (newest step) or a step directory; a .npz or HF directory (which
+    hold params only) raises CheckpointFormatError.
+    """
+    path = os.fspath(path)
+    fmt = detect_format(path)
+    if fmt != "orbax":
+        raise CheckpointFormatError(f"checkpoint {path!r} is a {fmt} checkpoint: it holds "
+                                    f"params only, no train state entry {key!r}")
+    return _orbax_entry(_orbax_item_dir(path)[0], key, required=False)
 
 
 def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:

@@ -28,11 +28,12 @@ ROWS = ("sigmoid", "decoder", "all")
 COLUMNS = (  # (header, metrics.jsonl key)
     ("zero-shot top-1", "zeroshot/top1"),
     ("caption exact", "captioning/exact_match"),
-    ("caption token acc", "captioning/token_accuracy"),
-    ("referring acc@0.5", "referring/accuracy"),
-    ("grounded acc", "grounded_captioning/accuracy"),
-    ("dense probe acc", "dense_probe/accuracy"),
-    ("dense probe mIoU", "dense_probe/miou"),
+    ("caption token acc", "captioning/token_acc"),
+    ("referring acc@0.5", "referring/acc@0.5"),
+    ("grounded exact", "grounded_captioning/exact_match"),
+    ("dense acc (class)", "dense_class/accuracy"),
+    ("dense mIoU (class)", "dense_class/miou"),
+    ("dense mIoU (shape)", "dense_shape/miou"),
 )
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs",
                       "demo_siglip2.py")

@@ -1,6 +1,6 @@
 """Quiet console start-up for the command-line entry points.
 
-Every entry point (train, evaluate, predict, plan, plot, demo_shapes) calls
+Every entry point (train, evaluate, predict, plan, plot, export, demo_shapes) calls
 `argv = quiet_startup(argv)` first thing in `main()`, before TensorFlow or JAX is imported.
 On a normal run it hides start-up noise that says nothing to a user:
 

@@ -98,7 +98,7 @@ def test_config_json_round_trips_through_the_schema(tmp_path):
     assert again == run
 
 
-ENTRY_POINTS = ("train", "plan", "evaluate", "predict", "plot")
+ENTRY_POINTS = ("train", "plan", "evaluate", "predict", "plot", "export")
 
 
 def _imports(path: Path) -> set[str]:

@@ -35,7 +35,7 @@ import ml_collections
 from siglip_jax.config import ConfigError, parse_config_arg
 
 ROWS = ("sigmoid", "decoder", "all")
-STEPS = {"sigmoid": 1000, "decoder": 380, "all": 320}  # ~5 min each on 2 idle cores.
+STEPS = {"sigmoid": 1500, "decoder": 600, "all": 270}  # ~280 s each on 2 idle cores.
 DEC_LEN, BINS, TEXT_LEN = 20, 32, 18
 LOCAL_CROPS, LOCAL_SIZE = 4, 32
 

@@ -136,6 +136,7 @@ def _multitask_run(tasks):
     return parse(c)
 
 
+@pytest.mark.slow  # tests/test_siglip2_demo.py trains tasks_per_example=3 through train().
 def test_train_step_with_three_tasks_per_example_on_8_devices():
     run = _multitask_run(3)
     assert len(jax.devices()) == 8

@@ -13,10 +13,10 @@ The FixRes SigLIP 2 recipe (configs/siglip2_b16_256.py: ring sigmoid loss, batch
 (arXiv:2502.14786 §2.2–2.3):
   * a LocCa decoder (docs/decoder.md) on the un-pooled image tokens: text-tower width and
     heads, half its depth, 64 tokens, loss weight 1; all three tasks for every image:
-    captioning, referring expressions and grounded captioning (docs/decoder_tasks.md). Referring and grounded captioning need
-    region boxes and phrases in the data ("boxes", "box_texts", "num_boxes"; LocCa takes
-    them from an open-vocabulary detector run over WebLI); examples without boxes train
-    captioning only;
+    captioning, referring expressions and grounded captioning (docs/decoder_tasks.md).
+    Referring and grounded captioning need region boxes and phrases in the data ("boxes",
+    "box_texts", "num_boxes"; LocCa takes them from an open-vocabulary detector run over
+    WebLI); examples without boxes train captioning only;
   * self-distillation (8 local 96 px views vs an EMA teacher's full image) and masked
     prediction (half of the patches), weights 1 and 0.25 times 0.25 for B, switched on for
     the last 20 % of steps (docs/self_distillation.md).

@@ -199,7 +199,7 @@ def load_model_init(run: RunConfig, abstract_params: Mapping[str, Any]) -> dict[
     from siglip_jax.checkpoints import big_vision, loader
     from siglip_jax.checkpoints.hf import HFCheckpointError
     from siglip_jax.checkpoints.open import open_model
-    from siglip_jax.objectives.selfsup import HEAD_PARTS
+    from siglip_jax.checkpoints.parts import TOWER_PARTS
 
     parts: dict[str, Any] = {}
     for part, path in run.model_init.parts().items():
@@ -209,8 +209,8 @@ def load_model_init(run: RunConfig, abstract_params: Mapping[str, Any]) -> dict[
                 HFCheckpointError) as e:
             raise ConfigError(f"model_init.{part}: {e}") from None
         names = sorted(abstract_params) if part == "full" else [part]
-        if part == "full":  # Parts the checkpoint lacks (decoder, heads) keep their own init.
-            names = [n for n in names if n not in (*HEAD_PARTS, "dec") or n in params]
+        if part == "full":  # Parts beyond the towers (decoder, heads) may start fresh.
+            names = [n for n in names if n in TOWER_PARTS or n in params]
         missing = [name for name in names if name not in params]
         if missing:
             raise ConfigError(f"model_init.{part}: checkpoint {path!r} has no {missing[0]!r} "

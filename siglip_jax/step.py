@@ -43,6 +43,12 @@ def abstract_params(model: Any, batch_shapes: Mapping[str, Any],
                     objectives: Sequence[Any] = ()) -> Any:
     """Parameter shapes and dtypes (the model's, plus the objectives' heads), without
     allocating anything."""
+    return jax.eval_shape(_params_init(model, batch_shapes, objectives), jax.random.key(0))
+
+
+def _params_init(model: Any, batch_shapes: Mapping[str, Any],
+                 objectives: Sequence[Any]) -> Callable[[Any], dict[str, Any]]:
+    """rng → the model's params on dummy inputs of `batch_shapes`, plus the objectives' heads."""
     from siglip_jax.objectives.selfsup import objective_params
 
     def init(rng):
@@ -50,21 +56,19 @@ def abstract_params(model: Any, batch_shapes: Mapping[str, Any],
         text = jnp.zeros(batch_shapes["labels"], jnp.int32)
         return {**model.init(rng, image, text)["params"], **objective_params(objectives, rng)}
 
-    return jax.eval_shape(init, jax.random.key(0))
+    return init
 
 
 def _init_fn(model: Any, tx: optax.GradientTransformation,
              batch_shapes: Mapping[str, tuple[int, ...]], objectives: Sequence[Any] = ()
              ) -> Callable:
-    from siglip_jax.objectives.selfsup import objective_params, teacher_spec
+    from siglip_jax.objectives.selfsup import teacher_spec
 
     teacher = teacher_spec(objectives)
+    init_params = _params_init(model, batch_shapes, objectives)
 
     def init_all(rng, pretrained):
-        image = example_image(batch_shapes["image"])
-        text = jnp.zeros(batch_shapes["labels"], jnp.int32)
-        params = {**model.init(rng, image, text)["params"], **objective_params(objectives, rng)}
-        params.update(pretrained)
+        params = {**init_params(rng), **pretrained}
         state = {"params": params, "opt_state": tx.init(params),
                  "step": jnp.zeros((), jnp.int32)}
         if teacher is not None:  # The EMA teacher starts as a copy of the student.

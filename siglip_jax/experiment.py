@@ -152,7 +152,7 @@ def decoder_vocab(run: RunConfig) -> Any:
     if run.model.decoder is None:
         return None
     from siglip_jax.models.decoder import vocab_of
-    from siglip_jax.schema import thaw
+    from siglip_jax.records import thaw
 
     return vocab_of(thaw(run.model.decoder), run.model.vocab_size)
 

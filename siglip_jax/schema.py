@@ -32,81 +32,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from types import MappingProxyType
 from typing import Any
 
 from siglip_jax.config import ConfigError, check_keys, to_plain
-
-MISSING = dataclasses.MISSING
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _frozen(value: Any) -> Any:
-    """Plain nested containers → read-only mappings and tuples (hashable enough, immutable)."""
-    if isinstance(value, Mapping):
-        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
-    if isinstance(value, (list, tuple)):
-        return tuple(_frozen(v) for v in value)
-    return value
-
-
-def thaw(value: Any) -> Any:
-    """The inverse of freezing: read-only mappings/tuples → dicts/lists (for kwargs, JSON)."""
-    if isinstance(value, Mapping):
-        return {k: thaw(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [thaw(v) for v in value]
-    return value
-
-
-def _fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
-def _record(cls: type, raw: Mapping[str, Any] | None, where: str, **extra: Any) -> Any:
-    """Builds the record `cls` from a mapping: unknown keys raise, missing keys take defaults,
-    required keys (no default) raise when absent."""
-    raw = dict(to_plain(raw) or {})
-    names = [n for n in _fields(cls) if n not in extra]
-    check_keys(raw, names, where)
-    for name, field in _fields(cls).items():
-        if name in extra or name in raw:
-            continue
-        if field.default is MISSING and field.default_factory is MISSING:
-            raise ConfigError(f"config key {where}.{name} is required")
-    return cls(**raw, **extra)
-
-
-def _int(value: Any, key: str, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            isinstance(value, float) and not value.is_integer()):
-        raise ConfigError(f"config key {key} expects an int, got {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"config key {key} must be >= {minimum}, got {value}")
-    return value
-
-
-def _float(value: Any, key: str, minimum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"config key {key} expects a finite number, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"config key {key} must be >= {minimum}, got {value}")
-    return float(value)
-
-
-def _choice(value: Any, key: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{key} {value!r} is not one of {tuple(choices)}")
-    return value
-
-
-def _set(record: Any, **values: Any) -> None:
-    for name, value in values.items():
-        object.__setattr__(record, name, value)
-
+from siglip_jax.records import build_record as _record
+from siglip_jax.records import check_choice as _choice
+from siglip_jax.records import check_float as _float
+from siglip_jax.records import check_int as _int
+from siglip_jax.records import freeze as _frozen
+from siglip_jax.records import set_fields as _set
+from siglip_jax.records import thaw
 
 # ----------------------------------------------------------------------------- sections
 

@@ -51,7 +51,7 @@ class Source(Protocol):
 
 
 def _plain(data_cfg: Any) -> dict[str, Any]:
-    from siglip_jax.schema import thaw
+    from siglip_jax.records import thaw
 
     return dict(thaw(to_plain(data_cfg)))
 

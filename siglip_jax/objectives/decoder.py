@@ -63,7 +63,7 @@ def check_options(raw: Mapping[str, Any]) -> dict[str, Any]:
 def _max_len(run: Any) -> int:
     from siglip_jax.models.decoder import decoder_kwargs
     from siglip_jax.models.variants import text_kwargs
-    from siglip_jax.schema import thaw
+    from siglip_jax.records import thaw
 
     if run.model.decoder is None:
         raise ConfigError("config.loss.decoder needs config.model.decoder (the decoder's "
@@ -97,7 +97,7 @@ def make(run: Any, options: dict[str, Any], mesh: Any) -> Any:
     """The decoder objective of a run (see the module docstring)."""
     del mesh  # Activations follow the batch sharding of the main forward pass.
     from siglip_jax.models.decoder import training_inputs, vocab_of
-    from siglip_jax.schema import thaw
+    from siglip_jax.records import thaw
 
     _max_len(run)  # One-line error without a model.decoder.
     vocab = vocab_of(thaw(run.model.decoder), run.model.vocab_size)

@@ -32,6 +32,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from siglip_jax.sharding import mesh_of
 from siglip_jax.tpu_slices import Chip, Slice, compile_only_devices, parse_slice
 
 GiB = 1024**3
@@ -407,7 +408,7 @@ def build_for_slice(config: Any, slice_name: str | Slice) -> SliceBuild:
     if shapes is None:
         raise ConfigError("cannot tell the training image size: input.pp has no resize/crop "
                           "or patchify op and input.data has no image_size")
-    mesh = run.mesh.make(compile_only_devices(spec))
+    mesh = mesh_of(run.mesh, compile_only_devices(spec))
     return SliceBuild(run, spec, mesh, shapes, build_step(run, mesh, shapes))
 
 

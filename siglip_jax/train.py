@@ -34,6 +34,7 @@ from siglip_jax.console import quiet_startup
 from siglip_jax.experiment import setup_jax
 from siglip_jax.hooks import NonFiniteError
 from siglip_jax.schema import RunConfig, parse
+from siglip_jax.sharding import mesh_of
 
 PREEMPTED_EXIT_CODE = 143
 CONFIG_EXIT_CODE = 2
@@ -119,7 +120,7 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     run = parse(config)
     is_host0 = jax.process_index() == 0
     log = (lambda *a: print(*a, flush=True)) if is_host0 else (lambda *a: None)
-    mesh = run.mesh.make()
+    mesh = mesh_of(run.mesh)
     log(f"devices: {jax.device_count()} × {jax.devices()[0].platform} "
         f"({jax.devices()[0].device_kind}) in {jax.process_count()} process(es); "
         f"mesh {dict(mesh.shape)}")

@@ -15,6 +15,7 @@ from siglip_jax.config import load_config
 from siglip_jax.experiment import infer_image_size
 from siglip_jax.models.two_towers import Model
 from siglip_jax.schema import parse
+from siglip_jax.sharding import mesh_of
 
 DEMO = "configs/demo.py"
 
@@ -345,7 +346,7 @@ def test_planner_bytes_are_the_trainers_sharded_abstract_state():
     overrides = ["mesh=[('data', 4), ('fsdp', 2)]", "sharding_rules=[('.*', 'fsdp')]"]
     p = demo_plan(overrides)
     run = parse(load_config(DEMO, overrides))
-    mesh = run.mesh.make()
+    mesh = mesh_of(run.mesh)
     parts = experiment.build_step(run, mesh, experiment.input_shapes(run))
     device = mesh.devices.flat[0]
 

@@ -8,6 +8,7 @@ import pytest
 
 from siglip_jax import schema
 from siglip_jax.config import ConfigError, load_config
+from siglip_jax.sharding import axis_sizes, batch_shard_count
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.py")
@@ -81,11 +82,11 @@ def test_batch_layout_is_checked_in_one_place():
 def test_mesh_travels_with_batch_axes_and_rules():
     run = _demo("mesh=[('data', -1), ('fsdp', 2)]", "batch_axes=('data', 'fsdp')",
                 "sharding_rules=[('img/.*', 'fsdp'), ('.*', 'replicate')]")
-    assert run.mesh.sizes(8) == {"data": 4, "fsdp": 2}
-    assert run.mesh.batch_shards(8) == 8
+    assert axis_sizes(run.mesh, 8) == {"data": 4, "fsdp": 2}
+    assert batch_shard_count(run.mesh, 8) == 8
     assert run.mesh.rules == (("img/.*", "fsdp"), (".*", "replicate"))
     with pytest.raises(ConfigError, match="does not divide the 5 devices"):
-        run.mesh.sizes(5)
+        axis_sizes(run.mesh, 5)
 
 
 def test_config_json_round_trips_through_the_schema(tmp_path):

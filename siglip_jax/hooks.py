@@ -23,6 +23,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+import jax
+import numpy as np
+
 Log = Callable[[str], None]
 
 
@@ -52,8 +55,6 @@ class NonFiniteCheck:
 
     def check(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Blocks on step `step`'s metrics; raises NonFiniteError or counts a skip (once)."""
-        import jax
-
         if step <= self._checked:
             return
         self._checked = step
@@ -91,8 +92,6 @@ class LogMetrics:
         self.counters = counters
 
     def __call__(self, step: int, state: Any, metrics: Mapping[str, Any]) -> None:
-        import jax
-
         first = step == self.start_step + 1
         if not (first or step % self.log_every == 0 or step == self.total_steps):
             return
@@ -194,9 +193,6 @@ class StopFlag:
 
 def any_process(flag: bool) -> bool:
     """True if `flag` is set on any process (a collective when there are several)."""
-    import jax
-    import numpy as np
-
     if jax.process_count() == 1:
         return flag
     from jax.experimental import multihost_utils
@@ -213,8 +209,6 @@ class StopOnSigterm:
         self.evaluations = evaluations
 
     def __call__(self, step: int, state: Any, metrics: Mapping[str, Any]) -> str | None:
-        import jax
-
         if jax.process_count() > 1 and step % self.log_every:
             return None
         if any_process(self.flag.raised):

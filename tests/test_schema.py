@@ -1,6 +1,5 @@
 """The config schema: every recipe parses; defaults, checks and one-line errors live here."""
 
-import ast
 import dataclasses
 from pathlib import Path
 
@@ -97,28 +96,3 @@ def test_config_json_round_trips_through_the_schema(tmp_path):
     path.write_text(json.dumps(run.to_dict()))
     again = schema.parse(load_config(str(path)))
     assert again == run
-
-
-ENTRY_POINTS = ("train", "plan", "evaluate", "predict", "plot", "export")
-
-
-def _imports(path: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-        elif isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-    return names
-
-
-BENCHMARKS = sorted(f"benchmarks/{p.name}" for p in (REPO / "benchmarks").glob("*.py"))
-
-
-@pytest.mark.parametrize("path", [f"siglip_jax/{m}.py" for m in ENTRY_POINTS] + BENCHMARKS)
-def test_no_entry_point_imports_another(path):
-    """Entry points import library modules only (their shared parts live in experiment.py)."""
-    own = Path(path).stem
-    others = {f"siglip_jax.{m}" for m in ENTRY_POINTS if m != own}
-    found = _imports(REPO / path) & others
-    assert not found, f"{path} imports {sorted(found)}"

@@ -463,6 +463,8 @@ def _analyse(run: RunConfig, plan: Plan) -> None:
 
 def _mesh_and_batch(run: RunConfig, plan: Plan) -> bool:
     """Mesh axis sizes and batch divisibility (the trainer's own check)."""
+    from siglip_jax.experiment import check_batch
+
     topology = plan.topology
     try:
         plan.mesh = resolve_mesh(run.mesh.axes, topology.chips)
@@ -474,7 +476,7 @@ def _mesh_and_batch(run: RunConfig, plan: Plan) -> bool:
     plan.global_batch, plan.accum = run.input.global_batch, run.grad_accum_steps
     axes = " × ".join(f"{a}={plan.mesh[a]}" for a in plan.batch_axes)
     try:
-        run.check_batch(shards, topology.hosts, f"({axes}) of {topology.name}")
+        check_batch(run, shards, topology.hosts, f"({axes}) of {topology.name}")
     except ConfigError as e:
         plan.errors.append(str(e))
     plan.per_device_batch = plan.global_batch / shards

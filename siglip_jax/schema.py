@@ -322,22 +322,6 @@ class RunConfig:
             raise ConfigError("config.loss.decoder needs config.model.decoder (the decoder's "
                               "shape, e.g. dict(max_len=64))")
 
-    def check_batch(self, batch_shards: int, processes: int, detail: str = "") -> None:
-        """The global batch must split over the batch shards × accumulation steps and over
-        the processes (hosts) — the one place this is checked. `detail` (e.g. the mesh axes
-        and the slice) follows the number of batch shards in the message."""
-        batch, accum = self.input.global_batch, self.grad_accum_steps
-        if batch % batch_shards:
-            raise ConfigError(f"input.global_batch={batch} does not divide over the "
-                              f"{batch_shards} batch shards" + (f" {detail}" if detail else ""))
-        if batch % (batch_shards * accum):
-            raise ConfigError(f"input.global_batch={batch} does not split into "
-                              f"grad_accum_steps={accum} micro-batches over {batch_shards} "
-                              "shards")
-        if batch % processes:
-            raise ConfigError(f"input.global_batch={batch} does not divide over the "
-                              f"{processes} processes (hosts)")
-
     def to_dict(self) -> dict[str, Any]:
         """The config as given (plain dicts), for config.json."""
         return thaw(self.source)

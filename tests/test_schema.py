@@ -7,6 +7,7 @@ import pytest
 
 from siglip_jax import schema
 from siglip_jax.config import ConfigError, load_config
+from siglip_jax.experiment import check_batch
 from siglip_jax.sharding import axis_sizes, batch_shard_count
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,13 +70,13 @@ def test_bad_values_are_one_line_config_errors(override, message):
 
 def test_batch_layout_is_checked_in_one_place():
     run = _demo("input.global_batch=96", "grad_accum_steps=4")
-    run.check_batch(8, 1)  # 96 = 8 shards × 4 micro-batches × 3.
+    check_batch(run, 8, 1)  # 96 = 8 shards × 4 micro-batches × 3.
     with pytest.raises(ConfigError, match="does not divide over the 36 batch shards"):
-        run.check_batch(36, 1)
+        check_batch(run, 36, 1)
     with pytest.raises(ConfigError, match="grad_accum_steps=4 micro-batches over 16 shards"):
-        run.check_batch(16, 1)
+        check_batch(run, 16, 1)
     with pytest.raises(ConfigError, match="does not divide over the 5 processes"):
-        run.check_batch(2, 5)
+        check_batch(run, 2, 5)
 
 
 def test_mesh_travels_with_batch_axes_and_rules():

@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from siglip_jax.config import ConfigError, check_keys, to_plain
+from siglip_jax.evaluators.config import EvalConfig
 from siglip_jax.optim import OptimConfig
 from siglip_jax.records import build_record as _record
 from siglip_jax.records import check_choice as _choice
@@ -207,64 +208,6 @@ class LossConfig:
         except ValueError as e:
             raise ConfigError(f"config.loss: {e}") from None
         return cls(impl, _frozen(raw), _frozen(chosen))
-
-
-EVAL_TYPE_KEYS = {  # type -> its own keys with their defaults.
-    "zeroshot": {"class_names": None, "templates": None, "canonicalize": True},
-    "retrieval": {"max_captions": 0},
-    "dense_probe": {"label_set": "class", "num_classes": 0, "ignore_label": None,
-                    "segmentation_key": "segmentation", "train_fraction": 0.5,
-                    "train_data": None, "ridge": 1e-3},  # evaluators/dense_probe.OPTIONS
-    # LocCa decoder tasks (evaluators/decoder_tasks.py).
-    "captioning": {"parallel": False},
-    "referring": {"parallel": False, "constrain_boxes": True},
-    "grounded_captioning": {"parallel": False},
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    """One evaluator: type, data section, pp, cadence, batch size and its type's own keys."""
-
-    name: str
-    type: str
-    data: Mapping[str, Any]
-    pp: str
-    every_n_steps: int = 0
-    batch_size: int = 256
-    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, name: str, raw: Mapping[str, Any]) -> EvalConfig:
-        """From one `evals.<name>` section."""
-        from siglip_jax.data.builder import check_source_config
-
-        where = f"evals.{name}"
-        raw = dict(to_plain(raw) or {})
-        kind = raw.get("type")
-        if kind not in EVAL_TYPE_KEYS:
-            raise ConfigError(f"{where}.type {kind!r} is not one of {tuple(EVAL_TYPE_KEYS)}")
-        own = EVAL_TYPE_KEYS[kind]
-        check_keys(raw, ("type", "data", "pp", "every_n_steps", "batch_size", *own), where)
-        for key in ("data", "pp"):
-            if key not in raw:
-                raise ConfigError(f"config key {where}.{key} is required")
-        data = _frozen(raw["data"])
-        check_source_config(data, f"{where}.data")
-        options = {k: raw.get(k, default) for k, default in own.items()}
-        if kind == "retrieval":
-            options["max_captions"] = _int(options["max_captions"], f"{where}.max_captions", 0)
-        if kind == "dense_probe":
-            from siglip_jax.evaluators.dense_probe import check_options
-
-            options = check_options(options, where)
-        for key in ("parallel", "constrain_boxes"):
-            if key in options and not isinstance(options[key], bool):
-                raise ConfigError(f"config key {where}.{key} expects true or false, got "
-                                  f"{options[key]!r}")
-        return cls(name, kind, data, str(raw["pp"]),
-                   _int(raw.get("every_n_steps", 0), f"{where}.every_n_steps", 0),
-                   _int(raw.get("batch_size", 256), f"{where}.batch_size", 1), _frozen(options))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,20 +29,12 @@ import numpy as np
 import optax
 
 from siglip_jax.checkpoints.orbax_io import Checkpointer
+from siglip_jax.evaluators.common import Evaluator
 from siglip_jax.metrics import MetricWriter, Progress
 
 Log = Callable[[str], None]
 TrainState = dict[str, optax.Params]  # params, opt_state, step (+ teacher)
 StepMetrics = Mapping[str, jax.Array]  # one step's metrics, still on device
-
-
-class Evaluator(Protocol):
-    """What the evaluation hook runs: `every_n_steps` (0 = only at the end) and `run`."""
-
-    every_n_steps: int
-
-    def run(self, params: optax.Params) -> dict[str, float]:
-        """Evaluates the model with `params`; returns {metric: value}."""
 
 
 class NonFiniteError(FloatingPointError):

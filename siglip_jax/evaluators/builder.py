@@ -33,12 +33,10 @@ once, by `model_facts`, and passed to them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Protocol
 
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 import tensorflow as tf
 from jax.sharding import Mesh
 
@@ -49,7 +47,7 @@ from siglip_jax.data.locca import DecoderVocab
 from siglip_jax.data.pp import get_preprocess_fn
 from siglip_jax.data.tokenizer import Tokenizer
 from siglip_jax.evaluators import prompts
-from siglip_jax.evaluators.common import Embedder
+from siglip_jax.evaluators.common import Embedder, Evaluator
 from siglip_jax.evaluators.config import EvalConfig
 from siglip_jax.evaluators.decoder_tasks import (
     DecoderTaskEvaluator,
@@ -73,15 +71,6 @@ from siglip_jax.schema import RunConfig, TokenizerConfig
 
 Batches = Callable[[], Iterator[dict[str, np.ndarray]]]
 PreprocessFn = Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
-
-
-class Evaluator(Protocol):
-    """A periodic evaluation: its cadence and a run over the current params."""
-
-    every_n_steps: int  # 0: only at the end of training.
-
-    def run(self, params: optax.Params) -> dict[str, float]:
-        """Metrics of the params, e.g. {"top1": 0.9, ...}."""
 
 
 def model_facts(model: nn.Module | None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import flax.linen as nn
 import jax
@@ -18,6 +19,15 @@ from siglip_jax.sharding import batch_sharding, num_batch_shards, replicated
 # (whose options records schema.py reads through evaluators/config.py) must import without it
 # so an entry point can set TensorFlow's logging up before TensorFlow loads.
 MASK_KEY = "_mask"
+
+
+class Evaluator(Protocol):
+    """A periodic evaluation: its cadence and a run over the current params."""
+
+    every_n_steps: int  # 0: only at the end of training.
+
+    def run(self, params: optax.Params) -> dict[str, float]:
+        """Metrics of the params, e.g. {"top1": 0.9, ...}."""
 
 
 class Embedder:

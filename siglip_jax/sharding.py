@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from siglip_jax.config import ConfigError
@@ -157,12 +158,12 @@ def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
                         dict(local_batch))
 
 
-def tree_paths(tree: Any) -> list[str]:
+def tree_paths(tree: optax.Params) -> list[str]:
     """The `/`-joined key path of every leaf, in tree_leaves order."""
     return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def path_str(path: Sequence[Any]) -> str:
+def path_str(path: Sequence[object]) -> str:
     """Formats a jax key path as `a/b/c`."""
     parts = []
     for key in path:
@@ -200,7 +201,8 @@ def _rule_to_spec(rule: Any, shape: Sequence[int], mesh: Mesh, path: str) -> Par
                      "'fsdp', 'fsdp:<axis>' or a tuple of axis names")
 
 
-def param_shardings(abstract_params: Any, rules: Sequence[Rule], mesh: Mesh) -> Any:
+def param_shardings(abstract_params: optax.Params, rules: Sequence[Rule], mesh: Mesh
+                    ) -> optax.Params:
     """Maps every parameter (abstract or concrete) to a NamedSharding by the first rule matching.
 
     Raises if a rule matches no parameter (a typo would otherwise silently replicate).
@@ -233,7 +235,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def follow_params(abstract_state: Any, abstract_params: Any, shardings: Any, mesh: Mesh) -> Any:
+def follow_params(abstract_state: optax.Params, abstract_params: optax.Params,
+                  shardings: optax.Params, mesh: Mesh) -> optax.Params:
     """Shardings for optimizer state: a leaf whose path ends with a parameter's path and has
     that parameter's shape gets the parameter's sharding; anything else is replicated."""
     by_path = {}

@@ -9,7 +9,8 @@ from extras import require
 from PIL import Image
 
 from siglip_jax.data import pp
-from siglip_jax.data.pp import OPS, PPError, PPKeyError, add_example_seeds, get_preprocess_fn
+from siglip_jax.data.pp import OPS, PPError, add_example_seeds, get_preprocess_fn
+from siglip_jax.data.registry import PPKeyError
 from siglip_jax.data.tokenizer import Tokenizer, train_sentencepiece
 
 skimage = require("skimage")

@@ -57,6 +57,7 @@ from siglip_jax.config import ConfigError
 from siglip_jax.data import input as input_lib
 from siglip_jax.data.builder import make_source
 from siglip_jax.data.pp import get_preprocess_fn
+from siglip_jax.data.tokenizer import encode_prompts
 from siglip_jax.evaluators import prompts
 from siglip_jax.evaluators.common import Embedder
 from siglip_jax.evaluators.decoder_tasks import (
@@ -225,7 +226,8 @@ def _zeroshot(spec: EvalConfig, where: str, embedder: Embedder, source: Any,
               class_names: list[str], templates: list[str]) -> ZeroShotEvaluator:
     pp_output_spec(source, preprocess, ("image", "label"), where)
     canonicalize = bool(spec.options["canonicalize"])
-    tokenize = lambda texts: tok_cfg.encode(tokenizer, texts, canonicalize=canonicalize)
+    tokenize = lambda texts: encode_prompts(tokenizer, tok_cfg, texts,
+                                            canonicalize=canonicalize)
     return ZeroShotEvaluator(embedder=embedder, class_names=class_names, templates=templates,
                              tokenize=tokenize, every_n_steps=spec.every_n_steps,
                              batches=_batches_fn(source, preprocess, batch_size))

@@ -57,7 +57,7 @@ OPTIONS: dict[str, Any] = {  # The evaluator's own config keys and their default
 
 def check_options(options: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The evaluator's options with defaults filled in; ConfigError naming a bad key/value."""
-    from siglip_jax.data.builder import check_source_config
+    from siglip_jax.data.config import parse_source
 
     opts = {k: options.get(k, default) for k, default in OPTIONS.items()}
     if opts["label_set"] not in LABEL_SETS:
@@ -89,7 +89,7 @@ def check_options(options: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}.ridge must be a positive number, got {ridge!r}")
     opts["train_fraction"], opts["ridge"] = float(fraction), float(ridge)
     if opts["train_data"] is not None:
-        check_source_config(opts["train_data"], f"{where}.train_data")
+        opts["train_data"] = parse_source(opts["train_data"], f"{where}.train_data")
     return opts
 
 

@@ -53,7 +53,7 @@ def get_decode(ctx: OpContext, channels: int = 3, key: str = "image") -> PPFn:
 
 
 @_OPS.register("resize")
-def getresize(
+def get_resize(
     ctx: OpContext,
     size: int | Sequence[int],
     method: str = "bilinear",

@@ -77,6 +77,13 @@ def _assemble(task_id: int, prefix: tf.Tensor, plen: tf.Tensor, target: tf.Tenso
     return tf.ensure_shape(seq, [max_len]), tf.cast(mask, tf.float32)
 
 
+def tf_box_to_tokens(boxes: tf.Tensor, vocab: locca.DecoderVocab) -> tf.Tensor:
+    """`locca.box_to_tokens` as TF ops: float boxes [..., 4] -> int32 location ids."""
+    boxes = tf.clip_by_value(tf.cast(boxes, tf.float64), 0.0, 1.0)
+    bins = tf.minimum(tf.floor(boxes * vocab.num_bins), vocab.num_bins - 1)
+    return tf.cast(bins, tf.int32) + vocab.loc_start
+
+
 @_OPS.register("locca_task")
 def get_locca_task(
     ctx: OpContext,
@@ -178,7 +185,7 @@ def get_locca_task(
         ids, lens = _tokenize(tok, tf.stack([caption, phrase]), max_len, lower, canonicalize)
         cap_ids, cap_len = ids[0], tf.minimum(lens[0], max_len - 2)
         phr_ids, phr_len = ids[1], tf.minimum(lens[1], max_len - 2 - BOX_TOKENS)
-        box_ids = locca.tf_box_to_tokens(box, vocab)
+        box_ids = tf_box_to_tokens(box, vocab)
         empty = tf.zeros([0], tf.int32)
         candidates = {
             "cap": (vocab.task_id("cap"), empty, 0, cap_ids, cap_len),

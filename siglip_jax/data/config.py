@@ -24,6 +24,7 @@ This module loads neither TensorFlow nor the sources, so parsing a config stays 
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -101,9 +102,12 @@ class TarData:
 
 
 SourceConfig = DemoShapesData | TfdsData | ImageFolderData | CsvData | TarData
-RECORDS: Mapping[str, type[SourceConfig]] = {
-    cls.name: cls for cls in (DemoShapesData, TfdsData, ImageFolderData, CsvData, TarData)}
+RECORDS: Mapping[str, type[SourceConfig]] = types.MappingProxyType({
+    cls.name: cls for cls in (DemoShapesData, TfdsData, ImageFolderData, CsvData, TarData)})
 SOURCES = tuple(RECORDS)
+_INT_KEYS: Mapping[str, tuple[str, ...]] = types.MappingProxyType({  # positive ints if given
+    "demo_shapes": ("image_size", "train_per_class", "test_per_class", "vocab_size"),
+    "tar": ("cycle_length",)})
 
 
 def parse_source(raw: Mapping[str, object] | SourceConfig, where: str) -> SourceConfig:
@@ -118,12 +122,8 @@ def parse_source(raw: Mapping[str, object] | SourceConfig, where: str) -> Source
     if name not in RECORDS:
         raise ConfigError(f"{where}.name {name!r} is not one of {SOURCES}")
     record = build_record(RECORDS[name], {k: freeze(v) for k, v in plain.items()}, where)
-    ints = {"demo_shapes": ("image_size", "train_per_class", "test_per_class", "vocab_size"),
-            "tar": ("cycle_length",)}
-    _check_ints(record, where, *ints.get(name, ()))
+    _check_ints(record, where, *_INT_KEYS.get(name, ()))
     return record
-
-
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,8 @@ import tensorflow as tf
 
 from siglip_jax.data import locca
 from siglip_jax.data.ops_locca import tf_box_to_tokens
-from siglip_jax.data.pp import OPS, PPError, add_example_seeds, get_preprocess_fn
+from siglip_jax.data.pp import OPS, PPError, get_preprocess_fn
+from siglip_jax.data.registry import add_example_seeds
 from siglip_jax.data.tokenizer import Tokenizer, train_sentencepiece
 
 NUM_BINS = 10

@@ -10,8 +10,8 @@ from extras import require
 from PIL import Image
 
 from siglip_jax.data import ops_general, ops_locca, ops_naflex, ops_views, pp, registry
-from siglip_jax.data.pp import OPS, PPError, add_example_seeds, get_preprocess_fn
-from siglip_jax.data.registry import PPKeyError
+from siglip_jax.data.pp import OPS, PPError, get_preprocess_fn
+from siglip_jax.data.registry import PPKeyError, add_example_seeds
 from siglip_jax.data.tokenizer import Tokenizer, train_sentencepiece
 
 skimage = require("skimage")

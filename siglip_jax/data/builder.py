@@ -4,7 +4,8 @@
 `make_source(record, where)` builds the source; a required key the record leaves unset (a
 source's path or dataset name) or a source that cannot be opened is a one-line ConfigError.
 
-Sources (see data/sources.py and data/demo_shapes.py) are bound to one split and offer
+Sources (see data/sources.py, whose `Source` protocol they follow, and data/demo_shapes.py)
+are bound to one split and offer
 `dataset(process_index, process_count, shuffle_files, seed)` (this process's examples as a
 tf.data.Dataset of dicts), `num_examples` (None if unknown), `skips` (counts of skipped bad
 examples), and where they have them `class_names` and `tokenizer_path`.
@@ -14,10 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
-from typing import Protocol
-
-import tensorflow as tf
 
 from siglip_jax.config import ConfigError
 from siglip_jax.data import sources
@@ -30,20 +27,8 @@ from siglip_jax.data.config import (
     TfdsData,
 )
 from siglip_jax.data.demo_shapes import DemoShapes
+from siglip_jax.data.sources import Source
 from siglip_jax.records import thaw
-
-
-class Source(Protocol):
-    """What the input pipeline and the evaluators need of a data source (bound to a split)."""
-
-    num_examples: int | None
-    skips: sources.SkipCounter | None  # bad examples skipped, by reason (None: generated data)
-    class_names: Sequence[str] | None
-    tokenizer_path: str | None
-
-    def dataset(self, process_index: int, process_count: int, shuffle_files: bool = False,
-                seed: int = 0) -> tf.data.Dataset:
-        """This process's examples as a tf.data.Dataset of dicts."""
 
 
 def _given(record: SourceConfig, *skip: str) -> dict[str, object]:

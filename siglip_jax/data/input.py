@@ -17,9 +17,8 @@ import numpy as np
 import tensorflow as tf
 
 from siglip_jax.config import ConfigError
-from siglip_jax.data.builder import Source
-from siglip_jax.data.pp import add_example_seeds
-from siglip_jax.data.sources import SourceError
+from siglip_jax.data.registry import add_example_seeds
+from siglip_jax.data.sources import Source, SourceError
 
 PreprocessFn = Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
 Batch = dict[str, np.ndarray]

@@ -18,9 +18,9 @@ takes another). Each factory's docstring documents its op. NaFlex (SigLIP 2) ima
 
 Randomness: ``random_crop``, ``inception_crop``, ``flip_lr``, ``choice``, ``locca_task`` and
 ``local_crops`` use stateless TF random ops. Their seed is the example's ``"_seed"`` entry
-(int64 [2], e.g. added by ``add_example_seeds``) folded with the op's position in the pipe, so
-a given example and seed always get the same crop/flip/caption, eagerly and in tf.data,
-whatever the parallelism. Without ``"_seed"`` a seed is drawn from TF's stateful RNG
+(int64 [2], e.g. added by ``registry.add_example_seeds``) folded with the op's position in
+the pipe, so a given example and seed always get the same crop/flip/caption, eagerly and in
+tf.data, whatever the parallelism. Without ``"_seed"`` a seed is drawn from TF's stateful RNG
 (reproducible only via ``tf.random.set_seed`` and a deterministic pipeline). ``"_seed"`` is
 removed from the output.
 """
@@ -160,17 +160,3 @@ def get_preprocess_fn(pp_string: str, *, tokenizer: Tokenizer | None = None,
         return out
 
     return preprocess
-
-
-def add_example_seeds(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
-    """Add "_seed" = [seed, position in ds] (int64) to each example dict of ds.
-
-    Apply it after shuffle/repeat, with `seed` already folded with the process index, so every
-    example occurrence gets its own, reproducible randomness.
-    """
-    seed_t = tf.constant(seed, tf.int64)
-    return ds.enumerate().map(
-        lambda i, ex: {**ex, SEED_KEY: tf.stack([seed_t, tf.cast(i, tf.int64)])},
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )

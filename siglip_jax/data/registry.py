@@ -15,7 +15,8 @@ while it is imported and then freezes its table:
 a name registered twice raises. Nothing here changes after the op modules are imported.
 
 Helpers for ops: `get` (a key of an example, "/" walks nested features), `example_seed`
-(the stateless seed of an op: the example's `SEED_KEY` folded with the op's position),
+(the stateless seed of an op: the example's `SEED_KEY` folded with the op's position; the
+input pipeline sets `SEED_KEY` with `add_example_seeds`),
 `pair`, `resize`, `RESIZE_METHODS`, `map_key` (apply a function to one key), and the errors
 `PPError` / `PPKeyError`.
 """
@@ -145,6 +146,20 @@ def example_seed(data: Example, ctx: OpContext, salt: int = 0) -> tf.Tensor:
     if salt:
         seed = tf.random.experimental.stateless_fold_in(seed, salt)
     return seed
+
+
+def add_example_seeds(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
+    """Add "_seed" = [seed, position in ds] (int64) to each example dict of ds.
+
+    Apply it after shuffle/repeat, with `seed` already folded with the process index, so every
+    example occurrence gets its own, reproducible randomness.
+    """
+    seed_t = tf.constant(seed, tf.int64)
+    return ds.enumerate().map(
+        lambda i, ex: {**ex, SEED_KEY: tf.stack([seed_t, tf.cast(i, tf.int64)])},
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
 
 
 def resize(image: tf.Tensor, hw: tf.Tensor | Sequence[int], method: str,

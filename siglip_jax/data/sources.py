@@ -32,6 +32,7 @@ import posixpath
 import tarfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 import tensorflow as tf
@@ -160,6 +161,19 @@ def _files_dataset(
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.filter(lambda ex: ex["_ok"]).map(
         lambda ex: {k: v for k, v in ex.items() if k != "_ok"})
+
+
+class Source(Protocol):
+    """What the input pipeline and the evaluators need of a data source (bound to a split)."""
+
+    num_examples: int | None
+    skips: SkipCounter | None  # bad examples skipped, by reason (None: generated data)
+    class_names: Sequence[str] | None
+    tokenizer_path: str | None
+
+    def dataset(self, process_index: int, process_count: int, shuffle_files: bool = False,
+                seed: int = 0) -> tf.data.Dataset:
+        """This process's examples as a tf.data.Dataset of dicts."""
 
 
 # ------------------------------------------------------------------------------------------

@@ -95,6 +95,7 @@ def main() -> None:
     from siglip_jax.config import load_config
     from siglip_jax.data import input as input_lib
     from siglip_jax.data.builder import make_source
+    from siglip_jax.data.config import parse_source
     from siglip_jax.data.pp import get_preprocess_fn
     from siglip_jax.data.sources import TarShardSource
     from siglip_jax.data.tokenizer import Tokenizer, train_sentencepiece
@@ -117,7 +118,7 @@ def main() -> None:
             rows.append((f"tar + pp @224, check_images={check}", rate(piped, 32, args.seconds)))
 
         config = load_config("configs/demo.py")
-        demo_source = make_source(config.input.data)
+        demo_source = make_source(parse_source(config.input.data, "input.data"))
         demo_pp = get_preprocess_fn(config.input.pp, tokenizer=Tokenizer(
             demo_source.tokenizer_path))
         demo = input_lib.train_batches(demo_source, demo_pp, shard_ids=list(range(8)),

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from siglip_jax.config import ConfigError
+from siglip_jax.data.config import SourceConfig
 from siglip_jax.schema import ModelConfig, RunConfig, TokenizerConfig, parse
 
 BatchShapes = dict[str, tuple[int, ...]]
@@ -86,7 +87,7 @@ def infer_image_size(run: RunConfig) -> tuple[int, int] | None:
     return pp_image_size(run.input.pp, run.input.data)
 
 
-def pp_image_size(pp_string: str, data: Mapping[str, Any]) -> tuple[int, int] | None:
+def pp_image_size(pp_string: str, data: SourceConfig) -> tuple[int, int] | None:
     """The image size a pp string produces (its last resize/crop op), else the data source's
     `image_size`; None if neither says."""
     from siglip_jax.data import pp
@@ -101,7 +102,7 @@ def pp_image_size(pp_string: str, data: Mapping[str, Any]) -> tuple[int, int] | 
             value = call.args[0] if call.args else call.kwargs.get("size")
             size = value if value is not None else size
     if size is None:
-        size = data.get("image_size")
+        size = getattr(data, "image_size", None)  # demo_shapes has one
     if size is None:
         return None
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))

@@ -424,8 +424,8 @@ def check_paths(run: RunConfig, plan: Plan) -> None:
         except ConfigError as e:
             plan.errors.append(str(e))
     data = run.input.data
-    if data["name"] == "tar":
-        patterns = data.get("pattern") or ""
+    if data.name == "tar":
+        patterns = data.pattern or ""
         if not patterns:
             plan.errors.append("input.data.pattern is empty: pass the tar shards (data=...)")
         for pattern in [patterns] if isinstance(patterns, str) else list(patterns):

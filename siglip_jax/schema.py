@@ -10,11 +10,11 @@ Sections (top-level keys in brackets):
                   on_nonfinite, peak_flops, tensorboard
   MeshConfig      [mesh, batch_axes, sharding_rules]: the named mesh axes, the axes the batch
                   is split over and the (regex, rule) parameter sharding rules, as one value
-  InputConfig     [input]: data (a data-source section, see data/builder.py), pp, global_batch,
+  InputConfig     [input] (data/config.py): data (a data-source record), pp, global_batch,
                   shuffle_buffer, cache
-  TokenizerConfig [tokenizer]: model (sentencepiece path; "" = the checkpoint's or the data
-                  source's), max_len, eos ("sticky" | "yes" | "no"), convention ("" |
-                  "siglip" | "siglip2": a model family's text rules for prompts)
+  TokenizerConfig [tokenizer] (data/tokenizer_config.py): model (sentencepiece path; "" = the
+                  checkpoint's or the data source's), max_len, eos ("sticky" | "yes" |
+                  "none"), convention ("" | "siglip" | "siglip2": a model family's text rules)
   ModelConfig     [model]: image, text (tower dicts, see models/variants.py), out_dim,
                   temperature_init, bias_init, decoder (the LocCa caption decoder dict,
                   models/decoder.py; None = no decoder)
@@ -30,10 +30,12 @@ Sections (top-level keys in brackets):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from siglip_jax.config import ConfigError, check_keys, to_plain
+from siglip_jax.data.config import InputConfig
+from siglip_jax.data.tokenizer_config import TokenizerConfig
 from siglip_jax.evaluators.config import EvalConfig
 from siglip_jax.optim import OptimConfig
 from siglip_jax.records import build_record as _record
@@ -46,51 +48,6 @@ from siglip_jax.records import thaw
 from siglip_jax.sharding import MeshConfig
 
 # ----------------------------------------------------------------------------- sections
-
-
-@dataclasses.dataclass(frozen=True)
-class InputConfig:
-    """The training input: data source section, pp string, batch, shuffling, caching."""
-
-    data: Mapping[str, Any]
-    pp: str
-    global_batch: int
-    shuffle_buffer: int = 10_000
-    cache: bool = False
-
-    def __post_init__(self) -> None:
-        from siglip_jax.data.builder import check_source_config
-
-        data = _frozen(self.data)
-        check_source_config(data, "input.data")
-        _set(self, data=data, pp=str(self.pp),
-             global_batch=_int(self.global_batch, "input.global_batch", 1),
-             shuffle_buffer=_int(self.shuffle_buffer, "input.shuffle_buffer", 0),
-             cache=bool(self.cache))
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenizerConfig:
-    """The sentencepiece model ("" = the checkpoint's or the data source's) and text length."""
-
-    max_len: int
-    model: str = ""
-    eos: str = "sticky"
-    convention: str = ""  # "" | "siglip" | "siglip2": how prompts are tokenized (tokenizer.py)
-
-    def __post_init__(self) -> None:
-        from siglip_jax.data.tokenizer import CONVENTIONS
-
-        _set(self, max_len=_int(self.max_len, "tokenizer.max_len", 1), model=str(self.model or ""),
-             eos=_choice(self.eos, "tokenizer.eos", ("sticky", "yes", "no")),
-             convention=_choice(self.convention, "tokenizer.convention", ("", *CONVENTIONS)))
-
-    def encode(self, tokenizer: Any, texts: Sequence[str], canonicalize: bool = True) -> Any:
-        """Token ids [N, max_len] of prompts: the convention's rules if one is set, else
-        sticky/yes/no EOS with big_vision's canonicalisation (lower-case, no punctuation)."""
-        if self.convention:
-            return tokenizer.encode_as(list(texts), self.convention, self.max_len)
-        return tokenizer.encode(list(texts), self.max_len, self.eos, canonicalize=canonicalize)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,11 +93,12 @@ def test_deterministic_and_seeds_differ():
 def test_source_tokenizer_and_cache(tmp_path):
     from siglip_jax.config import ConfigError
     from siglip_jax.data.builder import make_source
+    from siglip_jax.data.config import parse_source
     from siglip_jax.data.tokenizer import Tokenizer
 
     cfg = dict(name="demo_shapes", split="test", data_dir=str(tmp_path), objects=True,
                train_per_class=1, test_per_class=1)
-    source = make_source(cfg)
+    source = make_source(parse_source(cfg, "input.data"))
     assert source.image_size == 64 and "demo_objects_" in source.root
     example = next(iter(source.dataset(0, 1).as_numpy_iterator()))
     assert example["image"].shape == (64, 64, 3) and example["segmentation"].shape == (64, 64)
@@ -109,11 +110,11 @@ def test_source_tokenizer_and_cache(tmp_path):
     ids = tok.encode(texts, 20, "sticky")
     assert (ids != 2).all()
     # The single-object cache of the same folder is separate and keeps its layout.
-    single = make_source({**cfg, "objects": False})
+    single = make_source(parse_source({**cfg, "objects": False}, "input.data"))
     assert single.image_size == 32 and single.root != source.root
     assert set(single.load()) == {"image", "label", "texts"}
     with pytest.raises(ConfigError, match="objects=True does not support aspect=True"):
-        make_source({**cfg, "aspect": True})
+        make_source(parse_source({**cfg, "aspect": True}, "input.data"))
 
 
 def test_cli_writes_png_and_prints_boxes(tmp_path, capsys):

@@ -71,15 +71,17 @@ def test_results_equal_training_evaluation_and_numpy(trained):
 
     # Independent zero-shot top-1: plain model.apply on one device, argmax in numpy.
     from siglip_jax.data.builder import make_source
+    from siglip_jax.data.config import parse_source
     from siglip_jax.experiment import resolve_tokenizer
     from siglip_jax.models.two_towers import Model
     from siglip_jax.schema import parse
 
     state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "2",
                                                             "default"))
-    test = make_source(config.evals.zeroshot.data)
+    test = make_source(parse_source(config.evals.zeroshot.data, "evals.zeroshot.data"))
     data = test.load()
-    tokens = resolve_tokenizer(parse(config).tokenizer, make_source(config.input.data)).encode(
+    tokens = resolve_tokenizer(parse(config).tokenizer, make_source(
+        parse_source(config.input.data, "input.data"))).encode(
         [f"a photo of a {name}" for name in test.class_names], 8, "sticky")
     model = Model(**to_plain(config.model))
     images = data["image"].astype(np.float32) / 127.5 - 1  # value_range(-1, 1) of uint8.

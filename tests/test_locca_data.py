@@ -6,7 +6,9 @@ import pytest
 import tensorflow as tf
 
 from siglip_jax.data import locca
-from siglip_jax.data.pp import OPS, PPError, add_example_seeds, get_preprocess_fn
+from siglip_jax.data.ops_locca import tf_box_to_tokens
+from siglip_jax.data.pp import OPS, PPError, get_preprocess_fn
+from siglip_jax.data.registry import add_example_seeds
 from siglip_jax.data.tokenizer import Tokenizer, train_sentencepiece
 
 NUM_BINS = 10
@@ -69,8 +71,8 @@ def test_box_round_trip_within_half_a_bin():
     np.testing.assert_allclose(locca.tokens_to_box([50, 51, 59, 3], vocab)[:3],
                                [0.05, 0.15, 0.95])
     assert np.isnan(locca.tokens_to_box([50, 51, 59, 3], vocab)[3])  # 3 is a text id.
-    np.testing.assert_array_equal(locca.tf_box_to_tokens(tf.constant(coords, tf.float32),
-                                                         vocab).numpy(),
+    np.testing.assert_array_equal(tf_box_to_tokens(tf.constant(coords, tf.float32),
+                                                   vocab).numpy(),
                                   locca.box_to_tokens(coords.astype(np.float32), vocab))
     with pytest.raises(ValueError, match="last axis of 4"):
         locca.box_to_tokens(np.zeros((2, 3)), vocab)

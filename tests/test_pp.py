@@ -1,5 +1,6 @@
 """pp ops: each run eagerly AND inside tf.data (unknown static shapes), against references."""
 
+import inspect
 import io
 
 import numpy as np
@@ -8,8 +9,9 @@ import tensorflow as tf
 from extras import require
 from PIL import Image
 
-from siglip_jax.data import pp
-from siglip_jax.data.pp import OPS, PPError, PPKeyError, add_example_seeds, get_preprocess_fn
+from siglip_jax.data import ops_general, ops_locca, ops_naflex, ops_views, pp, registry
+from siglip_jax.data.pp import OPS, PPError, get_preprocess_fn
+from siglip_jax.data.registry import PPKeyError, add_example_seeds
 from siglip_jax.data.tokenizer import Tokenizer, train_sentencepiece
 
 skimage = require("skimage")
@@ -330,6 +332,58 @@ def test_registry_is_read_only_and_complete():
     with pytest.raises(TypeError):
         OPS["evil"] = lambda ctx: None  # type: ignore[index]
     assert not hasattr(pp, "_register")
+
+
+def test_registry_is_exactly_what_the_op_modules_registered():
+    """Every op module's table is frozen and read-only; pp.OPS is their union, nothing else;
+    every `get_*` factory of an op module is registered (and under its own name)."""
+    modules = (ops_general, ops_naflex, ops_locca, ops_views)
+    union = {}
+    for module in modules:
+        with pytest.raises(TypeError):
+            module.OPS["evil"] = lambda ctx: None  # type: ignore[index]
+        assert not set(module.OPS) & set(union), module.__name__
+        union.update(module.OPS)
+        factories = {name[4:]: fn for name, fn in vars(module).items()
+                     if name.startswith("get_") and getattr(fn, "__module__", "") ==
+                     module.__name__}
+        assert factories == dict(module.OPS), module.__name__
+    assert dict(OPS) == union
+    assert set(OPS) == {
+        "decode", "resize", "resize_small", "central_crop", "random_crop", "inception_crop",
+        "flip_lr", "value_range", "normalize", "resize_to_patches", "patchify", "tokenize",
+        "lower", "choice", "keep", "copy", "locca_task", "local_crops"}
+
+
+def test_op_table_refuses_late_and_duplicate_registrations():
+    table = registry.OpTable()
+    table.register("a")(lambda ctx: None)
+    with pytest.raises(RuntimeError, match="registered twice"):
+        table.register("a")(lambda ctx: None)
+    frozen = table.freeze()
+    assert set(frozen) == {"a"}
+    with pytest.raises(RuntimeError, match="after its table was frozen"):
+        table.register("b")(lambda ctx: None)
+    assert set(frozen) == {"a"}
+    with pytest.raises(RuntimeError, match="registered by two op modules"):
+        registry.merge(frozen, frozen)
+
+
+def test_builder_resolves_names_only_through_the_registry():
+    """An op is found only if the registry given to the builder has it: a registry without
+    `flip_lr` rejects it, one with a made-up op builds it, and the default is pp.OPS."""
+    def get_double(ctx, key="x"):
+        del ctx
+        return lambda data: {**data, key: data[key] * 2}
+
+    ops = registry.merge({"double": get_double})
+    out = get_preprocess_fn("double|double(key='x')", ops=ops)({"x": 3})
+    assert int(out["x"]) == 12
+    with pytest.raises(PPError, match=r"unknown op 'flip_lr'; registered ops: \['double'\]"):
+        get_preprocess_fn("double|flip_lr", ops=ops)
+    with pytest.raises(PPError, match="unknown op 'double'"):
+        get_preprocess_fn("double")
+    assert inspect.signature(get_preprocess_fn).parameters["ops"].default is OPS
 
 
 def test_parse_args_and_pipe_inside_quotes():

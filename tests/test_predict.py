@@ -168,6 +168,7 @@ def test_evaluate_cli_on_hf_directory_matches_torch_zero_shot(hf_dir, tmp_path):
 
     from siglip_jax.config import load_config
     from siglip_jax.data.builder import make_source
+    from siglip_jax.data.config import parse_source
     from siglip_jax.evaluate import evaluate
 
     path, model, _ = hf_dir
@@ -180,7 +181,7 @@ def test_evaluate_cli_on_hf_directory_matches_torch_zero_shot(hf_dir, tmp_path):
                                 "tokenizer.max_len=32"])
     results = evaluate(config, str(path), log=lambda *_: None)
 
-    test = make_source(config.evals.zeroshot.data)
+    test = make_source(parse_source(config.evals.zeroshot.data, "evals.zeroshot.data"))
     examples = test.load()
     tokenizer = transformers.SiglipTokenizer(str(path / "spiece.model"))
     ids = tokenizer([f"a photo of a {n}" for n in test.class_names], padding="max_length",

@@ -60,7 +60,7 @@ def test_defaults_fill_what_the_config_leaves_out():
     ("model.image={'variant': 'mu/8', 'colour': 1}",
      "config.model: unknown image config key(s) ['colour']"),
     ("evals.zeroshot.type='linear'", "evals.zeroshot.type 'linear' is not one of"),
-    ("tokenizer.eos='maybe'", "tokenizer.eos 'maybe' is not one of ('sticky', 'yes', 'no')"),
+    ("tokenizer.eos='maybe'", "tokenizer.eos 'maybe' is not one of ('sticky', 'yes', 'none')"),
 ])
 def test_bad_values_are_one_line_config_errors(override, message):
     with pytest.raises(ConfigError) as error:

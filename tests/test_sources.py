@@ -292,3 +292,69 @@ def test_tfds_not_prepared_is_one_clear_line(tmp_path, tfds_dir):
         TfdsSource("siglip_tiny_captions", "validation", tfds_dir)
     with pytest.raises(SourceError, match="no feature 'caption'"):
         TfdsSource("siglip_tiny_captions", "train", tfds_dir, text_key="caption")
+
+
+# ------------------------------------------------------------------------------------------
+# Config records (data/config.py) and the builder (data/builder.py)
+
+
+def test_source_records_parse_and_build(shards, folder):
+    import dataclasses
+    import os
+
+    from siglip_jax.config import ConfigError
+    from siglip_jax.data.builder import make_source
+    from siglip_jax.data.config import (
+        RECORDS,
+        SOURCES,
+        ImageFolderData,
+        InputConfig,
+        TarData,
+        parse_source,
+    )
+
+    assert SOURCES == ("demo_shapes", "tfds", "imagefolder", "csv", "tar")
+    assert all(RECORDS[name].name == name for name in SOURCES)
+    pattern, good = shards
+    tar = parse_source({"name": "tar", "pattern": [pattern], "cycle_length": 2.0}, "input.data")
+    assert tar == TarData(pattern=(pattern,), cycle_length=2) and tar.check_images is None
+    assert parse_source(tar, "input.data") is tar  # A record passes through.
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tar.pattern = "x"  # type: ignore[misc]
+    src = make_source(tar)
+    assert isinstance(src, TarShardSource) and src.cycle_length == 2 and len(src.files) == 4
+    assert src.check_images  # unset: TarShardSource's own default
+    assert _collect(src.dataset()) == good
+
+    root, split = os.path.split(folder)
+    record = parse_source({"name": "imagefolder", "root": root, "split": split}, "evals.a.data")
+    assert record == ImageFolderData(root=root, split=split)
+    assert make_source(record, "evals.a.data").class_names == ["bird", "cat", "dog"]
+    run_input = InputConfig(data={"name": "tar", "pattern": pattern}, pp="decode",
+                            global_batch=2)
+    assert run_input.data == TarData(pattern=pattern)
+
+    for raw, message in [
+        ({"name": "webdataset"}, "input.data.name 'webdataset' is not one of ("),
+        ({"pattern": pattern}, "input.data.name None is not one of ("),
+        ({"name": "tar", "colour": 1}, "unknown config key input.data.colour; valid keys "
+                                       "under input.data: check_images, cycle_length, pattern"),
+        ({"name": "tar", "cycle_length": 1.5}, "config key input.data.cycle_length expects an "
+                                               "int, got 1.5"),
+        ({"name": "demo_shapes", "image_size": 0}, "config key input.data.image_size must be "
+                                                   ">= 1, got 0"),
+        ("gs://x/*.tar", "config key input.data expects a data-source dict, got 'gs://x/*.tar'"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            parse_source(raw, "input.data")
+        assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    for raw, message in [
+        ({"name": "csv"}, "input.data: source 'csv' needs the key 'path'"),
+        ({"name": "tfds", "tfds_name": "x"}, "input.data: source 'tfds' needs the key 'split'"),
+        ({"name": "demo_shapes"}, "input.data: source 'demo_shapes' needs the key 'data_dir'"),
+        ({"name": "tar", "pattern": pattern.replace("*.tar", "none-*.tar")},
+         "input.data: TarShardSource: no files match"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            make_source(parse_source(raw, "input.data"))
+        assert str(info.value).startswith(message) and "\n" not in str(info.value)

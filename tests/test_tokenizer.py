@@ -97,6 +97,46 @@ def test_eos_modes_big_vision_table(models):
     np.testing.assert_array_equal(tok.encode("A RED", 3, lower=False), [2, 1, 1])
 
 
+def test_every_eos_the_config_accepts_is_one_the_tokenizer_encodes(models):
+    """TokenizerConfig.eos takes exactly the tokenizer's EOS_MODES (one constant), each of which
+    Tokenizer.encode and encode_prompts accept; anything else is a one-line ConfigError."""
+    from siglip_jax.config import ConfigError
+    from siglip_jax.data.tokenizer_config import EOS_MODES, TokenizerConfig
+    from siglip_jax.schema import TokenizerConfig as SchemaTokenizerConfig
+
+    assert SchemaTokenizerConfig is TokenizerConfig and tokmod.EOS_MODES is EOS_MODES
+    assert set(EOS_MODES) == {"sticky", "yes", "none"}
+    tok = Tokenizer(models["word"])
+    for eos in EOS_MODES:
+        config = TokenizerConfig(max_len=4, eos=eos)
+        texts = ["a red circle", "A Red!"]
+        np.testing.assert_array_equal(tokmod.encode_prompts(tok, config, texts),
+                                      tok.encode(texts, 4, eos, canonicalize=True))
+    for bad in ("no", "maybe", None):
+        with pytest.raises(ConfigError, match=f"^tokenizer.eos {bad!r} is not one of "
+                                              r"\('sticky', 'yes', 'none'\)$"):
+            TokenizerConfig(max_len=4, eos=bad)
+        with pytest.raises(TokenizerError, match="eos must be one of"):
+            tok.encode(["a"], 4, bad)
+
+
+def test_encode_prompts_follows_the_convention(models):
+    """With a convention the config's eos is ignored and the convention's rules apply; without
+    one, canonicalize=False keeps punctuation (big_vision's prompts canonicalise by default)."""
+    from siglip_jax.data.tokenizer_config import TokenizerConfig
+
+    tok = Tokenizer(models["word"])
+    texts = ["A Photo of a CAT, sitting!"]
+    conv = TokenizerConfig(max_len=8, eos="yes", convention="siglip")
+    np.testing.assert_array_equal(tokmod.encode_prompts(tok, conv, texts),
+                                  tok.encode_as(texts, "siglip", 8))
+    plain = TokenizerConfig(max_len=8)
+    np.testing.assert_array_equal(tokmod.encode_prompts(tok, plain, texts, canonicalize=False),
+                                  tok.encode(texts, 8, "sticky", canonicalize=False))
+    assert not np.array_equal(tokmod.encode_prompts(tok, plain, texts, canonicalize=False),
+                              tokmod.encode_prompts(tok, plain, texts))
+
+
 def test_decode_stops_at_eos(models):
     tok = Tokenizer(models["bpe"])
     texts = ["a red circle on a white background", "two dogs play in the snow"]

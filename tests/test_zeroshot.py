@@ -171,13 +171,15 @@ def test_builder_rejects_unknown_asset_before_reading_data(tmp_path):
 
 def test_builder_canonicalises_prompts_and_reads_asset_templates(tmp_path):
     from siglip_jax.data.builder import make_source
+    from siglip_jax.data.config import parse_source
     from siglip_jax.evaluators.builder import build_evaluators
     from siglip_jax.experiment import resolve_tokenizer
     from siglip_jax.schema import parse
 
     mesh = make_mesh([("data", -1)])
     config = _demo_config(tmp_path, **{"evals.zeroshot.templates": "['A Photo of a {}!']"})
-    tokenizer = resolve_tokenizer(parse(config).tokenizer, make_source(config.input.data))
+    tokenizer = resolve_tokenizer(parse(config).tokenizer, make_source(
+        parse_source(config.input.data, "input.data")))
     model = _ToyModel(3)
     params = model.init(jax.random.key(0), jnp.zeros((8, 4, 4, 3)),
                         jnp.zeros((8, 2), jnp.int32))["params"]

@@ -176,8 +176,9 @@ def _run_data_tokenizer(run: Mapping[str, Any]) -> str | None:
     if not data:
         return None
     from siglip_jax.data.builder import make_source
+    from siglip_jax.data.config import parse_source
 
-    return make_source(data).tokenizer_path
+    return make_source(parse_source(data, "input.data")).tokenizer_path
 
 
 def _image_size_from_params(params: Mapping[str, Any], model_config: Mapping[str, Any]

@@ -26,12 +26,18 @@ import functools
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
+
+from siglip_jax.console import quiet_startup
 
 if TYPE_CHECKING:
     import tensorflow as tf
+
+# TensorFlow (and the tokenizer, which loads it) are imported inside the functions that use
+# them, deliberately: this module's CLI (`main`) quiets TensorFlow's start-up notices first.
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -345,7 +351,7 @@ class DemoShapes:
 
     def prepare(self) -> None:
         """Generates both splits and trains the tokenizer unless they are cached already."""
-        from siglip_jax.data.tokenizer import train_sentencepiece
+        from siglip_jax.data.tokenizer import train_sentencepiece  # loads TF: see the top
 
         os.makedirs(self.root, exist_ok=True)
         for split, per_class, seed in (("train", self.train_per_class, 0),
@@ -392,7 +398,7 @@ class DemoShapes:
     def dataset(self, process_index: int = 0, process_count: int = 1,
                 shuffle_files: bool = False, seed: int = 0) -> tf.data.Dataset:
         """This process's share of the split (every process_count-th example) as tf.data."""
-        import tensorflow as tf
+        import tensorflow as tf  # Deliberately late: see the top of the module.
 
         del shuffle_files, seed  # One file; the pipeline shuffles examples.
         share = {k: v[process_index::process_count] for k, v in self._arrays.items()}
@@ -412,7 +418,6 @@ def _crop_to_hw(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
 
 def write_png(path: str, colour: str, shape: str, size: int = 32, seed: int = 0) -> np.ndarray:
     """Draws one `colour` `shape` as the demo's data does and writes it as a PNG; returns it."""
-    from PIL import Image
 
     if colour not in COLOURS:
         raise ValueError(f"colour {colour!r} is not one of the demo's: {', '.join(COLOURS)}")
@@ -426,14 +431,12 @@ def write_png(path: str, colour: str, shape: str, size: int = 32, seed: int = 0)
 
 
 def write_objects_png(path: str, size: int = OBJECTS_IMAGE_SIZE, seed: int = 0,
-                      main: int | None = None) -> dict[str, Any]:
+                      main: int | None = None) -> dict[str, object]:
     """Draws one multi-object picture as objects mode does and writes it as a PNG.
 
     `main` is the main object's class (default: drawn from the seed). Returns the fields of
     the example: image, segmentation, boxes [n, 4], box_texts [n], texts, label.
     """
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     num_classes = len(COLOURS) * len(SHAPES)
     main = int(rng.integers(num_classes)) if main is None else main
@@ -450,8 +453,6 @@ def write_objects_png(path: str, size: int = OBJECTS_IMAGE_SIZE, seed: int = 0,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: writes one demo picture as a PNG."""
-    from siglip_jax.console import quiet_startup
-
     argv = quiet_startup(argv)
     parser = argparse.ArgumentParser(
         prog="python -m siglip_jax.data.demo_shapes",

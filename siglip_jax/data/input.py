@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
+import jax
 import numpy as np
 import tensorflow as tf
 
+from siglip_jax.config import ConfigError
+from siglip_jax.data.registry import add_example_seeds
+from siglip_jax.data.sources import Source, SourceError
+
 PreprocessFn = Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
+Batch = dict[str, np.ndarray]
 MASK_KEY = "_mask"
 
 
@@ -28,10 +33,10 @@ def _options(threads: int | None) -> tf.data.Options:
     return options
 
 
-def train_batches(source: Any, preprocess: PreprocessFn, *, shard_ids: Sequence[int],
+def train_batches(source: Source, preprocess: PreprocessFn, *, shard_ids: Sequence[int],
                   num_shards: int, shard_batch: int, seed: int, shuffle_buffer: int = 10_000,
                   start_step: int = 0, prefetch: int = 2, threads: int | None = None,
-                  cache: bool = False) -> Iterator[dict[str, np.ndarray]]:
+                  cache: bool = False) -> Iterator[Batch]:
     """Infinite iterator of this process's batches (dicts of numpy arrays).
 
     The data is split into `num_shards` virtual shards, one per batch shard (device) of the
@@ -51,9 +56,6 @@ def train_batches(source: Any, preprocess: PreprocessFn, *, shard_ids: Sequence[
     never ends while any data remains. A source with fewer examples than `num_shards` is a
     ConfigError; one that yields no example at all raises SourceError at the first batch.
     """
-    from siglip_jax.config import ConfigError
-    from siglip_jax.data.pp import add_example_seeds
-
     if shard_batch <= 0:
         raise ValueError(f"per-shard batch size must be positive, got {shard_batch}")
     size = getattr(source, "num_examples", None)
@@ -86,19 +88,15 @@ def train_batches(source: Any, preprocess: PreprocessFn, *, shard_ids: Sequence[
     return _endless(dataset.as_numpy_iterator())
 
 
-def _endless(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+def _endless(batches: Iterator[Batch]) -> Iterator[Batch]:
     """The infinite training batches; a clear error instead of StopIteration if they end."""
-    from siglip_jax.data.sources import SourceError
-
     yield from batches
     raise SourceError("the training data yields no usable example (every file unreadable or "
                       "every example skipped as bad); check input.data and the skip counts")
 
 
-def local_shard_ids(sharding: Any, global_batch: int) -> list[int]:
+def local_shard_ids(sharding: jax.sharding.Sharding, global_batch: int) -> list[int]:
     """Which batch shards this process's devices hold, in the order of its local rows."""
-    import jax
-
     starts = sorted({index[0].start or 0 for device, index in
                      sharding.addressable_devices_indices_map((global_batch,)).items()
                      if device.process_index == jax.process_index()})
@@ -115,7 +113,7 @@ def num_eval_batches(num_examples: int, global_batch: int) -> int:
 
 def eval_batches(dataset: tf.data.Dataset, preprocess: PreprocessFn, *, local_batch: int,
                  num_batches: int, threads: int | None = None
-                 ) -> Iterator[dict[str, np.ndarray]]:
+                 ) -> Iterator[Batch]:
     """Exactly `num_batches` batches of this process's data, padded, with a `_mask` key."""
     dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(local_batch).prefetch(2).with_options(_options(threads))
@@ -135,11 +133,11 @@ def eval_batches(dataset: tf.data.Dataset, preprocess: PreprocessFn, *, local_ba
         produced += 1
 
 
-def _pad(batch: dict[str, Any], size: int) -> dict[str, Any]:
+def _pad(batch: Batch, size: int) -> Batch:
     """Zero-pad every array (nested dicts too, e.g. NaFlex images) to `size` rows + a mask."""
     n = len(tf.nest.flatten(batch)[0])
 
-    def pad(value: Any) -> np.ndarray:
+    def pad(value: np.ndarray) -> np.ndarray:
         value = np.asarray(value)
         zeros = np.zeros((size - n, *value.shape[1:]), value.dtype)
         return np.concatenate([value, zeros]) if n < size else value

@@ -15,14 +15,14 @@ Boxes are (ymin, xmin, ymax, xmax) in [0, 1] (the TFDS detection convention). Ea
 coordinate c becomes bin `min(floor(c * num_bins), num_bins - 1)` (c clipped to [0, 1]) and
 location id `loc_start + bin`; a location id maps back to the bin centre
 `(bin + 0.5) / num_bins`, so a round trip moves a coordinate by at most half a bin,
-`0.5 / num_bins`. `box_to_tokens` / `tokens_to_box` are the numpy versions,
-`tf_box_to_tokens` the one for pp ops.
+`0.5 / num_bins`. `box_to_tokens` / `tokens_to_box` are the numpy versions;
+ops_locca.tf_box_to_tokens is the TF one for pp (this module stays free of TensorFlow: the
+model side imports it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import numpy as np
 
@@ -100,12 +100,3 @@ def tokens_to_box(tokens: np.ndarray, vocab: DecoderVocab) -> np.ndarray:
                          f"{tokens.shape}")
     centres = (tokens.astype(np.float64) - vocab.loc_start + 0.5) / vocab.num_bins
     return np.where(vocab.is_location(tokens), centres, np.nan).astype(np.float32)
-
-
-def tf_box_to_tokens(boxes: Any, vocab: DecoderVocab) -> Any:
-    """`box_to_tokens` as TF ops (for pp): float boxes [..., 4] -> int32 location ids."""
-    import tensorflow as tf  # Only pp needs TF; the model side imports this module too.
-
-    boxes = tf.clip_by_value(tf.cast(boxes, tf.float64), 0.0, 1.0)
-    bins = tf.minimum(tf.floor(boxes * vocab.num_bins), vocab.num_bins - 1)
-    return tf.cast(bins, tf.int32) + vocab.loc_start

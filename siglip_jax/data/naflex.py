@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 SCALE_MIN_FACTOR = 0.1  # the bisection's lower bound is eps · 0.1
 SCALE_MAX = 100.0       # and its upper bound 100 (an image can grow at most 100×)
@@ -104,9 +104,7 @@ def tf_target_size(hw: tf.Tensor, patch_size: int, max_num_patches: int,
 # NumPy + PIL (exact HF processor)
 
 
-def _pil_resample(resample: int | str) -> Any:
-    from PIL import Image
-
+def _pil_resample(resample: int | str) -> Image.Resampling:
     name = PIL_RESAMPLE.get(resample) if not isinstance(resample, str) else resample.upper()
     if name not in PIL_RESAMPLE.values():
         raise NaFlexError(f"resample must be one of {PIL_RESAMPLE} (or their names), got "
@@ -116,8 +114,6 @@ def _pil_resample(resample: int | str) -> Any:
 
 def pil_resize(image: np.ndarray, size: Sequence[int], resample: int | str = 2) -> np.ndarray:
     """uint8 [H, W, C] → uint8 [h, w, C] with PIL (bilinear = PIL's antialiased triangle)."""
-    from PIL import Image
-
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] not in (1, 3):
         raise NaFlexError(f"PIL resize needs a uint8 [H, W, 1|3] image, got {array.dtype} "
@@ -136,10 +132,8 @@ def patchify_array(image: np.ndarray, patch_size: int) -> np.ndarray:
     return grid.transpose(0, 2, 1, 3, 4).reshape(-1, patch_size * patch_size * c)
 
 
-def _to_uint8_rgb(image: Any) -> np.ndarray:
+def _to_uint8_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
     """A uint8 [H, W, 3] array from a PIL image (converted to RGB) or a uint8 array."""
-    from PIL import Image
-
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
     array = np.asarray(image)
@@ -152,7 +146,7 @@ def _to_uint8_rgb(image: Any) -> np.ndarray:
 
 
 def naflex_preprocess(
-    images: Sequence[Any],
+    images: Sequence[Image.Image | np.ndarray],
     max_num_patches: int = 256,
     patch_size: int = 16,
     *,

@@ -32,6 +32,11 @@ per model family:
   ``Siglip2Processor`` defaults), and big_vision's SigLIP 2
   ``lower|tok(length=64, model="gemma", bos="no", eos="sticky")``.
 
+The rules that need no sentencepiece (``EOS_MODES``, ``CONVENTIONS``, the run's [tokenizer]
+section ``TokenizerConfig``) live in tokenizer_config.py, which config parsing imports without
+loading TensorFlow; ``encode_prompts(tokenizer, config, texts)`` tokenizes prompts (class
+names, captions) the way a ``TokenizerConfig`` says.
+
 CLI::
 
     python -m siglip_jax.data.tokenizer train --input captions.txt --vocab-size 64 --out m.model
@@ -41,7 +46,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import re
 import string
@@ -52,39 +56,16 @@ import numpy as np
 import sentencepiece as spm
 import tensorflow as tf
 
-EOS_MODES = ("sticky", "yes", "none")
+from siglip_jax.data.tokenizer_config import (
+    EOS_MODES,
+    TextConvention,
+    TokenizerConfig,
+    TokenizerError,
+    get_convention,
+)
+
 _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
 _WS_RE = re.compile(r"\s+")
-
-
-class TokenizerError(ValueError):
-    """A tokenizer model file or an encode argument is invalid."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TextConvention:
-    """How one model family turns texts into ids (see the module docstring)."""
-
-    max_len: int
-    eos: str           # one of EOS_MODES
-    pad: str           # "eos": pad with the EOS id; "pad": with the model's <pad> id
-    lower: bool
-    canonicalize: bool
-
-
-CONVENTIONS: dict[str, TextConvention] = {
-    "siglip": TextConvention(64, "sticky", "eos", lower=True, canonicalize=True),
-    "siglip2": TextConvention(64, "sticky", "pad", lower=True, canonicalize=False),
-}
-
-
-def get_convention(name: str | TextConvention) -> TextConvention:
-    """The TextConvention called name (or name itself); TokenizerError if unknown."""
-    if isinstance(name, TextConvention):
-        return name
-    if name not in CONVENTIONS:
-        raise TokenizerError(f"unknown text convention {name!r}; known: {sorted(CONVENTIONS)}")
-    return CONVENTIONS[name]
 
 
 def canonicalize_text(text: str, lower: bool = True) -> str:
@@ -259,6 +240,15 @@ _LAYOUTS: dict[str, dict[str, object]] = {
                   remove_extra_whitespaces=False, split_digits=True,
                   allow_whitespace_only_pieces=True),
 }
+
+
+def encode_prompts(tokenizer: Tokenizer, config: TokenizerConfig, texts: Sequence[str],
+                   canonicalize: bool = True) -> np.ndarray:
+    """Token ids [N, config.max_len] of prompts: the config's convention's rules if it sets one,
+    else its EOS mode with big_vision's canonicalisation (lower-case, no punctuation)."""
+    if config.convention:
+        return tokenizer.encode_as(list(texts), config.convention, config.max_len)
+    return tokenizer.encode(list(texts), config.max_len, config.eos, canonicalize=canonicalize)
 
 
 def train_sentencepiece(

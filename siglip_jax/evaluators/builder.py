@@ -45,7 +45,7 @@ from siglip_jax.data import input as input_lib
 from siglip_jax.data.builder import Source, make_source
 from siglip_jax.data.locca import DecoderVocab
 from siglip_jax.data.pp import get_preprocess_fn
-from siglip_jax.data.tokenizer import Tokenizer
+from siglip_jax.data.tokenizer import Tokenizer, encode_prompts
 from siglip_jax.evaluators import prompts
 from siglip_jax.evaluators.common import Embedder, Evaluator
 from siglip_jax.evaluators.config import EvalConfig
@@ -230,7 +230,8 @@ def _zeroshot(spec: EvalConfig, opts: ZeroShotOptions, embedder: Embedder, sourc
               tok_cfg: TokenizerConfig, class_names: list[str], templates: list[str]
               ) -> ZeroShotEvaluator:
     pp_output_spec(source, preprocess, ("image", "label"), f"evals.{spec.name}")
-    tokenize = lambda texts: tok_cfg.encode(tokenizer, texts, canonicalize=opts.canonicalize)
+    tokenize = lambda texts: encode_prompts(tokenizer, tok_cfg, texts,
+                                            canonicalize=opts.canonicalize)
     return ZeroShotEvaluator(embedder=embedder, class_names=class_names, templates=templates,
                              tokenize=tokenize, every_n_steps=spec.every_n_steps,
                              batches=_batches_fn(source, preprocess, batch_size))

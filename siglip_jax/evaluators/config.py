@@ -15,12 +15,12 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from siglip_jax.config import ConfigError, check_keys, to_plain
-from siglip_jax.data.builder import check_source_config
+from siglip_jax.data.config import SourceConfig, parse_source
 from siglip_jax.evaluators.decoder_tasks import DecoderTaskOptions, ReferringOptions
 from siglip_jax.evaluators.dense_probe import DenseProbeOptions
 from siglip_jax.evaluators.retrieval import RetrievalOptions
 from siglip_jax.evaluators.zeroshot import ZeroShotOptions
-from siglip_jax.records import check_int, freeze
+from siglip_jax.records import check_int
 
 EvalOptions = (ZeroShotOptions | RetrievalOptions | DenseProbeOptions | DecoderTaskOptions
                | ReferringOptions)
@@ -54,7 +54,7 @@ class EvalConfig:
 
     name: str
     type: str
-    data: Mapping[str, object]
+    data: SourceConfig
     pp: str
     options: EvalOptions
     every_n_steps: int = 0
@@ -73,8 +73,7 @@ class EvalConfig:
         for key in ("data", "pp"):
             if key not in raw:
                 raise ConfigError(f"config key {where}.{key} is required")
-        data = freeze(raw["data"])
-        check_source_config(data, f"{where}.data")
+        data = parse_source(raw["data"], f"{where}.data")
         options = OPTIONS[kind](**{k: raw[k] for k in own if k in raw}, where=where)
         return cls(name, kind, data, str(raw["pp"]), options,
                    check_int(raw.get("every_n_steps", 0), f"{where}.every_n_steps", 0),

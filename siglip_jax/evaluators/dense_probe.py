@@ -36,10 +36,10 @@ import optax
 from jax.sharding import Mesh
 
 from siglip_jax.config import ConfigError
-from siglip_jax.data.builder import check_source_config
+from siglip_jax.data.config import SourceConfig, parse_source
 from siglip_jax.data.demo_shapes import COLOURS, SHAPES
 from siglip_jax.evaluators.common import MASK_KEY
-from siglip_jax.records import freeze, set_fields
+from siglip_jax.records import set_fields
 from siglip_jax.sharding import batch_sharding, make_global_batch, replicated
 
 DEMO_CLASSES = len(COLOURS) * len(SHAPES)
@@ -61,7 +61,7 @@ class DenseProbeOptions:
     ignore_label: int | None = None  # A map value that does not vote (e.g. 255).
     segmentation_key: str = "segmentation"  # The pp output holding the map.
     train_fraction: float = 0.5  # The first fraction of `data` fits the probe.
-    train_data: Mapping[str, object] | None = None  # A separate source section to fit on.
+    train_data: SourceConfig | None = None  # A separate source section to fit on.
     ridge: float = 1e-3  # Relative to the mean feature variance.
     where: dataclasses.InitVar[str] = "evals.<name>"  # The section, for error messages.
 
@@ -93,10 +93,10 @@ class DenseProbeOptions:
         ridge = self.ridge
         if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not ridge > 0:
             raise ConfigError(f"{where}.ridge must be a positive number, got {ridge!r}")
-        if self.train_data is not None:
-            check_source_config(self.train_data, f"{where}.train_data")
+        train_data = None if self.train_data is None else parse_source(
+            self.train_data, f"{where}.train_data")
         set_fields(self, train_fraction=float(fraction), ridge=float(ridge),
-                   train_data=freeze(self.train_data))
+                   train_data=train_data)
 
 
 def num_labels(label_set: str, num_classes: int = 0) -> int:

@@ -1,5 +1,6 @@
-"""pp op `locca_task`: one LocCa decoder sequence per example (captioning, referring, grounded
-captioning), in the ids of `data.locca.DecoderVocab`.
+"""LocCa pp op `locca_task` (registered in this module's op table `OPS`, see registry.py):
+one LocCa decoder sequence per example (captioning, referring, grounded captioning), in the
+ids of `data.locca.DecoderVocab`.
 
 Input fields (a multi-object example; TFDS detection data maps to the same):
   "texts"      string [] or [N]: the whole-image caption(s) (one is picked, seeded, if N > 1);
@@ -26,28 +27,37 @@ Optional extra outputs for evaluators: `box_key` -> the chosen object's box floa
 (zeros for cap); `refs_key` -> every caption as a target row int32 [N, L] (caption ids, eos,
 0-padded; a single caption gives [1, L]).
 
-Per example (seeded by the example's "_seed" and the op's position, see pp.py) the op picks a
-task from `tasks` with probabilities `weights`, and, for aref/gcap, one object uniformly among
-the first `num_boxes`. An example with no boxes, or data without a "boxes" key, gets "cap".
+Per example (seeded by the example's "_seed" and the op's position, see
+registry.example_seed) the op picks a task from `tasks` with probabilities `weights`, and, for
+aref/gcap, one object uniformly among the first `num_boxes`. An example with no boxes, or data
+without a "boxes" key, gets "cap".
 Truncation keeps the task token, the 4 location ids and eos: a caption is cut to L - 2 ids,
 a phrase to L - 6; so max_len must be >= 6 when aref or gcap is among the tasks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import tensorflow as tf
 
 from siglip_jax.data import locca
+from siglip_jax.data.registry import (
+    Example,
+    OpContext,
+    OpTable,
+    PPError,
+    PPFn,
+    example_seed,
+    get,
+)
+from siglip_jax.data.tokenizer import Tokenizer
 
-Example = dict[str, Any]
 BOX_TOKENS = 4
-# pp.py imports this module to register its ops, so pp's helpers are imported at call time.
+_OPS = OpTable()
 
 
-def _tokenize(tok: Any, texts: tf.Tensor, max_len: int, lower: bool, canonicalize: bool
+def _tokenize(tok: Tokenizer, texts: tf.Tensor, max_len: int, lower: bool, canonicalize: bool
               ) -> tuple[tf.Tensor, tf.Tensor]:
     """Text ids without eos, 0-padded [..., max_len], and their lengths [...]."""
     ids = tok.tf_encode(texts, max_len, "none", pad_value=0, lower=lower,
@@ -67,8 +77,16 @@ def _assemble(task_id: int, prefix: tf.Tensor, plen: tf.Tensor, target: tf.Tenso
     return tf.ensure_shape(seq, [max_len]), tf.cast(mask, tf.float32)
 
 
+def tf_box_to_tokens(boxes: tf.Tensor, vocab: locca.DecoderVocab) -> tf.Tensor:
+    """`locca.box_to_tokens` as TF ops: float boxes [..., 4] -> int32 location ids."""
+    boxes = tf.clip_by_value(tf.cast(boxes, tf.float64), 0.0, 1.0)
+    bins = tf.minimum(tf.floor(boxes * vocab.num_bins), vocab.num_bins - 1)
+    return tf.cast(bins, tf.int32) + vocab.loc_start
+
+
+@_OPS.register("locca_task")
 def get_locca_task(
-    ctx: Any,
+    ctx: OpContext,
     max_len: int,
     num_bins: int | None = None,
     tasks: Sequence[str] = locca.TASKS,
@@ -86,14 +104,12 @@ def get_locca_task(
     box_key: str | None = None,
     refs_key: str | None = None,
     all_tasks: bool = False,
-) -> Callable[[Example], Example]:
+) -> PPFn:
     """One LocCa decoder sequence per example: "dec_tokens", "dec_target_mask", "dec_parallel"
     (see the module docstring); with `all_tasks=True` one row per task in `tasks`. `num_bins`
     and `text_vocab` default to the model decoder's (the trainer and the evaluators pass its
     vocabulary to the pp); given explicitly they must agree with it. Without a model
     vocabulary they default to 100 and the tokenizer's size."""
-    from siglip_jax.data.pp import PPError, _get, _seed
-
     tok = ctx.tokenizer
     if tok is None:
         raise PPError("locca_task: needs the run's tokenizer (get_preprocess_fn(tokenizer=...))")
@@ -141,11 +157,11 @@ def get_locca_task(
 
     def apply(data: Example) -> Example:
         data = dict(data)
-        seed = _seed(data, ctx)
+        seed = example_seed(data, ctx)
         draws = tf.random.stateless_uniform([4 + (len(tasks) if all_tasks else 0)], seed=seed,
                                             dtype=tf.float32)
         u_task, u_obj, u_par, u_cap = tf.unstack(draws[:4])
-        texts = tf.convert_to_tensor(_get(data, text_key, "locca_task"))
+        texts = tf.convert_to_tensor(get(data, text_key, "locca_task"))
         all_caps = texts[None] if texts.shape.rank == 0 else texts
         n_caps = tf.shape(all_caps)[0]
         pick = tf.minimum(tf.cast(u_cap * tf.cast(n_caps, tf.float32), tf.int32),
@@ -153,9 +169,9 @@ def get_locca_task(
         caption = tf.cond(n_caps > 0, lambda: tf.gather(all_caps, pick), lambda: tf.constant(""))
 
         if needs_box and boxes_key in data:
-            boxes = tf.reshape(tf.cast(_get(data, boxes_key, "locca_task"), tf.float32), [-1, 4])
-            phrases = tf.reshape(_get(data, box_texts_key, "locca_task"), [-1])
-            num = (tf.cast(tf.reshape(_get(data, num_boxes_key, "locca_task"), []), tf.int32)
+            boxes = tf.reshape(tf.cast(get(data, boxes_key, "locca_task"), tf.float32), [-1, 4])
+            phrases = tf.reshape(get(data, box_texts_key, "locca_task"), [-1])
+            num = (tf.cast(tf.reshape(get(data, num_boxes_key, "locca_task"), []), tf.int32)
                    if num_boxes_key in data else tf.shape(boxes)[0])
             num = tf.minimum(num, tf.shape(boxes)[0])
             obj = tf.minimum(tf.cast(u_obj * tf.cast(num, tf.float32), tf.int32),
@@ -169,7 +185,7 @@ def get_locca_task(
         ids, lens = _tokenize(tok, tf.stack([caption, phrase]), max_len, lower, canonicalize)
         cap_ids, cap_len = ids[0], tf.minimum(lens[0], max_len - 2)
         phr_ids, phr_len = ids[1], tf.minimum(lens[1], max_len - 2 - BOX_TOKENS)
-        box_ids = locca.tf_box_to_tokens(box, vocab)
+        box_ids = tf_box_to_tokens(box, vocab)
         empty = tf.zeros([0], tf.int32)
         candidates = {
             "cap": (vocab.task_id("cap"), empty, 0, cap_ids, cap_len),
@@ -207,3 +223,7 @@ def get_locca_task(
         return data
 
     return apply
+
+
+OPS = _OPS.freeze()
+del _OPS

@@ -1,4 +1,5 @@
-"""Multi-view pp ops for the self-distillation objective (registered into data/pp.py's registry).
+"""Multi-view pp ops for the self-distillation objective (this module's op table `OPS`, see
+registry.py).
 
 ``local_crops(n=8, size=96, scale=(0.05, 0.4))`` adds ``local_views`` [n, size, size, C]: n
 random crops of ``image`` covering ``scale`` of its area (aspect ratio 3/4..4/3, DINO / SILC
@@ -13,34 +14,45 @@ so the views are float32 in the model's range, e.g.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import tensorflow as tf
 
-Example = dict[str, Any]
+from siglip_jax.data.registry import (
+    RESIZE_METHODS,
+    Example,
+    OpContext,
+    OpTable,
+    PPError,
+    PPFn,
+    example_seed,
+    get,
+    pair,
+    resize,
+)
+
+_OPS = OpTable()
 
 
-def get_local_crops(ctx: Any, n: int = 8, size: int | Sequence[int] = 96,
+@_OPS.register("local_crops")
+def get_local_crops(ctx: OpContext, n: int = 8, size: int | Sequence[int] = 96,
                     scale: Sequence[float] = (0.05, 0.4), ratio: Sequence[float] = (3 / 4, 4 / 3),
                     flip: bool = True, method: str = "bilinear", antialias: bool = True,
                     key: str = "image", outkey: str = "local_views"
-                    ) -> Callable[[Example], Example]:
+                    ) -> PPFn:
     """`outkey` = n random crops of `key` (area fraction in `scale`, aspect ratio in `ratio`),
     resized to `size`, optionally flipped: [n, h, w, C] of the input's dtype."""
-    from siglip_jax.data import pp
-
-    hw = pp._pair(size, "local_crops")
+    hw = pair(size, "local_crops")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise pp.PPError(f"local_crops: n must be a positive int, got {n!r}")
+        raise PPError(f"local_crops: n must be a positive int, got {n!r}")
     lo, hi = (float(s) for s in scale)
     if not 0 < lo <= hi <= 1:
-        raise pp.PPError(f"local_crops: need 0 < scale[0] <= scale[1] <= 1, got {scale!r}")
-    if method not in pp._RESIZE_METHODS or method == "pil":
-        raise pp.PPError(f"local_crops: unknown resize method {method!r}")
+        raise PPError(f"local_crops: need 0 < scale[0] <= scale[1] <= 1, got {scale!r}")
+    if method not in RESIZE_METHODS or method == "pil":
+        raise PPError(f"local_crops: unknown resize method {method!r}")
     rlo, rhi = (float(r) for r in ratio)
     if not 0 < rlo <= rhi:
-        raise pp.PPError(f"local_crops: need 0 < ratio[0] <= ratio[1], got {ratio!r}")
+        raise PPError(f"local_crops: need 0 < ratio[0] <= ratio[1], got {ratio!r}")
 
     def crop(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -49,16 +61,16 @@ def get_local_crops(ctx: Any, n: int = 8, size: int | Sequence[int] = 96,
             max_attempts=100, use_image_if_no_bounding_boxes=True)
         out = tf.slice(image, begin, crop_size)
         out.set_shape([None, None, image.shape[2]])
-        out = pp._resize(out, hw, method, antialias)
+        out = resize(out, hw, method, antialias)
         if flip:
             flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
             out = tf.image.stateless_random_flip_left_right(out, seed=flip_seed)
         return out
 
-    def apply(data: Mapping[str, Any]) -> Example:
+    def apply(data: Mapping[str, object]) -> Example:
         data = dict(data)
-        image = pp._get(data, key, "local_crops")
-        base = pp._seed(data, ctx)
+        image = get(data, key, "local_crops")
+        base = example_seed(data, ctx)
         views = [crop(image, tf.random.experimental.stateless_fold_in(base, 2 + 2 * i))
                  for i in range(n)]
         data[outkey] = tf.ensure_shape(tf.stack(views), [n, hw[0], hw[1], image.shape[2]])
@@ -67,6 +79,5 @@ def get_local_crops(ctx: Any, n: int = 8, size: int | Sequence[int] = 96,
     return apply
 
 
-# The ops of this module, registered by data/pp.py under these names.
-OPS: Mapping[str, Callable[..., Callable[[Example], Example]]] = {
-    "local_crops": get_local_crops}
+OPS = _OPS.freeze()
+del _OPS

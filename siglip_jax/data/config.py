@@ -1,0 +1,143 @@
+"""The data layer's config records: the data-source section and the [input] section.
+
+`parse_source(raw, where)` turns a data-source section (a mapping with a `name`) into its
+typed, frozen record (`SourceConfig`: one record class per source, `RECORDS` by name); an
+unknown name or key, or a count that is not an int, is a one-line ConfigError naming the key.
+Fields left None take the source class's own default; a source's required keys (its path or
+dataset name) are checked when data/builder.make_source builds it. `InputConfig` is the run's
+[input] section; the evaluators' sections call `parse_source` for their data too.
+
+Keys by `name`:
+  demo_shapes   split, data_dir, image_size, train_per_class, test_per_class, vocab_size,
+                aspect (mixed aspect ratios, for NaFlex), objects (2–4 shapes per image with
+                boxes, phrases and a segmentation map; image_size defaults to 64)
+  tfds          tfds_name, split (slicing allowed, e.g. "train[:90%]"), data_dir, image_keys,
+                text_key, check_images
+  imagefolder   root (split: optional sub-folder of root), check_images
+  csv           path, image_col, caption_col, delimiter, image_root, check_images (split: unused)
+  tar           pattern (glob, list of globs, local or gs://), check_images, cycle_length
+                (split: unused)
+
+This module loads neither TensorFlow nor the sources, so parsing a config stays light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Mapping
+from typing import ClassVar
+
+from siglip_jax.config import ConfigError, to_plain
+from siglip_jax.records import build_record, check_int, freeze, set_fields, thaw
+
+
+def _check_ints(record: object, where: str, *names: str) -> None:
+    """The named fields, where set, as ints (ConfigError naming the key otherwise)."""
+    set_fields(record, **{n: check_int(getattr(record, n), f"{where}.{n}", 1)
+                          for n in names if getattr(record, n) is not None})
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoShapesData:
+    """The generated demo dataset (data/demo_shapes.py); None fields: DemoShapes' defaults."""
+
+    name: ClassVar[str] = "demo_shapes"
+    split: str | None = None
+    data_dir: str | None = None
+    image_size: int | None = None
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    vocab_size: int | None = None
+    aspect: bool | None = None
+    objects: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsData:
+    """A TFDS dataset split (sources.TfdsSource)."""
+
+    name: ClassVar[str] = "tfds"
+    tfds_name: str | None = None
+    split: str | None = None
+    data_dir: str | None = None
+    image_keys: tuple[str, ...] | None = None
+    text_key: str | None = None
+    check_images: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolderData:
+    """`root/<class>/*.jpg` (sources.ImageFolderSource); `split` is a sub-folder of root."""
+
+    name: ClassVar[str] = "imagefolder"
+    root: str | None = None
+    split: str | None = None
+    check_images: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CsvData:
+    """A csv/tsv file of image paths and captions (sources.CsvSource)."""
+
+    name: ClassVar[str] = "csv"
+    path: str | None = None
+    image_col: str | None = None
+    caption_col: str | None = None
+    delimiter: str | None = None
+    image_root: str | None = None
+    check_images: bool | None = None
+    split: str | None = None  # unused: the file is the split
+
+
+@dataclasses.dataclass(frozen=True)
+class TarData:
+    """WebDataset-style tar shards (sources.TarShardSource)."""
+
+    name: ClassVar[str] = "tar"
+    pattern: str | tuple[str, ...] | None = None
+    check_images: bool | None = None
+    cycle_length: int | None = None
+    split: str | None = None  # unused: the files are the split
+
+
+SourceConfig = DemoShapesData | TfdsData | ImageFolderData | CsvData | TarData
+RECORDS: Mapping[str, type[SourceConfig]] = types.MappingProxyType({
+    cls.name: cls for cls in (DemoShapesData, TfdsData, ImageFolderData, CsvData, TarData)})
+SOURCES = tuple(RECORDS)
+_INT_KEYS: Mapping[str, tuple[str, ...]] = types.MappingProxyType({  # positive ints if given
+    "demo_shapes": ("image_size", "train_per_class", "test_per_class", "vocab_size"),
+    "tar": ("cycle_length",)})
+
+
+def parse_source(raw: Mapping[str, object] | SourceConfig, where: str) -> SourceConfig:
+    """The record of a data-source section (a record passes through); ConfigError naming the
+    key for an unknown source name, an unknown key or a non-integer count."""
+    if isinstance(raw, tuple(RECORDS.values())):
+        return raw
+    plain = thaw(to_plain(raw))
+    if not isinstance(plain, dict):
+        raise ConfigError(f"config key {where} expects a data-source dict, got {raw!r}")
+    name = plain.pop("name", None)
+    if name not in RECORDS:
+        raise ConfigError(f"{where}.name {name!r} is not one of {SOURCES}")
+    record = build_record(RECORDS[name], {k: freeze(v) for k, v in plain.items()}, where)
+    _check_ints(record, where, *_INT_KEYS.get(name, ()))
+    return record
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+    """The training input: data source record, pp string, batch, shuffling, caching."""
+
+    data: SourceConfig
+    pp: str
+    global_batch: int
+    shuffle_buffer: int = 10_000
+    cache: bool = False
+
+    def __post_init__(self) -> None:
+        set_fields(self, data=parse_source(self.data, "input.data"), pp=str(self.pp),
+                   global_batch=check_int(self.global_batch, "input.global_batch", 1),
+                   shuffle_buffer=check_int(self.shuffle_buffer, "input.shuffle_buffer", 0),
+                   cache=bool(self.cache))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from siglip_jax import cost_model
+from siglip_jax.losses import sigmoid_loss_dense
 from siglip_jax.models.two_towers import Model
 
 
@@ -40,8 +41,6 @@ def test_analytic_forward_flops_match_xla_cost_analysis(width, depth, pool):
 
 def test_training_costs_three_forward_passes_in_xla_too():
     """The planner's convention (train = 3 × forward) checked on XLA's count of a grad step."""
-    from siglip_jax.losses import sigmoid_loss_dense
-
     model, _ = _small_model(128, 2)
     image = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
     text = jax.ShapeDtypeStruct((8, 16), jnp.int32)
@@ -59,8 +58,6 @@ def test_training_costs_three_forward_passes_in_xla_too():
 @pytest.mark.parametrize("scan, remat", [(False, "none"), (True, "nothing_saveable")])
 def test_activation_estimate_is_close_to_xla_cpu_temp_memory(scan, remat):
     """float32, so XLA:CPU keeps the dtypes the estimate assumes; within -25 % / +35 %."""
-    from siglip_jax.losses import sigmoid_loss_dense
-
     width, depth, batch, res, text_len = 128, 4, 64, 32, 16
     model, model_cfg = _small_model(width, depth, scan=scan, remat=remat)
     image = jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32)

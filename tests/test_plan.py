@@ -10,11 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sentencepiece as spm
 
-from siglip_jax import plan, planner
+from siglip_jax import experiment, plan, planner
 from siglip_jax.config import load_config
-from siglip_jax.experiment import infer_image_size
+from siglip_jax.experiment import infer_image_size, make_model
+from siglip_jax.optim import make_optimizer
 from siglip_jax.schema import parse
+from siglip_jax.sharding import make_mesh
+from siglip_jax.step import init_state
 
 DEMO = "configs/demo.py"
 
@@ -65,12 +69,6 @@ def test_mesh_resolution():
 ])
 def test_param_and_optimizer_bytes_equal_a_real_sharded_allocation(mesh, rules):
     """The planner's abstract bytes per chip == the bytes device 0 really holds after init."""
-    from siglip_jax.experiment import make_model
-    from siglip_jax.optim import make_optimizer
-    from siglip_jax.schema import parse
-    from siglip_jax.sharding import make_mesh
-    from siglip_jax.step import init_state
-
     overrides = [f"mesh={mesh}", f"sharding_rules={rules}", "batch_axes=('data',)"]
     p = demo_plan(overrides)
     assert not p.errors, p.errors
@@ -177,8 +175,6 @@ def test_memory_over_hbm_fails():
 
 
 def test_tokenizer_larger_than_the_embedding_table_fails(tmp_path):
-    import sentencepiece as spm
-
     words = [f"word{i}" for i in range(200)]
     (tmp_path / "corpus.txt").write_text("\n".join(" ".join(words[i:i + 9]) for i in range(190)))
     spm.SentencePieceTrainer.train(
@@ -256,8 +252,6 @@ def test_time_estimate_follows_flops_peak_and_mfu():
 def test_planner_bytes_are_the_trainers_sharded_abstract_state():
     """Params/optimizer bytes of the plan == per-device bytes of experiment.build_step's
     abstract state on a real 4 × 2 mesh (the planner builds through the trainer's code)."""
-    from siglip_jax import experiment
-
     overrides = ["mesh=[('data', 4), ('fsdp', 2)]", "sharding_rules=[('.*', 'fsdp')]"]
     p = demo_plan(overrides)
     run = parse(load_config(DEMO, overrides))

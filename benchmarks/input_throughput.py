@@ -64,10 +64,10 @@ def demo_step_rate(steps: int = 20) -> float:
     from siglip_jax import experiment
     from siglip_jax.config import load_config
     from siglip_jax.schema import parse
-    from siglip_jax.sharding import make_global_batch
+    from siglip_jax.sharding import make_global_batch, mesh_of
 
     config = parse(load_config("configs/demo.py"))
-    mesh = config.mesh.make()
+    mesh = mesh_of(config.mesh)
     shapes = {"image": (128, 32, 32, 3), "labels": (128, 8)}
     parts = experiment.build_step(config, mesh, shapes)
     state = experiment.init_state(config, parts, mesh, shapes)

@@ -178,8 +178,8 @@ def _config_spec(arg: str) -> str:
 def trainer_parts(config: Any, devices: list, batch: dict[str, Any]) -> Any:
     """The trainer's step and its pieces, from `experiment.build_step` as train() uses."""
     from siglip_jax.experiment import build_step
-
-    mesh = config.mesh.make(devices)
+    from siglip_jax.sharding import mesh_of
+    mesh = mesh_of(config.mesh, devices)
     return mesh, build_step(config, mesh, {k: v.shape for k, v in batch.items()})
 
 

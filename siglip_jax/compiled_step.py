@@ -46,6 +46,7 @@ from siglip_jax.experiment import (
     pp_image_size,
 )
 from siglip_jax.schema import RunConfig
+from siglip_jax.sharding import mesh_of
 from siglip_jax.tpu_slices import Chip, Slice, compile_only_devices, parse_slice
 
 GiB = 1024**3
@@ -410,7 +411,7 @@ def build_for_slice(run: RunConfig, slice_name: str | Slice) -> SliceBuild:
     if shapes is None:
         raise ConfigError("cannot tell the training image size: input.pp has no resize/crop "
                           "or patchify op and input.data has no image_size")
-    mesh = run.mesh.make(compile_only_devices(spec))
+    mesh = mesh_of(run.mesh, compile_only_devices(spec))
     return SliceBuild(run, spec, mesh, shapes, build_step(run, mesh, shapes))
 
 

@@ -13,7 +13,7 @@ import ast
 import importlib.util
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -75,7 +75,7 @@ def _call_get_config(path: str, arg: str | None) -> ml_collections.ConfigDict:
     return config
 
 
-def collect_overrides(rest: Sequence[str], error: Callable[[str], Any]) -> list[str]:
+def collect_overrides(rest: Sequence[str], error: Callable[[str], object]) -> list[str]:
     """`--config.a.b=v` / `--config.a.b v` flags → ["a.b=v", …]; `error(msg)` for anything else
     (pass argparse's `parser.error`)."""
     overrides, i = [], 0
@@ -197,7 +197,7 @@ def to_plain(value: Any) -> Any:
     return value
 
 
-def check_keys(section: Any, allowed: Iterable[str], where: str) -> None:
+def check_keys(section: Mapping[str, object], allowed: Iterable[str], where: str) -> None:
     """Raises ConfigError if `section` (a mapping) has keys outside `allowed`."""
     allowed = set(allowed)
     unknown = sorted(set(section.keys()) - allowed)

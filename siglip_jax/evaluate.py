@@ -28,6 +28,7 @@ from typing import Any
 from siglip_jax.config import ConfigError, collect_overrides, load_config
 from siglip_jax.console import quiet_startup
 from siglip_jax.schema import ModelConfig, RunConfig, parse
+from siglip_jax.sharding import mesh_of
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -99,7 +100,7 @@ def evaluate(config: Any, checkpoint: str, log: Callable[[str], None] = print
                                   vocab_size=ModelConfig.parse(opened.model_config).vocab_size)
     image_shape = eval_image_shape(run, tokenizer)
     abstract = param_shapes(model, tuple(image_shape[:2]), max_len)
-    mesh = run.mesh.make()
+    mesh = mesh_of(run.mesh)
     shardings = param_shardings(abstract, run.mesh.rules, mesh)
     log(f"checkpoint {opened.path} ({opened.format}); mesh {dict(mesh.shape)}; "
         f"images {image_shape}, text length {max_len}")

@@ -147,6 +147,23 @@ def input_shapes(run: RunConfig, batch: int | None = None) -> BatchShapes | None
     return shapes
 
 
+def check_batch(run: RunConfig, batch_shards: int, processes: int, detail: str = "") -> None:
+    """The global batch must split over the batch shards × accumulation steps and over
+    the processes (hosts) — the one place this is checked. `detail` (e.g. the mesh axes
+    and the slice) follows the number of batch shards in the message."""
+    batch, accum = run.input.global_batch, run.grad_accum_steps
+    if batch % batch_shards:
+        raise ConfigError(f"input.global_batch={batch} does not divide over the "
+                          f"{batch_shards} batch shards" + (f" {detail}" if detail else ""))
+    if batch % (batch_shards * accum):
+        raise ConfigError(f"input.global_batch={batch} does not split into "
+                          f"grad_accum_steps={accum} micro-batches over {batch_shards} "
+                          "shards")
+    if batch % processes:
+        raise ConfigError(f"input.global_batch={batch} does not divide over the "
+                          f"{processes} processes (hosts)")
+
+
 def decoder_vocab(run: RunConfig) -> Any:
     """The DecoderVocab of the run's caption decoder (None without one), for the pp ops."""
     if run.model.decoder is None:
@@ -168,7 +185,7 @@ def build_input(run: RunConfig, mesh: Any, start_step: int, *, source: Any = Non
     from siglip_jax.sharding import batch_sharding, num_batch_shards
 
     shards = num_batch_shards(mesh, run.mesh.batch_axes)
-    run.check_batch(shards, jax.process_count())
+    check_batch(run, shards, jax.process_count())
     source = source or make_source(run.input.data)
     tokenizer = tokenizer or resolve_tokenizer(run.tokenizer, source,
                                                vocab_size=run.model.vocab_size)

@@ -20,10 +20,21 @@ from __future__ import annotations
 import signal
 import threading
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Protocol
+
+import jax
+import numpy as np
+import optax
+
+from siglip_jax.checkpoints.orbax_io import Checkpointer
+from siglip_jax.evaluators.common import Evaluator
+from siglip_jax.metrics import MetricWriter, Progress
 
 Log = Callable[[str], None]
+TrainState = dict[str, optax.Params]  # params, opt_state, step (+ teacher)
+StepMetrics = Mapping[str, jax.Array]  # one step's metrics, still on device
 
 
 class NonFiniteError(FloatingPointError):
@@ -33,10 +44,10 @@ class NonFiniteError(FloatingPointError):
 class Hook(Protocol):
     """A periodic action of the training loop."""
 
-    def __call__(self, step: int, state: Any, metrics: Mapping[str, Any]) -> str | None:
+    def __call__(self, step: int, state: TrainState, metrics: StepMetrics) -> str | None:
         """Runs after step `step`; a returned string stops training (the reason)."""
 
-    def finish(self, step: int, state: Any) -> dict[str, Any]:
+    def finish(self, step: int, state: TrainState) -> dict[str, float]:
         """Runs once after the loop; returns final results to report (may be empty)."""
 
 
@@ -47,13 +58,11 @@ class NonFiniteCheck:
         self.on_nonfinite = on_nonfinite
         self.log = log
         self.skipped_steps = 0
-        self._pending: tuple[int, Any] | None = None
+        self._pending: tuple[int, StepMetrics] | None = None
         self._checked = -1
 
-    def check(self, step: int, metrics: Mapping[str, Any]) -> None:
+    def check(self, step: int, metrics: StepMetrics) -> None:
         """Blocks on step `step`'s metrics; raises NonFiniteError or counts a skip (once)."""
-        import jax
-
         if step <= self._checked:
             return
         self._checked = step
@@ -68,12 +77,12 @@ class NonFiniteCheck:
                              "the last good checkpoint is kept. Lower lr or check the data, "
                              "or set on_nonfinite='skip'.")
 
-    def __call__(self, step: int, state: Any, metrics: Mapping[str, Any]) -> None:
+    def __call__(self, step: int, state: TrainState, metrics: StepMetrics) -> None:
         if self._pending is not None:
             self.check(*self._pending)
         self._pending = (step, metrics)
 
-    def finish(self, step: int, state: Any) -> dict[str, Any]:
+    def finish(self, step: int, state: TrainState) -> dict[str, float]:
         if self._pending is not None:
             self.check(*self._pending)
         return {"skipped_steps": self.skipped_steps}
@@ -82,17 +91,15 @@ class NonFiniteCheck:
 class LogMetrics:
     """Writes scalar metrics and prints the progress line every `log_every` steps."""
 
-    def __init__(self, writer: Any, progress: Any, *, log_every: int, total_steps: int,
-                 start_step: int, mfu: Callable[[float], Mapping[str, Any]],
-                 counters: Sequence[Callable[[], Mapping[str, Any]]] = ()):
+    def __init__(self, writer: MetricWriter, progress: Progress, *, log_every: int,
+                 total_steps: int, start_step: int, mfu: Callable[[float], Mapping[str, float]],
+                 counters: Sequence[Callable[[], Mapping[str, float]]] = ()):
         self.writer, self.progress = writer, progress
         self.log_every, self.total_steps, self.start_step = log_every, total_steps, start_step
         self.mfu = mfu
         self.counters = counters
 
-    def __call__(self, step: int, state: Any, metrics: Mapping[str, Any]) -> None:
-        import jax
-
+    def __call__(self, step: int, state: TrainState, metrics: StepMetrics) -> None:
         first = step == self.start_step + 1
         if not (first or step % self.log_every == 0 or step == self.total_steps):
             return
@@ -108,25 +115,25 @@ class LogMetrics:
         self.writer.write(step, {k: v for k, v in values.items() if v is not None})
         self.progress.print(step, values)
 
-    def finish(self, step: int, state: Any) -> dict[str, Any]:
+    def finish(self, step: int, state: TrainState) -> dict[str, float]:
         return {}
 
 
 class SaveCheckpoints:
     """Saves the state when the checkpointer's schedule says so, and always at the end."""
 
-    def __init__(self, checkpointer: Any, nonfinite: NonFiniteCheck):
+    def __init__(self, checkpointer: Checkpointer, nonfinite: NonFiniteCheck):
         self.checkpointer = checkpointer
         self.nonfinite = nonfinite
-        self._last: tuple[int, Mapping[str, Any]] | None = None
+        self._last: tuple[int, StepMetrics] | None = None
 
-    def __call__(self, step: int, state: Any, metrics: Mapping[str, Any]) -> None:
+    def __call__(self, step: int, state: TrainState, metrics: StepMetrics) -> None:
         self._last = (step, metrics)
         if self.checkpointer.is_due(step):
             self.nonfinite.check(step, metrics)  # Never save a non-finite state.
             self.checkpointer.maybe_save(step, state)
 
-    def finish(self, step: int, state: Any) -> dict[str, Any]:
+    def finish(self, step: int, state: TrainState) -> dict[str, float]:
         if self._last is not None:
             self.nonfinite.check(*self._last)
         self.checkpointer.maybe_save(step, state, force=True)
@@ -136,7 +143,8 @@ class SaveCheckpoints:
 class RunEvaluations:
     """Runs each evaluator every `evaluator.every_n_steps` steps, and all at the end."""
 
-    def __init__(self, evaluators: Mapping[str, Any], writer: Any, progress: Any, log: Log, *,
+    def __init__(self, evaluators: Mapping[str, Evaluator], writer: MetricWriter,
+                 progress: Progress, log: Log, *,
                  total_steps: int):
         self.evaluators = evaluators
         self.writer, self.progress, self.log = writer, progress, log
@@ -144,7 +152,7 @@ class RunEvaluations:
         self.last_seconds = 0.0  # Duration of the latest evaluation (for the time budget).
         self.skip_final = False  # Set when the run is preempted.
 
-    def run(self, step: int, state: Any, names: Sequence[str]) -> dict[str, float]:
+    def run(self, step: int, state: TrainState, names: Sequence[str]) -> dict[str, float]:
         """Runs the named evaluators on the state's params; logs and writes the results."""
         start = time.monotonic()
         results: dict[str, float] = {}
@@ -160,13 +168,13 @@ class RunEvaluations:
         self.progress.reset_clock(step)
         return results
 
-    def __call__(self, step: int, state: Any, metrics: Mapping[str, Any]) -> None:
+    def __call__(self, step: int, state: TrainState, metrics: StepMetrics) -> None:
         due = [name for name, e in self.evaluators.items()
                if e.every_n_steps and step % e.every_n_steps == 0 and step != self.total_steps]
         if due:
             self.run(step, state, due)
 
-    def finish(self, step: int, state: Any) -> dict[str, Any]:
+    def finish(self, step: int, state: TrainState) -> dict[str, float]:
         return {} if self.skip_final else self.run(step, state, list(self.evaluators))
 
 
@@ -175,7 +183,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.raised = False
-        self._previous: Any = None
+        self._previous: signal.Handlers | Callable[..., object] | int | None = None
 
     def install(self) -> None:
         """Catches SIGTERM (only possible in the main thread)."""
@@ -188,15 +196,12 @@ class StopFlag:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         self.raised = True
 
 
 def any_process(flag: bool) -> bool:
     """True if `flag` is set on any process (a collective when there are several)."""
-    import jax
-    import numpy as np
-
     if jax.process_count() == 1:
         return flag
     from jax.experimental import multihost_utils
@@ -212,9 +217,7 @@ class StopOnSigterm:
         self.flag, self.log, self.log_every = flag, log, log_every
         self.evaluations = evaluations
 
-    def __call__(self, step: int, state: Any, metrics: Mapping[str, Any]) -> str | None:
-        import jax
-
+    def __call__(self, step: int, state: TrainState, metrics: StepMetrics) -> str | None:
         if jax.process_count() > 1 and step % self.log_every:
             return None
         if any_process(self.flag.raised):
@@ -223,7 +226,7 @@ class StopOnSigterm:
             return "preempted"
         return None
 
-    def finish(self, step: int, state: Any) -> dict[str, Any]:
+    def finish(self, step: int, state: TrainState) -> dict[str, float]:
         return {}
 
 
@@ -236,7 +239,7 @@ class TimeBudget:
         self.budget_s, self.deadline, self.log = budget_s, deadline, log
         self.total_steps, self.evaluations, self.clock = total_steps, evaluations, clock
 
-    def __call__(self, step: int, state: Any, metrics: Mapping[str, Any]) -> str | None:
+    def __call__(self, step: int, state: TrainState, metrics: StepMetrics) -> str | None:
         if step >= self.total_steps:
             return None
         reserve = (self.evaluations.last_seconds or 0.1 * self.budget_s) + 5.0
@@ -246,5 +249,5 @@ class TimeBudget:
             return "budget"
         return None
 
-    def finish(self, step: int, state: Any) -> dict[str, Any]:
+    def finish(self, step: int, state: TrainState) -> dict[str, float]:
         return {}

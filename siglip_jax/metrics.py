@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -43,10 +45,10 @@ def _finite_or_none(value: Any) -> tuple[Any, bool]:
     return value, False
 
 
-def strict_json_record(step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+def strict_json_record(step: int, metrics: Mapping[str, object]) -> dict[str, object]:
     """{"step", **metrics} as strict JSON values: NaN/Inf become null and the affected keys
     are listed under "nonfinite" (json.dumps would otherwise write the non-standard NaN)."""
-    record: dict[str, Any] = {"step": int(step)}
+    record: dict[str, object] = {"step": int(step)}
     nonfinite = []
     for key, value in metrics.items():
         record[key], bad = _finite_or_none(_jsonable(value))
@@ -73,7 +75,7 @@ class MetricWriter:
 
             self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
 
-    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    def write(self, step: int, metrics: Mapping[str, object]) -> None:
         """Writes one JSON object {"step": step, **metrics} (and the scalars to TensorBoard)."""
         if not self.enabled:
             return
@@ -144,7 +146,7 @@ class Progress:
                 "examples_per_s": steps_per_s * self.examples_per_step,
                 "eta_s": eta}
 
-    def line(self, step: int, metrics: Mapping[str, Any]) -> str:
+    def line(self, step: int, metrics: Mapping[str, object]) -> str:
         """The one-line summary printed at a log step."""
         parts = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"]
         for key, fmt in (("loss", ".4f"), ("lr", ".2e"), ("t", ".2f"), ("b", ".2f"),
@@ -157,7 +159,7 @@ class Progress:
             parts.append(f"ETA {format_duration(float(metrics['eta_s']))}")
         return " | ".join(parts)
 
-    def print(self, step: int, metrics: Mapping[str, Any]) -> None:
+    def print(self, step: int, metrics: Mapping[str, object]) -> None:
         """Prints the progress line (on the logging process only)."""
         if self.enabled:
             print(self.line(step, metrics), file=self.stream, flush=True)
@@ -193,9 +195,6 @@ def measure_matmul_flops(sizes: Sequence[int] = (512, 1024, 2048), seconds: floa
     Each size gets an equal share of `seconds` (at least one timed call): short calls catch
     the quiet moments of a shared machine, large ones the rate a lone process reaches.
     """
-    import jax
-    import jax.numpy as jnp
-
     matmul = jax.jit(lambda x: x @ x)
     best_rate = 0.0
     for size in sizes:
@@ -226,7 +225,7 @@ class PeakFlops:
         self._measure = measure
 
     @classmethod
-    def for_device(cls, device: Any, configured: float | None = None,
+    def for_device(cls, device: jax.Device, configured: float | None = None,
                    measure: Callable[..., float] = measure_matmul_flops) -> PeakFlops:
         """`configured` if set; else the published peak; else on CPU a measured estimate."""
         if configured:
@@ -259,7 +258,7 @@ class PeakFlops:
         return f"peak for MFU: {rate} per chip ({what})"
 
     def mfu_metrics(self, flops_per_device_step: float | None, num_devices: int,
-                    steps_per_s: float, num_chips: int) -> dict[str, Any]:
+                    steps_per_s: float, num_chips: int) -> dict[str, float]:
         """{"mfu", "mfu_peak_flops"} (+ "mfu_estimated": True on CPU) for the metrics; {} when
         the MFU is unknown."""
         if self.is_estimate:
@@ -267,13 +266,13 @@ class PeakFlops:
         value = mfu(flops_per_device_step, num_devices, steps_per_s, self.value, num_chips)
         if value is None:
             return {}
-        out: dict[str, Any] = {"mfu": value, "mfu_peak_flops": self.value}
+        out: dict[str, float] = {"mfu": value, "mfu_peak_flops": self.value}
         if self.is_estimate:
             out["mfu_estimated"] = True
         return out
 
 
-def compiled_flops(compiled: Any) -> float | None:
+def compiled_flops(compiled: jax.stages.Compiled) -> float | None:
     """FLOPs of one call of a compiled (per-device SPMD) program, from XLA's cost analysis."""
     try:
         analysis = compiled.cost_analysis()

@@ -1,7 +1,7 @@
 """Optimizer from the parsed config: optax chain, learning-rate schedules, regex param groups.
 
-Reads a `schema.OptimConfig` (keys optim, lr, wd, grad_clip_norm, schedule; defaults and
-checks live in schema.py):
+`OptimConfig` is the parsed record of the config keys optim, lr, wd, grad_clip_norm and
+schedule (its defaults and checks live here):
   optimizer        "adam" (scale_by_adam; AdamW with `wd`), "sgd" (momentum) or "adafactor".
   lr               peak learning rate.
   wd               decoupled weight decay, applied to `*/kernel` params and multiplied by
@@ -14,6 +14,7 @@ A schedule: linear warmup then decay_type ("cosine" | "linear" | "rsqrt" | "cons
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -22,11 +23,117 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from siglip_jax.config import ConfigError
-from siglip_jax.schema import OptimConfig, ScheduleConfig
+from siglip_jax.config import ConfigError, check_keys, to_plain
+from siglip_jax.records import (
+    build_record,
+    check_choice,
+    check_float,
+    check_int,
+    freeze,
+    set_fields,
+)
 from siglip_jax.sharding import path_str, tree_paths
 
 Schedule = Callable[[jax.Array], jax.Array]
+DECAY_TYPES = ("cosine", "linear", "rsqrt", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """Linear warmup (steps or a fraction of the run) then a decay; rsqrt has a timescale."""
+
+    decay_type: str = "cosine"
+    warmup_steps: int | None = None
+    warmup_frac: float | None = None
+    timescale: float | None = None
+
+    def __post_init__(self) -> None:
+        check_choice(self.decay_type, "schedule.decay_type", DECAY_TYPES)
+        if self.warmup_steps is not None and self.warmup_frac is not None:
+            raise ConfigError("schedule: give warmup_steps or warmup_frac, not both")
+        if self.warmup_steps is not None:
+            set_fields(self, warmup_steps=check_int(self.warmup_steps, "schedule.warmup_steps", 0))
+        if self.warmup_frac is not None:
+            set_fields(self, warmup_frac=check_float(self.warmup_frac, "schedule.warmup_frac", 0.0))
+
+    def warmup(self, total_steps: int) -> int:
+        """Warmup length in steps for a run of `total_steps`."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(round((self.warmup_frac or 0.0) * total_steps))
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any], where: str = "schedule") -> ScheduleConfig:
+        """From a schedule dict; unknown keys raise."""
+        return build_record(cls, raw, where)
+
+
+OPTIMIZERS = {  # name -> its hyper-parameters with their defaults.
+    "adam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8},
+    "sgd": {"momentum": 0.9, "nesterov": False},
+    "adafactor": {"decay_rate": 0.8, "min_dim_size_to_factor": 128},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer, peak lr, weight decay, clipping and the schedule groups (None = frozen)."""
+
+    name: str
+    hparams: Mapping[str, Any]
+    lr: float
+    wd: float = 0.0
+    grad_clip_norm: float = 0.0
+    groups: tuple[tuple[str, ScheduleConfig | None], ...] = ((".*", ScheduleConfig()),)
+
+    @classmethod
+    def parse(cls, optim: Mapping[str, Any] | None, lr: Any, wd: Any = 0.0,
+              grad_clip_norm: Any = 0.0, schedule: Any = None) -> OptimConfig:
+        """From the top-level keys optim, lr, wd, grad_clip_norm, schedule."""
+        optim = dict(to_plain(optim) or {})
+        name = optim.pop("name", "adam")
+        if name not in OPTIMIZERS:
+            raise ConfigError(f"optim.name {name!r} is not one of {tuple(OPTIMIZERS)}")
+        check_keys(optim, tuple(OPTIMIZERS[name]), "optim")
+        hparams = {**OPTIMIZERS[name], **optim}
+        groups = cls._groups(to_plain(schedule) if schedule is not None else {})
+        if all(spec is None for _, spec in groups):
+            raise ConfigError("every schedule group is frozen (None): nothing would be trained")
+        seen: dict[str, bool] = {}
+        for regex, spec in groups:
+            if regex in seen and seen[regex] != (spec is None):
+                raise ConfigError(f"schedule: group {regex!r} is listed both as frozen (None) "
+                                  "and with a schedule")
+            seen[regex] = spec is None
+        return cls(name, freeze(hparams), check_float(lr, "lr"), check_float(wd or 0.0, "wd", 0.0),
+                   check_float(grad_clip_norm or 0.0, "grad_clip_norm", 0.0), groups)
+
+    @classmethod
+    def from_config(cls, config: Any) -> OptimConfig:
+        """From a config (or any mapping) holding the keys optim, lr, wd, grad_clip_norm and
+        schedule."""
+        raw = dict(to_plain(config))
+        if "lr" not in raw:
+            raise ConfigError("config key lr is required")
+        return cls.parse(raw.get("optim"), raw["lr"], raw.get("wd", 0.0),
+                         raw.get("grad_clip_norm", 0.0), raw.get("schedule"))
+
+    @staticmethod
+    def _groups(spec: Any) -> tuple[tuple[str, ScheduleConfig | None], ...]:
+        if isinstance(spec, Mapping):
+            return ((".*", ScheduleConfig.parse(spec)),)
+        if isinstance(spec, Sequence) and not isinstance(spec, str):
+            groups = []
+            for entry in spec:
+                if not (isinstance(entry, Sequence) and len(entry) == 2):
+                    raise ConfigError(f"schedule entry {entry!r} is not a (regex, schedule) pair")
+                regex, group = entry
+                groups.append((str(regex), None if group is None else ScheduleConfig.parse(
+                    group, f"schedule[{regex!r}]")))
+            return tuple(groups)
+        raise ConfigError(f"schedule must be a dict or a list of (regex, dict|None), got {spec!r}")
+
+
 FROZEN = "frozen"
 
 

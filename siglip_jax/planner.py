@@ -33,7 +33,13 @@ from siglip_jax.config import ConfigError
 from siglip_jax.cost_model import DecoderShape, ExtraPass, Tower
 from siglip_jax.data import pp
 from siglip_jax.data.tokenizer import Tokenizer
-from siglip_jax.experiment import StepParts, build_step, check_vocab, input_shapes
+from siglip_jax.experiment import (
+    StepParts,
+    build_step,
+    check_batch,
+    check_vocab,
+    input_shapes,
+)
 from siglip_jax.metrics import PEAK_FLOPS_PER_CHIP
 from siglip_jax.optim import frozen_group_problems
 from siglip_jax.recipes import PLACEHOLDER
@@ -194,7 +200,7 @@ def _mesh_and_batch(run: RunConfig, plan: Plan) -> bool:
     plan.global_batch, plan.accum = run.input.global_batch, run.grad_accum_steps
     axes = " × ".join(f"{a}={plan.mesh[a]}" for a in plan.batch_axes)
     try:
-        run.check_batch(shards, topology.hosts, f"({axes}) of {topology.name}")
+        check_batch(run, shards, topology.hosts, f"({axes}) of {topology.name}")
     except ConfigError as e:
         plan.errors.append(str(e))
     plan.per_device_batch = plan.global_batch / shards

@@ -16,13 +16,19 @@ activations: it keeps the whole batch on every chip and splits the features inst
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from siglip_jax.config import ConfigError
+from siglip_jax.records import freeze, set_fields
 
 ACT_BATCH = "act_batch"  # Logical name of the activations' batch dimension.
 
@@ -57,6 +63,58 @@ def make_mesh(mesh_spec: MeshSpec, devices: Sequence[jax.Device] | None = None) 
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_spec, len(devices))
     return Mesh(np.asarray(devices).reshape(list(shape.values())), tuple(shape))
+
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The config's mesh section: named mesh axes (one size may be -1: the rest), the axes the
+    batch is split over and the (regex, rule) parameter sharding rules, as one value."""
+
+    axes: tuple[tuple[str, int], ...] = (("data", -1),)
+    batch_axes: tuple[str, ...] = ("data",)
+    rules: tuple[Rule, ...] = ((".*", "replicate"),)
+
+    def __post_init__(self) -> None:
+        try:
+            axes = tuple((str(name), int(size)) for name, size in self.axes)
+            rules = tuple((str(regex), freeze(rule)) for regex, rule in self.rules)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config keys mesh / sharding_rules must be lists of pairs, got "
+                              f"{self.axes!r} / {self.rules!r}") from None
+        batch_axes = (self.batch_axes,) if isinstance(self.batch_axes, str) else tuple(
+            str(a) for a in self.batch_axes)
+        names = [name for name, _ in axes]
+        missing = [a for a in batch_axes if a not in names]
+        if missing:
+            raise ConfigError(f"config key batch_axes names {missing[0]!r}, which is not a mesh "
+                              f"axis ({', '.join(names)})")
+        if not batch_axes:
+            raise ConfigError("config key batch_axes is empty: name the mesh axes the batch is "
+                              "split over")
+        set_fields(self, axes=axes, batch_axes=batch_axes, rules=rules)
+
+
+def axis_sizes(config: MeshConfig, num_devices: int) -> dict[str, int]:
+    """The mesh axis sizes on `num_devices` devices; ConfigError if the mesh does not fit."""
+    try:
+        return mesh_shape(config.axes, num_devices)
+    except ValueError as e:
+        raise ConfigError(f"config key mesh: {e}") from None
+
+
+def batch_shard_count(config: MeshConfig, num_devices: int) -> int:
+    """How many ways the batch is split on `num_devices` devices."""
+    sizes = axis_sizes(config, num_devices)
+    return math.prod(sizes[a] for a in config.batch_axes)
+
+
+def mesh_of(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The jax Mesh of the mesh section over `devices` (default: all devices); a one-line
+    ConfigError if it does not fit them."""
+    devices = list(jax.devices() if devices is None else devices)
+    axis_sizes(config, len(devices))
+    return make_mesh(config.axes, devices)
 
 
 def batch_spec(batch_axes: Sequence[str]) -> PartitionSpec:
@@ -100,12 +158,12 @@ def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
                         dict(local_batch))
 
 
-def tree_paths(tree: Any) -> list[str]:
+def tree_paths(tree: optax.Params) -> list[str]:
     """The `/`-joined key path of every leaf, in tree_leaves order."""
     return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def path_str(path: Sequence[Any]) -> str:
+def path_str(path: Sequence[object]) -> str:
     """Formats a jax key path as `a/b/c`."""
     parts = []
     for key in path:
@@ -143,7 +201,8 @@ def _rule_to_spec(rule: Any, shape: Sequence[int], mesh: Mesh, path: str) -> Par
                      "'fsdp', 'fsdp:<axis>' or a tuple of axis names")
 
 
-def param_shardings(abstract_params: Any, rules: Sequence[Rule], mesh: Mesh) -> Any:
+def param_shardings(abstract_params: optax.Params, rules: Sequence[Rule], mesh: Mesh
+                    ) -> optax.Params:
     """Maps every parameter (abstract or concrete) to a NamedSharding by the first rule matching.
 
     Raises if a rule matches no parameter (a typo would otherwise silently replicate).
@@ -176,7 +235,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def follow_params(abstract_state: Any, abstract_params: Any, shardings: Any, mesh: Mesh) -> Any:
+def follow_params(abstract_state: optax.Params, abstract_params: optax.Params,
+                  shardings: optax.Params, mesh: Mesh) -> optax.Params:
     """Shardings for optimizer state: a leaf whose path ends with a parameter's path and has
     that parameter's shape gets the parameter's sharding; anything else is replicated."""
     by_path = {}

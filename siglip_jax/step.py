@@ -18,6 +18,8 @@ import numpy as np
 import optax
 
 from siglip_jax.config import ConfigError
+from siglip_jax.objectives import ObjectiveInputs
+from siglip_jax.objectives.selfsup import ema_update, objective_params, teacher_spec
 from siglip_jax.sharding import (
     batch_sharded_activations,
     follow_params,
@@ -49,7 +51,6 @@ def abstract_params(model: Any, batch_shapes: Mapping[str, Any],
 def _params_init(model: Any, batch_shapes: Mapping[str, Any],
                  objectives: Sequence[Any]) -> Callable[[Any], dict[str, Any]]:
     """rng → the model's params on dummy inputs of `batch_shapes`, plus the objectives' heads."""
-    from siglip_jax.objectives.selfsup import objective_params
 
     def init(rng):
         image = example_image(batch_shapes["image"])
@@ -62,7 +63,6 @@ def _params_init(model: Any, batch_shapes: Mapping[str, Any],
 def _init_fn(model: Any, tx: optax.GradientTransformation,
              batch_shapes: Mapping[str, tuple[int, ...]], objectives: Sequence[Any] = ()
              ) -> Callable:
-    from siglip_jax.objectives.selfsup import teacher_spec
 
     teacher = teacher_spec(objectives)
     init_params = _params_init(model, batch_shapes, objectives)
@@ -115,7 +115,6 @@ def init_state(model: Any, tx: optax.GradientTransformation,
     `abstract` is the (abstract state, shardings) pair of `state_shardings` when the caller has
     it already (e.g. experiment.StepParts): model.init is then not traced again for the shapes.
     """
-    from siglip_jax.objectives.selfsup import teacher_spec
 
     pretrained = dict(pretrained or {})
     teacher = teacher_spec(objectives)
@@ -186,8 +185,6 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: Calla
     A state["teacher"] (see `state_shardings`) follows the new params by EMA after the
     optimizer update, at the momentum the objectives give for the step.
     """
-    from siglip_jax.objectives import ObjectiveInputs
-    from siglip_jax.objectives.selfsup import ema_update, teacher_spec
 
     teacher_of = teacher_spec(objectives)
 

@@ -17,7 +17,7 @@ from siglip_jax.data.tokenizer import Tokenizer, train_sentencepiece
 from siglip_jax.evaluators import decoder_tasks as dt
 from siglip_jax.evaluators.builder import build_evaluators
 from siglip_jax.schema import parse
-from siglip_jax.sharding import make_mesh, replicated
+from siglip_jax.sharding import make_mesh, mesh_of, replicated
 
 L, BINS = 12, 10
 CAPTIONS = ["a blue square", "a red circle", "two dogs play", "green triangle"]
@@ -131,7 +131,7 @@ def test_captioning_through_build_evaluators(tok, tmp_path):
             pp=f"decode|locca_task({L}, num_bins={BINS}, tasks=('cap',))|"
                "keep('image', 'dec_tokens', 'dec_target_mask')", batch_size=8)}
     run = parse(cfg)
-    mesh = run.mesh.make()
+    mesh = mesh_of(run.mesh)
     model = oracle(tok)
     params = {"unused": jnp.zeros((1,))}
     shardings = jax.tree.map(lambda _: replicated(mesh), params)

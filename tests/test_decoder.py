@@ -16,9 +16,9 @@ from siglip_jax.models.decoder import training_inputs
 from siglip_jax.models.two_towers import Model
 from siglip_jax.objectives import ObjectiveInputs
 from siglip_jax.objectives import decoder as dec_objective
-from siglip_jax.optim import FROZEN, group_labels, make_optimizer
-from siglip_jax.schema import OptimConfig, parse
-from siglip_jax.sharding import make_global_batch, make_mesh
+from siglip_jax.optim import FROZEN, OptimConfig, group_labels, make_optimizer
+from siglip_jax.schema import parse
+from siglip_jax.sharding import make_global_batch, make_mesh, mesh_of
 from siglip_jax.step import abstract_params, frozen_mask, init_state, make_train_step
 
 TEXT_VOCAB, BINS, L = 10, 5, 8
@@ -261,7 +261,7 @@ def test_train_step_with_decoder_ring_loss_accumulation_and_fsdp_on_8_devices():
         c.loss.decoder = dict(weight=0.5)
     run = parse(c)
     assert run.loss.impl == "ring" and len(jax.devices()) == 8
-    mesh = run.mesh.make()
+    mesh = mesh_of(run.mesh)
     shapes = experiment.input_shapes(run)
     assert shapes["dec_tokens"] == (16, L) and shapes["dec_parallel"] == (16,)
     parts = experiment.build_step(run, mesh, shapes)

@@ -32,7 +32,7 @@ from siglip_jax import experiment
 from siglip_jax.config import ConfigError, load_config
 from siglip_jax.objectives import decoder as dec_objective
 from siglip_jax.schema import parse
-from siglip_jax.sharding import make_global_batch
+from siglip_jax.sharding import make_global_batch, mesh_of
 
 # Two examples x three rows (cap, aref, gcap order as locca_task(all_tasks=True)); example 1's
 # cap row is parallel, its aref row has a zero target mask (an example without boxes).
@@ -140,7 +140,7 @@ def _multitask_run(tasks):
 def test_train_step_with_three_tasks_per_example_on_8_devices():
     run = _multitask_run(3)
     assert len(jax.devices()) == 8
-    mesh = run.mesh.make()
+    mesh = mesh_of(run.mesh)
     shapes = experiment.input_shapes(run)
     assert shapes["dec_tokens"] == (16, 3, L) and shapes["dec_parallel"] == (16, 3)
     parts = experiment.build_step(run, mesh, shapes)

@@ -141,7 +141,8 @@ def test_toy_model_is_exact_on_demo_objects(tmp_path, label_set):
     evaluator = dp.DenseProbeEvaluator(
         model=model, mesh=mesh, batch_axes=("data",), param_shardings=shardings,
         patch_hw=(8, 8), train_batches=_demo_batches(source, pp, 16, "train"),
-        test_batches=_demo_batches(source, pp, 16, "test"), label_set=label_set)
+        test_batches=_demo_batches(source, pp, 16, "test"),
+        options=dp.DenseProbeOptions(label_set=label_set))
     metrics = evaluator.run(params)
     assert metrics["accuracy"] == 1.0 and metrics["miou"] == 1.0
     assert metrics["num_patches"] == 36 * 64 and metrics["num_train_patches"] == 36 * 64
@@ -175,12 +176,13 @@ def tiny(tmp_path_factory):
 
 def _build(config, tiny=None):
     from siglip_jax.evaluators.builder import build_evaluators
+    from siglip_jax.schema import parse
 
     mesh = make_mesh([("data", -1)])
     model, params = tiny or (None, None)
     shardings = jax.tree_util.tree_map(lambda _: replicated(mesh), params)
-    evaluator = build_evaluators(config, model=model, mesh=mesh, param_shardings=shardings,
-                                 tokenizer=None)["dense"]
+    evaluator = build_evaluators(parse(config), model=model, mesh=mesh,
+                                 param_shardings=shardings, tokenizer=None)["dense"]
     return evaluator, params
 
 
@@ -232,10 +234,23 @@ def test_config_errors_are_one_line(tmp_path, tiny):
         _build(_config(tmp_path, data=data, pp=f'resize(60)|{pp}'), tiny)
 
 
-def test_schema_defaults_match_the_evaluator():
-    from siglip_jax.schema import EVAL_TYPE_KEYS
-
-    assert EVAL_TYPE_KEYS["dense_probe"] == dp.OPTIONS
+def test_options_record_checks_and_normalises():
+    where = "evals.dense"
+    opts = dp.DenseProbeOptions(label_set="raw", num_classes=21, ignore_label=255,
+                                train_fraction=1 / 4, ridge=1, train_data={"name": "csv",
+                                                                           "path": "x.csv"},
+                                where=where)
+    assert opts.ridge == 1.0 and isinstance(opts.ridge, float) and opts.train_fraction == 0.25
+    with pytest.raises(TypeError):  # Frozen: the parsed section cannot change under a run.
+        opts.train_data["path"] = "y.csv"
+    for bad, message in ((dict(ignore_label=True), r"evals.dense.ignore_label must be an int"),
+                         (dict(segmentation_key=""), r"evals.dense.segmentation_key must be a "),
+                         (dict(ridge=0), r"evals.dense.ridge must be a positive number"),
+                         (dict(num_classes=2.0), r"evals.dense.num_classes must be an int"),
+                         (dict(label_set="shape", num_classes=5),
+                          r"label_set 'shape' has 7 labels \(leave num_classes 0\)")):
+        with pytest.raises(ConfigError, match=message):
+            dp.DenseProbeOptions(**bad, where=where)
 
 
 # ------------------------------------------------------------------------------------------

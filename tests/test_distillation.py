@@ -15,8 +15,7 @@ from siglip_jax import losses
 from siglip_jax.config import ConfigError
 from siglip_jax.models.two_towers import Model
 from siglip_jax.objectives import distillation, masked, selfsup
-from siglip_jax.optim import make_optimizer
-from siglip_jax.schema import OptimConfig
+from siglip_jax.optim import OptimConfig, make_optimizer
 from siglip_jax.sharding import make_mesh, path_str
 from siglip_jax.step import abstract_params, init_state, make_train_step, state_shardings
 

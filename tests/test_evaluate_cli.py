@@ -50,7 +50,7 @@ def _config(data_dir, retrieval=True, **extra):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from siglip_jax.train import train
+    from siglip_jax.trainer import train
 
     tmp = tmp_path_factory.mktemp("evalrun")
     data_dir = str(tmp / "data")

@@ -10,11 +10,12 @@ import tiny
 from siglip_jax import experiment
 from siglip_jax import step as step_lib
 from siglip_jax.schema import parse
+from siglip_jax.sharding import mesh_of
 
 
 def test_init_state_reuses_the_step_parts_and_equals_a_plain_flax_init(tmp_path, monkeypatch):
     run = parse(tiny.tiny_config(tmp_path / "data", steps=2))  # No data is read.
-    mesh = run.mesh.make()
+    mesh = mesh_of(run.mesh)
     shapes = experiment.input_shapes(run)
     parts = experiment.build_step(run, mesh, shapes)
 

@@ -51,7 +51,7 @@ def _config(data_dir):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from siglip_jax.train import train
+    from siglip_jax.trainer import train
 
     root = tmp_path_factory.mktemp("export")
     workdir = root / "run"

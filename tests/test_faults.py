@@ -452,7 +452,7 @@ def test_model_init_full_loads_every_part_of_our_own_run_by_relative_path(tmp_pa
     import orbax.checkpoint as ocp
     import tiny
 
-    from siglip_jax.train import train
+    from siglip_jax.trainer import train
 
     data = tmp_path / "data"
     (tmp_path / "src").mkdir()

@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tiny import tiny_config, tiny_overrides
 
-from siglip_jax.train import train
+from siglip_jax.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "local_multihost.sh"

@@ -13,7 +13,7 @@ import pytest
 import tiny
 
 from siglip_jax.config import load_config
-from siglip_jax.train import train
+from siglip_jax.trainer import train
 
 NAFLEX = str(Path(__file__).resolve().parents[1] / "configs" / "demo_naflex.py")
 

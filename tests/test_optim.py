@@ -10,8 +10,7 @@ import optax
 import pytest
 
 from siglip_jax.config import ConfigError
-from siglip_jax.optim import make_optimizer, make_schedule
-from siglip_jax.schema import OptimConfig
+from siglip_jax.optim import OptimConfig, make_optimizer, make_schedule
 
 
 def test_warmup_cosine_matches_formula():

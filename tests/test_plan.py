@@ -17,7 +17,7 @@ from siglip_jax.config import load_config
 from siglip_jax.experiment import infer_image_size, make_model
 from siglip_jax.optim import make_optimizer
 from siglip_jax.schema import parse
-from siglip_jax.sharding import make_mesh
+from siglip_jax.sharding import make_mesh, mesh_of
 from siglip_jax.step import init_state
 
 DEMO = "configs/demo.py"
@@ -255,7 +255,7 @@ def test_planner_bytes_are_the_trainers_sharded_abstract_state():
     overrides = ["mesh=[('data', 4), ('fsdp', 2)]", "sharding_rules=[('.*', 'fsdp')]"]
     p = demo_plan(overrides)
     run = parse(load_config(DEMO, overrides))
-    mesh = run.mesh.make()
+    mesh = mesh_of(run.mesh)
     parts = experiment.build_step(run, mesh, experiment.input_shapes(run))
     device = mesh.devices.flat[0]
 

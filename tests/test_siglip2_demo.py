@@ -41,7 +41,7 @@ def _overrides(data_dir) -> list[str]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from siglip_jax.train import train
+    from siglip_jax.trainer import train
 
     data_dir = str(tmp_path_factory.mktemp("data"))
     workdir = str(tmp_path_factory.mktemp("run"))

@@ -8,8 +8,7 @@ import numpy as np
 
 from siglip_jax import losses
 from siglip_jax.models.two_towers import Model
-from siglip_jax.optim import make_optimizer
-from siglip_jax.schema import OptimConfig
+from siglip_jax.optim import OptimConfig, make_optimizer
 from siglip_jax.sharding import make_global_batch, make_mesh
 from siglip_jax.step import abstract_params, init_state, make_train_step
 

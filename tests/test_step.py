@@ -9,8 +9,7 @@ import pytest
 from siglip_jax import losses
 from siglip_jax.metrics import compiled_flops
 from siglip_jax.models.two_towers import Model
-from siglip_jax.optim import FROZEN, group_labels, make_optimizer
-from siglip_jax.schema import OptimConfig
+from siglip_jax.optim import FROZEN, OptimConfig, group_labels, make_optimizer
 from siglip_jax.sharding import make_mesh
 from siglip_jax.step import abstract_params, frozen_mask, init_state, make_train_step
 

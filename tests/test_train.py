@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tiny
 
-from siglip_jax.train import NonFiniteError, train
+from siglip_jax.trainer import NonFiniteError, train
 
 
 def tiny_config(tmp_path, steps=20, **extra):

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from tiny import DEMO, REPO, tiny_config, tiny_overrides
 
-from siglip_jax.train import train
+from siglip_jax.trainer import train
 
 
 def losses(workdir):

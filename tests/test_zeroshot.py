@@ -158,12 +158,14 @@ def _with_zeroshot(config, **changes):
 def test_builder_rejects_unknown_asset_before_reading_data(tmp_path):
     from siglip_jax.config import ConfigError
     from siglip_jax.evaluators.builder import build_evaluators
+    from siglip_jax.schema import parse
 
     never = tmp_path / "never"
     config = _with_zeroshot(_demo_config(tmp_path), templates="clip90",
                             data=dict(name="demo_shapes", split="test", data_dir=str(never)))
     with pytest.raises(ConfigError, match=r"evals.zeroshot: templates 'clip90'"):
-        build_evaluators(config, model=None, mesh=None, param_shardings=None, tokenizer=None)
+        build_evaluators(parse(config), model=None, mesh=None, param_shardings=None,
+                         tokenizer=None)
     assert not never.exists()
 
 
@@ -180,16 +182,16 @@ def test_builder_canonicalises_prompts_and_reads_asset_templates(tmp_path):
     params = model.init(jax.random.key(0), jnp.zeros((8, 4, 4, 3)),
                         jnp.zeros((8, 2), jnp.int32))["params"]
     shardings = jax.tree_util.tree_map(lambda _: replicated(mesh), params)
-    evaluator = build_evaluators(config, model=model, mesh=mesh, param_shardings=shardings,
-                                 tokenizer=tokenizer)["zeroshot"]
+    evaluator = build_evaluators(parse(config), model=model, mesh=mesh,
+                                 param_shardings=shardings, tokenizer=tokenizer)["zeroshot"]
     names = evaluator.class_names
     want = tokenizer.encode([f"a photo of a {n}" for n in names], 8, "sticky")
     np.testing.assert_array_equal(evaluator.tokens, want)
     assert evaluator.every_n_steps == 500 and len(names) == 36
 
     config = _with_zeroshot(config, templates="clip7", class_names=["red circle", "blue square"])
-    evaluator = build_evaluators(config, model=model, mesh=mesh, param_shardings=shardings,
-                                 tokenizer=tokenizer)["zeroshot"]
+    evaluator = build_evaluators(parse(config), model=model, mesh=mesh,
+                                 param_shardings=shardings, tokenizer=tokenizer)["zeroshot"]
     assert evaluator.tokens.shape == (2 * 7, 8)
     assert evaluator.templates == prompt_lib.templates("clip7")
 
@@ -197,13 +199,16 @@ def test_builder_canonicalises_prompts_and_reads_asset_templates(tmp_path):
 def test_builder_checks_pp_outputs_at_build_time(tmp_path):
     from siglip_jax.config import ConfigError
     from siglip_jax.evaluators.builder import build_evaluators
+    from siglip_jax.schema import parse
 
     mesh = make_mesh([("data", -1)])
     config = _with_zeroshot(_demo_config(tmp_path), pp='value_range(-1, 1)|keep("image")')
     with pytest.raises(ConfigError, match=r"evals.zeroshot.pp must produce \['image', 'label'\]"
                                           r"; it produces \['image'\]"):
-        build_evaluators(config, model=None, mesh=mesh, param_shardings=None, tokenizer=None)
+        build_evaluators(parse(config), model=None, mesh=mesh, param_shardings=None,
+                         tokenizer=None)
     config = _with_zeroshot(config, pp='keep("image", "labels")')
     with pytest.raises(ConfigError, match=r"evals.zeroshot.pp: PPKeyError: pp op 'keep' needs "
                                           r"key 'labels'; example has \['image', 'label', "):
-        build_evaluators(config, model=None, mesh=mesh, param_shardings=None, tokenizer=None)
+        build_evaluators(parse(config), model=None, mesh=mesh, param_shardings=None,
+                         tokenizer=None)

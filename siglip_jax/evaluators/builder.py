@@ -1,8 +1,9 @@
-"""Builds the evaluators named in `config.evals` (each a dict with a `type`) for the trainer
-and the evaluation CLI. Every evaluator has `run(params) -> dict[str, float]` and an
-`every_n_steps` attribute; the caller logs the results as `<name>/<metric>`.
+"""Builds the evaluators of a parsed run's `evals` for the trainer and the evaluation CLI.
 
-Keys shared by all types:
+Each `evals.<name>` section is an EvalConfig (evaluators/config.py) with these keys, plus its
+type's own keys, which are the fields of the type's options record (evaluators/config.OPTIONS:
+ZeroShotOptions, RetrievalOptions, DenseProbeOptions, DecoderTaskOptions, ReferringOptions,
+each in its evaluator's module; docs/evaluation.md tabulates them):
   type           "zeroshot" | "retrieval" | "dense_probe" | "captioning" | "referring" |
                  "grounded_captioning"
   data           data source section (see data/builder.py); the source must know its size
@@ -10,115 +11,127 @@ Keys shared by all types:
   every_n_steps  run every N training steps (0: only at the end)
   batch_size     global evaluation batch size (rounded down to a multiple of the batch shards)
 
-`zeroshot` (metrics top1, top5, mean_class_recall, num_examples) — pp must produce "image" and
-keep the integer "label":
-  class_names    a list of names, an asset name ("imagenet"), or "from_data" (the source's)
-  templates      a list of templates with "{}", one such string, or an asset ("clip80", "clip7")
-  canonicalize   prompts are lower-cased and stripped of punctuation before tokenizing, as
-                 big_vision and HF SigLIP do (default True)
-
-`retrieval` (metrics img2txt_r1/5/10, txt2img_r1/5/10, num_images, num_texts) — pp must produce
-"image" and "labels" = token ids [num_captions, L] (e.g. `tokenize(..., inkey="captions")` on a
-list of captions) or [L] for one caption:
-  max_captions   use at most this many captions per image and pad/mask images with fewer
-                 (required when the number varies, e.g. 5 for COCO); 0 = as produced
-
-`dense_probe` (metrics accuracy, miou, num_patches, num_train_patches; evaluators/
-dense_probe.py) — a ridge-regression linear probe on the image tower's frozen patch features
-predicts each patch's majority segmentation label; pp must produce "image" (a fixed size,
-multiple of the patch) and the segmentation map [H, W] or [H, W, 1] of the same size:
-  label_set         "class" (37) | "shape" (7) | "colour" (7) for demo maps; "raw" otherwise
-  num_classes       number of labels with label_set "raw"
-  ignore_label      a map value that does not vote (e.g. 255); None = every pixel votes
-  segmentation_key  the pp output holding the map (default "segmentation")
-  train_fraction    the first fraction of `data` fits the probe, the rest tests it (0.5)
-  train_data        a separate source section to fit on (then all of `data` tests)
-  ridge             ridge strength relative to the mean feature variance (1e-3)
-`captioning` (exact_match, token_acc, num_examples), `referring` (acc@0.5, mean_iou,
-num_examples), `grounded_captioning` (exact_match, token_acc, num_examples): the LocCa
-decoder's tasks (evaluators/decoder_tasks.py); the model needs `model.decoder`. pp must
-produce "image", "dec_tokens" and "dec_target_mask" with the `locca_task` op and the one task
-("cap", "aref", "gcap"); `referring` also needs "dec_box" (`box_key="dec_box"`); captioning
-may give every caption as "dec_refs" (`refs_key="dec_refs"`):
-  parallel         one-shot parallel decoding instead of greedy (default False)
-  constrain_boxes  referring only: the 4 answer ids are location ids, then eos (default True)
+Every evaluator has `run(params) -> dict[str, float]` and an `every_n_steps` attribute; the
+caller logs the results as `<name>/<metric>`. What each type's pp must produce:
+  zeroshot             "image" and the integer "label" (metrics top1, top5, mean_class_recall,
+                       num_examples)
+  retrieval            "image" and "labels" = token ids [num_captions, L] (e.g. `tokenize(...,
+                       inkey="captions")` on a list of captions) or [L] for one caption
+                       (img2txt_r1/5/10, txt2img_r1/5/10, num_images, num_texts)
+  dense_probe          "image" (a fixed size, multiple of the patch) and the segmentation map
+                       [H, W] or [H, W, 1] of the same size (accuracy, miou, num_patches,
+                       num_train_patches)
+  captioning, referring, grounded_captioning
+                       "image", "dec_tokens" and "dec_target_mask" from the `locca_task` op
+                       with the one task ("cap", "aref", "gcap"); referring also "dec_box"
+                       (`box_key="dec_box"`); captioning may give every caption as "dec_refs"
+                       (`refs_key="dec_refs"`). The model needs `model.decoder`.
+The model facts the evaluators need (the ViT patch size, the decoder vocabulary) are computed
+once, by `model_facts`, and passed to them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 import tensorflow as tf
+from jax.sharding import Mesh
 
 from siglip_jax.config import ConfigError
 from siglip_jax.data import input as input_lib
-from siglip_jax.data.builder import make_source
+from siglip_jax.data.builder import Source, make_source
+from siglip_jax.data.locca import DecoderVocab
 from siglip_jax.data.pp import get_preprocess_fn
+from siglip_jax.data.tokenizer import Tokenizer
 from siglip_jax.evaluators import prompts
-from siglip_jax.evaluators.common import Embedder
+from siglip_jax.evaluators.common import Embedder, Evaluator
+from siglip_jax.evaluators.config import EvalConfig
 from siglip_jax.evaluators.decoder_tasks import (
-    TASK_OF,
     DecoderTaskEvaluator,
+    DecoderTaskOptions,
+    ReferringOptions,
     make_decode_fn,
-    model_vocab,
 )
-from siglip_jax.evaluators.dense_probe import DenseProbeEvaluator
-from siglip_jax.evaluators.retrieval import CAPTION_MASK_KEY, RetrievalEvaluator
-from siglip_jax.evaluators.zeroshot import ZeroShotEvaluator
-from siglip_jax.schema import EvalConfig, TokenizerConfig, parse
+from siglip_jax.evaluators.dense_probe import DenseProbeEvaluator, DenseProbeOptions
+from siglip_jax.evaluators.retrieval import (
+    CAPTION_MASK_KEY,
+    RetrievalEvaluator,
+    RetrievalOptions,
+)
+from siglip_jax.evaluators.zeroshot import ZeroShotEvaluator, ZeroShotOptions
+from siglip_jax.models.decoder import vocab_of
+from siglip_jax.models.text import TextTransformer
+from siglip_jax.models.two_towers import Model, towers
+from siglip_jax.models.variants import text_kwargs
+from siglip_jax.models.vit import ViT
+from siglip_jax.schema import RunConfig, TokenizerConfig
+
+Batches = Callable[[], Iterator[dict[str, np.ndarray]]]
+PreprocessFn = Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
 
 
-class Evaluator(Protocol):
-    """A periodic evaluation: its cadence and a run over the current params."""
+def model_facts(model: nn.Module | None
+                ) -> tuple[tuple[int, int] | None, DecoderVocab | None]:
+    """(patch size (h, w) of a fixed-size ViT image tower, the decoder's vocabulary) of the
+    model, None where it has none: what the evaluators need to know of the model, computed
+    once here and passed to them. Read from the two-towers module's tower and decoder dicts
+    until the typed model record (models/config.py) answers both from the ModelConfig."""
+    patch = None
+    if isinstance(model, Model):
+        image = towers(model)[0]
+        if isinstance(image, ViT):
+            size = image.patch_size
+            patch = tuple(size) if isinstance(size, tuple | list) else (int(size),) * 2
+    vocab = None
+    if getattr(model, "decoder", None) is not None:
+        text_vocab = text_kwargs(model.text).get("vocab_size", TextTransformer.vocab_size)
+        vocab = vocab_of(model.decoder, text_vocab)
+    return patch, vocab
 
-    every_n_steps: int  # 0: only at the end of training.
 
-    def run(self, params: Any) -> dict[str, float]:
-        """Metrics of the params, e.g. {"top1": 0.9, ...}."""
-
-def build_evaluators(config: Any, *, model: Any, mesh: Any, param_shardings: Any,
-                     tokenizer: Any) -> dict[str, Evaluator]:
-    """The evaluators of config.evals (a RunConfig, or a config parsed here), by name."""
-    run = parse(config)
+def build_evaluators(run: RunConfig, *, model: nn.Module | None, mesh: Mesh | None,
+                     param_shardings: Mapping[str, object] | None,
+                     tokenizer: Tokenizer | None) -> dict[str, Evaluator]:
+    """The evaluators of `run.evals`, by name (one-line ConfigErrors at build time)."""
     evaluators: dict[str, Evaluator] = {}
     embedder = None
+    patch, vocab = model_facts(model)
     for spec in run.evals:
-        where = f"evals.{spec.name}"
-        if spec.type == "zeroshot":
-            names, templates = _prompt_config(spec, where)  # Cheap checks before any data.
+        where, options = f"evals.{spec.name}", spec.options
+        if isinstance(options, ZeroShotOptions):
+            names, templates = _prompt_config(options, where)  # Cheap checks before any data.
         embedder = embedder or Embedder(model, mesh, run.mesh.batch_axes, param_shardings)
         source = make_source(spec.data, f"{where}.data")
         if source.num_examples is None:
             raise ConfigError(f"{where}.data: the evaluation source must know its size")
-        preprocess = get_preprocess_fn(spec.pp, tokenizer=tokenizer, decoder_vocab=(
-            model_vocab(model) if getattr(model, "decoder", None) is not None else None))
+        preprocess = get_preprocess_fn(spec.pp, tokenizer=tokenizer, decoder_vocab=vocab)
         shards = embedder.num_shards * jax.process_count()
         batch_size = max(shards, spec.batch_size // shards * shards)
-        if spec.type == "dense_probe":
-            evaluator = _dense_probe(spec, where, model, embedder, param_shardings, source,
-                                     preprocess, batch_size)
-        elif spec.type == "zeroshot":
+        if isinstance(options, DenseProbeOptions):
+            evaluator = _dense_probe(spec, options, model, patch, embedder, param_shardings,
+                                     source, preprocess, batch_size)
+        elif isinstance(options, ZeroShotOptions):
             if names == "from_data":
                 names = source.class_names
                 if not names:
                     raise ConfigError(f"{where}.class_names='from_data' but the source has no "
                                       "class names; give a list or an asset name like "
                                       "'imagenet'")
-            evaluator = _zeroshot(spec, where, embedder, source, preprocess, batch_size,
+            evaluator = _zeroshot(spec, options, embedder, source, preprocess, batch_size,
                                   tokenizer, run.tokenizer, list(names), templates)
-        elif spec.type in TASK_OF:
-            evaluator = _decoder_task(spec, where, model, mesh, run.mesh.batch_axes,
-                                      param_shardings, source, preprocess, batch_size)
+        elif isinstance(options, DecoderTaskOptions | ReferringOptions):
+            evaluator = _decoder_task(spec, options, model, vocab, embedder, param_shardings,
+                                      source, preprocess, batch_size)
         else:
-            evaluator = _retrieval(spec, where, embedder, source, preprocess, batch_size)
+            evaluator = _retrieval(spec, options, embedder, source, preprocess, batch_size)
         evaluators[spec.name] = evaluator
     return evaluators
 
 
-def pp_output_spec(source: Any, preprocess: Callable, keys: tuple[str, ...], where: str
+def pp_output_spec(source: Source, preprocess: PreprocessFn, keys: Sequence[str], where: str
                    ) -> dict[str, tf.TensorSpec]:
     """The element spec of the preprocessed data (traced, nothing is read); ConfigError if the
     pp string fails or does not produce `keys` — at build time, not hours into training."""
@@ -134,8 +147,7 @@ def pp_output_spec(source: Any, preprocess: Callable, keys: tuple[str, ...], whe
     return spec
 
 
-def _batches_fn(source: Any, preprocess: Callable, batch_size: int
-                ) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+def _batches_fn(source: Source, preprocess: PreprocessFn, batch_size: int) -> Batches:
     num_batches = input_lib.num_eval_batches(source.num_examples, batch_size)
     local_batch = batch_size // jax.process_count()
 
@@ -147,22 +159,17 @@ def _batches_fn(source: Any, preprocess: Callable, batch_size: int
     return batches
 
 
-def _dense_probe(spec: EvalConfig, where: str, model: Any, embedder: Embedder,
-                 param_shardings: Any, source: Any, preprocess: Callable, batch_size: int
-                 ) -> DenseProbeEvaluator:
+def _dense_probe(spec: EvalConfig, opts: DenseProbeOptions, model: nn.Module,
+                 patch: tuple[int, int] | None, embedder: Embedder,
+                 param_shardings: Mapping[str, object], source: Source,
+                 preprocess: PreprocessFn, batch_size: int) -> DenseProbeEvaluator:
     """The dense_probe evaluator: train/test sections of the data, patch size of the model."""
-    from siglip_jax.models.two_towers import towers
-    from siglip_jax.models.vit import ViT
-
-    opts = spec.options
-    seg_key = opts["segmentation_key"]
+    where = f"evals.{spec.name}"
+    seg_key = opts.segmentation_key
     spec_out = pp_output_spec(source, preprocess, ("image", seg_key), where)
-    img = towers(model)[0]
-    if not isinstance(img, ViT):
-        raise ConfigError(f"{where}: dense_probe needs a ViT image tower (fixed-size images), "
-                          f"not {type(img).__name__}")
-    patch = tuple(img.patch_size) if isinstance(img.patch_size, tuple | list) else (
-        int(img.patch_size),) * 2
+    if patch is None:
+        raise ConfigError(f"{where}: dense_probe needs a ViT image tower (fixed-size images); "
+                          "this model's image tower is not one")
     image_shape, seg_shape = spec_out["image"].shape, spec_out[seg_key].shape
     if image_shape.rank == 3 and image_shape[:2].is_fully_defined():
         h, w = image_shape[:2]
@@ -176,21 +183,21 @@ def _dense_probe(spec: EvalConfig, where: str, model: Any, embedder: Embedder,
     pc, pi = jax.process_count(), jax.process_index()
     local_batch = batch_size // pc
     n = source.num_examples
-    if opts["train_data"] is not None:
-        train_source = make_source(opts["train_data"], f"{where}.train_data")
+    if opts.train_data is not None:
+        train_source = make_source(opts.train_data, f"{where}.train_data")
         if train_source.num_examples is None:
             raise ConfigError(f"{where}.train_data: the source must know its size")
         pp_output_spec(train_source, preprocess, ("image", seg_key), f"{where}.train_data")
         train_batches = _batches_fn(train_source, preprocess, batch_size)
         test_batches = _batches_fn(source, preprocess, batch_size)
     else:
-        k = int(opts["train_fraction"] * n) // pc  # Train examples per process.
+        k = int(opts.train_fraction * n) // pc  # Train examples per process.
         rest = -(-n // pc) - k  # At most this many test examples per process.
         if k < 1 or rest < 1:
-            raise ConfigError(f"{where}: train_fraction={opts['train_fraction']} of {n} "
+            raise ConfigError(f"{where}: train_fraction={opts.train_fraction} of {n} "
                               f"examples over {pc} processes leaves an empty section")
 
-        def section(train: bool) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+        def section(train: bool) -> Batches:
             count = k if train else rest
             return lambda: input_lib.eval_batches(
                 source.dataset(pi, pc).take(k) if train else source.dataset(pi, pc).skip(k),
@@ -201,14 +208,12 @@ def _dense_probe(spec: EvalConfig, where: str, model: Any, embedder: Embedder,
     return DenseProbeEvaluator(
         model=model, mesh=embedder.mesh, batch_axes=embedder.batch_axes,
         param_shardings=param_shardings, patch_hw=patch, train_batches=train_batches,
-        test_batches=test_batches, label_set=opts["label_set"],
-        num_classes=opts["num_classes"], ignore_label=opts["ignore_label"],
-        segmentation_key=seg_key, ridge=opts["ridge"], every_n_steps=spec.every_n_steps)
+        test_batches=test_batches, options=opts, every_n_steps=spec.every_n_steps)
 
 
-def _prompt_config(spec: EvalConfig, where: str) -> tuple[Any, list[str]]:
+def _prompt_config(opts: ZeroShotOptions, where: str) -> tuple[list[str] | str, list[str]]:
     """(class names or "from_data", templates) of a zeroshot section; ConfigError if bad."""
-    names, templates = spec.options["class_names"], spec.options["templates"]
+    names, templates = opts.class_names, opts.templates
     if names is None or templates is None:
         raise ConfigError(f"{where}: class_names and templates must be set (lists or asset "
                           "names)")
@@ -220,18 +225,18 @@ def _prompt_config(spec: EvalConfig, where: str) -> tuple[Any, list[str]]:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def _zeroshot(spec: EvalConfig, where: str, embedder: Embedder, source: Any,
-              preprocess: Callable, batch_size: int, tokenizer: Any, tok_cfg: TokenizerConfig,
-              class_names: list[str], templates: list[str]) -> ZeroShotEvaluator:
-    pp_output_spec(source, preprocess, ("image", "label"), where)
-    canonicalize = bool(spec.options["canonicalize"])
-    tokenize = lambda texts: tok_cfg.encode(tokenizer, texts, canonicalize=canonicalize)
+def _zeroshot(spec: EvalConfig, opts: ZeroShotOptions, embedder: Embedder, source: Source,
+              preprocess: PreprocessFn, batch_size: int, tokenizer: Tokenizer | None,
+              tok_cfg: TokenizerConfig, class_names: list[str], templates: list[str]
+              ) -> ZeroShotEvaluator:
+    pp_output_spec(source, preprocess, ("image", "label"), f"evals.{spec.name}")
+    tokenize = lambda texts: tok_cfg.encode(tokenizer, texts, canonicalize=opts.canonicalize)
     return ZeroShotEvaluator(embedder=embedder, class_names=class_names, templates=templates,
                              tokenize=tokenize, every_n_steps=spec.every_n_steps,
                              batches=_batches_fn(source, preprocess, batch_size))
 
 
-def fix_captions(max_captions: int) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+def fix_captions(max_captions: int) -> PreprocessFn:
     """tf map: "labels" [n, L] (or [L]) → [max_captions, L] plus a "_caption_mask" [C]."""
 
     def apply(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -252,9 +257,9 @@ def fix_captions(max_captions: int) -> Callable[[dict[str, tf.Tensor]], dict[str
     return apply
 
 
-def _retrieval(spec: EvalConfig, where: str, embedder: Embedder, source: Any,
-               preprocess: Callable, batch_size: int) -> RetrievalEvaluator:
-    max_captions = spec.options["max_captions"]
+def _retrieval(spec: EvalConfig, opts: RetrievalOptions, embedder: Embedder, source: Source,
+               preprocess: PreprocessFn, batch_size: int) -> RetrievalEvaluator:
+    where, max_captions = f"evals.{spec.name}", opts.max_captions
     labels = pp_output_spec(source, preprocess, ("image", "labels"), where)["labels"].shape
     if labels.rank not in (1, 2):
         raise ConfigError(f"{where}: 'labels' must be [num_captions, L] or [L], got {labels}")
@@ -267,19 +272,21 @@ def _retrieval(spec: EvalConfig, where: str, embedder: Embedder, source: Any,
                                                   batch_size))
 
 
-def _decoder_task(spec: EvalConfig, where: str, model: Any, mesh: Any,
-                  batch_axes: tuple[str, ...], param_shardings: Any, source: Any,
-                  preprocess: Callable, batch_size: int) -> DecoderTaskEvaluator:
-    if getattr(model, "decoder", None) is None:
+def _decoder_task(spec: EvalConfig, opts: DecoderTaskOptions | ReferringOptions,
+                  model: nn.Module, vocab: DecoderVocab | None, embedder: Embedder,
+                  param_shardings: Mapping[str, object], source: Source,
+                  preprocess: PreprocessFn, batch_size: int) -> DecoderTaskEvaluator:
+    where = f"evals.{spec.name}"
+    if vocab is None:
         raise ConfigError(f"{where}: type {spec.type!r} needs a model with a decoder "
                           "(config.model.decoder)")
-    keys = ("image", "dec_tokens", "dec_target_mask") + (
-        ("dec_box",) if spec.type == "referring" else ())
+    referring = isinstance(opts, ReferringOptions)
+    keys = ("image", "dec_tokens", "dec_target_mask") + (("dec_box",) if referring else ())
     pp_output_spec(source, preprocess, keys, where)
-    vocab = model_vocab(model)
+    mesh, batch_axes = embedder.mesh, embedder.batch_axes
     decode = make_decode_fn(model, vocab, mesh, batch_axes, param_shardings,
-                            parallel=bool(spec.options["parallel"]),
-                            constrain_boxes=bool(spec.options.get("constrain_boxes", False)))
+                            parallel=opts.parallel,
+                            constrain_boxes=referring and opts.constrain_boxes)
     return DecoderTaskEvaluator(kind=spec.type, decode=decode, mesh=mesh, batch_axes=batch_axes,
                                 vocab=vocab, every_n_steps=spec.every_n_steps,
                                 batches=_batches_fn(source, preprocess, batch_size))

@@ -1,16 +1,33 @@
-"""Embedding helpers shared by evaluators: jitted, sharded image and text tower calls."""
+"""Shared by the evaluators: jitted, sharded image and text tower calls, and the batch mask key."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh
 
 from siglip_jax.sharding import batch_sharding, num_batch_shards, replicated
+
+# The padding mask of evaluation batches, data.input.MASK_KEY (tests/test_zeroshot.py checks
+# they agree). Not imported from there: data.input loads TensorFlow, and the evaluator modules
+# (whose options records schema.py reads through evaluators/config.py) must import without it
+# so an entry point can set TensorFlow's logging up before TensorFlow loads.
+MASK_KEY = "_mask"
+
+
+class Evaluator(Protocol):
+    """A periodic evaluation: its cadence and a run over the current params."""
+
+    every_n_steps: int  # 0: only at the end of training.
+
+    def run(self, params: optax.Params) -> dict[str, float]:
+        """Metrics of the params, e.g. {"top1": 0.9, ...}."""
 
 
 class Embedder:
@@ -21,8 +38,8 @@ class Embedder:
     `embed_texts`; per-process shares of a batch (evaluation images) through `embed_images`.
     """
 
-    def __init__(self, model: Any, mesh: Mesh, batch_axes: Sequence[str],
-                 param_shardings: Any):
+    def __init__(self, model: nn.Module, mesh: Mesh, batch_axes: Sequence[str],
+                 param_shardings: Mapping[str, object]):
         self.mesh, self.batch_axes = mesh, tuple(batch_axes)
         self.num_shards = num_batch_shards(mesh, self.batch_axes)
         data = batch_sharding(mesh, self.batch_axes)
@@ -41,15 +58,16 @@ class Embedder:
         self._batch_text_fn = jax.jit(texts_nd, in_shardings=(param_shardings, data),
                                       out_shardings=data)
 
-    def image_fn(self, params: Any, images: jax.Array) -> jax.Array:
+    def image_fn(self, params: optax.Params, images: jax.Array) -> jax.Array:
         """Normalised image embeddings of a global, batch-sharded image array."""
         return self.image_step(params, images)
 
-    def batch_text_fn(self, params: Any, tokens: jax.Array) -> jax.Array:
+    def batch_text_fn(self, params: optax.Params, tokens: jax.Array) -> jax.Array:
         """Normalised text embeddings [B, ..., D] of a global, batch-sharded [B, ..., L] array."""
         return self._batch_text_fn(params, tokens)
 
-    def embed_texts(self, params: Any, tokens: np.ndarray, batch_size: int = 1024) -> jax.Array:
+    def embed_texts(self, params: optax.Params, tokens: np.ndarray, batch_size: int = 1024
+                    ) -> jax.Array:
         """Normalised text embeddings [N, D] (replicated) of token ids every process holds."""
         tokens = np.asarray(tokens, np.int32)
         chunk = max(self.num_shards, batch_size // self.num_shards * self.num_shards)

@@ -22,21 +22,64 @@ No CIDEr: no maintained CIDEr package is installed with this project.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.sharding import Mesh
 
-from siglip_jax.data.input import MASK_KEY
+from siglip_jax.config import ConfigError
 from siglip_jax.data.locca import DecoderVocab, tokens_to_box
+from siglip_jax.evaluators.common import MASK_KEY
 from siglip_jax.models import decoding
 from siglip_jax.sharding import batch_sharding, make_global_batch, replicated
 
 TASK_OF = {"captioning": "cap", "referring": "aref", "grounded_captioning": "gcap"}
 BOX_KEY, REFS_KEY = "dec_box", "dec_refs"
 IOU_THRESHOLD = 0.5
+# `(params, global batch) -> {"generated" [B, L], the batch's other arrays}` (make_decode_fn).
+DecodeFn = Callable[[optax.Params, Mapping[str, jax.Array]], dict[str, jax.Array]]
+
+
+def _check_bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"config key {key} expects true or false, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderTaskOptions:
+    """The `captioning` and `grounded_captioning` types' own keys of an `evals.<name>` section.
+
+    parallel: one-shot parallel decoding instead of greedy.
+    """
+
+    parallel: bool = False
+    where: dataclasses.InitVar[str] = "evals.<name>"  # The section, for error messages.
+
+    def __post_init__(self, where: str) -> None:
+        _check_bool(self.parallel, f"{where}.parallel")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferringOptions:
+    """The `referring` type's own keys of an `evals.<name>` section.
+
+    parallel: one-shot parallel decoding instead of greedy.
+    constrain_boxes: the 4 answer ids are location ids, then eos.
+    """
+
+    parallel: bool = False
+    constrain_boxes: bool = True
+    where: dataclasses.InitVar[str] = "evals.<name>"  # The section, for error messages.
+
+    def __post_init__(self, where: str) -> None:
+        _check_bool(self.parallel, f"{where}.parallel")
+        _check_bool(self.constrain_boxes, f"{where}.constrain_boxes")
 
 
 def box_iou(a_nx4: np.ndarray, b_nx4: np.ndarray) -> np.ndarray:
@@ -131,27 +174,15 @@ def scores(kind: str, collected: Mapping[str, np.ndarray], vocab: DecoderVocab
                        vocab.eos_id, collected.get(REFS_KEY))
 
 
-def model_vocab(model: Any) -> DecoderVocab:
-    """The decoder vocabulary of a two-towers model with a decoder (its `decoder` dict's
-    num_bins and its text tower's vocabulary size)."""
-    from siglip_jax.models.decoder import vocab_of
-    from siglip_jax.models.text import TextTransformer
-    from siglip_jax.models.variants import text_kwargs
-
-    text_vocab = text_kwargs(model.text).get("vocab_size", TextTransformer.vocab_size)
-    return vocab_of(model.decoder, text_vocab)
-
-
-def make_decode_fn(model: Any, vocab: DecoderVocab, mesh: Any, batch_axes: tuple[str, ...],
-                   param_shardings: Any, *, parallel: bool = False,
-                   constrain_boxes: bool = True) -> Callable[[Any, dict[str, Any]],
-                                                             dict[str, Any]]:
+def make_decode_fn(model: nn.Module, vocab: DecoderVocab, mesh: Mesh,
+                   batch_axes: tuple[str, ...], param_shardings: Mapping[str, object], *,
+                   parallel: bool = False, constrain_boxes: bool = True) -> DecodeFn:
     """Jitted `(params, global batch) -> {"generated" [B, L], the batch minus "image"}`, all
     replicated: decodes each row's prompt (dec_tokens before its first target position) with
     `models.decoding.decode_images`, greedy or parallel; with `constrain_boxes` the "aref"
     rows answer 4 location ids and eos."""
 
-    def decode(params: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    def decode(params: optax.Params, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         tokens, has_target = batch["dec_tokens"], batch["dec_target_mask"] > 0
         prefix_len = jnp.where(has_target.any(axis=1), jnp.argmax(has_target, axis=1),
                                tokens.shape[1])
@@ -177,8 +208,8 @@ class DecoderTaskEvaluator:
       vocab: the decoder vocabulary.
     """
 
-    def __init__(self, *, kind: str, decode: Callable[[Any, dict[str, Any]], dict[str, Any]],
-                 batches: Callable[[], Iterator[dict[str, np.ndarray]]], mesh: Any,
+    def __init__(self, *, kind: str, decode: DecodeFn,
+                 batches: Callable[[], Iterator[dict[str, np.ndarray]]], mesh: Mesh,
                  batch_axes: tuple[str, ...], vocab: DecoderVocab, every_n_steps: int = 0):
         if kind not in TASK_OF:
             raise ValueError(f"decoder evaluator kind {kind!r} is not one of {list(TASK_OF)}")
@@ -188,7 +219,7 @@ class DecoderTaskEvaluator:
         self.keys = ("image", "dec_tokens", "dec_target_mask", MASK_KEY,
                      *((BOX_KEY,) if kind == "referring" else ()))
 
-    def collect(self, params: Any) -> dict[str, np.ndarray]:
+    def collect(self, params: optax.Params) -> dict[str, np.ndarray]:
         """Generated ids and the batch arrays of the whole evaluation set (host numpy)."""
         parts: dict[str, list[np.ndarray]] = {}
         for local in self.batches():
@@ -200,6 +231,6 @@ class DecoderTaskEvaluator:
             raise ValueError(f"{self.kind}: the evaluation set produced no batches")
         return {k: np.concatenate(v) for k, v in parts.items()}
 
-    def run(self, params: Any) -> dict[str, float]:
+    def run(self, params: optax.Params) -> dict[str, float]:
         """Decodes the evaluation set and returns the metrics of this evaluator's kind."""
         return scores(self.kind, self.collect(params), self.vocab)

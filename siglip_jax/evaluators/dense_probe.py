@@ -25,16 +25,21 @@ background, 1 + colour). "raw" uses the map's values as they are, with `num_clas
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.sharding import Mesh
 
 from siglip_jax.config import ConfigError
+from siglip_jax.data.builder import check_source_config
 from siglip_jax.data.demo_shapes import COLOURS, SHAPES
-from siglip_jax.data.input import MASK_KEY
+from siglip_jax.evaluators.common import MASK_KEY
+from siglip_jax.records import freeze, set_fields
 from siglip_jax.sharding import batch_sharding, make_global_batch, replicated
 
 DEMO_CLASSES = len(COLOURS) * len(SHAPES)
@@ -44,53 +49,54 @@ LABEL_SETS: dict[str, int | None] = {  # name -> number of labels (None: num_cla
     "colour": 1 + len(COLOURS),
     "raw": None,
 }
-OPTIONS: dict[str, Any] = {  # The evaluator's own config keys and their defaults.
-    "label_set": "class",
-    "num_classes": 0,
-    "ignore_label": None,
-    "segmentation_key": "segmentation",
-    "train_fraction": 0.5,
-    "train_data": None,
-    "ridge": 1e-3,
-}
 
 
-def check_options(options: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The evaluator's options with defaults filled in; ConfigError naming a bad key/value."""
-    from siglip_jax.data.builder import check_source_config
+@dataclasses.dataclass(frozen=True)
+class DenseProbeOptions:
+    """The `dense_probe` type's own keys of an `evals.<name>` section, with their defaults
+    (docs/dense_probe.md explains each); a bad value is a ConfigError naming the key."""
 
-    opts = {k: options.get(k, default) for k, default in OPTIONS.items()}
-    if opts["label_set"] not in LABEL_SETS:
-        raise ConfigError(f"{where}.label_set {opts['label_set']!r} is not one of "
-                          f"{tuple(LABEL_SETS)}")
-    if not isinstance(opts["num_classes"], int) or isinstance(opts["num_classes"], bool):
-        raise ConfigError(f"{where}.num_classes must be an int, got {opts['num_classes']!r}")
-    if opts["label_set"] == "raw" and opts["num_classes"] < 2:
-        raise ConfigError(f"{where}.num_classes={opts['num_classes']}: label_set 'raw' needs "
-                          "the number of segmentation labels (>= 2)")
-    if opts["label_set"] != "raw" and opts["num_classes"] not in (0, LABEL_SETS[
-            opts["label_set"]]):
-        raise ConfigError(f"{where}.num_classes={opts['num_classes']}: label_set "
-                          f"{opts['label_set']!r} has {LABEL_SETS[opts['label_set']]} labels "
-                          "(leave num_classes 0)")
-    ignore = opts["ignore_label"]
-    if ignore is not None and (not isinstance(ignore, int) or isinstance(ignore, bool)):
-        raise ConfigError(f"{where}.ignore_label must be an int or None, got {ignore!r}")
-    if not isinstance(opts["segmentation_key"], str) or not opts["segmentation_key"]:
-        raise ConfigError(f"{where}.segmentation_key must be a non-empty string, got "
-                          f"{opts['segmentation_key']!r}")
-    fraction = opts["train_fraction"]
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not (
-            0 < fraction < 1):
-        raise ConfigError(f"{where}.train_fraction must be a number in (0, 1), got "
-                          f"{fraction!r}")
-    ridge = opts["ridge"]
-    if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not ridge > 0:
-        raise ConfigError(f"{where}.ridge must be a positive number, got {ridge!r}")
-    opts["train_fraction"], opts["ridge"] = float(fraction), float(ridge)
-    if opts["train_data"] is not None:
-        check_source_config(opts["train_data"], f"{where}.train_data")
-    return opts
+    label_set: str = "class"  # "class" | "shape" | "colour" (demo maps) | "raw"
+    num_classes: int = 0  # The number of labels with label_set "raw".
+    ignore_label: int | None = None  # A map value that does not vote (e.g. 255).
+    segmentation_key: str = "segmentation"  # The pp output holding the map.
+    train_fraction: float = 0.5  # The first fraction of `data` fits the probe.
+    train_data: Mapping[str, object] | None = None  # A separate source section to fit on.
+    ridge: float = 1e-3  # Relative to the mean feature variance.
+    where: dataclasses.InitVar[str] = "evals.<name>"  # The section, for error messages.
+
+    def __post_init__(self, where: str) -> None:
+        label_set, num_classes = self.label_set, self.num_classes
+        if label_set not in LABEL_SETS:
+            raise ConfigError(f"{where}.label_set {label_set!r} is not one of "
+                              f"{tuple(LABEL_SETS)}")
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool):
+            raise ConfigError(f"{where}.num_classes must be an int, got {num_classes!r}")
+        if label_set == "raw" and num_classes < 2:
+            raise ConfigError(f"{where}.num_classes={num_classes}: label_set 'raw' needs "
+                              "the number of segmentation labels (>= 2)")
+        if label_set != "raw" and num_classes not in (0, LABEL_SETS[label_set]):
+            raise ConfigError(f"{where}.num_classes={num_classes}: label_set "
+                              f"{label_set!r} has {LABEL_SETS[label_set]} labels "
+                              "(leave num_classes 0)")
+        ignore = self.ignore_label
+        if ignore is not None and (not isinstance(ignore, int) or isinstance(ignore, bool)):
+            raise ConfigError(f"{where}.ignore_label must be an int or None, got {ignore!r}")
+        if not isinstance(self.segmentation_key, str) or not self.segmentation_key:
+            raise ConfigError(f"{where}.segmentation_key must be a non-empty string, got "
+                              f"{self.segmentation_key!r}")
+        fraction = self.train_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not (
+                0 < fraction < 1):
+            raise ConfigError(f"{where}.train_fraction must be a number in (0, 1), got "
+                              f"{fraction!r}")
+        ridge = self.ridge
+        if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not ridge > 0:
+            raise ConfigError(f"{where}.ridge must be a positive number, got {ridge!r}")
+        if self.train_data is not None:
+            check_source_config(self.train_data, f"{where}.train_data")
+        set_fields(self, train_fraction=float(fraction), ridge=float(ridge),
+                   train_data=freeze(self.train_data))
 
 
 def num_labels(label_set: str, num_classes: int = 0) -> int:
@@ -153,7 +159,8 @@ def ridge_stats(x_nxw: jax.Array, labels_n: jax.Array, weight_n: jax.Array,
             "sx": x.sum(0), "sy": y.sum(0), "n": weight_n.sum()}
 
 
-def fit_ridge(stats: Mapping[str, Any], ridge: float) -> tuple[np.ndarray, np.ndarray]:
+def fit_ridge(stats: Mapping[str, np.ndarray | jax.Array], ridge: float
+              ) -> tuple[np.ndarray, np.ndarray]:
     """Closed-form ridge regression with an unpenalised bias: (w [W, C], b [C]) in float64."""
     n = float(stats["n"])
     if n <= 0:
@@ -199,22 +206,21 @@ class DenseProbeEvaluator:
       patch_hw: the image tower's patch size (the segmentation map is cut into these).
       train_batches / test_batches: fresh iterators of this process's padded batches with
         "image", the segmentation key and "_mask" (see data.input.eval_batches).
-      label_set, num_classes, ignore_label, segmentation_key, ridge: see the module docstring.
+      options: label_set, num_classes, ignore_label, segmentation_key and ridge are used (see
+        the module docstring); train_fraction and train_data make the batches (builder.py).
     """
 
-    def __init__(self, *, model: Any, mesh: Any, batch_axes: tuple[str, ...],
-                 param_shardings: Any, patch_hw: tuple[int, int],
+    def __init__(self, *, model: nn.Module, mesh: Mesh, batch_axes: tuple[str, ...],
+                 param_shardings: Mapping[str, object], patch_hw: tuple[int, int],
                  train_batches: Callable[[], Iterator[dict[str, np.ndarray]]],
                  test_batches: Callable[[], Iterator[dict[str, np.ndarray]]],
-                 label_set: str = "class", num_classes: int = 0,
-                 ignore_label: int | None = None, segmentation_key: str = "segmentation",
-                 ridge: float = 1e-3, every_n_steps: int = 0):
+                 options: DenseProbeOptions = DenseProbeOptions(), every_n_steps: int = 0):
         self.every_n_steps = every_n_steps  # Cadence during training (0: only at the end).
         self.mesh, self.batch_axes, self.patch_hw = mesh, tuple(batch_axes), patch_hw
         self.train_batches, self.test_batches = train_batches, test_batches
-        self.label_set, self.ignore_label = label_set, ignore_label
-        self.num_classes = num_labels(label_set, num_classes)
-        self.segmentation_key, self.ridge = segmentation_key, ridge
+        self.label_set, self.ignore_label = options.label_set, options.ignore_label
+        self.num_classes = num_labels(options.label_set, options.num_classes)
+        self.segmentation_key, self.ridge = options.segmentation_key, options.ridge
         c = self.num_classes
         data, rep = batch_sharding(mesh, self.batch_axes), replicated(mesh)
 
@@ -251,7 +257,7 @@ class DenseProbeEvaluator:
                      "weight": weight}
             yield make_global_batch(local, self.mesh, self.batch_axes)
 
-    def fit(self, params: Any) -> tuple[np.ndarray, np.ndarray, float]:
+    def fit(self, params: optax.Params) -> tuple[np.ndarray, np.ndarray, float]:
         """The probe (w [W, C], b [C]) fitted on the train section, and its patch count."""
         total: dict[str, np.ndarray] = {}
         for batch in self._global_batches(self.train_batches()):
@@ -263,7 +269,7 @@ class DenseProbeEvaluator:
         w, b = fit_ridge(total, self.ridge)
         return w, b, float(total["n"])
 
-    def run(self, params: Any) -> dict[str, float]:
+    def run(self, params: optax.Params) -> dict[str, float]:
         """Fits the probe, then: accuracy, miou, num_patches (test), num_train_patches."""
         w, b, n_train = self.fit(params)
         w32, b32 = w.astype(np.float32), b.astype(np.float32)

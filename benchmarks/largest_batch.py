@@ -88,12 +88,13 @@ def _probe(config_spec: str, overrides: list[str], slice_name: str, impl: str, b
 
     from siglip_jax.compiled_step import compile_train_step
     from siglip_jax.config import load_config
+    from siglip_jax.schema import parse
 
     config = load_config(config_spec, [*overrides, f"input.global_batch={batch}",
                                        f"loss.impl={impl}"])
     t0 = time.perf_counter()
     budget.used += 1
-    report = compile_train_step(config, slice_name)
+    report = compile_train_step(parse(config), slice_name)
     seconds = time.perf_counter() - t0
     jax.clear_caches()
     if report.oom is not None:

@@ -15,11 +15,12 @@
     `optimal_seconds` is reported next to it only when it is positive and finite (it can be
     negative for large programs).
 
-`compile_train_step(config, "v4-256")` builds the trainer's own step (`build_step`: the
+`compile_train_step(run, "v4-256")` builds the trainer's own step (`build_step`: the parsed
 config's model, mesh, sharding rules, loss, dtype, scan, remat, accumulation) on compile-only
 devices of the slice and analyses it; a program that does not fit is reported (`oom`), not
-raised. `build_for_slice(config, slice)` builds once for both the train step and the
-evaluators' image steps (`SliceBuild.compile_train_step`, `.compile_eval_steps`).
+raised. `build_for_slice(run, slice)` builds once for both the train step and the
+evaluators' image steps (`SliceBuild.compile_train_step`, `.compile_eval_steps`). They take
+the typed `schema.RunConfig` (`parse(config)` at the entry point).
 Times are compiler/roofline estimates, never measurements.
 """
 
@@ -30,8 +31,21 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from typing import Any
 
+import jax
+import jax.numpy as jnp
+
+from siglip_jax.config import ConfigError
+from siglip_jax.evaluators.common import Embedder
+from siglip_jax.experiment import (
+    BatchShapes,
+    StepParts,
+    abstract_batch,
+    build_step,
+    input_shapes,
+    pp_image_size,
+)
+from siglip_jax.schema import RunConfig
 from siglip_jax.sharding import mesh_of
 from siglip_jax.tpu_slices import Chip, Slice, compile_only_devices, parse_slice
 
@@ -282,15 +296,16 @@ class CompiledReport:
         return (self.model_flops or self.flops) / (step * self.chip.peak_flops)
 
 
-def _cost(compiled: Any) -> dict[str, float]:
+def _cost(compiled: jax.stages.Compiled) -> dict[str, float]:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # Older JAX returned one dict per program.
         cost = cost[0] if cost else {}
     return dict(cost or {})
 
 
-def analyse(compiled: Any, chip: Chip, *, slice_name: str, chips: int, examples_per_step: int,
-            compile_seconds: float = 0.0, model_flops: float | None = None) -> CompiledReport:
+def analyse(compiled: jax.stages.Compiled, chip: Chip, *, slice_name: str, chips: int,
+            examples_per_step: int, compile_seconds: float = 0.0,
+            model_flops: float | None = None) -> CompiledReport:
     """Reads memory, cost and collectives of a `jax.stages.Compiled` (one device per chip).
 
     The compiler's cost analysis counts every loop body once, however often it runs (12
@@ -328,16 +343,14 @@ class SliceBuild:
     """The trainer's step built ONCE for a TPU slice (compile-only devices): the train step and
     every evaluator's image step compile from the same model, params and shardings."""
 
-    run: Any  # schema.RunConfig
+    run: RunConfig
     spec: Slice
-    mesh: Any
-    shapes: dict[str, Any]  # The global batch's shapes (experiment.input_shapes).
-    parts: Any  # experiment.StepParts
+    mesh: jax.sharding.Mesh
+    shapes: BatchShapes  # The global batch's shapes (experiment.input_shapes).
+    parts: StepParts
 
     def compile_train_step(self, *, model_flops: float | None = None) -> CompiledReport:
         """Compiles and analyses the train step; a program over HBM is reported (`oom`)."""
-        from siglip_jax.experiment import abstract_batch
-
         spec, examples = self.spec, self.run.input.global_batch
         start = time.perf_counter()
         lowered = self.parts.step_fn.lower(self.parts.abstract_state,
@@ -358,11 +371,6 @@ class SliceBuild:
         """Compiles each evaluator's image-embedding step (its batch size and pp's image size,
         the trainer's params and shardings); {evaluator name: report}. Evaluators whose pp does
         not fix the image size (or NaFlex ones) are left out."""
-        import jax
-
-        from siglip_jax.evaluators.common import Embedder
-        from siglip_jax.experiment import pp_image_size
-
         spec, parts = self.spec, self.parts
         if not self.run.evals or isinstance(self.shapes["image"], dict):
             return {}
@@ -376,7 +384,7 @@ class SliceBuild:
                 continue
             batch = max(embedder.num_shards, ev.batch_size // embedder.num_shards
                         * embedder.num_shards)
-            images = jax.ShapeDtypeStruct((batch, *image_hw, 3), jax.numpy.float32,
+            images = jax.ShapeDtypeStruct((batch, *image_hw, 3), jnp.float32,
                                           sharding=parts.data_sharding["image"])
             start = time.perf_counter()
             lowered = embedder.image_step.lower(params, images)
@@ -395,14 +403,9 @@ class SliceBuild:
         return reports
 
 
-def build_for_slice(config: Any, slice_name: str | Slice) -> SliceBuild:
-    """Builds the trainer's step of `config` (experiment.build_step: its mesh, rules, loss,
+def build_for_slice(run: RunConfig, slice_name: str | Slice) -> SliceBuild:
+    """Builds the trainer's step of `run` (experiment.build_step: its mesh, rules, loss,
     dtypes, scan and remat) once on compile-only devices of a TPU slice; nothing compiled yet."""
-    from siglip_jax.config import ConfigError
-    from siglip_jax.experiment import build_step, input_shapes
-    from siglip_jax.schema import parse
-
-    run = parse(config)
     spec = parse_slice(slice_name) if isinstance(slice_name, str) else slice_name
     shapes = input_shapes(run)
     if shapes is None:
@@ -412,20 +415,16 @@ def build_for_slice(config: Any, slice_name: str | Slice) -> SliceBuild:
     return SliceBuild(run, spec, mesh, shapes, build_step(run, mesh, shapes))
 
 
-def compile_train_step(config: Any, slice_name: str | Slice, *,
+def compile_train_step(run: RunConfig, slice_name: str | Slice, *,
                        model_flops: float | None = None) -> CompiledReport:
-    """Compiles the trainer's own step of `config` for a TPU slice (compile-only devices) and
+    """Compiles the trainer's own step of `run` for a TPU slice (compile-only devices) and
     analyses it (to compile the evaluators' steps too, build once with `build_for_slice`)."""
-    return build_for_slice(config, slice_name).compile_train_step(model_flops=model_flops)
+    return build_for_slice(run, slice_name).compile_train_step(model_flops=model_flops)
 
 
-def compile_eval_steps(config: Any, slice_name: str | Slice) -> dict[str, CompiledReport]:
+def compile_eval_steps(run: RunConfig, slice_name: str | Slice) -> dict[str, CompiledReport]:
     """Compiles each evaluator's image-embedding step for a TPU slice; {evaluator name: report}
     (see SliceBuild.compile_eval_steps); {} without evaluators or a known image size."""
-    from siglip_jax.experiment import input_shapes
-    from siglip_jax.schema import parse
-
-    run = parse(config)
     if not run.evals or input_shapes(run) is None:
         return {}
     return build_for_slice(run, slice_name).compile_eval_steps()

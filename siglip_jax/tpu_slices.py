@@ -16,6 +16,9 @@ and a lock on /tmp/libtpu_lockfile) unless the platform is chosen: set `JAX_PLAT
 before JAX starts. The compile-only topology then still works: `compile_only_devices` loads
 the TPU plugin itself, with environment defaults that keep libtpu quiet and let several
 processes on one machine use it (only when no TPU chip is attached to this machine).
+
+The module stays light (JAX is imported only by `compile_only_devices`): the command-line
+entry points use it before JAX starts.
 """
 
 from __future__ import annotations
@@ -25,10 +28,19 @@ import glob
 import math
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import jax
 
 GiB = 1024**3
 GB = 10**9
+
+
+def format_bytes(n: float) -> str:
+    """Bytes as the planner prints HBM sizes and memory: "31.25 GiB", or "12.0 MiB" below
+    one GiB."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +173,7 @@ def libtpu_version() -> str | None:
         return None
 
 
-def compile_only_devices(name: str | Slice) -> list[Any]:
+def compile_only_devices(name: str | Slice) -> list[jax.Device]:
     """Compile-only JAX devices of a TPU slice (needs libtpu; no TPU attached is needed)."""
     spec = parse_slice(name) if isinstance(name, str) else name
     if libtpu_version() is None:

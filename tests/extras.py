@@ -1,7 +1,7 @@
 """Optional test dependencies: skip a test module whose extra is not installed, naming it.
 
-`pip install -e ".[test]"` brings scikit-image and scikit-learn, `".[parity]"` torch and
-transformers. CI sets SIGLIP_REQUIRE_EXTRAS=1 so a missing extra fails there instead of
+`pip install -e ".[test]"` brings scikit-image, scikit-learn and libtpu, `".[parity]"` torch
+and transformers. CI sets SIGLIP_REQUIRE_EXTRAS=1 so a missing extra fails there instead of
 skipping.
 """
 
@@ -11,7 +11,8 @@ from types import ModuleType
 
 import pytest
 
-EXTRA_OF = {"torch": "parity", "transformers": "parity", "skimage": "test", "sklearn": "test"}
+EXTRA_OF = {"torch": "parity", "transformers": "parity", "skimage": "test", "sklearn": "test",
+            "libtpu": "test"}
 
 
 def require(module: str) -> ModuleType:

@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("objectives", "evaluators", "recipes"),
     ("schema", "optim", "step", "checkpoints", "hooks"),
     ("experiment", "compiled_step", "evaluators.builder", "cost_model"),
-    ("trainer", "evaluation", "predict", "export"),
+    ("trainer", "evaluation", "planner", "predict", "export"),
     ("train", "evaluate", "plan", "plot"),
 )
 ENTRY_POINTS = LAYERS[-1] + ("predict", "export")

@@ -336,7 +336,7 @@ def test_planner_decoder_flops_and_activations_match_xla():
     """Analytic decoder FLOPs within 90-100 % of XLA's count of the forward pass (XLA counts
     elementwise ops too); kept activations within -25 % / +35 % of XLA:CPU's temp memory for
     the gradient (float32, no remat)."""
-    from siglip_jax import plan
+    from siglip_jax import cost_model
     from siglip_jax.objectives.decoder import token_loss
 
     model = Model(image=dict(width=96, depth=1, mlp_dim=192, num_heads=2, patch_size=8),
@@ -348,11 +348,11 @@ def test_planner_decoder_flops_and_activations_match_xla():
                             jax.ShapeDtypeStruct((2, 8), jnp.int32))["params"]
     image = jax.ShapeDtypeStruct((b, n, 96), jnp.float32)
     tokens = jax.ShapeDtypeStruct((b, 32), jnp.int32)
-    shape = plan.decoder_shape(model, n)
+    shape = cost_model.decoder_shape(model, n)
     assert (shape.depth, shape.width, shape.vocab_size) == (2, 128, 1000 + 100 + 4)
     fwd = jax.jit(lambda p, i, t: model.apply({"params": p}, i, t, parallel=False,
                                               method="decode")).lower(params, image, tokens)
-    analytic = b * plan.decoder_forward_flops(shape)
+    analytic = b * cost_model.decoder_forward_flops(shape)
     assert 0.9 * fwd.cost_analysis()["flops"] <= analytic <= fwd.cost_analysis()["flops"]
 
     def loss(p, i, t):
@@ -360,7 +360,7 @@ def test_planner_decoder_flops_and_activations_match_xla():
         return token_loss(logits, t, jnp.ones(t.shape))[0]
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, image, tokens).compile()
     measured = compiled.memory_analysis().temp_size_in_bytes
-    assert 0.75 * measured <= plan.decoder_activation_bytes(shape, b) <= 1.35 * measured
+    assert 0.75 * measured <= cost_model.decoder_activation_bytes(shape, b) <= 1.35 * measured
 
 
 def test_full_model_init_from_a_checkpoint_without_decoder_keeps_a_fresh_decoder(tmp_path):

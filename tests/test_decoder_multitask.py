@@ -173,9 +173,9 @@ def test_train_step_with_three_tasks_per_example_on_8_devices():
 
 
 def test_planner_decoder_cost_scales_with_tasks_per_example():
-    from siglip_jax import plan
+    from siglip_jax import cost_model, planner
 
-    topology = plan.parse_topology("v4-8")
+    topology = planner.parse_topology("v4-8")
     configs = []
     for tasks in (1, 3):
         c = load_config(DEMO, tiny_overrides("/nonexistent"))
@@ -183,10 +183,10 @@ def test_planner_decoder_cost_scales_with_tasks_per_example():
             c.model.decoder = dict(max_len=L, num_bins=BINS, width=24, num_heads=2)
             c.model.text.vocab_size = TEXT_VOCAB
             c.loss.decoder = dict(tasks_per_example=tasks)
-        configs.append(plan.make_plan(c, topology))
+        configs.append(planner.make_plan(c, topology))
     p1, p3 = configs
     assert (p1.decoder.rows, p3.decoder.rows) == (1, 3)
-    per_row = 3 * plan.decoder_forward_flops(p1.decoder) * p1.global_batch
+    per_row = 3 * cost_model.decoder_forward_flops(p1.decoder) * p1.global_batch
     np.testing.assert_allclose(p3.flops["model"] - p1.flops["model"], 2 * per_row, rtol=1e-9)
     np.testing.assert_allclose(p3.bytes["decoder activations"],
                                3 * p1.bytes["decoder activations"], rtol=1e-9)

@@ -381,16 +381,16 @@ def test_ring_step_with_both_objectives_and_accumulation(tmp_path):
 def test_plan_counts_the_teacher_and_the_extra_passes():
     import dataclasses
 
-    from siglip_jax import plan
+    from siglip_jax import cost_model, planner
     from siglip_jax.config import load_config
 
-    topology = plan.parse_topology("v4-8")
+    topology = planner.parse_topology("v4-8")
     base = load_config("configs/demo.py", ["input.global_batch=64"])
     extra = load_config("configs/demo.py", ["input.global_batch=64"])
     with extra.unlocked():
         extra.loss.self_distillation = dict(HEAD, n_local=4, local_size=16)
         extra.loss.masked_prediction = dict(HEAD)
-    p0, p1 = plan.make_plan(base, topology), plan.make_plan(extra, topology)
+    p0, p1 = planner.make_plan(base, topology), planner.make_plan(extra, topology)
     assert not p1.errors, p1.errors
     img = p0.towers[0]
     assert (img.tokens, img.width) == (64, 64)  # demo: 32 px, patch 4, width 64.
@@ -403,6 +403,6 @@ def test_plan_counts_the_teacher_and_the_extra_passes():
     # FLOPs: 3× forward of 4 crops of (16/4)² = 16 tokens and of the masked full image,
     # 1× forward of the teacher's full image, per example.
     local = dataclasses.replace(img, tokens=16)
-    want = 64 * (3 * 4 * plan.forward_flops(local) + 4 * plan.forward_flops(img))
+    want = 64 * (3 * 4 * cost_model.forward_flops(local) + 4 * cost_model.forward_flops(img))
     assert p1.flops["model"] - p0.flops["model"] == pytest.approx(want, rel=1e-9)
     assert p1.bytes["activations"] > p0.bytes["activations"]

@@ -1,5 +1,6 @@
-"""The planner (siglip_jax/plan.py): slice table, exact sharded bytes against real allocations,
-analytic FLOPs and activations against XLA's own numbers, and every loud failure."""
+"""The planner (siglip_jax/planner.py, the CLI and report in plan.py): slice table, exact
+sharded bytes against real allocations, and every loud failure. The analytic FLOPs and
+activations against XLA's own numbers: tests/test_cost_model.py."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sentencepiece as spm
 
-from siglip_jax import plan
+from siglip_jax import experiment, plan, planner
 from siglip_jax.config import load_config
-from siglip_jax.experiment import infer_image_size
-from siglip_jax.models.two_towers import Model
+from siglip_jax.experiment import infer_image_size, make_model
+from siglip_jax.optim import make_optimizer
 from siglip_jax.schema import parse
-from siglip_jax.sharding import mesh_of
+from siglip_jax.sharding import make_mesh, mesh_of
+from siglip_jax.step import init_state
 
 DEMO = "configs/demo.py"
 
@@ -23,7 +26,7 @@ DEMO = "configs/demo.py"
 def demo_plan(overrides=(), topology="cpu-8", **kw):
     """The planner's verdict on the demo config with `overrides`."""
     config = load_config(DEMO, list(overrides))
-    return plan.make_plan(config, plan.parse_topology(topology, cpu_memory_bytes=16 * 2**30),
+    return planner.make_plan(config, planner.parse_topology(topology, cpu_memory_bytes=16 * 2**30),
                           config_name=DEMO, **kw)
 
 
@@ -39,7 +42,7 @@ def demo_plan(overrides=(), topology="cpu-8", **kw):
     ("v6e-64", 64, 8, 32e9, 918e12),             # .../v6e
 ])
 def test_topologies_follow_the_cloud_tpu_documentation(name, chips, hosts, hbm, peak):
-    t = plan.parse_topology(name)
+    t = planner.parse_topology(name)
     assert (t.chips, t.hosts, t.hbm_bytes, t.peak_flops) == (chips, hosts, hbm, peak)
 
 
@@ -47,14 +50,14 @@ def test_topologies_follow_the_cloud_tpu_documentation(name, chips, hosts, hbm, 
     ("v4-3", "multiple of 2"), ("v9-8", "unknown TPU generation"), ("tpu", "not of the form"),
 ])
 def test_bad_topologies_are_rejected(name, message):
-    with pytest.raises(plan.PlanError, match=message):
-        plan.parse_topology(name)
+    with pytest.raises(planner.PlanError, match=message):
+        planner.parse_topology(name)
 
 
 def test_mesh_resolution():
-    assert plan.resolve_mesh([("data", -1), ("fsdp", 16)], 128) == {"data": 8, "fsdp": 16}
-    with pytest.raises(plan.PlanError, match="does not divide the 4 chips"):
-        plan.resolve_mesh([("data", -1), ("fsdp", 16)], 4)
+    assert planner.resolve_mesh([("data", -1), ("fsdp", 16)], 128) == {"data": 8, "fsdp": 16}
+    with pytest.raises(planner.PlanError, match="does not divide the 4 chips"):
+        planner.resolve_mesh([("data", -1), ("fsdp", 16)], 4)
 
 
 # ----------------------------------------------------------------------------- exact bytes
@@ -66,12 +69,6 @@ def test_mesh_resolution():
 ])
 def test_param_and_optimizer_bytes_equal_a_real_sharded_allocation(mesh, rules):
     """The planner's abstract bytes per chip == the bytes device 0 really holds after init."""
-    from siglip_jax.experiment import make_model
-    from siglip_jax.optim import make_optimizer
-    from siglip_jax.schema import parse
-    from siglip_jax.sharding import make_mesh
-    from siglip_jax.step import init_state
-
     overrides = [f"mesh={mesh}", f"sharding_rules={rules}", "batch_axes=('data',)"]
     p = demo_plan(overrides)
     assert not p.errors, p.errors
@@ -93,90 +90,6 @@ def test_param_and_optimizer_bytes_equal_a_real_sharded_allocation(mesh, rules):
     assert p.bytes["params"] == on_device(state["params"])
     assert p.bytes["optimizer state"] == on_device(state["opt_state"])
     assert p.params["total"] == sum(x.size for x in jax.tree.leaves(state["params"]))
-
-
-# ----------------------------------------------------------------------------- FLOPs, activations
-
-
-def _small_model(width, depth, *, scan=False, remat="none", pool="map"):
-    image = dict(width=width, depth=depth, mlp_dim=4 * width, num_heads=4, patch_size=4,
-                 pool_type=pool, scan=scan, remat_policy=remat)
-    text = dict(vocab_size=100, width=width, depth=depth, mlp_dim=4 * width, num_heads=4,
-                scan=scan, remat_policy=remat)
-    model_cfg = dict(image=image, text=text, out_dim=(None, width))
-    return Model(**model_cfg), model_cfg
-
-
-@pytest.mark.parametrize("width, depth, pool", [(128, 2, "map"), (256, 3, "gap")])
-def test_analytic_forward_flops_match_xla_cost_analysis(width, depth, pool):
-    """XLA counts every op (elementwise too); matmuls must be ≥ 93 % of it and never more."""
-    model, model_cfg = _small_model(width, depth, pool=pool)
-    batch, res, text_len = 8, 32, 16
-    image = jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32)
-    text = jax.ShapeDtypeStruct((batch, text_len), jnp.int32)
-    params = jax.eval_shape(model.init, jax.random.key(0), image, text)["params"]
-    lowered = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)[:2]).lower(
-        params, image, text)
-    xla_flops = lowered.cost_analysis()["flops"]
-    towers = plan.towers_from_model(Model(**model_cfg), (res, res), text_len)
-    analytic = batch * sum(plan.forward_flops(t) for t in towers)
-    assert 0.93 * xla_flops <= analytic <= xla_flops
-
-
-def test_training_costs_three_forward_passes_in_xla_too():
-    """The planner's convention (train = 3 × forward) checked on XLA's count of a grad step."""
-    from siglip_jax.losses import sigmoid_loss_dense
-
-    model, _ = _small_model(128, 2)
-    image = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
-    text = jax.ShapeDtypeStruct((8, 16), jnp.int32)
-    params = jax.eval_shape(model.init, jax.random.key(0), image, text)["params"]
-
-    def loss(p, x, t):
-        zimg, ztxt, out = model.apply({"params": p}, x, t)
-        return sigmoid_loss_dense(zimg, ztxt, out["t_prime"], out["b"])[0]
-
-    fwd = jax.jit(loss).lower(params, image, text).cost_analysis()["flops"]
-    step = jax.jit(jax.grad(loss)).lower(params, image, text).cost_analysis()["flops"]
-    assert 2.7 <= step / fwd <= 3.3
-
-
-@pytest.mark.parametrize("scan, remat", [(False, "none"), (True, "nothing_saveable")])
-def test_activation_estimate_is_close_to_xla_cpu_temp_memory(scan, remat):
-    """float32, so XLA:CPU keeps the dtypes the estimate assumes; within -25 % / +35 %."""
-    from siglip_jax.losses import sigmoid_loss_dense
-
-    width, depth, batch, res, text_len = 128, 4, 64, 32, 16
-    model, model_cfg = _small_model(width, depth, scan=scan, remat=remat)
-    image = jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32)
-    text = jax.ShapeDtypeStruct((batch, text_len), jnp.int32)
-    params = jax.eval_shape(model.init, jax.random.key(0), image, text)["params"]
-
-    def loss(p, x, t):
-        zimg, ztxt, out = model.apply({"params": p}, x, t, train=True)
-        return sigmoid_loss_dense(zimg, ztxt, out["t_prime"], out["b"])[0]
-
-    compiled = jax.jit(jax.grad(loss)).lower(params, image, text).compile()
-    measured = compiled.memory_analysis().temp_size_in_bytes
-    kept = working = 0
-    for tower in plan.towers_from_model(Model(**model_cfg), (res, res), text_len):
-        k, w = plan.activation_bytes(tower, batch, trained=True)
-        kept, working = kept + k, max(working, w)
-    estimate = kept + working + plan.loss_bytes(batch, batch, width, "dense")
-    assert 0.75 * measured <= estimate <= 1.35 * measured
-
-
-def test_remat_and_frozen_towers_shrink_the_activation_estimate():
-    tower = plan.Tower("img", tokens=196, width=768, depth=12, mlp_dim=3072, heads=12,
-                       act_bytes=2, remat="none", pool="map", out_dim=None)
-    full, _ = plan.activation_bytes(tower, 8, trained=True)
-    remat_kept, remat_work = plan.activation_bytes(
-        plan.dataclasses.replace(tower, remat="nothing_saveable"), 8, trained=True)
-    frozen_kept, _ = plan.activation_bytes(tower, 8, trained=False)
-    assert remat_kept + remat_work < full / 3
-    assert frozen_kept == 0
-    # Block inputs only under remat: depth × tokens × width × 2 bytes, + the embedding output.
-    assert remat_kept == 8 * 13 * 196 * 768 * 2
 
 
 # ----------------------------------------------------------------------------- the verdicts
@@ -204,7 +117,7 @@ def test_batch_that_does_not_divide_over_the_data_axes_fails():
 
 def test_batch_that_does_not_split_into_accumulation_steps_fails():
     config = load_config("configs/siglip_b16_224.py:data=/tmp,accum=3,batch=4096")
-    errors = plan.make_plan(config, plan.parse_topology("v4-64")).errors
+    errors = planner.make_plan(config, planner.parse_topology("v4-64")).errors
     assert errors == ["input.global_batch=4096 does not split into grad_accum_steps=3 "
                       "micro-batches over 32 shards"]
 
@@ -221,14 +134,14 @@ def test_frozen_group_that_an_earlier_group_trains_fails():
     config = load_config("configs/lit_b16.py:data=/tmp,img=/dev/null", [
         "schedule=[('img/Transformer/.*', {'decay_type': 'cosine'}), ('img/.*', None), "
         "('.*', {'decay_type': 'cosine'})]"])
-    errors = plan.make_plan(config, plan.parse_topology("v4-32")).errors
+    errors = planner.make_plan(config, planner.parse_topology("v4-32")).errors
     assert len(errors) == 1 and errors[0].startswith("schedule: group 'img/.*' is frozen (None)")
     assert "get the schedule of the earlier group 'img/Transformer/.*'" in errors[0]
 
 
 def test_frozen_tower_without_a_checkpoint_fails():
     config = load_config("configs/lit_b16.py:data=/tmp,img=")
-    errors = plan.make_plan(config, plan.parse_topology("v4-32")).errors
+    errors = planner.make_plan(config, planner.parse_topology("v4-32")).errors
     assert errors == ["schedule freezes the whole img tower but model_init.img (and "
                       "model_init.full) is empty: it would stay at its random init"]
 
@@ -236,25 +149,25 @@ def test_frozen_tower_without_a_checkpoint_fails():
 def test_missing_checkpoint_fails(tmp_path):
     missing = tmp_path / "no_such_checkpoint.npz"
     config = load_config(f"configs/lit_b16.py:data={tmp_path},img={missing}")
-    errors = plan.make_plan(config, plan.parse_topology("v4-32")).errors
+    errors = planner.make_plan(config, planner.parse_topology("v4-32")).errors
     assert errors == [f"model_init.img checkpoint: not found: '{missing}'"]
     missing.write_bytes(b"")  # Exists now: the planner only checks presence.
-    assert plan.make_plan(config, plan.parse_topology("v4-32")).errors == []
+    assert planner.make_plan(config, planner.parse_topology("v4-32")).errors == []
 
 
 def test_placeholder_and_missing_data_fail(tmp_path):
     config = load_config("configs/siglip_b16_224.py")
-    errors = plan.make_plan(config, plan.parse_topology("v4-64")).errors
+    errors = planner.make_plan(config, planner.parse_topology("v4-64")).errors
     assert errors == ["input.data.pattern is the placeholder 'gs://YOUR_BUCKET/webli/*.tar': "
                       "pass the real path as a config argument (see the config's docstring)"]
     config = load_config(f"configs/siglip_b16_224.py:data={tmp_path}/*.tar")
-    errors = plan.make_plan(config, plan.parse_topology("v4-64")).errors
+    errors = planner.make_plan(config, planner.parse_topology("v4-64")).errors
     assert errors == [f"input.data.pattern: no file matches '{tmp_path}/*.tar'"]
 
 
 def test_memory_over_hbm_fails():
     config = load_config("configs/siglip_b16_224.py:data=/tmp")
-    p = plan.make_plan(config, plan.parse_topology("v4-8"))  # 4 chips: 8192 examples each.
+    p = planner.make_plan(config, planner.parse_topology("v4-8"))  # 4 chips: 8192 examples each.
     assert len(p.errors) == 1
     assert p.errors[0].startswith("estimated memory per chip ")
     assert "exceeds the 32.00 GiB HBM of a TPU v4 chip (params " in p.errors[0]
@@ -262,8 +175,6 @@ def test_memory_over_hbm_fails():
 
 
 def test_tokenizer_larger_than_the_embedding_table_fails(tmp_path):
-    import sentencepiece as spm
-
     words = [f"word{i}" for i in range(200)]
     (tmp_path / "corpus.txt").write_text("\n".join(" ".join(words[i:i + 9]) for i in range(190)))
     spm.SentencePieceTrainer.train(
@@ -307,7 +218,7 @@ def test_unknown_top_level_key_fails():
     config = load_config(DEMO)
     config.unlock()
     config.learning_rate = 0.1
-    errors = plan.make_plan(config, plan.parse_topology("cpu-8")).errors
+    errors = planner.make_plan(config, planner.parse_topology("cpu-8")).errors
     assert len(errors) == 1 and errors[0].startswith("unknown config key config.learning_rate")
 
 
@@ -341,8 +252,6 @@ def test_time_estimate_follows_flops_peak_and_mfu():
 def test_planner_bytes_are_the_trainers_sharded_abstract_state():
     """Params/optimizer bytes of the plan == per-device bytes of experiment.build_step's
     abstract state on a real 4 × 2 mesh (the planner builds through the trainer's code)."""
-    from siglip_jax import experiment
-
     overrides = ["mesh=[('data', 4), ('fsdp', 2)]", "sharding_rules=[('.*', 'fsdp')]"]
     p = demo_plan(overrides)
     run = parse(load_config(DEMO, overrides))

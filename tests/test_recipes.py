@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from siglip_jax import plan
+from siglip_jax import plan, planner
 from siglip_jax.config import ConfigError, load_config
 from siglip_jax.models import variants
 
@@ -57,7 +57,7 @@ def test_every_config_is_listed():
 def test_config_plans_without_error_on_its_intended_slice(name):
     arg, topology = INTENDED[name]
     config = load_config(_spec(name, arg))
-    p = plan.make_plan(config, plan.parse_topology(topology), config_name=name)
+    p = planner.make_plan(config, planner.parse_topology(topology), config_name=name)
     assert p.errors == []
     assert p.memory_total <= p.topology.hbm_bytes
     assert "ok: no problem found" in plan.format_plan(p)
@@ -66,7 +66,7 @@ def test_config_plans_without_error_on_its_intended_slice(name):
 @pytest.mark.parametrize("name", sorted(PRETRAIN))
 def test_parameter_counts_match_the_model_cards(name):
     seed, _, res = PRETRAIN[name]
-    p = plan.make_plan(load_config(_spec(name, DATA)), plan.parse_topology("v4-512"))
+    p = planner.make_plan(load_config(_spec(name, DATA)), planner.parse_topology("v4-512"))
     card_m = variants.SIGLIP_SEEDS[seed]["card_params_m"]  # 203 / 652 / 878 M
     assert round(p.params["total"] / 1e6) == card_m
     assert p.image_hw == (res, res) and p.text_len == 64
@@ -109,7 +109,7 @@ def test_large_models_shard_params_and_optimizer_state():
         # they made the TPU compiler run them on the global batch, docs/tpu_compile.md).
         assert rules == [("img/MAPHead_0/.*", "replicate"), ("txt/Embed_0/.*", "replicate"),
                          (".*", "fsdp")]
-        p = plan.make_plan(c, plan.parse_topology(INTENDED[name][1]))
+        p = planner.make_plan(c, planner.parse_topology(INTENDED[name][1]))
         # Adam keeps 2 float32 buffers per parameter; FSDP over 16 divides them by ~16, but
         # the replicated head and embedding (< 8 % of the parameters) stay whole.
         full = 8 * p.params["total"]
@@ -150,19 +150,19 @@ def test_lit_freezes_the_loaded_image_tower_and_keeps_no_state_for_it():
     c = load_config(_spec("lit_b16.py", f"{DATA},img=/tmp"))
     assert c.model_init.img == "/tmp"
     assert c.schedule[0] == ("img/.*", None)
-    p = plan.make_plan(c, plan.parse_topology("v4-32"))
+    p = planner.make_plan(c, planner.parse_topology("v4-32"))
     assert p.errors == [] and p.frozen == ("img",)
     trained = p.params["txt"] + p.params["other"]
     assert p.bytes["optimizer state"] - 8 * trained < 1024  # mu, nu of text + t, b (+ counts)
     assert p.bytes["gradients"] == 4 * trained
-    full = plan.make_plan(load_config(_spec("siglip_b16_224.py", DATA)),
-                          plan.parse_topology("v4-32"))
+    full = planner.make_plan(load_config(_spec("siglip_b16_224.py", DATA)),
+                          planner.parse_topology("v4-32"))
     assert p.flops["model"] < full.flops["model"]
 
 
 def test_finetune_loads_the_whole_checkpoint_at_the_new_resolution():
     c = load_config(_spec("siglip_finetune_res.py", f"{DATA},init=/tmp/ckpt,variant=L/16,res=384"))
     assert c.model_init.full == "/tmp/ckpt" and c.model.image.variant == "L/16"
-    p = plan.make_plan(c, plan.parse_topology("v4-512"))
+    p = planner.make_plan(c, planner.parse_topology("v4-512"))
     assert p.towers[0].tokens == (384 // 16) ** 2
     assert p.errors == ["model_init.full checkpoint: not found: '/tmp/ckpt'"]

@@ -2,21 +2,27 @@
 
 The compiles are tiny (seconds each on a TPU-less machine): v4:2x2x1 megacore (4 chips, a
 v4-8) and v5e:2x2 (4 chips). The HLO parsing and roofline arithmetic are checked against
-hand-written HLO and hand-computed numbers.
+hand-written HLO and hand-computed numbers; those tests need no compiler. The tests that
+compile require libtpu (the test extra) through tests/extras.py: skipped without it, failed
+when CI sets SIGLIP_REQUIRE_EXTRAS=1.
 """
 
+import dataclasses
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from extras import require
+from jax.experimental.compilation_cache import compilation_cache
 
 from siglip_jax import compiled_step as cs
-from siglip_jax import losses
+from siglip_jax import experiment, losses, plan, planner
 from siglip_jax import sharding as sh
+from siglip_jax.config import load_config
 from siglip_jax.models.common import Encoder
-from siglip_jax.tpu_slices import CHIPS, SliceError, parse_slice
+from siglip_jax.tpu_slices import CHIPS, SliceError, compile_only_devices, parse_slice
 
 GiB = 1024**3
 
@@ -115,34 +121,28 @@ def test_roofline_names_its_bound_and_drops_an_insane_compiler_estimate():
 
 # ----------------------------------------------------------------------- the TPU compiler
 
-libtpu = pytest.importorskip("libtpu", reason="the TPU compile tests need libtpu (test extra)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_persistent_compilation_cache():
-    """Compile-only TPU executables cannot be read back from the session's compilation cache
-    (tests/conftest.py): keep it off here, so each compile is a plain one."""
-    from jax.experimental.compilation_cache import compilation_cache
-
+@pytest.fixture(scope="module")
+def tpu_compiler():
+    """libtpu, the TPU compiler (test extra); the test is skipped without it, unless
+    SIGLIP_REQUIRE_EXTRAS=1. Compile-only TPU executables cannot be read back from the
+    session's compilation cache (tests/conftest.py): it is off while these tests run, so each
+    compile is a plain one."""
+    libtpu = require("libtpu")
     enabled = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     compilation_cache.reset_cache()
-    yield
+    yield libtpu
     jax.config.update("jax_enable_compilation_cache", enabled)
     compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
-def v5e():
-    from siglip_jax.tpu_slices import compile_only_devices
-
+def v5e(tpu_compiler):
     return compile_only_devices("v5e:2x2")
 
 
 @pytest.fixture(scope="module")
-def v4():
-    from siglip_jax.tpu_slices import compile_only_devices
-
+def v4(tpu_compiler):
     return compile_only_devices("v4:2x2x1")
 
 
@@ -265,12 +265,10 @@ _TRAIN_REPORTS = {}
 
 
 @pytest.fixture
-def train_step_compiled_once(monkeypatch):
+def train_step_compiled_once(monkeypatch, tpu_compiler):
     """The plan tests below compile the same train step (the demo at batch 64 on v4-8; their
     evaluator settings differ, which the train step does not read): the first compiles it,
     the others reuse its report. Each still builds the step and compiles its own eval steps."""
-    import dataclasses
-
     compile_train_step = cs.SliceBuild.compile_train_step
 
     def once(self, *, model_flops=None):
@@ -287,12 +285,15 @@ def test_plan_compile_reports_the_trainers_compiled_step(capsys, monkeypatch):
     """`plan --compile` compiles experiment.build_step's step for the slice: the compiler's
     exact bytes per chip sit next to the analytic estimate; one build serves the train step
     and the evaluator's image step; a CPU topology is refused."""
-    from siglip_jax import experiment, plan
-
     builds = []
     build_step = experiment.build_step
-    monkeypatch.setattr(experiment, "build_step",
-                        lambda *args, **kwargs: builds.append(args) or build_step(*args, **kwargs))
+
+    def counted(*args, **kwargs):
+        builds.append(args)
+        return build_step(*args, **kwargs)
+
+    for module in (planner, cs):  # Both build through experiment.build_step.
+        monkeypatch.setattr(module, "build_step", counted)
     assert plan.main(["--config", "configs/demo.py", "--topology", "v4-8", "--compile",
                       "--config.input.global_batch=64"]) == 0
     out = capsys.readouterr().out
@@ -309,8 +310,6 @@ def test_plan_compile_reports_the_trainers_compiled_step(capsys, monkeypatch):
 def test_plan_compile_fails_in_one_line_when_an_evaluator_step_does_not_fit(capsys):
     """An evaluation batch too large for the chip: the evaluator's compiled image step is
     over HBM, so the plan fails naming the key to change."""
-    from siglip_jax import plan
-
     assert plan.main(["--config", "configs/demo.py", "--topology", "v4-8", "--compile",
                       "--config.input.global_batch=64",
                       "--config.evals.zeroshot.batch_size=4194304"]) == 1
@@ -323,15 +322,10 @@ def test_plan_compile_fails_in_one_line_when_an_evaluator_step_does_not_fit(caps
 def test_a_compiled_step_that_fits_overrules_the_analytic_memory_error(capsys):
     """The analytic activation estimate is conservative: with --compile, a step that the
     compiler fits within the chip's HBM clears the analytic 'estimated memory' error."""
-    import dataclasses
-
-    from siglip_jax import plan
-    from siglip_jax.config import load_config
-
     config = load_config("configs/demo.py", ["input.global_batch=64"])
-    tiny_hbm = dataclasses.replace(plan.parse_topology("v4-8"), hbm_bytes=2**20)  # 1 MiB.
-    p = plan.make_plan(config, tiny_hbm)
-    assert len(p.errors) == 1 and p.errors[0].startswith(plan.MEMORY_ERROR)
-    assert plan.compile_and_compare(config, "v4-8", p) is None  # Real v4 chips: it fits.
+    tiny_hbm = dataclasses.replace(planner.parse_topology("v4-8"), hbm_bytes=2**20)  # 1 MiB.
+    p = planner.make_plan(config, tiny_hbm)
+    assert len(p.errors) == 1 and p.errors[0].startswith(planner.MEMORY_ERROR)
+    assert plan.compile_and_compare(p, "v4-8") is None  # Real v4 chips: it fits.
     assert p.errors == []
     assert "the compiled step fits" in capsys.readouterr().out

@@ -32,6 +32,7 @@ import numpy as np
 from siglip_jax.data.input import MASK_KEY
 from siglip_jax.data.locca import DecoderVocab, tokens_to_box
 from siglip_jax.models import decoding
+from siglip_jax.models.config import ModelConfig, decoder_vocab
 from siglip_jax.sharding import batch_sharding, make_global_batch, replicated
 
 TASK_OF = {"captioning": "cap", "referring": "aref", "grounded_captioning": "gcap"}
@@ -134,12 +135,10 @@ def scores(kind: str, collected: Mapping[str, np.ndarray], vocab: DecoderVocab
 def model_vocab(model: Any) -> DecoderVocab:
     """The decoder vocabulary of a two-towers model with a decoder (its `decoder` dict's
     num_bins and its text tower's vocabulary size)."""
-    from siglip_jax.models.decoder import vocab_of
-    from siglip_jax.models.text import TextTransformer
-    from siglip_jax.models.variants import text_kwargs
-
-    text_vocab = text_kwargs(model.text).get("vocab_size", TextTransformer.vocab_size)
-    return vocab_of(model.decoder, text_vocab)
+    vocab = decoder_vocab(ModelConfig.parse({"text": model.text, "decoder": model.decoder}))
+    if vocab is None:
+        raise ValueError("the model has no decoder (config.model.decoder)")
+    return vocab
 
 
 def make_decode_fn(model: Any, vocab: DecoderVocab, mesh: Any, batch_axes: tuple[str, ...],

@@ -9,21 +9,20 @@ projection `head`. Also position-embedding resampling for a new resolution.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from siglip_jax.models.common import EncoderSettings, MAPHead, constrain_batch, tower_encoder
+from siglip_jax.models.common import Dtype, EncoderSettings, MAPHead, constrain_batch, tower_encoder
 
 POOL_TYPES = ("map", "gap", "tok", "none")
 POSEMB_TYPES = ("learn", "sincos2d")
 
 
 def posemb_sincos_2d(
-    h: int, w: int, width: int, temperature: float = 10_000.0, dtype: Any = jnp.float32
+    h: int, w: int, width: int, temperature: float = 10_000.0, dtype: Dtype = jnp.float32
 ) -> jax.Array:
     """Fixed 2-D sin-cos position embedding [1, h*w, width] (MoCo v3 / big_vision layout)."""
     if width % 4:

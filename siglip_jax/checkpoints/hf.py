@@ -25,8 +25,10 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax.typing import VariableDict
+from safetensors.numpy import load_file, save_file
 
 from siglip_jax.checkpoints import big_vision as bv
 from siglip_jax.models import variants
@@ -369,8 +371,6 @@ _ST_DTYPES = {
 
 def _read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
     """Minimal safetensors reader (header + raw little-endian data), also handles BF16."""
-    import ml_dtypes
-
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
@@ -389,8 +389,6 @@ def _read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
     try:
         return load_file(path)
     except TypeError:  # numpy has no bfloat16: read such files ourselves.
@@ -443,8 +441,6 @@ def save_hf(
 ) -> None:
     """Writes config.json + model.safetensors that transformers' SiglipModel (FixRes) or
     Siglip2Model (NaFlex image tower; `image_size` unused, may be None) loads."""
-    from safetensors.numpy import save_file
-
     cfg = hf_config_from_model(model_kwargs, image_size, text_len)
     tensors = params_to_hf(params, cfg)
     # HF config says float32 (widening is exact). safetensors writes the raw buffer, so every

@@ -25,7 +25,9 @@ import re
 from collections.abc import Mapping
 from types import ModuleType
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax.typing import VariableDict
 
 from siglip_jax.checkpoints import big_vision as bv
@@ -133,9 +135,6 @@ def _read_json(path: str) -> dict[str, object] | None:
 def _orbax_entry(item_dir: str, key: str = "params", required: bool = True
                  ) -> dict[str, object] | None:
     """One top-level entry of a saved train state as numpy (None if absent and not required)."""
-    import jax
-    import orbax.checkpoint as ocp
-
     checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(item_dir).item_metadata.tree
     if key not in tree:

@@ -86,7 +86,7 @@ def run_convention(convention: str, eos: str) -> str | None:
 
 def _copy(src: str, dst: str) -> None:
     if "://" in src or "://" in dst:
-        import tensorflow as tf
+        import tensorflow as tf  # Deliberately late: only remote paths need TensorFlow.
 
         tf.io.gfile.copy(src, dst, overwrite=True)
     else:

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.ndimage
 
 from siglip_jax.models.common import Dtype, EncoderSettings, MAPHead, constrain_batch, tower_encoder
 
@@ -42,8 +43,6 @@ def resample_posemb(old_1xnxd: np.ndarray, new_len: int) -> np.ndarray:
     Same as big_vision `vit.resample_posemb` (scipy.ndimage.zoom, order=1): used when a
     checkpoint trained at one resolution is loaded at another.
     """
-    import scipy.ndimage
-
     old_1xnxd = np.asarray(old_1xnxd)
     if old_1xnxd.shape[1] == new_len:
         return old_1xnxd

@@ -27,7 +27,8 @@ from typing import Any
 
 from siglip_jax.config import ConfigError, collect_overrides, load_config
 from siglip_jax.console import quiet_startup
-from siglip_jax.schema import ModelConfig, RunConfig, parse
+from siglip_jax.models.config import make_model, model_kwargs
+from siglip_jax.schema import RunConfig, parse
 from siglip_jax.sharding import mesh_of
 
 
@@ -89,15 +90,16 @@ def evaluate(config: Any, checkpoint: str, log: Callable[[str], None] = print
     if not run.evals:
         raise ConfigError("config.evals is empty: there is nothing to evaluate")
     max_len = run.tokenizer.max_len
-    opened = open_model(checkpoint, defaults={"model": run.model.kwargs(), "text_len": max_len})
+    opened = open_model(checkpoint, defaults={"model": model_kwargs(run.model),
+                                                "text_len": max_len})
     if opened.text_len != max_len:
         raise ConfigError(f"config.tokenizer.max_len={max_len} but the checkpoint's text tower "
                           f"takes {opened.text_len} tokens; pass "
                           f"--config.tokenizer.max_len={opened.text_len}")
-    model = opened.make_model()
+    model = make_model(opened.model)
     tokenizer = resolve_tokenizer(run.tokenizer, opened.tokenizer,
                                   lambda: make_source(run.input.data),
-                                  vocab_size=ModelConfig.parse(opened.model_config).vocab_size)
+                                  vocab_size=opened.model.text.vocab_size)
     image_shape = eval_image_shape(run, tokenizer)
     abstract = param_shapes(model, tuple(image_shape[:2]), max_len)
     mesh = mesh_of(run.mesh)
@@ -109,7 +111,7 @@ def evaluate(config: Any, checkpoint: str, log: Callable[[str], None] = print
         lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: x[idx]),
         params, shardings)
     evaluators = build_evaluators(run, model=model, mesh=mesh, param_shardings=shardings,
-                                  tokenizer=tokenizer)
+                                  tokenizer=tokenizer, model_config=opened.model)
     results: dict[str, float] = {}
     for name, evaluator in evaluators.items():
         for key, value in evaluator.run(params).items():

@@ -17,7 +17,8 @@ from typing import Any
 
 from siglip_jax.config import ConfigError
 from siglip_jax.data.config import SourceConfig
-from siglip_jax.schema import ModelConfig, RunConfig, TokenizerConfig, parse
+from siglip_jax.models.config import decoder_vocab, make_model
+from siglip_jax.schema import RunConfig, TokenizerConfig, parse
 
 BatchShapes = dict[str, tuple[int, ...]]
 
@@ -31,13 +32,6 @@ def setup_jax(run: RunConfig, num_processes: int = 1) -> None:
                           "processes")
     jax.config.update("jax_threefry_partitionable", True)
     jax.config.update("jax_num_cpu_devices", run.cpu_devices // num_processes)
-
-
-def make_model(model: ModelConfig) -> Any:
-    """The two-tower flax model of the config's model section."""
-    from siglip_jax.models.two_towers import Model
-
-    return Model(**model.kwargs())
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -165,16 +159,6 @@ def check_batch(run: RunConfig, batch_shards: int, processes: int, detail: str =
                           f"{processes} processes (hosts)")
 
 
-def decoder_vocab(run: RunConfig) -> Any:
-    """The DecoderVocab of the run's caption decoder (None without one), for the pp ops."""
-    if run.model.decoder is None:
-        return None
-    from siglip_jax.models.decoder import vocab_of
-    from siglip_jax.records import thaw
-
-    return vocab_of(thaw(run.model.decoder), run.model.vocab_size)
-
-
 def build_input(run: RunConfig, mesh: Any, start_step: int, *, source: Any = None,
                 tokenizer: Any = None) -> tuple[Iterator[dict[str, Any]], Any, Any]:
     """(this process's batch iterator, the tokenizer, the data source) for training."""
@@ -189,9 +173,9 @@ def build_input(run: RunConfig, mesh: Any, start_step: int, *, source: Any = Non
     check_batch(run, shards, jax.process_count())
     source = source or make_source(run.input.data)
     tokenizer = tokenizer or resolve_tokenizer(run.tokenizer, source,
-                                               vocab_size=run.model.vocab_size)
+                                               vocab_size=run.model.text.vocab_size)
     preprocess = get_preprocess_fn(run.input.pp, tokenizer=tokenizer,
-                                   decoder_vocab=decoder_vocab(run))
+                                   decoder_vocab=decoder_vocab(run.model))
     global_batch = run.input.global_batch
     shard_ids = input_lib.local_shard_ids(batch_sharding(mesh, run.mesh.batch_axes),
                                           global_batch)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from siglip_jax.console import quiet_startup
+from siglip_jax.models.config import make_model
 
 DEFAULT_TEMPLATE = "This is a photo of {}."
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -193,7 +194,7 @@ class Predictor:
         self.opened = opened
         self.tokenizer = Tokenizer(opened.tokenizer)
         self.text_len = opened.text_len
-        self.model = opened.make_model()
+        self.model = make_model(opened.model)
         self.params = opened.fitted_params()
         self._apply = jax.jit(self._forward)
 

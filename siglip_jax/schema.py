@@ -37,6 +37,7 @@ from siglip_jax.config import ConfigError, check_keys, to_plain
 from siglip_jax.data.config import InputConfig
 from siglip_jax.data.tokenizer_config import TokenizerConfig
 from siglip_jax.evaluators.config import EvalConfig
+from siglip_jax.models.config import ModelConfig
 from siglip_jax.optim import OptimConfig
 from siglip_jax.records import build_record as _record
 from siglip_jax.records import check_choice as _choice
@@ -48,69 +49,6 @@ from siglip_jax.records import thaw
 from siglip_jax.sharding import MeshConfig
 
 # ----------------------------------------------------------------------------- sections
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The two-towers model: tower dicts (variant + overrides), out_dim, t' and b inits."""
-
-    image: Mapping[str, Any] | None = None
-    text: Mapping[str, Any] | None = None
-    out_dim: Any = 128
-    temperature_init: float = 10.0
-    bias_init: float | None = -10.0
-    decoder: Mapping[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        from siglip_jax.models import variants
-        from siglip_jax.models.decoder import decoder_kwargs
-
-        image, text = _frozen(self.image or {}), _frozen(self.text or {})
-        try:
-            variants.image_kwargs(thaw(image))
-            text_kw = variants.text_kwargs(thaw(text))
-        except (KeyError, ValueError, TypeError) as e:
-            raise ConfigError(f"config.model: {e}") from None
-        decoder = self.decoder
-        if decoder is not None:
-            if not isinstance(decoder, Mapping):
-                raise ConfigError(f"config key model.decoder expects a dict (or None), got "
-                                  f"{decoder!r}")
-            decoder = _frozen(decoder)
-            try:
-                decoder_kwargs(thaw(decoder), text_kw)
-            except (KeyError, ValueError, TypeError) as e:
-                raise ConfigError(f"config.model: {e}") from None
-            _set(self, decoder=decoder)
-        out_dim = self.out_dim
-        if isinstance(out_dim, (list, tuple)):
-            out_dim = tuple(out_dim)
-        _set(self, image=image, text=text, out_dim=out_dim,
-             temperature_init=_float(self.temperature_init, "model.temperature_init"),
-             bias_init=None if self.bias_init is None else _float(self.bias_init,
-                                                                  "model.bias_init"))
-
-    @classmethod
-    def parse(cls, raw: Mapping[str, Any], where: str = "model") -> ModelConfig:
-        """From a model section (or two_towers.Model keyword arguments)."""
-        return _record(cls, raw, where)
-
-    def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `two_towers.Model`."""
-        return {"image": thaw(self.image), "text": thaw(self.text),
-                "out_dim": list(self.out_dim) if isinstance(self.out_dim, tuple)
-                else self.out_dim,
-                "temperature_init": self.temperature_init, "bias_init": self.bias_init,
-                "decoder": None if self.decoder is None else thaw(self.decoder)}
-
-    @property
-    def vocab_size(self) -> int:
-        """The text tower's vocabulary size (its default when the config leaves it unset)."""
-        from siglip_jax.models import variants
-        from siglip_jax.models.text import TextTransformer
-
-        return int(variants.text_kwargs(thaw(self.text)).get(
-            "vocab_size", TextTransformer.vocab_size))
 
 
 @dataclasses.dataclass(frozen=True)

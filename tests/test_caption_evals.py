@@ -16,6 +16,7 @@ from siglip_jax.data.pp import get_preprocess_fn
 from siglip_jax.data.tokenizer import Tokenizer, train_sentencepiece
 from siglip_jax.evaluators import decoder_tasks as dt
 from siglip_jax.evaluators.builder import build_evaluators
+from siglip_jax.models.config import ModelConfig
 from siglip_jax.schema import parse
 from siglip_jax.sharding import make_mesh, mesh_of, replicated
 
@@ -114,6 +115,11 @@ def oracle(tok):
     return Oracle(text={"vocab_size": tok.vocab_size}, decoder={"num_bins": BINS})
 
 
+def record_of(model):
+    """The model record describing a toy module (its text vocabulary and decoder)."""
+    return ModelConfig.parse({"text": model.text, "decoder": model.decoder})
+
+
 def test_captioning_through_build_evaluators(tok, tmp_path):
     vocab = DecoderVocab(tok.vocab_size, BINS)
     cap = vocab.task_id("cap")
@@ -136,7 +142,7 @@ def test_captioning_through_build_evaluators(tok, tmp_path):
     params = {"unused": jnp.zeros((1,))}
     shardings = jax.tree.map(lambda _: replicated(mesh), params)
     evaluators = build_evaluators(run, model=model, mesh=mesh, param_shardings=shardings,
-                                  tokenizer=tok)
+                                  tokenizer=tok, model_config=record_of(model))
     got = evaluators["cap"].run(params)
     # Rows 0, 1 right; row 2 wrong in its last word; row 3 another caption entirely.
     ref_tokens = sum(len(r) - 1 for r in right)
@@ -149,13 +155,14 @@ def test_captioning_through_build_evaluators(tok, tmp_path):
 
     # Without a decoder, or a referring pp without dec_box: one-line config errors.
     with pytest.raises(ConfigError, match="needs a model with a decoder"):
-        build_evaluators(run, model=Oracle(text={"vocab_size": 30}, decoder=None), mesh=mesh,
-                         param_shardings=shardings, tokenizer=tok)
+        no_decoder = Oracle(text={"vocab_size": 30}, decoder=None)
+        build_evaluators(run, model=no_decoder, mesh=mesh, param_shardings=shardings,
+                         tokenizer=tok, model_config=record_of(no_decoder))
     with cfg.unlocked():
         cfg.evals.cap.type = "referring"
     with pytest.raises(ConfigError, match="dec_box"):
         build_evaluators(parse(cfg), model=model, mesh=mesh, param_shardings=shardings,
-                         tokenizer=tok)
+                         tokenizer=tok, model_config=record_of(model))
     with cfg.unlocked():
         cfg.evals.cap.parallel = "yes"
     with pytest.raises(ConfigError, match="parallel expects true or false"):

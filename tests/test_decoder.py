@@ -12,6 +12,7 @@ from tiny import DEMO, tiny_overrides
 from siglip_jax import experiment
 from siglip_jax.config import ConfigError, load_config
 from siglip_jax.data.locca import DecoderVocab
+from siglip_jax.models.config import make_model, model_kwargs
 from siglip_jax.models.decoder import training_inputs
 from siglip_jax.models.two_towers import Model
 from siglip_jax.objectives import ObjectiveInputs
@@ -367,13 +368,13 @@ def test_full_model_init_from_a_checkpoint_without_decoder_keeps_a_fresh_decoder
     from siglip_jax.checkpoints import big_vision as bv
 
     run = _run()
-    kwargs = {**run.model.kwargs(), "decoder": None}
+    kwargs = {**model_kwargs(run.model), "decoder": None}
     shapes = experiment.input_shapes(run, batch=2)
     plain = jax.jit(Model(**kwargs).init)(jax.random.key(5), jnp.zeros(shapes["image"]),
                                           jnp.zeros(shapes["labels"], jnp.int32))["params"]
     bv.save_npz(tmp_path / "siglip.npz", jax.device_get(plain))
     run = _run(full=str(tmp_path / "siglip.npz"))
-    abstract = abstract_params(experiment.make_model(run.model), shapes)
+    abstract = abstract_params(make_model(run.model), shapes)
     assert "dec" in abstract
     loaded = experiment.load_model_init(run, abstract)
     assert sorted(loaded) == ["b", "img", "t", "txt"]

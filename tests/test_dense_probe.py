@@ -163,12 +163,12 @@ def _config(tmp_path, **evals):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny test config's random two-towers model and params, for 64×64 images."""
-    from siglip_jax.models.two_towers import Model
+    from siglip_jax.models.config import make_model
     from siglip_jax.schema import parse
 
     run = parse(_config(tmp_path_factory.mktemp("unused"), data=dict(name="demo_shapes"),
                         pp="keep('image')"))
-    model = Model(**run.model.kwargs())
+    model = make_model(run.model)
     params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
                         jnp.zeros((1, run.tokenizer.max_len), jnp.int32))["params"]
     return model, params

@@ -23,6 +23,7 @@ from siglip_jax.checkpoints import hf, loader, parts
 from siglip_jax.checkpoints.open import open_model
 from siglip_jax.config import load_config
 from siglip_jax.data.tokenizer import Tokenizer
+from siglip_jax.models.config import make_model
 
 TEXT_VOCAB, BINS, TEXT_LEN, EMA = 64, 32, 18, 0.996  # demo_siglip2's vocab/bins/length; EMA.
 HEAD = dict(head_hidden=32, head_bottleneck=16, head_layers=2, prototypes=16, start_frac=0.0)
@@ -71,7 +72,7 @@ def _inputs(seed=0):
 def _embed(opened, image, text):
     """(zimg, ztxt, t, b) of an opened checkpoint's own model on the inputs."""
     params = opened.fitted_params()
-    zimg, ztxt, out = jax.jit(opened.make_model().apply)({"params": params}, image, text)
+    zimg, ztxt, out = jax.jit(make_model(opened.model).apply)({"params": params}, image, text)
     return tuple(np.asarray(x) for x in (zimg, ztxt, out["t"], out["b"]))
 
 
@@ -170,7 +171,7 @@ def test_decoder_export_reloads_and_decodes_like_the_run(run, reference, tmp_pat
     assert dec.tokenizer and os.path.exists(dec.tokenizer)
     # The run's decoder logits on its own image tokens.
     run_opened = reference["opened"]
-    model, params = run_opened.make_model(), run_opened.fitted_params()
+    model, params = make_model(run_opened.model), run_opened.fitted_params()
     image, _ = _inputs(2)
     _, _, enc = jax.jit(model.apply)({"params": params}, image, None)
     tokens = np.random.default_rng(3).integers(0, dec.vocab.size, (3, 20)).astype(np.int32)

@@ -10,6 +10,7 @@ import pytest
 from siglip_jax.checkpoints import big_vision as bv
 from siglip_jax.checkpoints.open import infer_model_config, open_model, resolve_path
 from siglip_jax.models import variants
+from siglip_jax.models.config import make_model
 from siglip_jax.models.params import param_shapes
 from siglip_jax.models.two_towers import Model
 
@@ -75,7 +76,7 @@ def test_tiny_npz_opens_without_config_and_computes_the_same(tmp_path, scanned, 
     assert _structure(opened.model_config) == _structure(
         {**TINY, "image": {**TINY["image"], "scan": scanned},
          "text": {**TINY["text"], "scan": scanned}})
-    ours = opened.make_model().apply({"params": opened.fitted_params()}, image, text)
+    ours = make_model(opened.model).apply({"params": opened.fitted_params()}, image, text)
     want = model.apply({"params": params}, image, text)
     np.testing.assert_allclose(ours[0], want[0], atol=1e-6)
     np.testing.assert_allclose(ours[1], want[1], atol=1e-6)

@@ -3,8 +3,11 @@
 import jax
 import pytest
 
+from siglip_jax.config import ConfigError
+from siglip_jax.data.locca import DecoderVocab
 from siglip_jax.models import params as P
 from siglip_jax.models import variants
+from siglip_jax.models.config import ModelConfig, decoder_vocab, make_model, model_kwargs
 from siglip_jax.models.two_towers import Model
 
 
@@ -71,3 +74,52 @@ def test_markdown_table_lists_every_seed():
     rows = [dict(name="x", card_params_m=1, img=10**6, txt=2 * 10**6, total=3 * 10**6 + 2)]
     table = P.markdown_table(rows)
     assert "| x | 1.0 M | 2.0 M | 3.0 M | 1 M |" in table
+
+
+# ----------------------------------------------------------------------------- the record
+
+
+def test_model_record_resolves_towers_and_round_trips():
+    raw = dict(image=dict(variant="mu/8", pool_type="map"),
+               text=dict(variant="mu", vocab_size=50, width=None), out_dim=[None, 32])
+    model = ModelConfig.parse(raw)
+    assert (model.image.kind, model.image.variant, model.image.patch_size) == ("vit", "mu/8",
+                                                                               (8, 8))
+    assert model.image.width == 32 and dict(model.image.overrides) == {"pool_type": "map"}
+    assert (model.text.variant, model.text.vocab_size, model.text.width) == ("mu", 50, 32)
+    assert model.out_dim == (None, 32) and model.decoder is None
+    kwargs = model_kwargs(model)
+    assert kwargs["image"] == raw["image"] and kwargs["text"] == raw["text"]
+    assert kwargs["out_dim"] == [None, 32]
+    assert ModelConfig.parse(kwargs) == model  # The record's dict form parses back to it.
+    net = make_model(model)
+    assert isinstance(net, Model) and dict(net.image) == raw["image"]
+    naflex = ModelConfig.parse(dict(image=dict(kind="naflex", variant="mu/16", patch_size=(4, 2))))
+    assert naflex.image.kind == "naflex" and naflex.image.patch_size == (4, 2)
+    assert model_kwargs(naflex)["image"] == {"variant": "mu/16", "kind": "naflex",
+                                             "patch_size": [4, 2]}
+    assert ModelConfig.parse({}).text.vocab_size == 32_000  # TextTransformer's default.
+
+
+def test_decoder_record_follows_the_text_tower_and_gives_the_vocabulary():
+    model = ModelConfig.parse(dict(text=dict(variant="mu", vocab_size=50, dtype="bfloat16"),
+                                   decoder=dict(max_len=8, num_bins=7)))
+    dec = model.decoder
+    assert (dec.width, dec.depth, dec.mlp_dim, dec.num_heads) == (32, 1, 128, 2)
+    assert (dec.max_len, dec.num_bins, dec.dtype, dec.scan) == (8, 7, "bfloat16", False)
+    assert decoder_vocab(model) == DecoderVocab(50, 7)
+    assert ModelConfig.parse(model_kwargs(model)).decoder == dec
+    assert decoder_vocab(ModelConfig.parse({})) is None
+
+
+@pytest.mark.parametrize("raw, message", [
+    (dict(colour=1), "unknown config key model.colour"),
+    (dict(image=dict(variant="mu/8", colour=1)), "config.model: unknown image config key"),
+    (dict(text=dict(variant="Q")), "config.model: unknown model variant 'Q'"),
+    (dict(decoder=dict(layers=2)), r"config.model: unknown model.decoder key\(s\) \['layers'\]"),
+    (dict(decoder=3), "config key model.decoder expects a dict"),
+    (dict(temperature_init="hot"), "config key model.temperature_init expects a finite number"),
+])
+def test_model_record_errors_name_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.parse(raw)

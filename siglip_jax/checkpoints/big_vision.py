@@ -14,10 +14,10 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import numpy as np
+from flax.typing import VariableDict
 
 from siglip_jax.models.vit import resample_posemb as _resample_posemb
 
@@ -30,11 +30,11 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint's names or shapes do not match the model it is loaded into."""
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = PREFIX) -> dict[str, Any]:
+def flatten(tree: Mapping[str, object], prefix: str = PREFIX) -> dict[str, object]:
     """Nested dict -> {"params/a/b": leaf} (prefix "" gives "a/b")."""
-    out: dict[str, Any] = {}
+    out: dict[str, object] = {}
 
-    def rec(node: Any, path: str) -> None:
+    def rec(node: object, path: str) -> None:
         if isinstance(node, Mapping):
             for k, v in node.items():
                 rec(v, f"{path}/{k}" if path else str(k))
@@ -45,9 +45,9 @@ def flatten(tree: Mapping[str, Any], prefix: str = PREFIX) -> dict[str, Any]:
     return out
 
 
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+def unflatten(flat: Mapping[str, object]) -> dict[str, object]:
     """{"a/b": leaf} -> nested dict."""
-    tree: dict[str, Any] = {}
+    tree: dict[str, object] = {}
     for key, value in flat.items():
         *parents, leaf = key.split("/")
         node = tree
@@ -57,7 +57,7 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def _stack_blocks(enc: Mapping[str, Any], where: str) -> dict[str, Any]:
+def _stack_blocks(enc: Mapping[str, object], where: str) -> dict[str, object]:
     """Encoder dict with encoderblock_{i} -> encoderblock (leading axis = depth)."""
     idx = sorted(int(m.group(1)) for k in enc if (m := _BLOCK_RE.match(k)))
     if idx != list(range(len(idx))):
@@ -68,7 +68,7 @@ def _stack_blocks(enc: Mapping[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def _unstack_blocks(enc: Mapping[str, Any]) -> dict[str, Any]:
+def _unstack_blocks(enc: Mapping[str, object]) -> dict[str, object]:
     """Encoder dict with encoderblock (stacked) -> encoderblock_{i}."""
     out = {k: v for k, v in enc.items() if k != "encoderblock"}
     depth = jax.tree.leaves(enc["encoderblock"])[0].shape[0]
@@ -77,14 +77,14 @@ def _unstack_blocks(enc: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _is_unscanned(d: Mapping[str, Any]) -> bool:
+def _is_unscanned(d: Mapping[str, object]) -> bool:
     return any(_BLOCK_RE.match(k) for k in d)
 
 
-def to_layout(tree: Mapping[str, Any], scanned: bool) -> dict[str, Any]:
+def to_layout(tree: Mapping[str, object], scanned: bool) -> dict[str, object]:
     """Converts every encoder in `tree` to the scanned (stacked) or unscanned layout."""
 
-    def rec(node: Any, where: str) -> Any:
+    def rec(node: object, where: str) -> object:
         if not isinstance(node, Mapping):
             return node
         node = {k: rec(v, f"{where}/{k}") for k, v in node.items()}
@@ -97,10 +97,10 @@ def to_layout(tree: Mapping[str, Any], scanned: bool) -> dict[str, Any]:
     return rec(tree, "")
 
 
-def match_layout(tree: Mapping[str, Any], target: Mapping[str, Any]) -> dict[str, Any]:
+def match_layout(tree: Mapping[str, object], target: Mapping[str, object]) -> dict[str, object]:
     """Converts each encoder of `tree` to the layout the same encoder has in `target`."""
 
-    def rec(node: Any, tgt: Any, where: str) -> Any:
+    def rec(node: object, tgt: object, where: str) -> object:
         if not isinstance(node, Mapping) or not isinstance(tgt, Mapping):
             return node
         if "encoderblock" in tgt and _is_unscanned(node):
@@ -112,7 +112,7 @@ def match_layout(tree: Mapping[str, Any], target: Mapping[str, Any]) -> dict[str
     return rec(tree, target, "")
 
 
-def check_match(flat: Mapping[str, Any], flat_target: Mapping[str, Any], source: str) -> None:
+def check_match(flat: Mapping[str, object], flat_target: Mapping[str, object], source: str) -> None:
     """Raises CheckpointMismatchError listing the first mismatching keys and both shapes."""
     problems = []
     for k in sorted(set(flat) | set(flat_target)):
@@ -132,7 +132,8 @@ def check_match(flat: Mapping[str, Any], flat_target: Mapping[str, Any], source:
         )
 
 
-def _maybe_resample_posemb(params: dict[str, Any], target: Mapping[str, Any]) -> dict[str, Any]:
+def _maybe_resample_posemb(params: dict[str, object], target: Mapping[str, object]
+                           ) -> dict[str, object]:
     img, timg = params.get("img"), target.get("img")
     if not isinstance(img, Mapping) or not isinstance(timg, Mapping):
         return params
@@ -146,12 +147,12 @@ def _maybe_resample_posemb(params: dict[str, Any], target: Mapping[str, Any]) ->
 
 
 def load_params(
-    params: Mapping[str, Any],
-    target: Any,
+    params: Mapping[str, object],
+    target: VariableDict,
     *,
     source: str = "checkpoint",
     resample_posemb: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, object]:
     """Fits a nested numpy params tree to `target` (params or ShapeDtypeStruct tree).
 
     Converts encoder layouts to those of `target`, optionally resamples the image position
@@ -186,11 +187,11 @@ def read_npz(path: str | os.PathLike, prefix: str = PREFIX) -> dict[str, np.ndar
 
 def load_npz(
     path: str | os.PathLike,
-    target: Any = None,
+    target: VariableDict | None = None,
     *,
     prefix: str = PREFIX,
     resample_posemb: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, object]:
     """Loads a big_vision params .npz; with `target`, fitted and checked against it."""
     params = read_npz(path, prefix)
     if target is None:
@@ -200,7 +201,7 @@ def load_npz(
 
 def save_npz(
     path: str | os.PathLike,
-    params: Mapping[str, Any],
+    params: Mapping[str, object],
     *,
     scanned: bool | None = None,
     prefix: str = PREFIX,

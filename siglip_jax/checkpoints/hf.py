@@ -22,11 +22,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
+import ml_dtypes
 import numpy as np
+from flax.typing import VariableDict
+from safetensors.numpy import load_file, save_file
 
 from siglip_jax.checkpoints import big_vision as bv
 from siglip_jax.models import variants
@@ -36,18 +38,18 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 # transformers' SiglipTextConfig / SiglipVisionConfig defaults (google/siglip-base-patch16-224).
-TEXT_DEFAULTS: dict[str, Any] = dict(
+TEXT_DEFAULTS: dict[str, object] = dict(
     vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
     num_attention_heads=12, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
     layer_norm_eps=1e-6, attention_dropout=0.0, projection_size=None,
 )  # fmt: skip
-VISION_DEFAULTS: dict[str, Any] = dict(
+VISION_DEFAULTS: dict[str, object] = dict(
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh",
     layer_norm_eps=1e-6, attention_dropout=0.0, vision_use_head=True,
 )  # fmt: skip
 # transformers' Siglip2VisionConfig defaults: no image_size, a num_patches position grid.
-VISION2_DEFAULTS: dict[str, Any] = {
+VISION2_DEFAULTS: dict[str, object] = {
     **{k: v for k, v in VISION_DEFAULTS.items() if k != "image_size"}, "num_patches": 256}
 MODEL_TYPES = ("siglip", "siglip2")
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
@@ -58,7 +60,7 @@ class HFCheckpointError(ValueError):
 
 
 # ------------------------------------------------------------------------------ config.
-def read_hf_config(path: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+def read_hf_config(path: str | os.PathLike | Mapping[str, object]) -> dict[str, object]:
     """Reads config.json (a directory, a file, or a dict) and fills in transformers' defaults."""
     if isinstance(path, Mapping):
         raw = dict(path)
@@ -80,7 +82,7 @@ def read_hf_config(path: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any
             "dtype": dtype}
 
 
-def is_naflex(cfg: Mapping[str, Any]) -> bool:
+def is_naflex(cfg: Mapping[str, object]) -> bool:
     """True for a HF Siglip2Model (NaFlex) config, False for SiglipModel (FixRes)."""
     return cfg.get("model_type", "siglip") == "siglip2"
 
@@ -92,7 +94,7 @@ def _posemb_grid(num_patches: int) -> int:
     return grid
 
 
-def _check_supported(cfg: Mapping[str, Any]) -> None:
+def _check_supported(cfg: Mapping[str, object]) -> None:
     for tower in ("text_config", "vision_config"):
         c = cfg[tower]
         if c["hidden_act"] not in _GELU_TANH:
@@ -108,11 +110,11 @@ def _check_supported(cfg: Mapping[str, Any]) -> None:
         raise HFCheckpointError(f"vision_config.num_channels={v['num_channels']}, need 3")
 
 
-def _pair(x: Any) -> tuple[int, int]:
+def _pair(x: int | Sequence[int]) -> tuple[int, int]:
     return (int(x), int(x)) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
-def model_config_from_hf(cfg: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+def model_config_from_hf(cfg: str | os.PathLike | Mapping[str, object]) -> dict[str, object]:
     """HF config -> {"model": two_towers.Model kwargs, "image_size": (h, w) | None,
     "max_num_patches": N | None, "text_len": L}.
 
@@ -147,8 +149,8 @@ def model_config_from_hf(cfg: str | os.PathLike | Mapping[str, Any]) -> dict[str
 
 
 def hf_config_from_model(
-    model_kwargs: Mapping[str, Any], image_size: int | tuple[int, int] | None, text_len: int
-) -> dict[str, Any]:
+    model_kwargs: Mapping[str, object], image_size: int | tuple[int, int] | None, text_len: int
+) -> dict[str, object]:
     """Our two-tower config -> a HF config.json dict: SiglipModel for a FixRes image tower,
     Siglip2Model for `kind="naflex"` (image_size is then ignored); errors if not representable.
     """
@@ -179,7 +181,7 @@ def hf_config_from_model(
     if ph != pw or ih != iw:
         raise HFCheckpointError(f"HF SigLIP needs square patches/images, got {ph}x{pw}, {ih}x{iw}")
     prefix = "siglip2" if naflex else "siglip"
-    vision: dict[str, Any] = {
+    vision: dict[str, object] = {
         "model_type": f"{prefix}_vision_model", "hidden_size": img["width"],
         "intermediate_size": mlp_img, "num_hidden_layers": img["depth"],
         "num_attention_heads": img["num_heads"], "num_channels": 3, "image_size": ih,
@@ -212,7 +214,7 @@ _IN_PROJ = "vision_model.head.attention.in_proj_"
 _MAP_ATTN = "img/MAPHead_0/MultiHeadDotProductAttention_0"
 
 
-def _rules(cfg: Mapping[str, Any]) -> list[tuple[str, str, Fn, Fn]]:
+def _rules(cfg: Mapping[str, object]) -> list[tuple[str, str, Fn, Fn]]:
     """(hf_key, our "/"-path, hf->ours, ours->hf) for every tensor but the packed in_proj."""
     rules: list[tuple[str, str, Fn, Fn]] = []
     ident: Fn = lambda x: x
@@ -242,7 +244,7 @@ def _rules(cfg: Mapping[str, Any]) -> list[tuple[str, str, Fn, Fn]]:
                       lambda k, d=d: k.reshape(d, d).T))  # fmt: skip
         rules.append((f"{hf}.out_proj.bias", f"{ours}/out/bias", ident, ident))
 
-    def encoder(hf: str, ours: str, c: Mapping[str, Any]) -> None:
+    def encoder(hf: str, ours: str, c: Mapping[str, object]) -> None:
         d, h = c["hidden_size"], c["num_attention_heads"]
         for i in range(c["num_hidden_layers"]):
             src, dst = f"{hf}.layers.{i}", f"{ours}/encoderblock_{i}"
@@ -295,7 +297,7 @@ def _rules(cfg: Mapping[str, Any]) -> list[tuple[str, str, Fn, Fn]]:
     return rules
 
 
-def hf_to_params(tensors: Mapping[str, np.ndarray], cfg: Mapping[str, Any]) -> dict[str, Any]:
+def hf_to_params(tensors: Mapping[str, np.ndarray], cfg: Mapping[str, object]) -> dict[str, object]:
     """HF SiglipModel state dict (numpy) -> our unscanned params tree (exact re-layout)."""
     cfg = read_hf_config(cfg)
     _check_supported(cfg)
@@ -331,7 +333,7 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], cfg: Mapping[str, Any]) -> d
     return bv.unflatten(flat)
 
 
-def params_to_hf(params: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def params_to_hf(params: Mapping[str, object], cfg: Mapping[str, object]) -> dict[str, np.ndarray]:
     """Our params (either layout) -> HF SiglipModel state dict of numpy arrays."""
     cfg = read_hf_config(cfg)
     params = bv.to_layout(jax.device_get(params), scanned=False)
@@ -369,8 +371,6 @@ _ST_DTYPES = {
 
 def _read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
     """Minimal safetensors reader (header + raw little-endian data), also handles BF16."""
-    import ml_dtypes
-
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
@@ -389,8 +389,6 @@ def _read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
     try:
         return load_file(path)
     except TypeError:  # numpy has no bfloat16: read such files ourselves.
@@ -415,8 +413,9 @@ def read_hf_weights(directory: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def load_hf(
-    directory: str | os.PathLike, target: Any = None, *, resample_posemb: bool = False
-) -> tuple[dict[str, Any], dict[str, Any]]:
+    directory: str | os.PathLike, target: VariableDict | None = None, *,
+    resample_posemb: bool = False,
+) -> tuple[dict[str, object], dict[str, object]]:
     """Loads a HF SigLIP directory -> (params, spec) with spec = model_config_from_hf(...).
 
     Without `target` the params are unscanned numpy arrays as stored. With `target` (a params
@@ -435,15 +434,13 @@ def load_hf(
 
 def save_hf(
     directory: str | os.PathLike,
-    params: Mapping[str, Any],
-    model_kwargs: Mapping[str, Any],
+    params: Mapping[str, object],
+    model_kwargs: Mapping[str, object],
     image_size: int | tuple[int, int] | None,
     text_len: int,
 ) -> None:
     """Writes config.json + model.safetensors that transformers' SiglipModel (FixRes) or
     Siglip2Model (NaFlex image tower; `image_size` unused, may be None) loads."""
-    from safetensors.numpy import save_file
-
     cfg = hf_config_from_model(model_kwargs, image_size, text_len)
     tensors = params_to_hf(params, cfg)
     # HF config says float32 (widening is exact). safetensors writes the raw buffer, so every

@@ -23,9 +23,12 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from types import ModuleType
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from flax.typing import VariableDict
 
 from siglip_jax.checkpoints import big_vision as bv
 from siglip_jax.checkpoints import hf
@@ -46,11 +49,11 @@ class CheckpointFormatError(ValueError):
     """The path exists but is not a checkpoint format we can read."""
 
 
-def _gfile(path: str) -> Any:
+def _gfile(path: str) -> ModuleType | None:
     """tf.io.gfile for remote (`scheme://`) paths, None for local ones (plain os is faster)."""
     if "://" not in path:
         return None
-    import tensorflow as tf
+    import tensorflow as tf  # Deliberately late: only remote paths need TensorFlow.
 
     return tf.io.gfile
 
@@ -121,7 +124,7 @@ def detect_format(path: str | os.PathLike) -> str:
         "default), nor a HF SigLIP directory (config.json + model.safetensors)")
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
+def _read_json(path: str) -> dict[str, object] | None:
     if not _exists(path):
         return None
     fs = _gfile(path)
@@ -130,11 +133,8 @@ def _read_json(path: str) -> dict[str, Any] | None:
 
 
 def _orbax_entry(item_dir: str, key: str = "params", required: bool = True
-                 ) -> dict[str, Any] | None:
+                 ) -> dict[str, object] | None:
     """One top-level entry of a saved train state as numpy (None if absent and not required)."""
-    import jax
-    import orbax.checkpoint as ocp
-
     checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(item_dir).item_metadata.tree
     if key not in tree:
@@ -150,11 +150,11 @@ def _orbax_entry(item_dir: str, key: str = "params", required: bool = True
     return jax.tree_util.tree_map(np.asarray, dict(restored[key]))
 
 
-def _orbax_params(item_dir: str) -> dict[str, Any]:
+def _orbax_params(item_dir: str) -> dict[str, object]:
     return _orbax_entry(item_dir, "params")
 
 
-def load_state_entry(path: str | os.PathLike, key: str) -> dict[str, Any] | None:
+def load_state_entry(path: str | os.PathLike, key: str) -> dict[str, object] | None:
     """numpy tree of one entry of our run's saved train state (e.g. "teacher", the EMA
     teacher of the self-supervised objectives), None if the state has no such entry.
 
@@ -169,7 +169,7 @@ def load_state_entry(path: str | os.PathLike, key: str) -> dict[str, Any] | None
     return _orbax_entry(_orbax_item_dir(path)[0], key, required=False)
 
 
-def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
+def checkpoint_info(path: str | os.PathLike) -> dict[str, object]:
     """What a checkpoint says about itself without reading weights: format, model config,
     image_size (h, w), max_num_patches (NaFlex patch budget), text_len, tokenizer (file path),
     run config and workdir where known (else None). HF SigLIP 2 NaFlex (Siglip2Model)
@@ -178,7 +178,7 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = os.fspath(path)
     fmt = detect_format(path)
-    info: dict[str, Any] = {"format": fmt, "model": None, "image_size": None, "text_len": None,
+    info: dict[str, object] = {"format": fmt, "model": None, "image_size": None, "text_len": None,
                             "max_num_patches": None, "tokenizer": None, "run_config": None,
                             "workdir": None}
     if fmt == "hf":
@@ -203,9 +203,9 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
-def load_params(path: str | os.PathLike, model_config: Mapping[str, Any] | None = None, *,
-                target: Any = None, resample_posemb: bool = False
-                ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def load_params(path: str | os.PathLike, model_config: Mapping[str, object] | None = None, *,
+                target: VariableDict | None = None, resample_posemb: bool = False
+                ) -> tuple[dict[str, object], dict[str, object] | None]:
     """(numpy params, model config) from an orbax workdir/step dir, a .npz or a HF directory.
 
     The model config is the checkpoint's own when it has one, else `model_config`. With

@@ -25,12 +25,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+from flax.typing import VariableDict
 
 from siglip_jax.checkpoints import loader
+from siglip_jax.checkpoints.big_vision import load_params
+from siglip_jax.data.builder import make_source
+from siglip_jax.data.config import parse_source
+from siglip_jax.data.tokenizer import Tokenizer
+from siglip_jax.models.config import ModelConfig, make_model
+from siglip_jax.models.params import param_shapes
+from siglip_jax.objectives.selfsup import HEAD_PARTS
 
 OVERRIDE_KEYS = ("model", "tokenizer", "image_size", "text_len", "eos")
 
@@ -41,55 +48,44 @@ class OpenedModel:
 
     path: str
     format: str  # "orbax" | "npz" | "hf"
-    model_config: dict[str, Any]  # two_towers.Model keyword arguments.
-    params: dict[str, Any] | None  # numpy, in the checkpoint's own block layout; None if not read.
+    model_config: dict[str, object]  # two_towers.Model keyword arguments (the checkpoint's).
+    model: ModelConfig  # The same, parsed (make_model(opened.model) builds the flax Model).
+    params: VariableDict | None  # numpy, in the checkpoint's own block layout; None if not read.
     tokenizer: str | None  # sentencepiece .model path.
     image_size: tuple[int, int] | None
     text_len: int | None
     eos: str = "sticky"
-    run_config: Mapping[str, Any] | None = None
+    run_config: Mapping[str, object] | None = None
     max_num_patches: int | None = None  # NaFlex models: the patch budget of the checkpoint.
     convention: str = ""  # Text rules for prompts: "siglip", "siglip2" or "" (eos + canonical).
 
     @property
     def is_naflex(self) -> bool:
         """Whether the image tower takes NaFlex patch inputs."""
-        from siglip_jax.models import variants
+        return self.model.image.kind == "naflex"
 
-        return variants.image_kind(self.model_config.get("image")) == "naflex"
-
-    def encode_texts(self, tokenizer: Any, texts: Any) -> Any:
+    def encode_texts(self, tokenizer: Tokenizer, texts: Sequence[str]) -> np.ndarray:
         """Token ids [N, text_len] of prompts, by this checkpoint's text convention."""
         if self.convention:
             return tokenizer.encode_as(list(texts), self.convention, self.text_len)
         return tokenizer.encode(list(texts), self.text_len, self.eos, canonicalize=True)
 
-    def make_model(self) -> Any:
-        """The two-towers flax Model of this checkpoint."""
-        from siglip_jax.models.two_towers import Model
-
-        return Model(**self.model_config)
-
-    def abstract_params(self) -> Any:
+    def abstract_params(self) -> VariableDict:
         """The model's parameter shapes (ShapeDtypeStructs) at this checkpoint's input sizes."""
-        from siglip_jax.models.params import param_shapes
-
         if self.is_naflex and self.text_len is not None:  # NaFlex: sized by the patch budget.
-            return param_shapes(self.make_model(), self.max_num_patches or 256, self.text_len)
+            return param_shapes(make_model(self.model), self.max_num_patches or 256,
+                                self.text_len)
         if self.image_size is None or self.text_len is None:
             raise loader.CheckpointFormatError(
                 f"checkpoint {self.path!r}: image size or text length unknown; pass them as "
                 "overrides (image_size=, text_len=)")
-        return param_shapes(self.make_model(), self.image_size, self.text_len)
+        return param_shapes(make_model(self.model), self.image_size, self.text_len)
 
-    def fitted_params(self, target: Any = None, resample_posemb: bool = False) -> dict[str, Any]:
+    def fitted_params(self, target: VariableDict | None = None, resample_posemb: bool = False
+                      ) -> dict[str, object]:
         """The params converted to `target`'s layout and dtypes (default: this model's)."""
-        from siglip_jax.checkpoints.big_vision import load_params
-
         if self.params is None:
             raise ValueError(f"checkpoint {self.path!r} was opened without its params")
-        from siglip_jax.objectives.selfsup import HEAD_PARTS
-
         target = self.abstract_params() if target is None else target
         params = {k: v for k, v in self.params.items()  # Training-only heads are dropped.
                   if k not in HEAD_PARTS or k in target}
@@ -105,20 +101,19 @@ def resolve_path(path: str | os.PathLike) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def open_model(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None, *,
-               defaults: Mapping[str, Any] | None = None, read_params: bool = True
+def open_model(path: str | os.PathLike, overrides: Mapping[str, object] | None = None, *,
+               defaults: Mapping[str, object] | None = None, read_params: bool = True
                ) -> OpenedModel:
     """Opens a checkpoint (see the module docstring for formats and precedence)."""
     overrides, defaults = dict(overrides or {}), dict(defaults or {})
     unknown = sorted((set(overrides) | set(defaults)) - set(OVERRIDE_KEYS))
     if unknown:
         raise ValueError(f"open_model: unknown key {unknown[0]!r}; valid: {OVERRIDE_KEYS}")
-    from siglip_jax.models import variants
 
     path = resolve_path(path)
     info = loader.checkpoint_info(path)
     params = loader.load_params(path)[0] if read_params or info["format"] == "npz" else None
-    found: dict[str, Any] = {
+    found: dict[str, object] = {
         "model": info["model"], "tokenizer": info["tokenizer"],
         "image_size": info["image_size"], "text_len": info["text_len"], "eos": None}
     run = info["run_config"]
@@ -133,24 +128,24 @@ def open_model(path: str | os.PathLike, overrides: Mapping[str, Any] | None = No
         raise loader.CheckpointFormatError(f"checkpoint {path!r} ({info['format']}) carries no "
                                            "model config; pass overrides={'model': ...}")
     model_config = dict(chosen["model"])
-    naflex = variants.image_kind(model_config.get("image")) == "naflex"
+    model = ModelConfig.parse(model_config)
+    naflex = model.image.kind == "naflex"
     if chosen["image_size"] is None and params is not None and not naflex:
-        chosen["image_size"] = _image_size_from_params(params, model_config)
+        chosen["image_size"] = _image_size_from_params(params, model)
     size = chosen["image_size"]
     if isinstance(size, int):
         size = (size, size)
     return OpenedModel(
-        path=path, format=info["format"], model_config=model_config,
+        path=path, format=info["format"], model_config=model_config, model=model,
         params=params if read_params else None, tokenizer=chosen["tokenizer"] or None,
         image_size=None if size is None else (int(size[0]), int(size[1])),
         text_len=None if chosen["text_len"] is None else int(chosen["text_len"]),
         eos=chosen["eos"] or "sticky", run_config=run,
         max_num_patches=info.get("max_num_patches"),
-        convention=_convention(info, model_config, chosen["tokenizer"]))
+        convention=_convention(info, naflex, chosen["tokenizer"]))
 
 
-def _convention(info: Mapping[str, Any], model_config: Mapping[str, Any],
-                tokenizer: str | None) -> str:
+def _convention(info: Mapping[str, object], naflex: bool, tokenizer: str | None) -> str:
     """How the checkpoint's prompts are tokenized: our run's tokenizer.convention; for a
     Hugging Face directory "siglip2" when it is a SigLIP 2 model (Siglip2Model, or a Gemma
     `tokenizer.model`), else "siglip"; "" (the run's eos + canonicalisation) otherwise."""
@@ -159,48 +154,38 @@ def _convention(info: Mapping[str, Any], model_config: Mapping[str, Any],
         return (run.get("tokenizer") or {}).get("convention") or ""
     if info["format"] != "hf":
         return ""
-    from siglip_jax.models import variants
-
     gemma = bool(tokenizer) and os.path.basename(tokenizer) == "tokenizer.model"
-    naflex = variants.image_kind(model_config.get("image")) == "naflex"
     return "siglip2" if gemma or naflex else "siglip"
 
 
-def _first(*values: Any) -> Any:
+def _first(*values: object) -> object:
     return next((v for v in values if v is not None), None)
 
 
-def _run_data_tokenizer(run: Mapping[str, Any]) -> str | None:
+def _run_data_tokenizer(run: Mapping[str, object]) -> str | None:
     """The tokenizer of one of our runs whose config names none: its data source's."""
     data = (run.get("input") or {}).get("data")
     if not data:
         return None
-    from siglip_jax.data.builder import make_source
-    from siglip_jax.data.config import parse_source
-
     return make_source(parse_source(data, "input.data")).tokenizer_path
 
 
-def _image_size_from_params(params: Mapping[str, Any], model_config: Mapping[str, Any]
-                            ) -> tuple[int, int] | None:
+def _image_size_from_params(params: VariableDict, model: ModelConfig) -> tuple[int, int] | None:
     """A square image size from a learned position embedding and the patch size."""
-    from siglip_jax.models import variants
-
     posemb = (params.get("img") or {}).get("pos_embedding")
     if posemb is None:
         return None
     grid = int(round(np.sqrt(posemb.shape[1])))
     if grid * grid != posemb.shape[1]:
         return None
-    patch = variants.image_kwargs(model_config.get("image")).get("patch_size", 16)
-    ph, pw = (patch, patch) if isinstance(patch, int) else patch
-    return grid * int(ph), grid * int(pw)
+    ph, pw = model.image.patch_size or (16, 16)
+    return grid * ph, grid * pw
 
 
 # ----------------------------------------------------------------------------- .npz → config
 
 
-def _encoder_shape(encoder: Mapping[str, Any], where: str) -> dict[str, Any]:
+def _encoder_shape(encoder: VariableDict, where: str) -> dict[str, object]:
     """depth, mlp_dim, num_heads and scan of an encoder's params (scanned or unscanned)."""
     if "encoderblock" in encoder:
         block, scan = encoder["encoderblock"], True
@@ -215,12 +200,12 @@ def _encoder_shape(encoder: Mapping[str, Any], where: str) -> dict[str, Any]:
     return {"depth": depth, "mlp_dim": int(mlp[-1]), "num_heads": int(query[-2]), "scan": scan}
 
 
-def _head_dim(tower: Mapping[str, Any]) -> int | None:
+def _head_dim(tower: VariableDict) -> int | None:
     head = tower.get("head")
     return None if head is None else int(np.shape(head["kernel"])[-1])
 
 
-def infer_model_config(params: Mapping[str, Any]) -> dict[str, Any]:
+def infer_model_config(params: VariableDict) -> dict[str, object]:
     """{"model": Model kwargs, "image_size", "text_len"} from a big_vision params tree alone.
 
     Works on arrays or ShapeDtypeStructs (only shapes are read). The image size is the exact

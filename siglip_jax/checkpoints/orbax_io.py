@@ -18,9 +18,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 DAMAGED_DIR = "checkpoints_damaged"
 
@@ -54,15 +57,15 @@ class Checkpointer:
         """The newest saved step, or None when there is no checkpoint yet."""
         return self.manager.latest_step()
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> Any:
+    def restore(self, abstract_state: object, step: int | None = None) -> object:
         """Reads the checkpoint of `step` (default: latest) onto the given shardings."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
-    def restore_latest(self, abstract_state: Any, log: Callable[[str], None] = print
-                       ) -> tuple[int, Any] | None:
+    def restore_latest(self, abstract_state: object, log: Callable[[str], None] = print
+                       ) -> tuple[int, object] | None:
         """(step, state) of the newest readable step, or None if there is no checkpoint.
 
         Damaged steps are logged, moved to `<workdir>/checkpoints_damaged/<step>` and skipped;
@@ -93,7 +96,7 @@ class Checkpointer:
                 "to start fresh")
         return None
 
-    def _try_restore(self, abstract_state: Any, step: int) -> tuple[Any, Any]:
+    def _try_restore(self, abstract_state: object, step: int) -> tuple[object, object]:
         """(state, None) or (None, the problem: a message or a CheckpointStructureError)."""
         try:
             metadata = self._tree_metadata(step)
@@ -110,9 +113,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - the structure matched, so this is damage.
             return None, f"{type(e).__name__}: {e}"
 
-    def _tree_metadata(self, step: int) -> Any:
-        from etils import epath
-
+    def _tree_metadata(self, step: int) -> object:
         path = epath.Path(self.manager.directory) / str(step) / "default"
         return ocp.StandardCheckpointHandler().metadata(path).tree
 
@@ -121,12 +122,10 @@ class Checkpointer:
 
     def _move_aside(self, step: int) -> str:
         """Moves step dir to checkpoints_damaged/<step>[.n] (process 0) and rescans; the target."""
-        import jax
-
         root = self._damaged_root()
         target = os.path.join(root, str(step))
         if jax.process_index() == 0:
-            import tensorflow as tf  # gfile: the workdir may be gs://.
+            import tensorflow as tf  # gfile (the workdir may be gs://); late: TF is heavy.
 
             n = 0
             while tf.io.gfile.exists(target):
@@ -135,8 +134,6 @@ class Checkpointer:
             tf.io.gfile.makedirs(root)
             tf.io.gfile.rename(os.path.join(str(self.manager.directory), str(step)), target)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
         self.manager.reload()
         return target
@@ -145,7 +142,7 @@ class Checkpointer:
         """Whether the schedule asks for a checkpoint at `step`."""
         return self.every_n_steps > 0 and step % self.every_n_steps == 0
 
-    def maybe_save(self, step: int, state: Any, force: bool = False) -> bool:
+    def maybe_save(self, step: int, state: object, force: bool = False) -> bool:
         """Starts an async save when `step` is due (or forced); returns whether it saved."""
         if not (force or self.is_due(step)) or step in self.manager.all_steps():
             return False
@@ -171,7 +168,7 @@ class Checkpointer:
             pass
 
 
-def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+def _path_names(path: tuple[object, ...]) -> tuple[str, ...]:
     """Key path → names, alike for dict keys, attributes and sequence indices."""
     names = []
     for key in path:
@@ -188,14 +185,12 @@ def _subtree(names: tuple[str, ...], depth: int = 2) -> str:
     return "/".join(names[:depth]) + ("/..." if len(names) > depth else "")
 
 
-def structure_mismatch(metadata_tree: Any, abstract_state: Any) -> str | None:
+def structure_mismatch(metadata_tree: object, abstract_state: object) -> str | None:
     """Where a saved tree (orbax metadata) differs from `abstract_state`; None if they fit.
 
     Compares leaf paths (names only: a namedtuple field and a dict key of the same name match)
     and shapes. The answer names the first differing subtree, e.g. `opt_state/0/...`.
     """
-    import jax
-
     saved = {_path_names(p): leaf for p, leaf in
              jax.tree_util.tree_leaves_with_path(metadata_tree, is_leaf=lambda x: x is None)
              if leaf is not None}
@@ -218,18 +213,13 @@ def structure_mismatch(metadata_tree: Any, abstract_state: Any) -> str | None:
     return None
 
 
-def _one_line(problem: Any, limit: int = 160) -> str:
+def _one_line(problem: object, limit: int = 160) -> str:
     text = re.sub(r"\s+", " ", str(problem)).strip()
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _max_over_processes(code: int) -> int:
     """The largest `code` over all processes (every process gets the same answer)."""
-    import jax
-
     if jax.process_count() == 1:
         return code
-    import numpy as np
-    from jax.experimental import multihost_utils
-
     return int(np.max(multihost_utils.process_allgather(np.array([code], np.int32))))

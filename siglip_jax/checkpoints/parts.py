@@ -25,11 +25,16 @@ import json
 import os
 import shutil
 from collections.abc import Mapping
-from typing import Any
 
+import jax
 import numpy as np
+from flax.typing import VariableDict
 
 from siglip_jax.checkpoints import big_vision as bv
+from siglip_jax.checkpoints import hf
+from siglip_jax.data.locca import TASKS, DecoderVocab
+from siglip_jax.models.config import ModelConfig, decoder_dict, decoder_vocab
+from siglip_jax.models.decoder import Decoder, make_decoder
 
 TOWER_PARTS = ("img", "txt", "t", "b")
 PARTS = ("towers", "decoder", "teacher")
@@ -43,7 +48,7 @@ class ExportError(ValueError):
     """A part or format that this checkpoint cannot give; the message names what and why."""
 
 
-def tower_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def tower_params(params: VariableDict) -> tuple[dict[str, object], list[str]]:
     """(the towers' params {img, txt, t[, b]}, the names of the dropped top-level parts)."""
     missing = [k for k in ("img", "txt", "t") if k not in params]
     if missing:
@@ -53,8 +58,8 @@ def tower_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return kept, sorted(k for k in params if k not in TOWER_PARTS)
 
 
-def teacher_towers(params: Mapping[str, Any], teacher: Mapping[str, Any] | None,
-                   source: str = "checkpoint") -> dict[str, Any]:
+def teacher_towers(params: VariableDict, teacher: VariableDict | None,
+                   source: str = "checkpoint") -> dict[str, object]:
     """The towers with `img` from the EMA teacher and txt, t, b from the student."""
     if teacher is None or "img" not in teacher:
         raise ExportError(f"{source} has no EMA teacher image tower (only runs trained with "
@@ -63,12 +68,10 @@ def teacher_towers(params: Mapping[str, Any], teacher: Mapping[str, Any] | None,
     return {**towers, "img": teacher["img"]}
 
 
-def hf_convention(model_config: Mapping[str, Any], convention: str) -> str:
+def hf_convention(model_config: Mapping[str, object], convention: str) -> str:
     """The text convention ("siglip" | "siglip2") a HF directory of this model reopens with:
     SigLIP 2 for a NaFlex image tower or a run tokenized with the "siglip2" convention."""
-    from siglip_jax.models import variants
-
-    naflex = variants.image_kind(model_config.get("image")) == "naflex"
+    naflex = ModelConfig.parse(model_config).image.kind == "naflex"
     return "siglip2" if naflex or convention == "siglip2" else "siglip"
 
 
@@ -83,15 +86,15 @@ def run_convention(convention: str, eos: str) -> str | None:
 
 def _copy(src: str, dst: str) -> None:
     if "://" in src or "://" in dst:
-        import tensorflow as tf
+        import tensorflow as tf  # Deliberately late: only remote paths need TensorFlow.
 
         tf.io.gfile.copy(src, dst, overwrite=True)
     else:
         shutil.copyfile(src, dst)
 
 
-def save_towers(out: str, towers: Mapping[str, Any], fmt: str, *,
-                model_config: Mapping[str, Any] | None = None,
+def save_towers(out: str, towers: VariableDict, fmt: str, *,
+                model_config: Mapping[str, object] | None = None,
                 image_size: tuple[int, int] | None = None, text_len: int | None = None,
                 tokenizer: str | None = None, convention: str = "siglip") -> list[str]:
     """Writes the towers as a big_vision .npz (`out` ends in .npz) or a HF directory; returns
@@ -105,14 +108,11 @@ def save_towers(out: str, towers: Mapping[str, Any], fmt: str, *,
     if fmt == "npz":
         bv.save_npz(out, towers)
         return [out]
-    from siglip_jax.checkpoints import hf
-    from siglip_jax.models import variants
-
     if model_config is None or text_len is None:
         raise ExportError("a HF export needs the model config and text length of the "
                           "checkpoint")
     model_kwargs = {k: v for k, v in model_config.items() if k != "decoder"}
-    if variants.image_kind(model_kwargs.get("image")) != "naflex" and image_size is None:
+    if ModelConfig.parse(model_kwargs).image.kind != "naflex" and image_size is None:
         raise ExportError("a HF SiglipModel export needs a square image size, and the "
                           "checkpoint does not say it (non-square position embedding?)")
     try:
@@ -134,16 +134,14 @@ def save_towers(out: str, towers: Mapping[str, Any], fmt: str, *,
 class DecoderExport:
     """A reloaded decoder export: config, vocabulary, params and the image width it reads."""
 
-    decoder: dict[str, Any]  # Resolved `model.decoder` dict (every key set; dtype a name).
-    vocab: Any  # data/locca.DecoderVocab
-    params: dict[str, Any]  # The `dec` tree (numpy), in the saved block layout.
+    decoder: dict[str, object]  # Resolved `model.decoder` dict (every key set; dtype a name).
+    vocab: DecoderVocab
+    params: VariableDict  # The `dec` tree (numpy), in the saved block layout.
     image_width: int  # Width W of the image tokens [B, N, W] it cross-attends to.
     tokenizer: str | None = None  # The sentencepiece file copied next to it, if any.
 
-    def make_decoder(self) -> Any:
+    def make_decoder(self) -> Decoder:
         """The flax Decoder module (apply it to {"params": self.params})."""
-        from siglip_jax.models.decoder import make_decoder
-
         return make_decoder(self.decoder, {}, self.vocab.text_vocab)
 
 
@@ -152,26 +150,23 @@ def sidecar_path(out: str) -> str:
     return out[:-len(".npz")] + ".json" if out.endswith(".npz") else out + ".json"
 
 
-def decoder_spec(params: Mapping[str, Any], model_config: Mapping[str, Any] | None,
-                 source: str = "checkpoint") -> dict[str, Any]:
+def decoder_spec(params: VariableDict, model_config: Mapping[str, object] | None,
+                 source: str = "checkpoint") -> dict[str, object]:
     """The sidecar dict of a checkpoint's decoder: its resolved config, the vocabulary layout
     and the image width; ExportError when the checkpoint has no decoder or no config for it."""
-    from siglip_jax.data.locca import TASKS
-    from siglip_jax.models import variants
-    from siglip_jax.models.decoder import decoder_kwargs, vocab_of
-
     if "dec" not in params:
         raise ExportError(f"{source} has no decoder params 'dec' (top-level names: "
                           f"{sorted(params)}); train with model.decoder and loss.decoder")
-    cfg = (model_config or {}).get("decoder")
-    if cfg is None:
+    model = ModelConfig.parse(model_config or {})
+    vocab = decoder_vocab(model)
+    if model.decoder is None or vocab is None:
         raise ExportError(f"{source} has decoder params but no model.decoder config (only "
                           "our runs' config.json carries it): export the decoder from the run")
-    text_kw = variants.text_kwargs((model_config or {}).get("text"))
+    kw = decoder_dict(model.decoder)
     text_vocab = int(np.shape(params["txt"]["Embed_0"]["embedding"])[0])
-    kw = decoder_kwargs(dict(cfg), text_kw)
-    kw["dtype"] = None if kw["dtype"] is None else np.dtype(kw["dtype"]).name
-    vocab = vocab_of(kw, text_vocab)
+    if text_vocab != vocab.text_vocab:
+        raise ExportError(f"{source}: txt/Embed_0 has {text_vocab} rows but model.text."
+                          f"vocab_size is {vocab.text_vocab}")
     rows = int(np.shape(params["dec"]["embed"]["embedding"])[0])
     if rows != vocab.size:
         raise ExportError(f"{source}: dec/embed has {rows} rows but the decoder vocabulary "
@@ -188,7 +183,7 @@ def decoder_spec(params: Mapping[str, Any], model_config: Mapping[str, Any] | No
     }
 
 
-def save_decoder(out: str, params: Mapping[str, Any], model_config: Mapping[str, Any] | None,
+def save_decoder(out: str, params: VariableDict, model_config: Mapping[str, object] | None,
                  *, tokenizer: str | None = None, source: str = "checkpoint") -> list[str]:
     """Writes `params/dec/...` to `out` (.npz) and the sidecar JSON (decoder_spec); copies
     `tokenizer` next to them as `<name>.tokenizer.model`. Returns the files written."""
@@ -210,10 +205,6 @@ def save_decoder(out: str, params: Mapping[str, Any], model_config: Mapping[str,
 def load_decoder(path: str | os.PathLike) -> DecoderExport:
     """Reads a decoder export (.npz + sidecar), checking every name and shape against the
     decoder its sidecar describes; one-line ExportError otherwise."""
-    import jax
-
-    from siglip_jax.data.locca import DecoderVocab
-
     path = os.fspath(path)
     side = sidecar_path(path)
     if not os.path.exists(side):

@@ -62,43 +62,31 @@ from siglip_jax.evaluators.retrieval import (
     RetrievalOptions,
 )
 from siglip_jax.evaluators.zeroshot import ZeroShotEvaluator, ZeroShotOptions
-from siglip_jax.models.decoder import vocab_of
-from siglip_jax.models.text import TextTransformer
-from siglip_jax.models.two_towers import Model, towers
-from siglip_jax.models.variants import text_kwargs
-from siglip_jax.models.vit import ViT
+from siglip_jax.models.config import ModelConfig, decoder_vocab
 from siglip_jax.schema import RunConfig, TokenizerConfig
 
 Batches = Callable[[], Iterator[dict[str, np.ndarray]]]
 PreprocessFn = Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
 
 
-def model_facts(model: nn.Module | None
-                ) -> tuple[tuple[int, int] | None, DecoderVocab | None]:
+def model_facts(model: ModelConfig) -> tuple[tuple[int, int] | None, DecoderVocab | None]:
     """(patch size (h, w) of a fixed-size ViT image tower, the decoder's vocabulary) of the
-    model, None where it has none: what the evaluators need to know of the model, computed
-    once here and passed to them. Read from the two-towers module's tower and decoder dicts
-    until the typed model record (models/config.py) answers both from the ModelConfig."""
-    patch = None
-    if isinstance(model, Model):
-        image = towers(model)[0]
-        if isinstance(image, ViT):
-            size = image.patch_size
-            patch = tuple(size) if isinstance(size, tuple | list) else (int(size),) * 2
-    vocab = None
-    if getattr(model, "decoder", None) is not None:
-        text_vocab = text_kwargs(model.text).get("vocab_size", TextTransformer.vocab_size)
-        vocab = vocab_of(model.decoder, text_vocab)
-    return patch, vocab
+    model record, None where it has none: what the evaluators need to know of the model,
+    computed once here and passed to them."""
+    patch = model.image.patch_size if model.image.kind == "vit" else None
+    return patch, decoder_vocab(model)
 
 
 def build_evaluators(run: RunConfig, *, model: nn.Module | None, mesh: Mesh | None,
                      param_shardings: Mapping[str, object] | None,
-                     tokenizer: Tokenizer | None) -> dict[str, Evaluator]:
-    """The evaluators of `run.evals`, by name (one-line ConfigErrors at build time)."""
+                     tokenizer: Tokenizer | None, model_config: ModelConfig | None = None
+                     ) -> dict[str, Evaluator]:
+    """The evaluators of `run.evals`, by name (one-line ConfigErrors at build time).
+    `model_config` describes `model` (default: the run's own model section; a checkpoint
+    evaluated under another config passes its own)."""
     evaluators: dict[str, Evaluator] = {}
     embedder = None
-    patch, vocab = model_facts(model)
+    patch, vocab = model_facts(model_config or run.model)
     for spec in run.evals:
         where, options = f"evals.{spec.name}", spec.options
         if isinstance(options, ZeroShotOptions):

@@ -14,15 +14,16 @@ the MAP head so padded tokens are never attended to (big_vision naflex_vit, HF S
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable
 
 import flax.linen as nn
+import flax.typing
 import jax
 import jax.numpy as jnp
 
 from siglip_jax.sharding import ACT_BATCH
 
-Dtype = Any
+Dtype = flax.typing.Dtype  # A jnp dtype, or its name.
 
 LN_EPS = 1e-6
 REMAT_NONE = "none"
@@ -34,7 +35,7 @@ def remat_policy_names() -> list[str]:
     return [REMAT_NONE] + sorted(n for n in names if n.endswith("saveable"))
 
 
-def _remat_policy(name: str) -> Any:
+def checkpoint_policy(name: str) -> Callable[..., bool]:
     """Map a `remat_policy` name to a jax.checkpoint policy (error on unknown names)."""
     if name not in remat_policy_names():
         raise ValueError(f"unknown remat_policy {name!r}; valid: {remat_policy_names()}")
@@ -148,7 +149,7 @@ class Encoder(BlockSettings):
                 Encoder1DBlock,
                 prevent_cse=not self.scan,
                 static_argnums=(2,),  # 0 = self, 1 = x, 2 = deterministic.
-                policy=_remat_policy(self.remat_policy),
+                policy=checkpoint_policy(self.remat_policy),
             )
         block_kw = dict(
             mlp_dim=self.mlp_dim,

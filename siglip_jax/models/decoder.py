@@ -22,24 +22,24 @@ the image tokens, with an optional key mask [B, N] (True = real patch; NaFlex pa
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from siglip_jax.data.locca import DecoderVocab
 from siglip_jax.models.common import (
     LN_EPS,
     REMAT_NONE,
+    Dtype,
     MlpBlock,
-    _remat_policy,
+    checkpoint_policy,
     constrain_batch,
     key_mask,
     remat_policy_names,
 )
-
-Dtype = Any
+from siglip_jax.models.text import TextTransformer
 
 DECODER_KEYS = ("width", "depth", "mlp_dim", "num_heads", "num_bins", "max_len", "dropout",
                 "dtype", "scan", "remat_policy")
@@ -133,7 +133,7 @@ class Decoder(nn.Module):
         block_cls = DecoderBlock
         if self.remat_policy != REMAT_NONE:
             block_cls = nn.remat(DecoderBlock, prevent_cse=not self.scan, static_argnums=(5,),
-                                 policy=_remat_policy(self.remat_policy))
+                                 policy=checkpoint_policy(self.remat_policy))
         block_kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
                         dtype=self.dtype, param_dtype=self.param_dtype)
         if self.scan:
@@ -152,22 +152,20 @@ class Decoder(nn.Module):
         return constrain_batch(logits.astype(jnp.float32))
 
 
-def _positive_int(cfg: Mapping[str, Any], key: str, minimum: int = 1) -> int:
+def _positive_int(cfg: Mapping[str, object], key: str, minimum: int = 1) -> int:
     value = cfg[key]
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"model.decoder.{key} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
 
-def decoder_kwargs(cfg: Mapping[str, Any], text: Mapping[str, Any]) -> dict[str, Any]:
+def decoder_kwargs(cfg: Mapping[str, object], text: Mapping[str, object]) -> dict[str, object]:
     """`model.decoder` dict -> `Decoder` keyword arguments (minus vocab_size) + `num_bins`.
 
     `text` holds the resolved text-tower kwargs (models/variants.text_kwargs): unset keys take
     the text tower's width, mlp_dim, num_heads, dtype, scan and remat_policy, and half its
     depth (at least 1). Raises a one-line ValueError naming the bad key.
     """
-    from siglip_jax.models.text import TextTransformer
-
     items = {k: cfg[k] for k in cfg.keys() if cfg[k] is not None}
     unknown = sorted(set(items) - set(DECODER_KEYS))
     if unknown:
@@ -175,7 +173,7 @@ def decoder_kwargs(cfg: Mapping[str, Any], text: Mapping[str, Any]) -> dict[str,
                          f"{list(DECODER_KEYS)}")
     txt = {f: text.get(f, getattr(TextTransformer, f)) for f in
            ("width", "depth", "mlp_dim", "num_heads", "dtype", "scan", "remat_policy")}
-    kw: dict[str, Any] = {
+    kw: dict[str, object] = {
         "width": txt["width"],
         "depth": max(1, int(txt["depth"]) // 2),
         "mlp_dim": txt["mlp_dim"] or 4 * int(txt["width"]),
@@ -214,23 +212,13 @@ def decoder_kwargs(cfg: Mapping[str, Any], text: Mapping[str, Any]) -> dict[str,
     return kw
 
 
-def make_decoder(cfg: Mapping[str, Any], text: Mapping[str, Any], text_vocab: int,
-                 **module_kw: Any) -> Decoder:
+def make_decoder(cfg: Mapping[str, object], text: Mapping[str, object], text_vocab: int,
+                 **module_kw: object) -> Decoder:
     """The Decoder of a `model.decoder` dict; its vocabulary is DecoderVocab(text_vocab,
     num_bins) (text ids, location bins, task tokens, mask id)."""
-    from siglip_jax.data.locca import DecoderVocab
-
     kw = decoder_kwargs(cfg, text)
     vocab = DecoderVocab(int(text_vocab), kw.pop("num_bins"))
     return Decoder(vocab_size=vocab.size, **kw, **module_kw)
-
-
-def vocab_of(cfg: Mapping[str, Any], text_vocab: int) -> Any:
-    """The DecoderVocab of a `model.decoder` dict and the text tower's vocabulary size."""
-    from siglip_jax.data.locca import DecoderVocab
-
-    bins = cfg.get("num_bins") if hasattr(cfg, "get") else None
-    return DecoderVocab(int(text_vocab), int(bins if bins is not None else DEFAULT_NUM_BINS))
 
 
 def training_inputs(tokens_bxl: jax.Array, target_mask_bxl: jax.Array, parallel_b: jax.Array,

@@ -23,12 +23,13 @@ position after the prompt is the output, cut after the first eos.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax.typing import VariableDict
 
 from siglip_jax.data.locca import DecoderVocab
+from siglip_jax.models.two_towers import ImageBatch, Model
 
 BOX_TOKENS = 4
 LogitsFn = Callable[[jax.Array], jax.Array]  # ids [B, L] -> logits [B, L, V]
@@ -111,7 +112,8 @@ def parallel_decode(logits_fn: LogitsFn, prompt_bxl: jax.Array, prefix_len_b: ja
     return cut_after_eos(jnp.where(prompt, inputs, guess), prefix_len_b, eos_id)
 
 
-def image_tokens(model: Any, params: Any, images: Any) -> tuple[jax.Array, jax.Array | None]:
+def image_tokens(model: Model, params: VariableDict, images: ImageBatch
+                 ) -> tuple[jax.Array, jax.Array | None]:
     """(un-pooled image tokens [B, N, W], NaFlex patch mask [B, N] or None) of a two-towers
     model's image tower."""
     _, _, out = model.apply({"params": params}, images, None)
@@ -119,7 +121,7 @@ def image_tokens(model: Any, params: Any, images: Any) -> tuple[jax.Array, jax.A
     return out["img/encoded"], mask
 
 
-def decode_images(model: Any, params: Any, images: Any, prompt_bxl: jax.Array,
+def decode_images(model: Model, params: VariableDict, images: ImageBatch, prompt_bxl: jax.Array,
                   prefix_len_b: jax.Array, *, vocab: DecoderVocab, parallel: bool = False,
                   box_rows_b: jax.Array | None = None) -> jax.Array:
     """Decoded ids [B, L] for images (an image batch or a NaFlex dict) and prompts, with a

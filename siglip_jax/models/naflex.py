@@ -26,12 +26,12 @@ Parameters (big_vision `proj/image_text/naflex_vit.py` names and shapes):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.typing import VariableDict
 
 from siglip_jax.models.common import EncoderSettings, MAPHead, constrain_batch, tower_encoder
 
@@ -100,7 +100,7 @@ def dense_to_conv_kernel(kernel: np.ndarray, patch_size: int | Sequence[int],
     return k.reshape(ph, pw, channels, k.shape[-1])
 
 
-def image_params_from_fixres(img: Mapping[str, Any]) -> dict[str, Any]:
+def image_params_from_fixres(img: VariableDict) -> dict[str, object]:
     """A FixRes ViT `img` params tree -> the NaFlex one (exact re-layout, no resampling).
 
     `embedding/kernel` [p, p, 3, D] -> [p·p·3, D]; `pos_embedding` [1, g·g, D] -> [g, g, D]
@@ -130,7 +130,7 @@ def example_input(batch: int, num_patches: int, patch_size: int | Sequence[int],
     }
 
 
-def check_input(image: Any) -> None:
+def check_input(image: object) -> None:
     """Raises a one-line ValueError unless `image` is a NaFlex input dict of matching shapes."""
     if not isinstance(image, Mapping) or set(INPUT_KEYS) - set(image):
         got = sorted(image) if isinstance(image, Mapping) else type(image).__name__

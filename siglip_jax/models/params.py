@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.typing import VariableDict
 
 from siglip_jax.models import naflex, variants
 from siglip_jax.models.two_towers import Model
@@ -15,7 +15,7 @@ from siglip_jax.models.two_towers import Model
 
 def param_shapes(
     model: Model, image_size: int | tuple[int, int] | None, text_len: int | None
-) -> Any:
+) -> VariableDict:
     """The params pytree of `model` as ShapeDtypeStructs (nothing is allocated).
 
     For a NaFlex image tower `image_size` is the patch budget N (an int; the count does not
@@ -34,14 +34,14 @@ def param_shapes(
     return jax.eval_shape(model.init, jax.random.key(0), img, txt)["params"]
 
 
-def count(tree: Any) -> int:
+def count(tree: VariableDict) -> int:
     """Total number of elements over the leaves of a (shape) pytree."""
     return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
 
 
 def count_model_params(
-    image: Mapping[str, Any] | None,
-    text: Mapping[str, Any] | None,
+    image: Mapping[str, object] | None,
+    text: Mapping[str, object] | None,
     out_dim: int | tuple[int | None, int | None],
     image_size: int | tuple[int, int],
     text_len: int,
@@ -53,7 +53,7 @@ def count_model_params(
     return {"img": count(shapes["img"]), "txt": count(shapes["txt"]), "total": count(shapes)}
 
 
-def seed_table() -> list[dict[str, Any]]:
+def seed_table() -> list[dict[str, object]]:
     """Measured parameter counts of every published SigLIP checkpoint in variants.SIGLIP_SEEDS."""
     rows = []
     for name, seed in variants.SIGLIP_SEEDS.items():
@@ -68,7 +68,7 @@ def seed_table() -> list[dict[str, Any]]:
     return rows
 
 
-def siglip2_table() -> list[dict[str, Any]]:
+def siglip2_table() -> list[dict[str, object]]:
     """Measured parameter counts of every SigLIP 2 checkpoint in variants.SIGLIP2_SEEDS."""
     rows = []
     for name, seed in variants.SIGLIP2_SEEDS.items():
@@ -80,12 +80,12 @@ def siglip2_table() -> list[dict[str, Any]]:
     return rows
 
 
-def siglip2_markdown_table(rows: list[dict[str, Any]]) -> str:
+def siglip2_markdown_table(rows: list[dict[str, object]]) -> str:
     """Renders siglip2_table() rows as Markdown (docs/siglip2.md)."""
     return markdown_table(rows, card_key="card_image_m", card_title="card: vision encoder")
 
 
-def markdown_table(rows: list[dict[str, Any]], card_key: str = "card_params_m",
+def markdown_table(rows: list[dict[str, object]], card_key: str = "card_params_m",
                    card_title: str = "model card") -> str:
     """Renders seed_table() (or siglip2_table()) rows as a Markdown table."""
     lines = [

@@ -18,7 +18,6 @@ creates its params by running it once on a dummy sequence.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -32,8 +31,10 @@ from siglip_jax.models.naflex import NaFlexViT
 from siglip_jax.models.text import TextTransformer
 from siglip_jax.models.vit import ViT
 
+ImageBatch = jax.Array | Mapping[str, jax.Array]  # Images [B, H, W, 3] or a NaFlex dict.
 
-def out_dims(out_dim: int | tuple[int | None, int | None] | None) -> tuple[Any, Any]:
+
+def out_dims(out_dim: int | tuple[int | None, int | None] | None) -> tuple[int | None, int | None]:
     """(image head dim, text head dim) from `out_dim`: one int for both, or a pair."""
     if out_dim is None or isinstance(out_dim, int):
         return (out_dim, out_dim)
@@ -42,14 +43,15 @@ def out_dims(out_dim: int | tuple[int | None, int | None] | None) -> tuple[Any, 
 
 
 def image_tower(
-    cfg: Mapping[str, Any] | None, out_dim: int | None, **kw: Any
+    cfg: Mapping[str, object] | None, out_dim: int | None, **kw: object
 ) -> ViT | NaFlexViT:
     """Builds the image tower (ViT or NaFlexViT, by `kind`) from an image config Mapping."""
     tower_cls = NaFlexViT if variants.image_kind(cfg) == "naflex" else ViT
     return tower_cls(num_classes=out_dim, **variants.image_kwargs(cfg), **kw)
 
 
-def text_tower(cfg: Mapping[str, Any] | None, out_dim: int | None, **kw: Any) -> TextTransformer:
+def text_tower(cfg: Mapping[str, object] | None, out_dim: int | None,
+               **kw: object) -> TextTransformer:
     """Builds the text transformer from a text config Mapping (variant + overrides)."""
     return TextTransformer(num_classes=out_dim, **variants.text_kwargs(cfg), **kw)
 
@@ -63,12 +65,12 @@ def towers(model: Model) -> tuple[ViT, TextTransformer]:
 class Model(nn.Module):
     """SigLIP image-text model (big_vision `proj.image_text.two_towers` param tree)."""
 
-    image: Mapping[str, Any] | None = None
-    text: Mapping[str, Any] | None = None
+    image: Mapping[str, object] | None = None
+    text: Mapping[str, object] | None = None
     out_dim: int | tuple[int | None, int | None] = 128
     temperature_init: float = 10.0
     bias_init: float | None = -10.0
-    decoder: Mapping[str, Any] | None = None
+    decoder: Mapping[str, object] | None = None
 
     def setup(self) -> None:
         """Validates both tower configs up front (unknown keys raise here)."""
@@ -84,13 +86,13 @@ class Model(nn.Module):
 
     def __call__(
         self,
-        image: jax.Array | Mapping[str, jax.Array] | None,
+        image: ImageBatch | None,
         text: jax.Array | None = None,
         *,
         train: bool = False,
-    ) -> tuple[jax.Array | None, jax.Array | None, dict[str, Any]]:
+    ) -> tuple[jax.Array | None, jax.Array | None, dict[str, jax.Array]]:
         """Embeds images ([B,H,W,3] or a NaFlex dict) and/or token ids [B,L]; either may be None."""
-        out: dict[str, Any] = {}
+        out: dict[str, jax.Array] = {}
         zimg_bxd = ztxt_bxd = None
         if image is not None:
             zimg_bxd, img_out = self.img(image, train=train)

@@ -13,9 +13,13 @@ The image `kind` ("vit" = FixRes, default; "naflex" = SigLIP 2 NaFlex) picks the
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import jax.numpy as jnp
+
+from siglip_jax.models.common import setting_names
+from siglip_jax.models.naflex import NaFlexViT
+from siglip_jax.models.text import TextTransformer
+from siglip_jax.models.vit import ViT
 
 # name: (width, depth, mlp_dim, num_heads)
 SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -38,8 +42,6 @@ NAFLEX_ONLY_KEYS = ("posemb_grid",)
 
 
 def _tower_keys(*tower_classes: type) -> tuple[str, ...]:
-    from siglip_jax.models.common import setting_names
-
     keys = dict.fromkeys(k for cls in tower_classes for k in setting_names(cls))
     return ("variant", "width", *(k for k in keys if k not in ("num_classes", "width")))
 
@@ -47,16 +49,11 @@ def _tower_keys(*tower_classes: type) -> tuple[str, ...]:
 def image_keys() -> tuple[str, ...]:
     """Valid keys of an image tower config: "variant", "kind" and the towers' settings (ViT's;
     NaFlexViT's for kind="naflex")."""
-    from siglip_jax.models.naflex import NaFlexViT
-    from siglip_jax.models.vit import ViT
-
     return (*_tower_keys(ViT, NaFlexViT), "kind")
 
 
 def text_keys() -> tuple[str, ...]:
     """Valid keys of a text tower config: "variant" plus the TextTransformer's settings."""
-    from siglip_jax.models.text import TextTransformer
-
     return _tower_keys(TextTransformer)
 
 
@@ -67,7 +64,7 @@ class ConfigKeyError(KeyError):
         return str(self.args[0])
 
 
-def decode_variant(variant: str | None, *, allow_patch: bool = True) -> dict[str, Any]:
+def decode_variant(variant: str | None, *, allow_patch: bool = True) -> dict[str, object]:
     """Decode e.g. "B/16" -> {width, depth, mlp_dim, num_heads, patch_size}; None -> {}."""
     if variant is None:
         return {}
@@ -75,7 +72,7 @@ def decode_variant(variant: str | None, *, allow_patch: bool = True) -> dict[str
     if size not in SIZES:
         raise ConfigKeyError(f"unknown model variant {variant!r}; valid sizes: {list(SIZES)}")
     width, depth, mlp_dim, num_heads = SIZES[size]
-    out: dict[str, Any] = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+    out: dict[str, object] = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
     if patch:
         if not allow_patch:
             raise ConfigKeyError(f"text variant {variant!r} must not have a /patch part")
@@ -85,18 +82,19 @@ def decode_variant(variant: str | None, *, allow_patch: bool = True) -> dict[str
     return out
 
 
-def _items(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+def _items(cfg: Mapping[str, object] | None) -> dict[str, object]:
     if cfg is None:
         return {}
     keys = cfg.keys()  # Works for dict, FrozenDict and ml_collections ConfigDict.
     return {k: cfg[k] for k in keys}
 
 
-def _as_dtype(value: Any) -> Any:
+def _as_dtype(value: object) -> jnp.dtype | None:
     return None if value is None else jnp.dtype(value)
 
 
-def _resolve(cfg: Mapping[str, Any] | None, valid: tuple[str, ...], tower: str) -> dict[str, Any]:
+def _resolve(cfg: Mapping[str, object] | None, valid: tuple[str, ...],
+             tower: str) -> dict[str, object]:
     items = _items(cfg)
     unknown = sorted(set(items) - set(valid))
     if unknown:
@@ -109,7 +107,7 @@ def _resolve(cfg: Mapping[str, Any] | None, valid: tuple[str, ...], tower: str) 
     return kw
 
 
-def image_kind(cfg: Mapping[str, Any] | None) -> str:
+def image_kind(cfg: Mapping[str, object] | None) -> str:
     """The image tower kind of a config: "vit" (FixRes, the default) or "naflex"."""
     kind = _items(cfg).get("kind") or "vit"
     if kind not in IMAGE_KINDS:
@@ -117,7 +115,7 @@ def image_kind(cfg: Mapping[str, Any] | None) -> str:
     return kind
 
 
-def image_kwargs(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+def image_kwargs(cfg: Mapping[str, object] | None) -> dict[str, object]:
     """Image tower config (keys image_keys()) -> `vit.ViT` / `naflex.NaFlexViT` keyword arguments.
 
     `kind` is not included (see `image_kind`); NaFlex-only keys on a FixRes tower raise, and
@@ -136,14 +134,14 @@ def image_kwargs(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     return kw
 
 
-def text_kwargs(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+def text_kwargs(cfg: Mapping[str, object] | None) -> dict[str, object]:
     """Text tower config (keys text_keys()) -> `text.TextTransformer` keyword arguments."""
     return _resolve(cfg, text_keys(), "text")
 
 
 # The published SigLIP checkpoints (Hugging Face model cards google/<name>): model config,
 # input sizes, and the parameter count the card states (millions).
-def _seed(size: str, patch: int, res: int, card_m: int, vocab: int = 32_000) -> dict[str, Any]:
+def _seed(size: str, patch: int, res: int, card_m: int, vocab: int = 32_000) -> dict[str, object]:
     return dict(
         image=dict(variant=f"{size}/{patch}", pool_type="map"),
         text=dict(variant=size, vocab_size=vocab),
@@ -154,7 +152,7 @@ def _seed(size: str, patch: int, res: int, card_m: int, vocab: int = 32_000) -> 
     )
 
 
-SIGLIP_SEEDS: dict[str, dict[str, Any]] = {
+SIGLIP_SEEDS: dict[str, dict[str, object]] = {
     "siglip-base-patch16-224": _seed("B", 16, 224, 203),
     "siglip-base-patch16-256": _seed("B", 16, 256, 203),
     "siglip-base-patch16-384": _seed("B", 16, 384, 203),
@@ -179,9 +177,9 @@ SIGLIP2_VOCAB = 256_000
 _CARD_IMAGE_M = {"B": 86, "L": 303, "So400m": 400, "g-opt": 1000}
 
 
-def _seed2(size: str, patch: int, res: int | None) -> dict[str, Any]:
+def _seed2(size: str, patch: int, res: int | None) -> dict[str, object]:
     text_size = "So400m" if size == "g-opt" else size
-    image: dict[str, Any] = dict(variant=f"{size}/{patch}", pool_type="map")
+    image: dict[str, object] = dict(variant=f"{size}/{patch}", pool_type="map")
     if res is None:
         image.update(kind="naflex", posemb_grid=16)
     return dict(
@@ -195,7 +193,7 @@ def _seed2(size: str, patch: int, res: int | None) -> dict[str, Any]:
     )
 
 
-SIGLIP2_SEEDS: dict[str, dict[str, Any]] = {
+SIGLIP2_SEEDS: dict[str, dict[str, object]] = {
     "siglip2-base-patch16-224": _seed2("B", 16, 224),
     "siglip2-base-patch16-256": _seed2("B", 16, 256),
     "siglip2-base-patch16-384": _seed2("B", 16, 384),

@@ -9,21 +9,21 @@ projection `head`. Also position-embedding resampling for a new resolution.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.ndimage
 
-from siglip_jax.models.common import EncoderSettings, MAPHead, constrain_batch, tower_encoder
+from siglip_jax.models.common import Dtype, EncoderSettings, MAPHead, constrain_batch, tower_encoder
 
 POOL_TYPES = ("map", "gap", "tok", "none")
 POSEMB_TYPES = ("learn", "sincos2d")
 
 
 def posemb_sincos_2d(
-    h: int, w: int, width: int, temperature: float = 10_000.0, dtype: Any = jnp.float32
+    h: int, w: int, width: int, temperature: float = 10_000.0, dtype: Dtype = jnp.float32
 ) -> jax.Array:
     """Fixed 2-D sin-cos position embedding [1, h*w, width] (MoCo v3 / big_vision layout)."""
     if width % 4:
@@ -43,8 +43,6 @@ def resample_posemb(old_1xnxd: np.ndarray, new_len: int) -> np.ndarray:
     Same as big_vision `vit.resample_posemb` (scipy.ndimage.zoom, order=1): used when a
     checkpoint trained at one resolution is loaded at another.
     """
-    import scipy.ndimage
-
     old_1xnxd = np.asarray(old_1xnxd)
     if old_1xnxd.shape[1] == new_len:
         return old_1xnxd

@@ -28,20 +28,23 @@ token of that task).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from siglip_jax.config import ConfigError
 from siglip_jax.data.locca import TASKS
+from siglip_jax.models.config import DecoderConfig, decoder_vocab
+from siglip_jax.models.decoder import training_inputs
+from siglip_jax.objectives.base import Objective, ObjectiveInputs, ShapeSpecs, TrainRun
 
-OPTIONS: dict[str, Any] = {"weight": 1.0, "tasks_per_example": 1}
+OPTIONS: dict[str, object] = {"weight": 1.0, "tasks_per_example": 1}
 _RNG_SALT = 0xDEC
 
 
-def check_options(raw: Mapping[str, Any]) -> dict[str, Any]:
+def check_options(raw: Mapping[str, object]) -> dict[str, object]:
     """`weight` (a finite number >= 0, default 1.0), `tasks_per_example` (an int in 1..3, the
     pp's rows per example, default 1); unknown options raise ValueError."""
     unknown = sorted(set(raw) - set(OPTIONS))
@@ -60,21 +63,16 @@ def check_options(raw: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-def _max_len(run: Any) -> int:
-    from siglip_jax.models.decoder import decoder_kwargs
-    from siglip_jax.models.variants import text_kwargs
-    from siglip_jax.records import thaw
-
+def _decoder(run: TrainRun) -> DecoderConfig:
     if run.model.decoder is None:
         raise ConfigError("config.loss.decoder needs config.model.decoder (the decoder's "
                           "shape, e.g. dict(max_len=64))")
-    return decoder_kwargs(thaw(run.model.decoder), text_kwargs(thaw(run.model.text)))["max_len"]
+    return run.model.decoder
 
 
-def batch_shapes(run: Any, options: dict[str, Any], batch: int
-                 ) -> dict[str, tuple[tuple[int, ...], Any]]:
+def batch_shapes(run: TrainRun, options: Mapping[str, object], batch: int) -> ShapeSpecs:
     """The batch entries the decoder loss reads (global shapes, numpy dtypes)."""
-    length, tasks = _max_len(run), options["tasks_per_example"]
+    length, tasks = _decoder(run).max_len, options["tasks_per_example"]
     rows = (batch,) if tasks == 1 else (batch, tasks)
     return {"dec_tokens": ((*rows, length), np.int32),
             "dec_target_mask": ((*rows, length), np.float32),
@@ -93,17 +91,14 @@ def token_loss(logits_bxlxv: jax.Array, targets_bxl: jax.Array, weights_bxl: jax
     return loss, jnp.sum(hit_bxl * weights_bxl) / count
 
 
-def make(run: Any, options: dict[str, Any], mesh: Any) -> Any:
+def make(run: TrainRun, options: Mapping[str, object], mesh: Mesh | None) -> Objective:
     """The decoder objective of a run (see the module docstring)."""
     del mesh  # Activations follow the batch sharding of the main forward pass.
-    from siglip_jax.models.decoder import training_inputs, vocab_of
-    from siglip_jax.records import thaw
-
-    _max_len(run)  # One-line error without a model.decoder.
-    vocab = vocab_of(thaw(run.model.decoder), run.model.vocab_size)
+    _decoder(run)  # One-line error without a model.decoder.
+    vocab = decoder_vocab(run.model)
     weight, rows = float(options["weight"]), int(options["tasks_per_example"])
 
-    def objective(inputs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def objective(inputs: ObjectiveInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
         batch = inputs.batch
         image = batch["image"]
         image_mask = image["mask"] if isinstance(image, Mapping) else None

@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.typing import VariableDict
+from jax.sharding import Mesh
 
+import siglip_jax.objectives.selfsup as selfsup
 from siglip_jax.config import ConfigError
-from siglip_jax.objectives import selfsup
+from siglip_jax.models.two_towers import Model
+from siglip_jax.objectives.base import ObjectiveInputs, ShapeSpecs, TrainRun
 
 NAME = "self_distillation"
 VIEWS_KEY = "local_views"
 
-DEFAULTS: dict[str, Any] = {
+DEFAULTS: dict[str, object] = {
     "weight": 1.0,          # SigLIP 2 §2.3 (times a per-size factor, see the docs).
     "start_frac": 0.8,      # SigLIP 2: added for the last 20 % of training.
     "ema": 0.996,           # Not given by SILC / SigLIP 2; DINO's base momentum.
@@ -39,20 +42,19 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def check_options(raw: Mapping[str, Any]) -> dict[str, Any]:
+def check_options(raw: Mapping[str, object]) -> dict[str, object]:
     """The options with defaults; ValueError naming a bad option."""
     return selfsup.check_options(raw, DEFAULTS)
 
 
-def batch_shapes(run: Any, options: Mapping[str, Any], batch: int
-                 ) -> dict[str, tuple[tuple[int, ...], Any]]:
+def batch_shapes(run: TrainRun, options: Mapping[str, object], batch: int) -> ShapeSpecs:
     """{"local_views": ((B, n_local, s, s, 3), float32)}."""
     opts = check_options(options)
     size = opts["local_size"]
     return {VIEWS_KEY: ((batch, opts["n_local"], size, size, 3), np.float32)}
 
 
-def _head(opts: Mapping[str, Any]) -> selfsup.ProjectionHead:
+def _head(opts: Mapping[str, object]) -> selfsup.ProjectionHead:
     return selfsup.ProjectionHead(opts["head_hidden"], opts["head_bottleneck"],
                                   opts["prototypes"], opts["head_layers"])
 
@@ -61,22 +63,20 @@ def _head(opts: Mapping[str, Any]) -> selfsup.ProjectionHead:
 class SelfDistillation:
     """The objective: call with an ObjectiveInputs → (weighted loss, metrics)."""
 
-    options: Mapping[str, Any]
+    options: Mapping[str, object]
     width: int
     start: int
     ema: float
     teacher_parts: tuple[str, ...] = ("img", "distill_head")
 
-    def init_params(self, rng: Any) -> dict[str, Any]:
+    def init_params(self, rng: jax.Array) -> dict[str, object]:
         """{"distill_head": head params}."""
         head = _head(self.options).init(rng, jnp.zeros((1, self.width), jnp.float32))
         return {"distill_head": head["params"]}
 
-    def loss(self, model: Any, params: Mapping[str, Any], teacher: Mapping[str, Any],
+    def loss(self, model: Model, params: VariableDict, teacher: VariableDict,
              image: jax.Array, local_views: jax.Array) -> jax.Array:
         """Unweighted loss: mean over images and views of CE(teacher(image), student(view))."""
-        from siglip_jax.models.two_towers import Model
-
         opts = self.options
         b, n = local_views.shape[:2]
         flat = jnp.reshape(local_views, (b * n, *local_views.shape[2:]))
@@ -90,7 +90,7 @@ class SelfDistillation:
         targets = jnp.repeat(targets, n, axis=0)  # Row b·n + v is view v of image b.
         return selfsup.cross_entropy(targets, scores_s, opts["student_temp"])
 
-    def __call__(self, inputs: Any) -> tuple[jax.Array, dict[str, Any]]:
+    def __call__(self, inputs: ObjectiveInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(weight · loss from the switch-on step on, else 0; metrics)."""
         if inputs.teacher is None:
             raise ValueError(f"{NAME}: the train state has no EMA teacher")
@@ -100,13 +100,12 @@ class SelfDistillation:
         return self.options["weight"] * loss, {f"{NAME}/loss": loss}
 
 
-def make(run: Any, options: Mapping[str, Any], mesh: Any) -> SelfDistillation:
+def make(run: TrainRun, options: Mapping[str, object], mesh: Mesh | None) -> SelfDistillation:
     """The self-distillation objective for `run`'s ViT image tower."""
     del mesh
     opts = check_options(options)
-    tower = selfsup.image_tower_of(run, NAME)
+    tower = selfsup.vit_image_tower(run, NAME)
     patch = tower.patch_size
-    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
     if any(opts["local_size"] % int(p) for p in patch):
         raise ConfigError(f"config.loss.{NAME}.local_size={opts['local_size']}: expected a "
                           f"multiple of the image patch size {patch}")

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax.typing import VariableDict
+from jax.sharding import Mesh
 
-from siglip_jax.objectives import selfsup
+import siglip_jax.objectives.selfsup as selfsup
+from siglip_jax.models.two_towers import Model
+from siglip_jax.objectives.base import ObjectiveInputs, ShapeSpecs, TrainRun
 
 NAME = "masked_prediction"
 SALT = 0x6D61736B  # Folded into the step's key for the mask.
 
-DEFAULTS: dict[str, Any] = {
+DEFAULTS: dict[str, object] = {
     "weight": 0.25,         # SigLIP 2 §2.3 (times a per-size factor, see the docs).
     "start_frac": 0.8,      # SigLIP 2: added for the last 20 % of training.
     "ema": 0.996,           # Not given; the same teacher as self_distillation.
@@ -36,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def check_options(raw: Mapping[str, Any]) -> dict[str, Any]:
+def check_options(raw: Mapping[str, object]) -> dict[str, object]:
     """The options with defaults; ValueError naming a bad option."""
     opts = selfsup.check_options(raw, DEFAULTS)
     if not 0.0 < opts["mask_ratio"] < 1.0:
@@ -44,18 +47,17 @@ def check_options(raw: Mapping[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def batch_shapes(run: Any, options: Mapping[str, Any], batch: int
-                 ) -> dict[str, tuple[tuple[int, ...], Any]]:
+def batch_shapes(run: TrainRun, options: Mapping[str, object], batch: int) -> ShapeSpecs:
     """No extra batch entries (the student and teacher both read batch["image"])."""
     return {}
 
 
-def _head(opts: Mapping[str, Any]) -> selfsup.ProjectionHead:
+def _head(opts: Mapping[str, object]) -> selfsup.ProjectionHead:
     return selfsup.ProjectionHead(opts["head_hidden"], opts["head_bottleneck"],
                                   opts["prototypes"], opts["head_layers"])
 
 
-def random_mask(rng: Any, batch: int, num: int, ratio: float) -> tuple[jax.Array, jax.Array]:
+def random_mask(rng: jax.Array, batch: int, num: int, ratio: float) -> tuple[jax.Array, jax.Array]:
     """(mask [B, N] bool with exactly k = max(1, round(ratio·N)) True per row, the masked
     positions [B, k] in increasing order)."""
     k = max(1, int(round(ratio * num)))
@@ -69,25 +71,23 @@ def random_mask(rng: Any, batch: int, num: int, ratio: float) -> tuple[jax.Array
 class MaskedPrediction:
     """The objective: call with an ObjectiveInputs → (weighted loss, metrics)."""
 
-    options: Mapping[str, Any]
+    options: Mapping[str, object]
     width: int
     start: int
     ema: float
     patch: tuple[int, int] = (16, 16)  # The image tower's patch size (h, w).
     teacher_parts: tuple[str, ...] = ("img", "masked_head")
 
-    def init_params(self, rng: Any) -> dict[str, Any]:
+    def init_params(self, rng: jax.Array) -> dict[str, object]:
         """{"masked_head": head params, "mask_token": [W]}."""
         k_head, k_token = jax.random.split(rng)
         head = _head(self.options).init(k_head, jnp.zeros((1, self.width), jnp.float32))
         token = 0.02 * jax.random.normal(k_token, (self.width,), jnp.float32)
         return {"masked_head": head["params"], "mask_token": token}
 
-    def loss(self, model: Any, params: Mapping[str, Any], teacher: Mapping[str, Any],
+    def loss(self, model: Model, params: VariableDict, teacher: VariableDict,
              image: jax.Array, mask: jax.Array, ids: jax.Array) -> jax.Array:
         """Unweighted loss: mean over the masked positions `ids` [B, k] (mask [B, N])."""
-        from siglip_jax.models.two_towers import Model
-
         opts = self.options
         _, tokens_s = model.apply({"params": params}, image, patch_mask=mask,
                                   mask_token=params["mask_token"], train=True,
@@ -104,7 +104,7 @@ class MaskedPrediction:
         return selfsup.cross_entropy(targets, jnp.reshape(scores_s, (b * k, -1)),
                                      opts["student_temp"])
 
-    def __call__(self, inputs: Any) -> tuple[jax.Array, dict[str, Any]]:
+    def __call__(self, inputs: ObjectiveInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(weight · loss from the switch-on step on, else 0; metrics)."""
         if inputs.teacher is None:
             raise ValueError(f"{NAME}: the train state has no EMA teacher")
@@ -121,12 +121,10 @@ class MaskedPrediction:
         return (hw[0] // self.patch[0]) * (hw[1] // self.patch[1])
 
 
-def make(run: Any, options: Mapping[str, Any], mesh: Any) -> MaskedPrediction:
+def make(run: TrainRun, options: Mapping[str, object], mesh: Mesh | None) -> MaskedPrediction:
     """The masked-prediction objective for `run`'s ViT image tower."""
     del mesh
     opts = check_options(options)
-    tower = selfsup.image_tower_of(run, NAME)
-    patch = tower.patch_size
-    patch = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
+    tower = selfsup.vit_image_tower(run, NAME)
     return MaskedPrediction(opts, tower.width, selfsup.start_step(run, opts), opts["ema"],
-                            patch=patch)
+                            patch=tower.patch_size)

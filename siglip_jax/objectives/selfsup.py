@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.typing import VariableDict
 
 from siglip_jax.config import ConfigError
+from siglip_jax.models.config import ImageTowerConfig
+from siglip_jax.objectives.base import Objective, TrainRun
 
 # ----------------------------------------------------------------------------- options
 
@@ -28,7 +30,8 @@ CENTERINGS = ("sinkhorn", "softmax")
 HEAD_PARTS = ("distill_head", "masked_head", "mask_token")
 
 
-def check_options(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+def check_options(raw: Mapping[str, object], defaults: Mapping[str, object]
+                  ) -> dict[str, object]:
     """`raw` merged over `defaults`; unknown names, wrong types and out-of-range values raise
     ValueError naming the option."""
     unknown = sorted(set(raw) - set(defaults))
@@ -60,19 +63,17 @@ def check_options(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[s
     return out
 
 
-def image_tower_of(run: Any, name: str) -> Any:
-    """The run's (unbound) ViT image tower; ConfigError for a NaFlex tower (not supported)."""
-    from siglip_jax.experiment import make_model
-    from siglip_jax.models import variants
-    from siglip_jax.models.two_towers import towers
-
-    if variants.image_kind(run.model.image) == "naflex":
+def vit_image_tower(run: TrainRun, name: str) -> ImageTowerConfig:
+    """The run's image tower record (patch size, width); ConfigError for a NaFlex tower (the
+    objective `name` needs the fixed-resolution ViT)."""
+    image = run.model.image
+    if image.kind == "naflex":
         raise ConfigError(f"config.loss.{name}: needs the fixed-resolution ViT image tower "
                           "(model.image.kind='vit'), got 'naflex'")
-    return towers(make_model(run.model))[0]
+    return image
 
 
-def start_step(run: Any, options: Mapping[str, Any]) -> int:
+def start_step(run: TrainRun, options: Mapping[str, object]) -> int:
     """The first step at which the objective's loss counts: round(start_frac · total_steps)."""
     return int(round(options["start_frac"] * run.total_steps))
 
@@ -129,7 +130,7 @@ def cross_entropy(targets_nxk: jax.Array, student_nxk: jax.Array, temp: float) -
     return jnp.mean(-jnp.sum(targets_nxk * logp, axis=-1))
 
 
-def switched(step: Any, start: int, loss_fn: Callable[[], jax.Array]) -> jax.Array:
+def switched(step: jax.Array, start: int, loss_fn: Callable[[], jax.Array]) -> jax.Array:
     """`loss_fn()` from step `start` on, exactly 0 (and no gradient) before. A `lax.cond`:
     before the switch-on step the extra forward passes are not run at all (only compiled)."""
     if start <= 0:
@@ -146,12 +147,12 @@ class TeacherSpec:
     """What the EMA teacher holds and how fast it follows the student."""
 
     parts: tuple[str, ...]  # Top-level param names copied into state["teacher"].
-    momentum: Callable[[Any], Any]  # step -> m of teacher = m·teacher + (1-m)·student.
+    momentum: Callable[[jax.Array], jax.Array]  # step -> m of teacher = m·teacher + (1-m)·student.
 
 
-def objective_params(objectives: Sequence[Any], rng: Any) -> dict[str, Any]:
+def objective_params(objectives: Sequence[Objective], rng: jax.Array) -> dict[str, object]:
     """The objectives' own top-level params (heads, mask token), merged."""
-    params: dict[str, Any] = {}
+    params: dict[str, object] = {}
     for i, objective in enumerate(objectives):
         init = getattr(objective, "init_params", None)
         if init is not None:
@@ -159,7 +160,7 @@ def objective_params(objectives: Sequence[Any], rng: Any) -> dict[str, Any]:
     return params
 
 
-def teacher_spec(objectives: Sequence[Any]) -> TeacherSpec | None:
+def teacher_spec(objectives: Sequence[Objective]) -> TeacherSpec | None:
     """The teacher the objectives need (union of their parts), None if none needs one.
 
     Before the earliest switch-on step the momentum is 0 (the teacher is a copy of the
@@ -177,7 +178,8 @@ def teacher_spec(objectives: Sequence[Any]) -> TeacherSpec | None:
     return TeacherSpec(parts, lambda step: jnp.where(step < start, 0.0, ema))
 
 
-def ema_update(teacher: Any, params: Mapping[str, Any], momentum: Any) -> Any:
+def ema_update(teacher: VariableDict, params: VariableDict, momentum: jax.Array | float
+               ) -> dict[str, object]:
     """teacher = m·teacher + (1-m)·student for the teacher's parts (dtype kept)."""
     def mix(t, s):
         m = jnp.asarray(momentum, jnp.float32)

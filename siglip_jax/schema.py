@@ -33,6 +33,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from siglip_jax import losses, objectives
 from siglip_jax.config import ConfigError, check_keys, to_plain
 from siglip_jax.data.config import InputConfig
 from siglip_jax.data.tokenizer_config import TokenizerConfig
@@ -81,8 +82,6 @@ class LossConfig:
     def parse(cls, raw: Mapping[str, Any] | None) -> LossConfig:
         """`dict(impl=..., **options, <objective>=dict(...))`; the impl's options are checked
         by losses.check_options, each objective's by its module's check_options."""
-        from siglip_jax import losses, objectives
-
         raw = dict(to_plain(raw) or {})
         impl = raw.pop("impl", "ring")
         chosen = {}

@@ -16,7 +16,8 @@ import pytest
 from siglip_jax.checkpoints import big_vision as bv
 from siglip_jax.checkpoints import loader
 from siglip_jax.config import load_config, to_plain
-from siglip_jax.evaluate import evaluate, format_table, main
+from siglip_jax.evaluate import main
+from siglip_jax.evaluation import evaluate, format_table
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
 

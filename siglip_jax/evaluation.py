@@ -28,7 +28,7 @@ from siglip_jax.checkpoints.loader import (
     CheckpointNotFoundError,
 )
 from siglip_jax.checkpoints.open import open_model, resolve_path
-from siglip_jax.config import ConfigError, load_config
+from siglip_jax.config import load_config
 from siglip_jax.data.builder import make_source
 from siglip_jax.data.pp import PPError, get_preprocess_fn
 from siglip_jax.data.tokenizer import Tokenizer
@@ -36,6 +36,7 @@ from siglip_jax.evaluators.builder import build_evaluators
 from siglip_jax.experiment import resolve_tokenizer, setup_jax
 from siglip_jax.models.config import make_model, model_kwargs
 from siglip_jax.models.params import param_shapes
+from siglip_jax.records import ConfigError
 from siglip_jax.schema import RunConfig, parse
 from siglip_jax.sharding import ShardingError, mesh_of, param_shardings
 

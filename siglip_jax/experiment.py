@@ -26,7 +26,6 @@ from siglip_jax.checkpoints import big_vision, loader
 from siglip_jax.checkpoints.hf import HFCheckpointError
 from siglip_jax.checkpoints.open import open_model
 from siglip_jax.checkpoints.parts import TOWER_PARTS
-from siglip_jax.config import ConfigError
 from siglip_jax.data import input as input_lib
 from siglip_jax.data import pp
 from siglip_jax.data.builder import make_source
@@ -39,6 +38,7 @@ from siglip_jax.models.two_towers import Model
 from siglip_jax.objectives.base import Objective
 from siglip_jax.objectives.selfsup import teacher_spec
 from siglip_jax.optim import FROZEN, group_labels, make_optimizer
+from siglip_jax.records import ConfigError
 from siglip_jax.schema import RunConfig, TokenizerConfig
 from siglip_jax.sharding import batch_sharding, num_batch_shards
 

@@ -33,12 +33,13 @@ from siglip_jax.checkpoints.orbax_io import (
     Checkpointer,
     CheckpointStructureError,
 )
-from siglip_jax.config import ConfigError, load_config
+from siglip_jax.config import load_config
 from siglip_jax.data.pp import PPError
 from siglip_jax.data.sources import SourceError
 from siglip_jax.evaluators.builder import build_evaluators
 from siglip_jax.hooks import NonFiniteError
 from siglip_jax.metrics import MetricWriter, PeakFlops, Progress, compiled_flops
+from siglip_jax.records import ConfigError
 from siglip_jax.schema import RunConfig, parse
 from siglip_jax.sharding import ShardingError, make_global_batch, mesh_of
 

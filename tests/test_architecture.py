@@ -31,7 +31,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("train", "evaluate", "plan", "plot"),
 )
 ENTRY_POINTS = LAYERS[-1] + ("predict", "export")
-MAX_CHAIN = 7  # files in the longest chain of imports
+# Files in the longest chain of imports (function-level and type-only imports count). A ratchet:
+# eight layers, each importing the one below, and chains inside the models and data packages
+# make 16 today (docs/architecture.md shows the chain); it may shrink, never grow.
+MAX_CHAIN = 16
 MAX_FUNCTION_IMPORTS = 20  # imports of the package's own modules inside functions
 MAX_LINES = 600
 

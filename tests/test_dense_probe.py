@@ -151,7 +151,8 @@ def test_toy_model_is_exact_on_demo_objects(tmp_path, label_set):
 def _config(tmp_path, **evals):
     import ml_collections
 
-    from siglip_jax.config import load_config, to_plain
+    from siglip_jax.config import load_config
+    from siglip_jax.records import to_plain
     from tests.tiny import DEMO, tiny_overrides
 
     config = ml_collections.ConfigDict(to_plain(load_config(f"{DEMO}:steps=1",

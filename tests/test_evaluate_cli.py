@@ -15,9 +15,10 @@ import pytest
 
 from siglip_jax.checkpoints import big_vision as bv
 from siglip_jax.checkpoints import loader
-from siglip_jax.config import load_config, to_plain
+from siglip_jax.config import load_config
 from siglip_jax.evaluate import main
 from siglip_jax.evaluation import evaluate, format_table
+from siglip_jax.records import to_plain
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
 

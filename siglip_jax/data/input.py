@@ -16,9 +16,9 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from siglip_jax.config import ConfigError
 from siglip_jax.data.registry import add_example_seeds
 from siglip_jax.data.sources import Source, SourceError
+from siglip_jax.records import ConfigError
 
 PreprocessFn = Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
 Batch = dict[str, np.ndarray]

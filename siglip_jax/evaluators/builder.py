@@ -40,7 +40,6 @@ import numpy as np
 import tensorflow as tf
 from jax.sharding import Mesh
 
-from siglip_jax.config import ConfigError
 from siglip_jax.data import input as input_lib
 from siglip_jax.data.builder import Source, make_source
 from siglip_jax.data.locca import DecoderVocab
@@ -63,6 +62,7 @@ from siglip_jax.evaluators.retrieval import (
 )
 from siglip_jax.evaluators.zeroshot import ZeroShotEvaluator, ZeroShotOptions
 from siglip_jax.models.config import ModelConfig, decoder_vocab
+from siglip_jax.records import ConfigError
 from siglip_jax.schema import RunConfig, TokenizerConfig
 
 Batches = Callable[[], Iterator[dict[str, np.ndarray]]]

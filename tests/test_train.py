@@ -85,8 +85,22 @@ def _leaves(tree):
             for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def test_non_finite_loss_stops_with_the_step(tmp_path):
-    workdir = str(tmp_path / "nan")
-    os.makedirs(workdir)
-    with pytest.raises(NonFiniteError, match=r"non-finite loss or gradients at step \d+"):
-        train(tiny_config(tmp_path, steps=20, lr=1e38, grad_clip_norm=0.0), workdir)
+def test_non_finite_loss_stops_with_the_step(trained, tmp_path):
+    """A run resumed from a checkpoint whose params are NaN stops at its first step, naming it.
+    (The same config as `trained`: its compiled step is reused, nothing is compiled again.)"""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from siglip_jax.checkpoints.orbax_io import Checkpointer
+
+    tmp, workdir, _ = trained
+    state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "10",
+                                                            "default"))
+    state["params"] = jax.tree.map(lambda x: np.full_like(x, np.nan), state["params"])
+    nan_dir = str(tmp_path / "nan")
+    checkpointer = Checkpointer(nan_dir, 0, use_async=False)
+    checkpointer.maybe_save(10, state, force=True)
+    checkpointer.close()
+    with pytest.raises(NonFiniteError, match=r"non-finite loss or gradients at step 11 "):
+        train(tiny_config(tmp), nan_dir)
+    assert os.listdir(os.path.join(nan_dir, "checkpoints")) == ["10"]  # Nothing saved after.

@@ -8,6 +8,11 @@ subprocesses, which inherit JAX_COMPILATION_CACHE_DIR) loads the compiled execut
 of compiling again. Compile-only TPU programs cannot be read back (tests/test_tpu_compile.py
 turns the cache off for itself).
 
+`tiny_run` (session fixture): one trained run of tests/tiny.py `tiny_config` (configs/demo.py
+shrunk, 20 steps, checkpoints at 10 and 20, TensorBoard on), read by test_train.py (the training
+itself), test_train_modes.py (the data-parallel baseline) and test_faults.py (a source run
+for model_init). Other runs of the same config reuse its compiled step through the cache.
+
 `siglip2_run` (session fixture): one tiny trained SigLIP 2 run (tests/tiny.py `siglip2_config`:
 every objective, the decoder, the EMA teacher, seven evaluators, a checkpoint at each of 4
 steps), trained once per session on first use and read by test_siglip2_demo.py (the training
@@ -53,16 +58,25 @@ class TrainedRun:
     records: list
 
 
-@pytest.fixture(scope="session")
-def siglip2_run(tmp_path_factory) -> TrainedRun:
-    """The session's one tiny SigLIP 2 run (see the module doc); read it, never write to it."""
+def _train(root, config_of) -> TrainedRun:
     # Delayed: the trainer loads TensorFlow, which a session that never trains need not pay.
     from siglip_jax.train import train
 
-    root = tmp_path_factory.mktemp("siglip2_run")
     data_dir, workdir = str(root / "data"), str(root / "run")
     os.makedirs(workdir)
-    summary = train(tiny.siglip2_config(data_dir), workdir)
+    summary = train(config_of(data_dir), workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     return TrainedRun(data_dir, workdir, summary, records)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TrainedRun:
+    """The session's one tiny demo run (see the module doc); read it, never write to it."""
+    return _train(tmp_path_factory.mktemp("tiny_run"), tiny.tiny_run_config)
+
+
+@pytest.fixture(scope="session")
+def siglip2_run(tmp_path_factory) -> TrainedRun:
+    """The session's one tiny SigLIP 2 run (see the module doc); read it, never write to it."""
+    return _train(tmp_path_factory.mktemp("siglip2_run"), tiny.siglip2_config)

@@ -25,6 +25,10 @@ from siglip_jax.models.two_towers import Model
 from siglip_jax.schema import parse
 
 TEST_IMAGES = 36  # 36 classes × 1 held-out image.
+# referring and grounded_captioning pick one object per image with TensorFlow's unseeded RNG
+# during evaluation (their eval pipeline adds no "_seed", data/pp.py `_seed`): their scores
+# change from one evaluation to the next, so only their example counts are compared here.
+UNSEEDED = ("referring/", "grounded_captioning/")
 
 
 def _config(data_dir, evals=None):
@@ -53,7 +57,8 @@ def test_results_equal_training_evaluation_and_numpy(trained):
     results = evaluate(config, workdir, log=lambda *_: None)
     assert set(results) == {k for k in summary if "/" in k}
     for key, value in results.items():
-        assert value == pytest.approx(summary[key], abs=1e-9), key
+        if not key.startswith(UNSEEDED) or key.endswith("/num_examples"):
+            assert value == pytest.approx(summary[key], abs=1e-9), key
     assert results["retrieval/num_images"] == results["retrieval/num_texts"] == TEST_IMAGES
 
     # Independent zero-shot top-1: plain model.apply on one device, argmax in numpy.
@@ -163,7 +168,9 @@ def test_cli_without_config_uses_the_workdirs_config_json(trained, tmp_path, cap
     assert main(["--checkpoint", workdir, "--json", str(out)]) == 0
     results = json.loads(out.read_text())  # The run's seven evaluators, retrieval among them.
     assert {"zeroshot/top1", "retrieval/img2txt_r1"} <= set(results)
-    assert results == {k: summary[k] for k in results}
+    assert set(results) == {k for k in summary if "/" in k}
+    seeded = {k: v for k, v in results.items() if not k.startswith(UNSEEDED)}
+    assert seeded == {k: summary[k] for k in seeded}
     step_dir = os.path.join(workdir, "checkpoints", sorted(os.listdir(
         os.path.join(workdir, "checkpoints")))[-1])
     assert main(["--checkpoint", step_dir, "--config.evals.retrieval.batch_size=8"]) == 0

@@ -1,6 +1,7 @@
 """Tiny configs for trainer tests: small model, small data, no time budget.
 
-`tiny_config`: configs/demo.py shrunk. `siglip2_config`: configs/demo_siglip2.py with every
+`tiny_config`: configs/demo.py shrunk; `tiny_run_config` the config of the session's shared
+tiny run (conftest.py `tiny_run`). `siglip2_config`: configs/demo_siglip2.py with every
 objective shrunk, the config of the session's one shared SigLIP 2 run (conftest.py
 `siglip2_run`)."""
 
@@ -33,6 +34,15 @@ def tiny_overrides(data_dir, **extra) -> list[str]:
 def tiny_config(data_dir, steps: int = 20, **extra):
     """The locked tiny config."""
     return load_config(f"{DEMO}:steps={steps}", tiny_overrides(data_dir, **extra))
+
+
+TINY_STEPS = 20
+
+
+def tiny_run_config(data_dir):
+    """The config of the session's shared tiny run (conftest.py `tiny_run`): 20 steps,
+    checkpoints at 10 and 20, TensorBoard on."""
+    return tiny_config(data_dir, TINY_STEPS, tensorboard=True)
 
 
 SIGLIP2 = f"{REPO}/configs/demo_siglip2.py"

@@ -7,13 +7,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from tiny import DEMO, REPO, TINY_STEPS, tiny_config, tiny_overrides
+from tiny import DEMO, REPO, tiny_config, tiny_overrides
 
 from siglip_jax.train import train
 
@@ -41,22 +40,20 @@ def run(tmp_path, name, steps=10, **overrides):
 
 
 @pytest.fixture(scope="module")
-def pretrained(tiny_run, tmp_path_factory):
-    """(a folder for more runs on the same data, the session's 20-step data-parallel run): the
-    baseline curve and the checkpoint LiT starts from."""
+def pretrained(tmp_path_factory):
+    """A 10-step data-parallel run: the baseline curve and the checkpoint LiT starts from."""
     tmp = tmp_path_factory.mktemp("modes")
-    os.symlink(tiny_run.data_dir, tmp / "data")
-    return tmp, Path(tiny_run.workdir)
+    workdir, _ = run(tmp, "dp")
+    return tmp, workdir
 
 
 @pytest.mark.parametrize("data, fsdp", [(4, 2), (2, 4)])
 def test_fsdp_mesh_gives_the_data_parallel_loss_curve(pretrained, data, fsdp):
     tmp, dp = pretrained
-    workdir, _ = run(tmp, f"fsdp_{data}x{fsdp}", steps=TINY_STEPS,
-                     mesh=[("data", data), ("fsdp", fsdp)], batch_axes=("data", "fsdp"),
-                     sharding_rules=[(".*", "fsdp")])
+    workdir, _ = run(tmp, f"fsdp_{data}x{fsdp}", mesh=[("data", data), ("fsdp", fsdp)],
+                     batch_axes=("data", "fsdp"), sharding_rules=[(".*", "fsdp")])
     expected, got = losses(dp), losses(workdir)
-    assert sorted(got) == [1, 5, 10, 15, 20]
+    assert sorted(got) == [1, 5, 10]
     for step, value in expected.items():
         np.testing.assert_allclose(got[step], value, rtol=1e-5, err_msg=f"step {step}")
 
@@ -65,11 +62,11 @@ def test_lit_keeps_the_loaded_image_tower_bit_identical(pretrained):
     tmp, dp = pretrained
     lit = [("img/.*", None), (".*", dict(decay_type="cosine", warmup_steps=1))]
     workdir, _ = run(tmp, "lit", steps=5, **{"model_init.img": str(dp), "schedule": lit})
-    loaded = leaves(restore(dp, TINY_STEPS)["params"]["img"])
+    loaded = leaves(restore(dp, 10)["params"]["img"])
     state = restore(workdir, 5)
     for key, value in leaves(state["params"]["img"]).items():
         np.testing.assert_array_equal(value, loaded[key], err_msg=key)
-    random_init = leaves(restore(dp, TINY_STEPS)["params"]["txt"])  # Text tower not loaded:
+    random_init = leaves(restore(dp, 10)["params"]["txt"])  # Text tower was not loaded:
     trained = leaves(state["params"]["txt"])
     assert any(not np.array_equal(trained[k], random_init[k]) for k in trained)
     img_state = [k for k in leaves(state["opt_state"]) if "'img'" in k]

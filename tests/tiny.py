@@ -9,7 +9,8 @@ from pathlib import Path
 
 import ml_collections
 
-from siglip_jax.config import load_config, to_plain
+from siglip_jax.config import load_config
+from siglip_jax.records import to_plain
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = f"{REPO}/configs/demo.py"

@@ -142,7 +142,7 @@ def _batches_fn(source: Source, preprocess: PreprocessFn, batch_size: int) -> Ba
     def batches() -> Iterator[dict[str, np.ndarray]]:
         data = source.dataset(jax.process_index(), jax.process_count())
         return input_lib.eval_batches(data, preprocess, local_batch=local_batch,
-                                      num_batches=num_batches)
+                                      num_batches=num_batches, seed=jax.process_index())
 
     return batches
 
@@ -190,7 +190,7 @@ def _dense_probe(spec: EvalConfig, opts: DenseProbeOptions, model: nn.Module,
             return lambda: input_lib.eval_batches(
                 source.dataset(pi, pc).take(k) if train else source.dataset(pi, pc).skip(k),
                 preprocess, local_batch=local_batch,
-                num_batches=input_lib.num_eval_batches(count, local_batch))
+                num_batches=input_lib.num_eval_batches(count, local_batch), seed=pi)
 
         train_batches, test_batches = section(True), section(False)
     return DenseProbeEvaluator(

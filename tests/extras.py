@@ -14,6 +14,8 @@ import pytest
 
 EXTRA_OF = {"torch": "parity", "transformers": "parity", "dinov2": "parity", "skimage": "test",
             "sklearn": "test", "libtpu": "test"}
+# How to install a module that no extra can carry (dinov2's metadata pins an old torch).
+INSTALL_OF = {"dinov2": "pip install --no-deps dinov2==0.0.1.dev2"}
 
 
 def require(module: str) -> ModuleType:
@@ -21,5 +23,5 @@ def require(module: str) -> ModuleType:
     extra = EXTRA_OF[module.split(".")[0]]
     if os.environ.get("SIGLIP_REQUIRE_EXTRAS") == "1":
         return importlib.import_module(module)
-    return pytest.importorskip(
-        module, reason=f"needs {module} (optional): pip install -e '.[{extra}]'")
+    how = INSTALL_OF.get(module.split(".")[0], f"pip install -e '.[{extra}]'")
+    return pytest.importorskip(module, reason=f"needs {module} (optional): {how}")

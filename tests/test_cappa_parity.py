@@ -85,7 +85,8 @@ def test_export_round_trip_is_exact(fixture):
 
 def test_conversion_errors_name_the_problem(fixture):
     params, data = fixture
-    no_mask_row = {**params, "EmbedTargets": {"embedding": params["EmbedTargets"]["embedding"][:50]}}
+    embedding = params["EmbedTargets"]["embedding"]
+    no_mask_row = {**params, "EmbedTargets": {"embedding": embedding[:50]}}
     with pytest.raises(ValueError, match="needs the mask token row"):
         cappa.from_cappa(no_mask_row, data["pos_emb"])
     biased = {**params, "EncDecBlock0": {**params["EncDecBlock0"], "Extra": {}}}

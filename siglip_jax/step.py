@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from siglip_jax.config import ConfigError
 from siglip_jax.objectives import ObjectiveInputs
 from siglip_jax.objectives.selfsup import ema_update, objective_params, teacher_spec
+from siglip_jax.records import ConfigError
 from siglip_jax.sharding import (
     batch_sharded_activations,
     follow_params,

@@ -19,9 +19,9 @@ from flax.typing import VariableDict
 from jax.sharding import Mesh
 
 import siglip_jax.objectives.selfsup as selfsup
-from siglip_jax.config import ConfigError
 from siglip_jax.models.two_towers import Model
 from siglip_jax.objectives.base import ObjectiveInputs, ShapeSpecs, TrainRun
+from siglip_jax.records import ConfigError
 
 NAME = "self_distillation"
 VIEWS_KEY = "local_views"

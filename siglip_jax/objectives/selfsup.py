@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax.typing import VariableDict
 
-from siglip_jax.config import ConfigError
 from siglip_jax.models.config import ImageTowerConfig
 from siglip_jax.objectives.base import Objective, TrainRun
+from siglip_jax.records import ConfigError
 
 # ----------------------------------------------------------------------------- options
 

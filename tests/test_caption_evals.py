@@ -75,7 +75,8 @@ def test_text_and_box_scores_by_hand():
 
 class Oracle(nn.Module):
     """Pixels [0, :L, 0] of an image hold a decoder sequence; decode predicts it exactly
-    (next id for causal runs, the id itself for parallel runs), whatever the prompt."""
+    (the id at each position: causal runs get CapPa's shifted input, parallel runs the mask
+    ids), whatever the prompt."""
 
     text: dict
     decoder: dict
@@ -88,9 +89,8 @@ class Oracle(nn.Module):
 
     def decode(self, image_tokens, tokens, *, parallel, train=False, image_mask=None):
         seq = image_tokens[..., 0].astype(jnp.int32)[:, :tokens.shape[1]]
-        target = seq if parallel else jnp.pad(seq[:, 1:], ((0, 0), (0, 1)))
-        size = DecoderVocab(self.text["vocab_size"], self.decoder["num_bins"]).size
-        return jax.nn.one_hot(target, size) * 10.0
+        size = DecoderVocab(self.text["vocab_size"], self.decoder["num_bins"]).mask_id
+        return jax.nn.one_hot(seq, size) * 10.0
 
 
 def paint(seq):

@@ -58,13 +58,14 @@ def test_training_inputs_of_both_modes_on_a_hand_made_example():
         TOKENS, TARGET_MASK, PARALLEL, VOCAB.mask_id))
     m = 18
     assert VOCAB.mask_id == m
-    # Autoregressive: the input is the sequence; position i predicts token i + 1.
-    np.testing.assert_array_equal(inputs[0], [15, 3, 4, 1, 0, 0, 0, 0])
-    np.testing.assert_array_equal(targets[0], [3, 4, 1, 0, 0, 0, 0, 0])
-    np.testing.assert_array_equal(weights[0], [1, 1, 1, 0, 0, 0, 0, 0])
-    np.testing.assert_array_equal(inputs[2], [17, 10, 11, 12, 13, 6, 7, 1])
-    np.testing.assert_array_equal(weights[2], [0, 0, 0, 0, 1, 1, 1, 0])
-    np.testing.assert_array_equal(targets[2][4:7], [6, 7, 1])
+    # Autoregressive (big_vision CapPa): the input is the sequence shifted right with id 0
+    # first; position i predicts token i.
+    np.testing.assert_array_equal(inputs[0], [0, 15, 3, 4, 1, 0, 0, 0])
+    np.testing.assert_array_equal(targets[0], TOKENS[0])
+    np.testing.assert_array_equal(weights[0], [0, 1, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(inputs[2], [0, 17, 10, 11, 12, 13, 6, 7])
+    np.testing.assert_array_equal(weights[2], [0, 0, 0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(targets[2], TOKENS[2])
     # Parallel: targets and padding become the mask id; each target position predicts itself.
     np.testing.assert_array_equal(inputs[1], [16, 5, m, m, m, m, m, m])
     np.testing.assert_array_equal(targets[1], TOKENS[1])
@@ -80,8 +81,9 @@ def _log_softmax(x):
 
 
 def reference_loss(model, params, image_tokens, tokens, target_mask, parallel, image_mask=None):
-    """(mean CE, accuracy): autoregressive rows feed tokens[:, :-1] and predict tokens[:, 1:];
-    parallel rows feed the sequence with targets and padding set to the mask id."""
+    """(mean CE, accuracy): autoregressive rows feed [0, tokens[:, :-1]] and predict tokens
+    (big_vision CapPa's shift); parallel rows feed the sequence with targets and padding set
+    to the mask id."""
     total = hits = count = 0.0
     for mode in (False, True):
         rows = np.flatnonzero(np.asarray(parallel) == mode)
@@ -92,7 +94,9 @@ def reference_loss(model, params, image_tokens, tokens, target_mask, parallel, i
             x = np.where((target_mask[rows] > 0) | (t == 0), VOCAB.mask_id, t)
             y, w = t, target_mask[rows]
         else:
-            x, y, w = tokens[rows, :-1], tokens[rows, 1:], target_mask[rows, 1:]
+            t = tokens[rows]
+            x = np.concatenate([np.zeros_like(t[:, :1]), t[:, :-1]], axis=1)
+            y, w = t, target_mask[rows]
         m = None if image_mask is None else image_mask[rows]
         logits = jax.jit(lambda p, i, x, m, mode=mode: model.apply(
             {"params": p}, i, x, parallel=mode, image_mask=m, method="decode"))(
@@ -166,7 +170,8 @@ def test_zero_initialised_head_gives_the_uniform_loss_log_v():
     objective = dec_objective.make(run, dict(run.loss.objectives["decoder"]), None)
     loss, _ = jax.jit(lambda p, b, i: objective(_objective_inputs(model, p, b, i)))(
         params, batch, jnp.ones((4, 5, 32)))
-    np.testing.assert_allclose(loss, np.log(VOCAB.size), rtol=1e-6)
+    # V = the output vocabulary: every id but the mask id (an input only, as in CapPa).
+    np.testing.assert_allclose(loss, np.log(VOCAB.mask_id), rtol=1e-6)
 
 
 def test_self_attention_is_causal_unless_parallel_and_padding_patches_are_ignored():
@@ -281,7 +286,7 @@ def test_train_step_with_decoder_ring_loss_accumulation_and_fsdp_on_8_devices():
     metrics = jax.device_get(metrics)
     assert bool(metrics["finite"]) and np.isfinite(metrics["loss"])
     # Zero-init head: every micro-batch's decoder loss is log V exactly at step 0.
-    np.testing.assert_allclose(metrics["decoder/loss"], np.log(VOCAB.size), rtol=1e-5)
+    np.testing.assert_allclose(metrics["decoder/loss"], np.log(VOCAB.mask_id), rtol=1e-5)
     np.testing.assert_allclose(metrics["loss"], metrics["sigmoid/loss"]
                                + 0.5 * metrics["decoder/loss"], rtol=1e-5)
     params1 = jax.device_get(state["params"])
@@ -302,7 +307,7 @@ def test_train_step_with_decoder_ring_loss_accumulation_and_fsdp_on_8_devices():
                                   local["dec_tokens"][sl], local["dec_target_mask"][sl],
                                   local["dec_parallel"][sl])[0])
     np.testing.assert_allclose(metrics["decoder/loss"], np.mean(ref), rtol=1e-4)
-    assert metrics["decoder/loss"] < np.log(VOCAB.size)
+    assert metrics["decoder/loss"] < np.log(VOCAB.mask_id)
 
 
 def test_config_errors_are_one_line_and_name_the_key():
@@ -324,8 +329,9 @@ def test_config_errors_are_one_line_and_name_the_key():
     # Defaults follow the text tower: same width/heads/MLP, half the depth.
     model, params = _init()
     dec = params["dec"]
-    assert dec["embed"]["embedding"].shape == (VOCAB.size, 16)
-    assert dec["head"]["kernel"].shape == (16, VOCAB.size)
+    assert dec["embed"]["embedding"].shape == (VOCAB.size, 16)  # The last row: the mask id.
+    assert dec["head"]["kernel"].shape == (16, VOCAB.mask_id)
+    assert set(dec["decoderblock_0"]["self_attn"]["query"]) == {"kernel"}  # No bias (CapPa).
     assert dec["decoderblock_0"]["mlp"]["Dense_0"]["kernel"].shape == (16, 32)
     assert "decoderblock_1" not in dec and "img_proj" in dec  # Image width 32 -> 16.
     with pytest.raises(ValueError, match="length 9 > model.decoder.max_len 8"):
@@ -350,7 +356,7 @@ def test_planner_decoder_flops_and_activations_match_xla():
     image = jax.ShapeDtypeStruct((b, n, 96), jnp.float32)
     tokens = jax.ShapeDtypeStruct((b, 32), jnp.int32)
     shape = cost_model.decoder_shape(model, n)
-    assert (shape.depth, shape.width, shape.vocab_size) == (2, 128, 1000 + 100 + 4)
+    assert (shape.depth, shape.width, shape.vocab_size) == (2, 128, 1000 + 100 + 3)
     fwd = jax.jit(lambda p, i, t: model.apply({"params": p}, i, t, parallel=False,
                                               method="decode")).lower(params, image, tokens)
     analytic = b * cost_model.decoder_forward_flops(shape)
@@ -385,13 +391,14 @@ def test_full_model_init_from_a_checkpoint_without_decoder_keeps_a_fresh_decoder
 def test_scanned_remat_decoder_computes_the_same_as_the_unscanned_one():
     from siglip_jax.models.decoder import Decoder
 
-    kw = dict(vocab_size=VOCAB.size, width=16, depth=2, mlp_dim=32, num_heads=2, max_len=L)
+    kw = dict(vocab_size=VOCAB.mask_id, width=16, depth=2, mlp_dim=32, num_heads=2, max_len=L)
     plain, scanned = Decoder(**kw), Decoder(**kw, scan=True, remat_policy="nothing_saveable")
     image = jax.random.normal(jax.random.key(4), (2, 3, 16))
     tokens, parallel = jnp.asarray(TOKENS[:2]), jnp.array([False, True])
     params = jax.jit(plain.init, static_argnames="parallel")(
         jax.random.key(0), tokens, image, parallel=True)["params"]
-    params = {**params, "head": {"kernel": jax.random.normal(jax.random.key(1), (16, VOCAB.size)),
+    params = {**params, "head": {"kernel": jax.random.normal(jax.random.key(1),
+                                                             (16, VOCAB.mask_id)),
                                  "bias": params["head"]["bias"]}}
     blocks = [params.pop(f"decoderblock_{i}") for i in range(2)]
     stacked = {**params, "decoderblock": jax.tree.map(lambda *x: jnp.stack(x), *blocks)}

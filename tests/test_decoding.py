@@ -53,16 +53,18 @@ def _decoder(model, parallel):
 
 def reference_greedy(run, params, tokens_nxw, prompt, *, box=False):
     """One row: append the argmax of the LAST position of a fresh decoder run (`run`, causal)
-    on exactly the ids so far, until eos or length L; box rows take 4 location ids then eos."""
+    on exactly CapPa's input for the next id (id 0, then the ids so far), until eos or length
+    L; box rows take 4 location ids then eos."""
     seq = list(prompt)
     while len(seq) < L and (len(seq) == len(prompt) or seq[-1] != EOS):
-        logits = run(params, tokens_nxw[None], jnp.array([seq]))[0, -1]
+        logits = run(params, tokens_nxw[None], jnp.array([[0] + seq]))[0, -1]
         logits = np.asarray(logits, np.float64)
+        assert logits.shape == (VOCAB.mask_id,)  # The mask id is an input, never an output.
         if box:
             k = len(seq) - len(prompt)
-            allowed = (np.arange(VOCAB.size) >= VOCAB.loc_start) & (
-                np.arange(VOCAB.size) < VOCAB.loc_start + BINS) if k < 4 else (
-                np.arange(VOCAB.size) == EOS)
+            ids = np.arange(len(logits))
+            allowed = (ids >= VOCAB.loc_start) & (ids < VOCAB.loc_start + BINS) if k < 4 else (
+                ids == EOS)
             logits = np.where(allowed, logits, -np.inf)
         seq.append(int(np.argmax(logits)))
     return seq + [0] * (L - len(seq))

@@ -18,8 +18,9 @@ def test_every_objective_trains_and_switches_on_when_configured(siglip2_run):
     steps = {r["step"]: r for r in siglip2_run.records if "loss" in r}
     assert sorted(steps) == list(range(1, STEPS + 1))
     vocab = DecoderVocab(64, 32)  # demo tokenizer's 64 pieces, 32 location bins
-    # The decoder's output layer starts at zero: uniform over the vocabulary at step 1.
-    assert steps[1]["decoder/loss"] == pytest.approx(math.log(vocab.size), rel=1e-5)
+    # The decoder's output layer starts at zero: uniform over the output vocabulary (every
+    # id but the mask id, as in big_vision CapPa) at step 1.
+    assert steps[1]["decoder/loss"] == pytest.approx(math.log(vocab.mask_id), rel=1e-5)
     for name in ("self_distillation/loss", "masked_prediction/loss"):
         assert steps[1][name] == 0.0 and steps[2][name] == 0.0  # before round(0.5 · 4) = 2
         assert steps[3][name] > 0.0 and steps[4][name] > 0.0

@@ -40,7 +40,7 @@ TOWER_PARTS = ("img", "txt", "t", "b")
 PARTS = ("towers", "decoder", "teacher")
 FORMATS = ("npz", "hf")
 DECODER_FORMAT = "siglip_jax.decoder"
-DECODER_VERSION = 1
+DECODER_VERSION = 2  # 2: big_vision CapPa layout (no attention biases, head without the mask id).
 TOKENIZER_FILES = {"siglip": "spiece.model", "siglip2": "tokenizer.model"}
 
 

@@ -8,7 +8,8 @@ Its ids are laid out as
     then one id per task in TASKS           the task prompt at position 0 of every sequence
     then mask_id                            the input at positions predicted in parallel
 
-so the decoder's embedding and output layer have `size` rows. Text id 0 pads a sequence and
+so the decoder's embedding has `size` rows; its output layer has `size - 1` (= mask_id:
+the mask id is an input only, as in big_vision CapPa). Text id 0 pads a sequence and
 `eos_id` (the tokenizer's EOS, 1 in the T5 and Gemma layouts) ends it.
 
 Boxes are (ymin, xmin, ymax, xmax) in [0, 1] (the TFDS detection convention). Each
@@ -72,7 +73,8 @@ class DecoderVocab:
 
     @property
     def size(self) -> int:
-        """Number of ids (rows of the decoder's embedding and output layer)."""
+        """Number of ids (rows of the decoder's embedding; the logits cover the first
+        `mask_id` = size - 1)."""
         return self.mask_id + 1
 
 

@@ -1,22 +1,30 @@
-"""The LocCa caption decoder (SigLIP 2): a transformer decoder over the un-pooled image tokens.
+"""The LocCa caption decoder (SigLIP 2): big_vision CapPa's transformer decoder over the
+un-pooled image tokens.
 
-`Decoder(...)(tokens_bxl, image_bxnxw, parallel=..., image_mask=None, train=False)` returns
-float32 logits [B, L, V] over the decoder vocabulary (`data/locca.DecoderVocab`: text ids,
-location bins, task tokens, the mask id). Layout (params under the two-towers `dec/`):
+`Decoder(...)(inputs_bxl, image_bxnxw, parallel=..., image_mask=None, train=False)` returns
+float32 logits [B, L, vocab_size] over the decoder's output vocabulary (`data/locca.
+DecoderVocab`: text ids, location bins, task tokens); the embedding has one more row, the
+mask token of parallel prediction, id `vocab_size` (= DecoderVocab.mask_id). Layout (params
+under the two-towers `dec/`; `checkpoints/cappa.py` maps it to big_vision CapPa's names):
 
-  `embed`          token embedding [V, D]
+  `embed`          token embedding [vocab_size + 1, D]
   `pos_embedding`  learned position embedding [1, max_len, D] (sliced to L)
   `img_proj`       Dense image width -> D, only when the image tower's width differs from D
   `decoderblock_{i}` (or `decoderblock` stacked over depth when scanned), pre-LN:
-                   x + SelfAttn(LN(x)); x + CrossAttn(LN(x), image); x + MLP(LN(x))
+                   x + SelfAttn(LN(x)); x + CrossAttn(LN(x), image); x + MLP(LN(x)),
+                   attention without biases
   `decoder_norm`   final LayerNorm
-  `head`           Dense D -> V (zero-initialised kernel, as big_vision CapPa's logits layer)
+  `head`           Dense D -> vocab_size (zero-initialised kernel, with bias)
 
-Self-attention is causal for autoregressive examples and full for parallel (CapPa) ones;
-`parallel` is a python bool or a bool array [B] (mixed batches). Cross-attention keys are
-the image tokens, with an optional key mask [B, N] (True = real patch; NaFlex padding).
-`decoder_kwargs` resolves the `model.decoder` config dict; unset keys follow the text tower
-(width, mlp_dim, heads, dtype, scan, remat) with half its depth (SigLIP 2 §2.2).
+The module embeds the ids it is given: the callers build CapPa's inputs (`training_inputs`,
+models/decoding.py): autoregressive rows are fed the sequence shifted right by one with id 0
+first (`shift_right`), so position i predicts token i; parallel rows are fed the mask id at
+the positions to predict. Self-attention is causal for autoregressive rows and full for
+parallel ones; `parallel` is a python bool or a bool array [B] (mixed batches).
+Cross-attention keys are the image tokens, with an optional key mask [B, N] (True = real
+patch; NaFlex padding). `decoder_kwargs` resolves the `model.decoder` config dict; unset keys
+follow the text tower (width, mlp_dim, heads, dtype, scan, remat) with half its depth
+(SigLIP 2 §2.2).
 """
 
 from __future__ import annotations
@@ -48,7 +56,8 @@ DEFAULT_MAX_LEN = 64  # SigLIP 2's text length.
 
 
 class DecoderBlock(nn.Module):
-    """Pre-LN decoder block: self-attention, cross-attention to the image, MLP. -> (x, None)."""
+    """Pre-LN decoder block (big_vision CapPa's EncoderDecoderBlock): self-attention,
+    cross-attention to the image, MLP; attention without biases. -> (x, None)."""
 
     mlp_dim: int | None = None
     num_heads: int = 8
@@ -61,24 +70,24 @@ class DecoderBlock(nn.Module):
                  self_mask: jax.Array | None, image_mask_bxn: jax.Array | None,
                  deterministic: bool = True) -> tuple[jax.Array, None]:
         """One block; `self_mask` [B|1, 1, L, L] (True = may attend), image key mask [B, N]."""
-        attn = dict(num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
-                    dtype=self.dtype, param_dtype=self.param_dtype, deterministic=True)
+        attn = dict(num_heads=self.num_heads, use_bias=False, dropout_rate=self.dropout,
+                    broadcast_dropout=False, dtype=self.dtype, param_dtype=self.param_dtype)
         x_bxlxd = constrain_batch(x_bxlxd)
         y = nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype, name="ln_self")(x_bxlxd)
-        y = nn.MultiHeadDotProductAttention(**attn, name="self_attn")(y, y, mask=self_mask)
+        y = nn.MultiHeadDotProductAttention(**attn, name="self_attn")(
+            y, y, mask=self_mask, deterministic=deterministic)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
         x_bxlxd = constrain_batch(x_bxlxd + y)
 
         y = nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype, name="ln_cross")(x_bxlxd)
         y = nn.MultiHeadDotProductAttention(**attn, name="cross_attn")(
-            y, image_bxnxd, mask=key_mask(image_mask_bxn))
+            y, image_bxnxd, mask=key_mask(image_mask_bxn), deterministic=deterministic)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
         x_bxlxd = constrain_batch(x_bxlxd + y)
 
         y = nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype, name="ln_mlp")(x_bxlxd)
         y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
                      param_dtype=self.param_dtype, name="mlp")(y, deterministic)
-        y = nn.Dropout(rate=self.dropout)(y, deterministic)
         return constrain_batch(x_bxlxd + y), None
 
 
@@ -92,7 +101,11 @@ def self_attention_mask(length: int, parallel: bool | jax.Array) -> jax.Array | 
 
 
 class Decoder(nn.Module):
-    """Transformer decoder with cross-attention to image tokens (see the module docstring)."""
+    """Transformer decoder with cross-attention to image tokens (see the module docstring).
+
+    `vocab_size` is the output vocabulary (big_vision CapPa's `output_vocab_size`); the
+    embedding has `vocab_size + 1` rows, the last one the mask token (`mask_id`).
+    """
 
     vocab_size: int
     width: int = 512
@@ -106,22 +119,28 @@ class Decoder(nn.Module):
     scan: bool = False
     remat_policy: str = REMAT_NONE
 
+    @property
+    def mask_id(self) -> int:
+        """The id of the mask token fed at the positions predicted in parallel."""
+        return self.vocab_size
+
     @nn.compact
     def __call__(self, tokens_bxl: jax.Array, image_bxnxw: jax.Array, *,
                  parallel: bool | jax.Array, image_mask: jax.Array | None = None,
                  train: bool = False) -> jax.Array:
-        """Logits [B, L, vocab_size] (float32) of decoder ids [B, L] given image tokens."""
+        """Logits [B, L, vocab_size] (float32) of decoder input ids [B, L] (in
+        [0, vocab_size]) given image tokens."""
         _, length = tokens_bxl.shape
         if length > self.max_len:
             raise ValueError(f"decoder input has length {length} > model.decoder.max_len "
                              f"{self.max_len}")
-        x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+        x = nn.Embed(self.vocab_size + 1, self.width, dtype=self.dtype,
+                     param_dtype=self.param_dtype,
                      embedding_init=nn.initializers.normal(stddev=1.0), name="embed")(
                          jnp.asarray(tokens_bxl, jnp.int32))
         pe = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(self.width)),
                         (1, self.max_len, self.width), self.param_dtype)
-        x = constrain_batch(x + pe[:, :length].astype(x.dtype))
-        x = nn.Dropout(rate=self.dropout)(x, not train)
+        x = constrain_batch(x + pe[:, :length].astype(x.dtype))  # No input dropout (CapPa).
 
         image = jnp.asarray(image_bxnxw, self.dtype or jnp.float32)
         if image.shape[-1] != self.width:
@@ -215,30 +234,35 @@ def decoder_kwargs(cfg: Mapping[str, object], text: Mapping[str, object]) -> dic
 def make_decoder(cfg: Mapping[str, object], text: Mapping[str, object], text_vocab: int,
                  **module_kw: object) -> Decoder:
     """The Decoder of a `model.decoder` dict; its vocabulary is DecoderVocab(text_vocab,
-    num_bins) (text ids, location bins, task tokens, mask id)."""
+    num_bins): logits over the text ids, location bins and task tokens, and the embedding's
+    extra row is the mask id (DecoderVocab.mask_id = the output vocabulary's size)."""
     kw = decoder_kwargs(cfg, text)
     vocab = DecoderVocab(int(text_vocab), kw.pop("num_bins"))
-    return Decoder(vocab_size=vocab.size, **kw, **module_kw)
+    return Decoder(vocab_size=vocab.mask_id, **kw, **module_kw)
+
+
+def shift_right(tokens_bxl: jax.Array) -> jax.Array:
+    """The autoregressive decoder input of a sequence: id 0 first, then tokens[:, :-1]
+    (big_vision CapPa's `shift_right`), so the logits at position i predict tokens[:, i]."""
+    tokens_bxl = jnp.asarray(tokens_bxl, jnp.int32)
+    return jnp.pad(tokens_bxl, ((0, 0), (1, 0)))[:, :-1]
 
 
 def training_inputs(tokens_bxl: jax.Array, target_mask_bxl: jax.Array, parallel_b: jax.Array,
                     mask_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(inputs [B, L], targets [B, L], weights [B, L]) of one decoder forward pass of length L.
+    """(inputs [B, L], targets [B, L], weights [B, L]) of one decoder forward pass of length L,
+    as big_vision CapPa feeds its decoder: target at i = tokens[i], weight target_mask[i],
+    in both modes.
 
-    Autoregressive rows: input = tokens (position i sees tokens <= i, causal), target at i =
-    tokens[i + 1] with weight target_mask[i + 1] (0 at the last position): the same loss as
-    feeding tokens[:, :-1] and predicting tokens[:, 1:]. Parallel rows (CapPa): input = tokens
-    with the target positions and the padding after them (id 0) replaced by `mask_id` (so the
-    input does not reveal the target length), target at i = tokens[i], weight target_mask[i].
+    Autoregressive rows: input = `shift_right(tokens)` (id 0, then tokens[:-1]; causal
+    self-attention, so position i sees tokens < i). Parallel rows: input = tokens with the
+    target positions and the padding after them (id 0) replaced by `mask_id` (so the input
+    does not reveal the target length); the prompt `[task, prefix...]` stays visible.
     """
     tokens_bxl = jnp.asarray(tokens_bxl, jnp.int32)
     mask_bxl = jnp.asarray(target_mask_bxl, jnp.float32)
     par_bx1 = jnp.asarray(parallel_b, bool).reshape(-1, 1)
-    next_bxl = jnp.pad(tokens_bxl[:, 1:], ((0, 0), (0, 1)))
-    next_mask_bxl = jnp.pad(mask_bxl[:, 1:], ((0, 0), (0, 1)))
     hidden_bxl = (mask_bxl > 0) | (tokens_bxl == 0)
     masked_bxl = jnp.where(hidden_bxl, jnp.int32(mask_id), tokens_bxl)
-    inputs = jnp.where(par_bx1, masked_bxl, tokens_bxl)
-    targets = jnp.where(par_bx1, tokens_bxl, next_bxl)
-    weights = jnp.where(par_bx1, mask_bxl, next_mask_bxl)
-    return inputs, targets, weights
+    inputs = jnp.where(par_bx1, masked_bxl, shift_right(tokens_bxl))
+    return inputs, tokens_bxl, mask_bxl

@@ -5,19 +5,21 @@ Sequences are decoder ids [B, L] (`data/locca.DecoderVocab`): a prompt `[task, p
 of `prefix_len` ids, then the generated ids up to and including eos, then 0 (pad).
 
 Greedy: a fixed-shape `lax.while_loop` over positions. At step t the decoder runs on the
-whole current sequence (causal self-attention, so ids after t do not matter) and the argmax
-of its logits at t becomes id t + 1 for every row whose prompt ends at or before t + 1 and
-that has not produced eos yet. The loop stops when every row is done or the sequence is full
-(L - 1 steps at most). There is no key/value cache: each step re-runs the decoder on L ids,
-O(L²) decoder work per sequence, fine for evaluation-sized decoders and short targets.
+whole current sequence shifted right by one (CapPa's autoregressive input, id 0 first:
+models/decoder.shift_right; causal self-attention, so ids after t do not matter) and the
+argmax of its logits at position t + 1 becomes id t + 1 for every row whose prompt ends at
+or before t + 1 and that has not produced eos yet. The loop stops when every row is done or
+the sequence is full (L - 1 steps at most). There is no key/value cache: each step re-runs
+the decoder on L ids, O(L²) decoder work per sequence, fine for evaluation-sized decoders
+and short targets.
 
 Box constraint (`box_rows`, e.g. the "aref" rows): the 4 ids after the prompt are restricted
 to the location ids and the 5th is eos, so a referring answer always parses as a box. Other
 rows are unconstrained (any id may follow).
 
 Parallel (CapPa): one decoder pass with full self-attention on `[prompt, mask_id...]` (the
-same inputs as parallel training, models/decoder.training_inputs); the argmax at every
-position after the prompt is the output, cut after the first eos.
+same inputs as parallel training, models/decoder.training_inputs; no shift); the argmax at
+every position after the prompt is the output, cut after the first eos.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import jax.numpy as jnp
 from flax.typing import VariableDict
 
 from siglip_jax.data.locca import DecoderVocab
+from siglip_jax.models.decoder import shift_right
 from siglip_jax.models.two_towers import ImageBatch, Model
 
 BOX_TOKENS = 4
-LogitsFn = Callable[[jax.Array], jax.Array]  # ids [B, L] -> logits [B, L, V]
+LogitsFn = Callable[[jax.Array], jax.Array]  # decoder input ids [B, L] -> logits [B, L, V]
 
 
 def prompt_mask(prefix_len_b: jax.Array, length: int) -> jax.Array:
@@ -46,7 +49,9 @@ def greedy_decode(logits_fn: LogitsFn, prompt_bxl: jax.Array, prefix_len_b: jax.
     """Greedy autoregressive decoding (see the module docstring) -> ids int32 [B, L].
 
     Args:
-      logits_fn: causal decoder logits [B, L, V] of ids [B, L] (the image is closed over).
+      logits_fn: causal decoder logits [B, L, V] of input ids [B, L] (the image is closed
+        over); it is given the sequence shifted right (position p sees ids < p and predicts
+        id p).
       prompt_bxl: the prompts, left-aligned; ids at positions >= prefix_len are ignored.
       prefix_len_b: prompt lengths (>= 1: the task token).
       eos_id: the id that ends a row.
@@ -67,8 +72,9 @@ def greedy_decode(logits_fn: LogitsFn, prompt_bxl: jax.Array, prefix_len_b: jax.
 
     def body(carry):
         t, tokens, done_b = carry
-        logits_bxv = jax.lax.dynamic_index_in_dim(logits_fn(tokens), t, axis=1, keepdims=False)
         pos = t + 1  # The position being written.
+        logits_bxv = jax.lax.dynamic_index_in_dim(logits_fn(shift_right(tokens)), pos, axis=1,
+                                                  keepdims=False)
         if loc_range is not None:
             vocab = jnp.arange(logits_bxv.shape[-1])
             is_loc_v = (vocab >= loc_range[0]) & (vocab < loc_range[1])

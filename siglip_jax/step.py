@@ -23,9 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from siglip_jax.config import ConfigError
-from siglip_jax.objectives import ObjectiveInputs
+from siglip_jax.models.two_towers import Model
+from siglip_jax.objectives import Objective, ObjectiveInputs
 from siglip_jax.objectives.selfsup import ema_update, objective_params, teacher_spec
 from siglip_jax.sharding import (
     batch_sharded_activations,
@@ -39,7 +41,8 @@ State = dict[str, Any]  # {"params", "opt_state", "step"} (+ "teacher" when obje
 SWITCH_ON_SALT = 0x5357_4F4E  # Folded into the seed's key for the heads' draw at switch-on.
 
 
-def example_image(shape: tuple[int, ...] | Mapping[str, tuple[int, ...]]) -> Any:
+def example_image(shape: tuple[int, ...] | Mapping[str, tuple[int, ...]]
+                  ) -> jax.Array | dict[str, jax.Array]:
     """A dummy image batch for model.init: zeros [B, H, W, 3], or for a NaFlex shape dict
     {"patches", "mask", "spatial_shapes"} a patch batch whose images are 1x1 patch grids."""
     if isinstance(shape, Mapping):
@@ -49,15 +52,15 @@ def example_image(shape: tuple[int, ...] | Mapping[str, tuple[int, ...]]) -> Any
     return jnp.zeros(shape, jnp.float32)
 
 
-def abstract_params(model: Any, batch_shapes: Mapping[str, Any],
-                    objectives: Sequence[Any] = ()) -> Any:
+def abstract_params(model: Model, batch_shapes: Mapping[str, object],
+                    objectives: Sequence[Objective] = ()) -> optax.Params:
     """Parameter shapes and dtypes (the model's, plus the objectives' heads), without
     allocating anything."""
     return jax.eval_shape(_params_init(model, batch_shapes, objectives), jax.random.key(0))
 
 
-def _params_init(model: Any, batch_shapes: Mapping[str, Any],
-                 objectives: Sequence[Any]) -> Callable[[Any], dict[str, Any]]:
+def _params_init(model: Model, batch_shapes: Mapping[str, object],
+                 objectives: Sequence[Objective]) -> Callable[[jax.Array], dict[str, object]]:
     """rng → the model's params on dummy inputs of `batch_shapes`, plus the objectives' heads."""
 
     def init(rng):
@@ -68,8 +71,8 @@ def _params_init(model: Any, batch_shapes: Mapping[str, Any],
     return init
 
 
-def _init_fn(model: Any, tx: optax.GradientTransformation,
-             batch_shapes: Mapping[str, tuple[int, ...]], objectives: Sequence[Any] = ()
+def _init_fn(model: Model, tx: optax.GradientTransformation,
+             batch_shapes: Mapping[str, tuple[int, ...]], objectives: Sequence[Objective] = ()
              ) -> Callable:
 
     teacher = teacher_spec(objectives)
@@ -86,7 +89,7 @@ def _init_fn(model: Any, tx: optax.GradientTransformation,
     return init_all
 
 
-def state_shardings(abstract_params: Any, tx: optax.GradientTransformation, mesh: Any,
+def state_shardings(abstract_params: optax.Params, tx: optax.GradientTransformation, mesh: Mesh,
                     rules: Sequence, teacher_parts: Sequence[str] = ()) -> tuple[State, State]:
     """(abstract state, shardings) for params of the given shapes; nothing is allocated.
 
@@ -110,10 +113,10 @@ def state_shardings(abstract_params: Any, tx: optax.GradientTransformation, mesh
     return abstract, shardings
 
 
-def init_state(model: Any, tx: optax.GradientTransformation,
-               batch_shapes: Mapping[str, tuple[int, ...]], mesh: Any, rules: Sequence,
-               seed: int, pretrained: Mapping[str, Any] | None = None,
-               objectives: Sequence[Any] = (), *,
+def init_state(model: Model, tx: optax.GradientTransformation,
+               batch_shapes: Mapping[str, tuple[int, ...]], mesh: Mesh, rules: Sequence,
+               seed: int, pretrained: Mapping[str, optax.Params] | None = None,
+               objectives: Sequence[Objective] = (), *,
                abstract: tuple[State, State] | None = None) -> tuple[State, State]:
     """Creates the sharded train state; returns (state, state_shardings).
 
@@ -136,7 +139,8 @@ def init_state(model: Any, tx: optax.GradientTransformation,
     return state, shardings
 
 
-def check_pretrained(abstract: Mapping[str, Any], pretrained: Mapping[str, Any]) -> None:
+def check_pretrained(abstract: Mapping[str, optax.Params],
+                     pretrained: Mapping[str, optax.Params]) -> None:
     """Raises ConfigError listing the first mismatching keys between model and checkpoint."""
     problems = []
     for part, tree in pretrained.items():
@@ -157,7 +161,8 @@ def check_pretrained(abstract: Mapping[str, Any], pretrained: Mapping[str, Any])
                           + more)
 
 
-def micro_batches(batch: Mapping[str, Any], accum_steps: int) -> dict[str, Any]:
+def micro_batches(batch: Mapping[str, optax.Params], accum_steps: int
+                  ) -> dict[str, optax.Params]:
     """[B, ...] → [accum, B/accum, ...] where micro-batch m takes rows m, m+accum, …, so every
     micro-batch is spread evenly over the devices holding the batch (any nesting of leaves,
     e.g. a NaFlex image dict)."""
@@ -180,7 +185,7 @@ class HeadRestart:
     init: Callable[[jax.Array], dict[str, object]]  # rng -> {part: params}.
 
 
-def head_restarts(objectives: Sequence[object]) -> tuple[HeadRestart, ...]:
+def head_restarts(objectives: Sequence[Objective]) -> tuple[HeadRestart, ...]:
     """The objectives with own params (`init_params`) and a switch-on step `start` > 0."""
     out = []
     for index, objective in enumerate(objectives):
@@ -261,11 +266,11 @@ def _restart_at_start(state: State, tx: optax.GradientTransformation, restart: H
     return out
 
 
-def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: Callable,
-                    lr_fn: Callable, *, frozen: Any = None, accum_steps: int = 1,
-                    skip_nonfinite: bool = False, mesh: Any = None,
-                    batch_axes: Sequence[str] = (), objectives: Sequence[Callable] = (),
-                    seed: int = 0) -> Callable[[State, Any], tuple[State, dict]]:
+def make_train_step(model: Model, tx: optax.GradientTransformation, loss_fn: Callable,
+                    lr_fn: Callable, *, frozen: optax.Params | None = None,
+                    accum_steps: int = 1, skip_nonfinite: bool = False, mesh: Mesh | None = None,
+                    batch_axes: Sequence[str] = (), objectives: Sequence[Objective] = (),
+                    seed: int = 0) -> Callable[[State, Mapping[str, object]], tuple[State, dict]]:
     """The pure step (state, batch) → (state, metrics), to be jitted by the caller.
 
     Args:
@@ -355,7 +360,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: Calla
     return train_step
 
 
-def frozen_mask(labels: Any, frozen_label: str) -> Any | None:
+def frozen_mask(labels: optax.Params, frozen_label: str) -> optax.Params | None:
     """Tree of bools from optimizer group labels; None when nothing is frozen."""
     mask = jax.tree_util.tree_map(lambda label: label == frozen_label, labels)
     return mask if any(jax.tree_util.tree_leaves(mask)) else None

@@ -35,7 +35,6 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from siglip_jax.config import ConfigError
 from siglip_jax.evaluators.common import Embedder
 from siglip_jax.experiment import (
     BatchShapes,
@@ -45,6 +44,7 @@ from siglip_jax.experiment import (
     input_shapes,
     pp_image_size,
 )
+from siglip_jax.records import ConfigError
 from siglip_jax.schema import RunConfig
 from siglip_jax.sharding import mesh_of
 from siglip_jax.tpu_slices import Chip, Slice, compile_only_devices, parse_slice

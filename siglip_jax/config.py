@@ -13,14 +13,12 @@ import ast
 import importlib.util
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-    """A config file, key or value that cannot be used; the message says which and why."""
+from siglip_jax.records import ConfigError
 
 
 def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
@@ -184,23 +182,3 @@ def _literal_or_string(raw: str) -> Any:
 def _type_name(value: Any) -> str:
     return {bool: "a bool", int: "an int", float: "a float", str: "a string",
             tuple: "a tuple", list: "a list"}.get(type(value), type(value).__name__)
-
-
-def to_plain(value: Any) -> Any:
-    """Converts a ConfigDict (or nested values) into plain dicts/lists for JSON or kwargs."""
-    if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
-        return {k: to_plain(v) for k, v in value.items()}
-    if isinstance(value, dict):
-        return {k: to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_plain(v) for v in value)
-    return value
-
-
-def check_keys(section: Mapping[str, object], allowed: Iterable[str], where: str) -> None:
-    """Raises ConfigError if `section` (a mapping) has keys outside `allowed`."""
-    allowed = set(allowed)
-    unknown = sorted(set(section.keys()) - allowed)
-    if unknown:
-        raise ConfigError(f"unknown config key {where}.{unknown[0]}; valid keys under {where}: "
-                          f"{', '.join(sorted(allowed))}")

@@ -28,6 +28,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from siglip_jax.tpu_slices import libtpu_env_defaults
+
 VERBOSE_FLAG = "--verbose"
 VERBOSE_ENV = "SIGLIP_VERBOSE"
 # Environment variables set (unless present) before TensorFlow's first import.
@@ -119,8 +121,6 @@ def quiet_startup(argv: Sequence[str] | None = None) -> list[str]:
         return args
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    from siglip_jax.tpu_slices import libtpu_env_defaults
-
     libtpu_env_defaults()  # libtpu installed (the test extra) on a machine without a TPU.
     from absl import logging as absl_logging  # Its logger class must be set up by absl.
 

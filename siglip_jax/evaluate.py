@@ -19,17 +19,12 @@ text length. Exit codes: 0 ok, 1 checkpoint problem, 2 bad config or arguments.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from siglip_jax.config import ConfigError, collect_overrides, load_config
+from siglip_jax.config import collect_overrides
 from siglip_jax.console import quiet_startup
-from siglip_jax.models.config import make_model, model_kwargs
-from siglip_jax.schema import RunConfig, parse
-from siglip_jax.sharding import mesh_of
+from siglip_jax.shutdown import run_main
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -47,138 +42,16 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, collect_overrides(rest, parser.error)
 
 
-def run_config_spec(checkpoint: str) -> str:
-    """The config.json of the run a checkpoint of ours belongs to; ConfigError if none."""
-    from siglip_jax.checkpoints import loader
-    from siglip_jax.checkpoints.open import resolve_path
-
-    info = loader.checkpoint_info(resolve_path(checkpoint))
-    workdir = info.get("workdir")
-    if info["run_config"] is None or not workdir:
-        raise ConfigError(f"checkpoint {checkpoint!r} ({info['format']}) has no run config; "
-                          "pass --config (a config file with evals)")
-    return os.path.join(workdir, "config.json")
-
-
-def eval_image_shape(run: RunConfig, tokenizer: Any) -> tuple[int, ...]:
-    """[H, W, 3] of the images the first evaluator's pp produces (read from one example)."""
-    from siglip_jax.data.builder import make_source
-    from siglip_jax.data.pp import get_preprocess_fn
-
-    spec = run.evals[0]
-    data = make_source(spec.data, f"evals.{spec.name}.data").dataset(0, 1)
-    data = data.map(get_preprocess_fn(spec.pp, tokenizer=tokenizer))
-    shape = data.element_spec["image"].shape
-    if not shape.is_fully_defined():
-        shape = next(iter(data.take(1)))["image"].shape
-    return tuple(int(d) for d in shape)
-
-
-def evaluate(config: Any, checkpoint: str, log: Callable[[str], None] = print
-             ) -> dict[str, float]:
-    """Runs every evaluator of config.evals on the checkpoint; returns {"<name>/<metric>": v}."""
-    import jax
-
-    from siglip_jax.checkpoints.open import open_model
-    from siglip_jax.data.builder import make_source
-    from siglip_jax.evaluators.builder import build_evaluators
-    from siglip_jax.experiment import resolve_tokenizer
-    from siglip_jax.models.params import param_shapes
-    from siglip_jax.sharding import param_shardings
-
-    run = parse(config)
-    if not run.evals:
-        raise ConfigError("config.evals is empty: there is nothing to evaluate")
-    max_len = run.tokenizer.max_len
-    opened = open_model(checkpoint, defaults={"model": model_kwargs(run.model),
-                                                "text_len": max_len})
-    if opened.text_len != max_len:
-        raise ConfigError(f"config.tokenizer.max_len={max_len} but the checkpoint's text tower "
-                          f"takes {opened.text_len} tokens; pass "
-                          f"--config.tokenizer.max_len={opened.text_len}")
-    model = make_model(opened.model)
-    tokenizer = resolve_tokenizer(run.tokenizer, opened.tokenizer,
-                                  lambda: make_source(run.input.data),
-                                  vocab_size=opened.model.text.vocab_size)
-    image_shape = eval_image_shape(run, tokenizer)
-    abstract = param_shapes(model, tuple(image_shape[:2]), max_len)
-    mesh = mesh_of(run.mesh)
-    shardings = param_shardings(abstract, run.mesh.rules, mesh)
-    log(f"checkpoint {opened.path} ({opened.format}); mesh {dict(mesh.shape)}; "
-        f"images {image_shape}, text length {max_len}")
-    params = opened.fitted_params(abstract)
-    params = jax.tree_util.tree_map(
-        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: x[idx]),
-        params, shardings)
-    evaluators = build_evaluators(run, model=model, mesh=mesh, param_shardings=shardings,
-                                  tokenizer=tokenizer, model_config=opened.model)
-    results: dict[str, float] = {}
-    for name, evaluator in evaluators.items():
-        for key, value in evaluator.run(params).items():
-            results[f"{name}/{key}"] = float(value)
-    return results
-
-
-def format_table(results: dict[str, float]) -> str:
-    """Results as an aligned text table: evaluator, metric, value."""
-    rows = [("evaluator", "metric", "value")]
-    for key, value in results.items():
-        name, _, metric = key.rpartition("/")
-        shown = (str(int(value)) if metric.startswith("num_") or metric == "nonfinite"
-                 else f"{value:.4f}")
-        rows.append((name, metric, shown))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join(f"{a.ljust(widths[0])}  {b.ljust(widths[1])}  {c.rjust(widths[2])}"
-                     for a, b, c in rows)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
     argv = quiet_startup(argv)
-    from siglip_jax.checkpoints.hf import HFCheckpointError
-    from siglip_jax.checkpoints.loader import (
-        CheckpointFormatError,
-        CheckpointMismatchError,
-        CheckpointNotFoundError,
-    )
-    from siglip_jax.data.pp import PPError
-    from siglip_jax.experiment import setup_jax
-    from siglip_jax.sharding import ShardingError
-
-    checkpoint_errors = (CheckpointNotFoundError, CheckpointFormatError,
-                         CheckpointMismatchError, HFCheckpointError)
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        spec = args.config or run_config_spec(args.checkpoint)
-        run = parse(load_config(spec, overrides))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except checkpoint_errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    setup_jax(run)
-    try:
-        results = evaluate(run, args.checkpoint)
-    except (ConfigError, ShardingError, PPError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except checkpoint_errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({k: v if v == v else None for k, v in results.items()}, f, indent=2)
-    nonfinite = [k.rpartition("/")[0] for k, v in results.items() if k.endswith("/nonfinite")]
-    if nonfinite:
-        print(f"error: checkpoint {args.checkpoint!r} gives non-finite scores (NaN/Inf) in "
-              f"{nonfinite}: the model has diverged", file=sys.stderr)
-        return 1
-    return 0
+    # Imported only now, on purpose: evaluation loads TensorFlow and JAX, which read the
+    # logging environment quiet_startup has just set, and `--help` stays instant.
+    from siglip_jax import evaluation
+
+    return evaluation.run_cli(args, overrides)
 
 
 if __name__ == "__main__":
-    from siglip_jax.shutdown import run_main
-
     run_main(main)

@@ -13,20 +13,44 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
 
-from siglip_jax.config import ConfigError
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from siglip_jax import losses, objectives
+from siglip_jax import step as step_lib
+from siglip_jax.checkpoints import big_vision, loader
+from siglip_jax.checkpoints.hf import HFCheckpointError
+from siglip_jax.checkpoints.open import open_model
+from siglip_jax.checkpoints.parts import TOWER_PARTS
+from siglip_jax.data import input as input_lib
+from siglip_jax.data import pp
+from siglip_jax.data.builder import make_source
 from siglip_jax.data.config import SourceConfig
+from siglip_jax.data.pp import get_preprocess_fn
+from siglip_jax.data.sources import Source
+from siglip_jax.data.tokenizer import Tokenizer
 from siglip_jax.models.config import decoder_vocab, make_model
-from siglip_jax.schema import RunConfig, TokenizerConfig, parse
+from siglip_jax.models.two_towers import Model
+from siglip_jax.objectives.base import Objective
+from siglip_jax.objectives.selfsup import teacher_spec
+from siglip_jax.optim import FROZEN, group_labels, make_optimizer
+from siglip_jax.records import ConfigError
+from siglip_jax.schema import RunConfig, TokenizerConfig
+from siglip_jax.sharding import batch_sharding, num_batch_shards
 
-BatchShapes = dict[str, tuple[int, ...]]
+BatchShape = tuple[int, ...] | dict[str, tuple[int, ...]]  # a NaFlex image is a dict
+BatchShapes = dict[str, BatchShape]
+# Where a tokenizer path may come from: a path, a data source or checkpoint with
+# `tokenizer_path`, or a callable returning either.
+TokenizerFallback = str | Source | Callable[[], object] | None
 
 
 def setup_jax(run: RunConfig, num_processes: int = 1) -> None:
     """JAX settings that must be made before the backend starts (CPU device count, RNG)."""
-    import jax
-
     if run.cpu_devices % num_processes:
         raise ConfigError(f"cpu_devices={run.cpu_devices} does not split over {num_processes} "
                           "processes")
@@ -37,13 +61,11 @@ def setup_jax(run: RunConfig, num_processes: int = 1) -> None:
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def resolve_tokenizer(tokenizer: TokenizerConfig, *fallbacks: Any, vocab_size: int | None = None
-                      ) -> Any:
+def resolve_tokenizer(tokenizer: TokenizerConfig, *fallbacks: TokenizerFallback,
+                      vocab_size: int | None = None) -> Tokenizer:
     """The sentencepiece tokenizer: `tokenizer.model` if set, else the first fallback that gives
     a path (a path string, a data source with `tokenizer_path`, or a callable returning either);
     checked against the text tower's `vocab_size`."""
-    from siglip_jax.data.tokenizer import Tokenizer
-
     path = tokenizer.model
     for fallback in fallbacks:
         if path:
@@ -61,7 +83,7 @@ def resolve_tokenizer(tokenizer: TokenizerConfig, *fallbacks: Any, vocab_size: i
     return result
 
 
-def check_vocab(tokenizer: Any, vocab_size: int | None) -> None:
+def check_vocab(tokenizer: Tokenizer, vocab_size: int | None) -> None:
     """The text tower's embedding table must cover every id the tokenizer produces."""
     if vocab_size is not None and tokenizer.vocab_size > int(vocab_size):
         raise ConfigError(f"tokenizer.model {tokenizer.model_path!r} has {tokenizer.vocab_size} "
@@ -84,8 +106,6 @@ def infer_image_size(run: RunConfig) -> tuple[int, int] | None:
 def pp_image_size(pp_string: str, data: SourceConfig) -> tuple[int, int] | None:
     """The image size a pp string produces (its last resize/crop op), else the data source's
     `image_size`; None if neither says."""
-    from siglip_jax.data import pp
-
     size = None
     try:
         calls = pp.parse(pp_string)
@@ -105,8 +125,6 @@ def pp_image_size(pp_string: str, data: SourceConfig) -> tuple[int, int] | None:
 def naflex_budget(run: RunConfig) -> tuple[int, int] | None:
     """(patch size, max_num_patches) of the input pp's `patchify` op (a NaFlex pipeline), or
     None when the pp has none (fixed-resolution images)."""
-    from siglip_jax.data import pp
-
     try:
         calls = pp.parse(run.input.pp)
     except pp.PPError:
@@ -124,14 +142,12 @@ def input_shapes(run: RunConfig, batch: int | None = None) -> BatchShapes | None
     {"patches" [B, N, p·p·3], "mask" [B, N], "spatial_shapes" [B, 2]}) and token ids
     [B, max_len], plus the entries the extra objectives read (siglip_jax.objectives); None when
     the pp does not say the image size."""
-    from siglip_jax import objectives
-
     batch = run.input.global_batch if batch is None else batch
     budget = naflex_budget(run)
     if budget is not None:
         patch, num = budget
-        image: Any = {"patches": (batch, num, patch * patch * 3), "mask": (batch, num),
-                      "spatial_shapes": (batch, 2)}
+        image: BatchShape = {"patches": (batch, num, patch * patch * 3), "mask": (batch, num),
+                             "spatial_shapes": (batch, 2)}
     else:
         image_hw = infer_image_size(run)
         if image_hw is None:
@@ -159,16 +175,10 @@ def check_batch(run: RunConfig, batch_shards: int, processes: int, detail: str =
                           f"{processes} processes (hosts)")
 
 
-def build_input(run: RunConfig, mesh: Any, start_step: int, *, source: Any = None,
-                tokenizer: Any = None) -> tuple[Iterator[dict[str, Any]], Any, Any]:
+def build_input(run: RunConfig, mesh: Mesh, start_step: int, *, source: Source | None = None,
+                tokenizer: Tokenizer | None = None
+                ) -> tuple[Iterator[dict[str, np.ndarray]], Tokenizer, Source]:
     """(this process's batch iterator, the tokenizer, the data source) for training."""
-    import jax
-
-    from siglip_jax.data import input as input_lib
-    from siglip_jax.data.builder import make_source
-    from siglip_jax.data.pp import get_preprocess_fn
-    from siglip_jax.sharding import batch_sharding, num_batch_shards
-
     shards = num_batch_shards(mesh, run.mesh.batch_axes)
     check_batch(run, shards, jax.process_count())
     source = source or make_source(run.input.data)
@@ -189,7 +199,8 @@ def build_input(run: RunConfig, mesh: Any, start_step: int, *, source: Any = Non
 # ----------------------------------------------------------------------------- model_init
 
 
-def load_model_init(run: RunConfig, abstract_params: Mapping[str, Any]) -> dict[str, Any]:
+def load_model_init(run: RunConfig, abstract_params: Mapping[str, optax.Params]
+                    ) -> dict[str, optax.Params]:
     """Pretrained parts named by run.model_init, fitted to the model: {"img": tree, ...}.
 
     Each checkpoint is opened with `open_model` (ours, big_vision .npz or HF directory),
@@ -198,12 +209,7 @@ def load_model_init(run: RunConfig, abstract_params: Mapping[str, Any]) -> dict[
     `full` loads every part the model has (img, txt, t, b; the decoder `dec` only if the
     checkpoint holds one, else it keeps its random init).
     """
-    from siglip_jax.checkpoints import big_vision, loader
-    from siglip_jax.checkpoints.hf import HFCheckpointError
-    from siglip_jax.checkpoints.open import open_model
-    from siglip_jax.checkpoints.parts import TOWER_PARTS
-
-    parts: dict[str, Any] = {}
+    parts: dict[str, optax.Params] = {}
     for part, path in run.model_init.parts().items():
         try:
             params = open_model(path).params
@@ -233,37 +239,25 @@ def load_model_init(run: RunConfig, abstract_params: Mapping[str, Any]) -> dict[
 class StepParts:
     """Everything the jitted train step is made of (see build_step); nothing allocated."""
 
-    model: Any  # two_towers.Model
-    tx: Any  # optax.GradientTransformation
-    lr_fn: Callable[[Any], Any]  # step -> learning rate (first trained group)
-    frozen: Any | None  # tree of bools like the params (True = frozen), None if none is
-    abstract_state: dict[str, Any]  # ShapeDtypeStructs carrying their shardings
-    shardings: dict[str, Any]  # NamedShardings of the state
-    data_sharding: dict[str, Any]  # NamedSharding per batch key
-    step_fn: Any  # jax.jit of (state, batch) -> (state, metrics), state donated
-    objectives: tuple[Any, ...] = ()  # siglip_jax.objectives, as made for this run
+    model: Model
+    tx: optax.GradientTransformation
+    lr_fn: optax.Schedule  # step -> learning rate (first trained group)
+    frozen: optax.Params | None  # tree of bools like the params (True = frozen), None if none is
+    abstract_state: dict[str, optax.Params]  # ShapeDtypeStructs carrying their shardings
+    shardings: dict[str, optax.Params]  # NamedShardings of the state
+    data_sharding: dict[str, NamedSharding]  # per batch key
+    step_fn: jax.stages.Wrapped  # jit of (state, batch) -> (state, metrics), state donated
+    objectives: tuple[Objective, ...] = ()  # siglip_jax.objectives, as made for this run
 
 
-def make_loss_fn(run: RunConfig, mesh: Any) -> Callable[..., Any]:
+def make_loss_fn(run: RunConfig, mesh: Mesh) -> losses.LossFn:
     """The loss named by run.loss.impl over the mesh's batch axes."""
-    from siglip_jax import losses
-
     return losses.make_loss(run.loss.impl, mesh, run.mesh.batch_axes, **run.loss.options)
 
 
-def build_step(config: RunConfig | Any, mesh: Any, shapes: Mapping[str, Sequence[int]]
-               ) -> StepParts:
+def build_step(run: RunConfig, mesh: Mesh, shapes: Mapping[str, Sequence[int]]) -> StepParts:
     """The model, optimizer, abstract state + shardings and jitted train step, for `mesh`
     (real or compile-only devices) and global batch `shapes`; nothing is allocated."""
-    import jax
-
-    from siglip_jax import objectives
-    from siglip_jax import step as step_lib
-    from siglip_jax.objectives.selfsup import teacher_spec
-    from siglip_jax.optim import FROZEN, group_labels, make_optimizer
-    from siglip_jax.sharding import batch_sharding
-
-    run = parse(config)
     shapes = {k: v if isinstance(v, Mapping) else tuple(v) for k, v in shapes.items()}
     model = make_model(run.model)
     extra = tuple(objectives.make(run, mesh))
@@ -285,21 +279,16 @@ def build_step(config: RunConfig | Any, mesh: Any, shapes: Mapping[str, Sequence
                      extra)
 
 
-def abstract_batch(parts: StepParts, shapes: Mapping[str, Any],
-                   run: RunConfig | None = None) -> dict[str, Any]:
+def abstract_batch(parts: StepParts, shapes: Mapping[str, BatchShape],
+                   run: RunConfig | None = None) -> dict[str, optax.Params]:
     """ShapeDtypeStructs of a global batch with the step's data shardings (for `.lower`);
     `run` gives the dtypes of the extra objectives' entries (default float32)."""
-    import jax
-    import jax.numpy as jnp
-
-    from siglip_jax import objectives
-
     dtypes = {"labels": jnp.int32, "mask": jnp.bool_, "spatial_shapes": jnp.int32}
     if run is not None:
         dtypes.update({k: dtype for k, (_, dtype) in
                        objectives.batch_shapes(run, run.input.global_batch).items()})
 
-    def leaf(key: str, shape: Sequence[int], sharding: Any) -> Any:
+    def leaf(key: str, shape: Sequence[int], sharding: NamedSharding) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(tuple(shape), dtypes.get(key, jnp.float32), sharding=sharding)
 
     return {k: {kk: leaf(kk, vv, parts.data_sharding[k]) for kk, vv in v.items()}
@@ -307,12 +296,10 @@ def abstract_batch(parts: StepParts, shapes: Mapping[str, Any],
             for k, v in shapes.items()}
 
 
-def init_state(run: RunConfig, parts: StepParts, mesh: Any, shapes: Mapping[str, Any],
-               pretrained: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def init_state(run: RunConfig, parts: StepParts, mesh: Mesh, shapes: Mapping[str, BatchShape],
+               pretrained: Mapping[str, optax.Params] | None = None) -> dict[str, optax.Params]:
     """The train state, created already sharded (random init, then the pretrained parts), with
     the abstract state and shardings `build_step` computed (not traced again)."""
-    from siglip_jax import step as step_lib
-
     state, _ = step_lib.init_state(parts.model, parts.tx, shapes, mesh, run.mesh.rules,
                                    run.seed, pretrained, parts.objectives,
                                    abstract=(parts.abstract_state, parts.shardings))

@@ -22,14 +22,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from siglip_jax.config import ConfigError, check_keys, to_plain
 from siglip_jax.records import (
+    ConfigError,
     build_record,
     check_choice,
     check_float,
     check_int,
+    check_keys,
     freeze,
     set_fields,
+    to_plain,
 )
 from siglip_jax.sharding import path_str, tree_paths
 

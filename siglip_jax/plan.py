@@ -25,8 +25,9 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from siglip_jax.config import ConfigError, collect_overrides, load_config
+from siglip_jax.config import collect_overrides, load_config
 from siglip_jax.console import quiet_startup
+from siglip_jax.records import ConfigError
 from siglip_jax.shutdown import run_main
 from siglip_jax.tpu_slices import format_bytes, libtpu_env_defaults
 

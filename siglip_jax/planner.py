@@ -29,7 +29,6 @@ import ml_collections
 from jax.sharding import AbstractMesh
 
 from siglip_jax import cost_model
-from siglip_jax.config import ConfigError
 from siglip_jax.cost_model import DecoderShape, ExtraPass, Tower
 from siglip_jax.data import pp
 from siglip_jax.data.tokenizer import Tokenizer
@@ -43,6 +42,7 @@ from siglip_jax.experiment import (
 from siglip_jax.metrics import PEAK_FLOPS_PER_CHIP
 from siglip_jax.optim import frozen_group_problems
 from siglip_jax.recipes import PLACEHOLDER
+from siglip_jax.records import ConfigError
 from siglip_jax.schema import RunConfig, parse
 from siglip_jax.sharding import ShardingError, mesh_shape
 from siglip_jax.tpu_slices import GiB, SliceError, format_bytes, parse_slice

@@ -145,6 +145,7 @@ def preprocess_images_naflex(images: Sequence[Any], settings: Mapping[str, Any]
                              ) -> dict[str, np.ndarray]:
     """NaFlex model inputs {"patches" [N, P, p·p·3] float32, "mask" [N, P] bool,
     "spatial_shapes" [N, 2] int32}, bit-equal to HF Siglip2ImageProcessor's (PIL backend)."""
+    # Late, on purpose: predict.py is also the CLI, whose start-up stays quiet (TF loads here).
     from siglip_jax.data.naflex import NaFlexError, naflex_preprocess
 
     try:
@@ -166,6 +167,7 @@ class Predictor:
                  tokenizer: str | None = None):
         import jax
 
+        # Late, on purpose: predict.py is also the CLI, whose start-up stays quiet (TF loads here).
         from siglip_jax.checkpoints.open import open_model
         from siglip_jax.data.tokenizer import Tokenizer
 
@@ -287,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"prompt template with {{}} (default {DEFAULT_TEMPLATE!r})")
     parser.add_argument("--json", help="also write probs and logits to this JSON file")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    # Late, on purpose: predict.py is also the CLI, whose start-up stays quiet (TF loads here).
     from siglip_jax.checkpoints.hf import HFCheckpointError
     from siglip_jax.checkpoints.loader import (
         CheckpointFormatError,

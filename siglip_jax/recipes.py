@@ -24,8 +24,9 @@ from typing import Any
 
 import ml_collections
 
-from siglip_jax.config import ConfigError, parse_config_arg
+from siglip_jax.config import parse_config_arg
 from siglip_jax.models import variants
+from siglip_jax.records import ConfigError
 
 C4_EN_TOKENIZER = "gs://t5-data/vocabs/cc_en.32000/sentencepiece.model"  # big_vision "c4_en".
 PLACEHOLDER_DATA = "gs://YOUR_BUCKET/webli/*.tar"

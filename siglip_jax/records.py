@@ -12,14 +12,38 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from siglip_jax.config import ConfigError, check_keys, to_plain
+import ml_collections
 
 MISSING = dataclasses.MISSING
 R = TypeVar("R")
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message says which and why."""
+
+
+def to_plain(value: Any) -> Any:
+    """Converts a ConfigDict (or nested values) into plain dicts/lists for JSON or kwargs."""
+    if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain(v) for v in value)
+    return value
+
+
+def check_keys(section: Mapping[str, object], allowed: Iterable[str], where: str) -> None:
+    """Raises ConfigError if `section` (a mapping) has keys outside `allowed`."""
+    allowed = set(allowed)
+    unknown = sorted(set(section.keys()) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown config key {where}.{unknown[0]}; valid keys under {where}: "
+                          f"{', '.join(sorted(allowed))}")
 
 
 def freeze(value: Any) -> Any:

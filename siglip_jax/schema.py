@@ -33,19 +33,19 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from siglip_jax.config import ConfigError, check_keys, to_plain
+from siglip_jax import losses, objectives
 from siglip_jax.data.config import InputConfig
 from siglip_jax.data.tokenizer_config import TokenizerConfig
 from siglip_jax.evaluators.config import EvalConfig
 from siglip_jax.models.config import ModelConfig
 from siglip_jax.optim import OptimConfig
+from siglip_jax.records import ConfigError, check_keys, thaw, to_plain
 from siglip_jax.records import build_record as _record
 from siglip_jax.records import check_choice as _choice
 from siglip_jax.records import check_float as _float
 from siglip_jax.records import check_int as _int
 from siglip_jax.records import freeze as _frozen
 from siglip_jax.records import set_fields as _set
-from siglip_jax.records import thaw
 from siglip_jax.sharding import MeshConfig
 
 # ----------------------------------------------------------------------------- sections
@@ -81,8 +81,6 @@ class LossConfig:
     def parse(cls, raw: Mapping[str, Any] | None) -> LossConfig:
         """`dict(impl=..., **options, <objective>=dict(...))`; the impl's options are checked
         by losses.check_options, each objective's by its module's check_options."""
-        from siglip_jax import losses, objectives
-
         raw = dict(to_plain(raw) or {})
         impl = raw.pop("impl", "ring")
         chosen = {}

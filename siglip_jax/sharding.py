@@ -27,8 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from siglip_jax.config import ConfigError
-from siglip_jax.records import freeze, set_fields
+from siglip_jax.records import ConfigError, freeze, set_fields
 
 ACT_BATCH = "act_batch"  # Logical name of the activations' batch dimension.
 

@@ -21,11 +21,14 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
+import numpy as np
+import optax
 import tensorflow as tf
+from jax.sharding import Mesh
 
 from siglip_jax import distributed, experiment, hooks
 from siglip_jax.checkpoints.orbax_io import (
@@ -33,12 +36,14 @@ from siglip_jax.checkpoints.orbax_io import (
     Checkpointer,
     CheckpointStructureError,
 )
-from siglip_jax.config import ConfigError, load_config
+from siglip_jax.config import load_config
 from siglip_jax.data.pp import PPError
-from siglip_jax.data.sources import SourceError
+from siglip_jax.data.sources import Source, SourceError
 from siglip_jax.evaluators.builder import build_evaluators
-from siglip_jax.hooks import NonFiniteError
+from siglip_jax.evaluators.common import Evaluator
+from siglip_jax.hooks import Log, NonFiniteError, TrainState
 from siglip_jax.metrics import MetricWriter, PeakFlops, Progress, compiled_flops
+from siglip_jax.records import ConfigError
 from siglip_jax.schema import RunConfig, parse
 from siglip_jax.sharding import ShardingError, make_global_batch, mesh_of
 
@@ -93,7 +98,7 @@ def run_cli(args: argparse.Namespace, overrides: list[str]) -> int:
     return PREEMPTED_EXIT_CODE if summary.get("preempted") else 0
 
 
-def train(config: RunConfig | ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train(config: RunConfig | ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) the run described by `config` in `workdir`; returns final metrics.
     `config` is the parsed RunConfig (a loaded ConfigDict is parsed here, once)."""
     started = time.monotonic()
@@ -120,7 +125,7 @@ def train(config: RunConfig | ml_collections.ConfigDict, workdir: str) -> dict[s
             if reason:
                 break
             batch = make_global_batch(next(setup.batches), mesh, run.mesh.batch_axes)
-        final: dict[str, Any] = {}
+        final: dict[str, float] = {}
         for hook in loop:
             final.update(hook.finish(step, state))
         stop.uninstall()
@@ -154,7 +159,7 @@ class _Machinery:
     def __enter__(self) -> _Machinery:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         try:
             self.checkpointer.close()
         finally:
@@ -165,17 +170,17 @@ class _Machinery:
 class _Setup:
     """What the loop starts from: state, compiled step, batches and their bookkeeping."""
 
-    state: Any
+    state: TrainState
     start_step: int
-    step_fn: Any
-    first_batch: Any
-    batches: Any
-    source: Any
-    evaluators: dict[str, Any]
+    step_fn: jax.stages.Compiled
+    first_batch: dict[str, jax.Array]
+    batches: Iterator[dict[str, np.ndarray]]
+    source: Source
+    evaluators: dict[str, Evaluator]
     flops: float | None
 
 
-def _set_up(run: RunConfig, mesh: Any, checkpointer: Any, log: Any) -> _Setup:
+def _set_up(run: RunConfig, mesh: Mesh, checkpointer: Checkpointer, log: Log) -> _Setup:
     """Input, model, state (restored or initialised), compiled step and evaluators."""
     start_step = checkpointer.latest_step() or 0
     batches, tokenizer, source = experiment.build_input(run, mesh, start_step)
@@ -210,7 +215,8 @@ def _set_up(run: RunConfig, mesh: Any, checkpointer: Any, log: Any) -> _Setup:
     return _Setup(state, start_step, step_fn, first_batch, batches, source, evaluators, flops)
 
 
-def _mfu_fn(run: RunConfig, flops: float | None, log: Any) -> Any:
+def _mfu_fn(run: RunConfig, flops: float | None, log: Log
+            ) -> Callable[[float], dict[str, float]]:
     """steps/s → MFU metrics against the config's peak, the published one or (CPU) a measured
     estimate (metrics.PeakFlops)."""
     device = jax.devices()[0]
@@ -221,7 +227,7 @@ def _mfu_fn(run: RunConfig, flops: float | None, log: Any) -> Any:
 
 
 def _make_hooks(run: RunConfig, setup: _Setup, machinery: _Machinery, started: float,
-                log: Any) -> tuple[list[Any], Any]:
+                log: Log) -> tuple[list[hooks.Hook], hooks.StopFlag]:
     """The loop's hooks in the order they run, and the installed SIGTERM flag."""
     deadline = started + run.time_budget_s if run.time_budget_s else None
     progress = Progress(run.total_steps, setup.start_step, run.input.global_batch,
@@ -235,7 +241,7 @@ def _make_hooks(run: RunConfig, setup: _Setup, machinery: _Machinery, started: f
                                        total_steps=run.total_steps)
     stop = hooks.StopFlag()
     stop.install()
-    loop: list[Any] = [
+    loop: list[hooks.Hook] = [
         nonfinite,
         hooks.LogMetrics(machinery.writer, progress, log_every=run.log_every,
                          total_steps=run.total_steps, start_step=setup.start_step,
@@ -250,7 +256,7 @@ def _make_hooks(run: RunConfig, setup: _Setup, machinery: _Machinery, started: f
     return loop, stop
 
 
-def _log_param_counts(log, params: Any, frozen: Any) -> None:
+def _log_param_counts(log: Log, params: optax.Params, frozen: optax.Params | None) -> None:
     total = sum(x.size for x in jax.tree_util.tree_leaves(params))
     parts = ", ".join(f"{name} {sum(x.size for x in jax.tree_util.tree_leaves(p)) / 1e6:.2f} M"
                       for name, p in params.items())

@@ -7,9 +7,22 @@ build of it (the tiny trainer's step is built by many test files, in-process and
 subprocesses, which inherit JAX_COMPILATION_CACHE_DIR) loads the compiled executable instead
 of compiling again. Compile-only TPU programs cannot be read back (tests/test_tpu_compile.py
 turns the cache off for itself).
+
+`tiny_run` (session fixture): one trained run of tests/tiny.py `tiny_config` (configs/demo.py
+shrunk, 20 steps, checkpoints at 10 and 20, TensorBoard on), read by test_train.py (the training
+itself) and test_faults.py (a source run for model_init). Other runs of the same model, mesh
+and optimizer reuse its compiled step through the cache (the step count is not part of it).
+
+`siglip2_run` (session fixture): one tiny trained SigLIP 2 run (tests/tiny.py `siglip2_config`:
+every objective, the decoder, the EMA teacher, seven evaluators, a checkpoint at each of 4
+steps), trained once per session on first use and read by test_siglip2_demo.py (the training
+itself), test_export.py (its checkpoints) and test_evaluate_cli.py (its evaluations). Tests
+must not write into its workdir.
 """
 
 import atexit
+import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -29,3 +42,41 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_threefry_partitionable", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+import pytest  # noqa: E402
+import tiny  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A finished run: its data folder, workdir, train() summary and metrics.jsonl records."""
+
+    data_dir: str
+    workdir: str
+    summary: dict
+    records: list
+
+
+def _train(root, config_of) -> TrainedRun:
+    # Delayed: the trainer loads TensorFlow, which a session that never trains need not pay.
+    from siglip_jax.trainer import train
+
+    data_dir, workdir = str(root / "data"), str(root / "run")
+    os.makedirs(workdir)
+    summary = train(config_of(data_dir), workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return TrainedRun(data_dir, workdir, summary, records)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TrainedRun:
+    """The session's one tiny demo run (see the module doc); read it, never write to it."""
+    return _train(tmp_path_factory.mktemp("tiny_run"), tiny.tiny_run_config)
+
+
+@pytest.fixture(scope="session")
+def siglip2_run(tmp_path_factory) -> TrainedRun:
+    """The session's one tiny SigLIP 2 run (see the module doc); read it, never write to it."""
+    return _train(tmp_path_factory.mktemp("siglip2_run"), tiny.siglip2_config)

@@ -61,19 +61,52 @@ def test_single_process_stdout_is_not_redirected():
     assert "Metadata file does not exist" not in result.stderr
 
 
+# Runs `python -m siglip_jax.plan ARGS` in this process and reports the environment that
+# TensorFlow was imported with (read when its first import starts: TF reads it as it loads).
+PLAN = """
+import os, runpy, sys
+KEYS = ("TF_ENABLE_ONEDNN_OPTS", "TF_CPP_MIN_LOG_LEVEL", "SIGLIP_VERBOSE")
+seen = {}
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" and not seen:
+            seen.update((k, os.environ.get(k)) for k in KEYS)
+sys.meta_path.insert(0, Watch())
+sys.argv = ["plan", *sys.argv[1:]]
+try:
+    runpy.run_module("siglip_jax.plan", run_name="__main__", alter_sys=True)
+except SystemExit as exit:
+    code = exit.code
+print("exit", code, "tensorflow loaded", bool(seen), flush=True)
+for key, value in seen.items():
+    print("at tensorflow import", key, value, flush=True)
+"""
+
+
 @pytest.mark.parametrize("verbose", [False, True])
 def test_a_cli_starts_quietly(verbose):
-    """plan on the demo loads TensorFlow and JAX: no notices unless --verbose."""
+    """plan on the demo loads TensorFlow and JAX: no notices unless --verbose.
+
+    What TensorFlow prints depends on the host (its oneDNN notice appears only on CPUs where it
+    enables oneDNN), so both cases check the cause, the environment TensorFlow is loaded with:
+    quiet sets console.QUIET_ENV's oneDNN switch, --verbose leaves the environment alone."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("SIGLIP_VERBOSE", "TF_ENABLE_ONEDNN_OPTS", "TF_CPP_MIN_LOG_LEVEL")}
     result = subprocess.run(
-        [sys.executable, "-m", "siglip_jax.plan", "--config", "configs/demo.py",
-         "--topology", "cpu-8", *(["--verbose"] if verbose else [])],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        [sys.executable, "-c", PLAN, "--config", "configs/demo.py", "--topology", "cpu-8",
+         *(["--verbose"] if verbose else [])],
+        cwd=REPO, env={**env, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "result        ok" in result.stdout
-    if verbose:  # TensorFlow really loaded and spoke: the quiet run below hid it.
-        assert "oneDNN" in result.stderr, result.stderr
+    assert "exit 0 tensorflow loaded True" in result.stdout, result.stdout
+    seen = dict(line.split()[-2:] for line in result.stdout.splitlines()
+                if line.startswith("at tensorflow import "))
+    # JAX's own import sets TF_CPP_MIN_LOG_LEVEL=1 when unset; console would set 2.
+    if verbose:  # Nothing set for TensorFlow: it prints whatever it prints on this host.
+        assert seen["TF_ENABLE_ONEDNN_OPTS"] == "None" and seen["SIGLIP_VERBOSE"] == "1", seen
+        assert seen["TF_CPP_MIN_LOG_LEVEL"] in ("None", "1"), seen
     else:
+        assert seen["TF_ENABLE_ONEDNN_OPTS"] == "0" and seen["SIGLIP_VERBOSE"] == "None", seen
+        assert seen["TF_CPP_MIN_LOG_LEVEL"] in ("1", "2"), seen  # INFO notices hidden.
         for noise in ("oneDNN", "cpu_feature_guard", "absl::InitializeLog"):
             assert noise not in result.stderr, result.stderr

@@ -151,7 +151,8 @@ def test_toy_model_is_exact_on_demo_objects(tmp_path, label_set):
 def _config(tmp_path, **evals):
     import ml_collections
 
-    from siglip_jax.config import load_config, to_plain
+    from siglip_jax.config import load_config
+    from siglip_jax.records import to_plain
     from tests.tiny import DEMO, tiny_overrides
 
     config = ml_collections.ConfigDict(to_plain(load_config(f"{DEMO}:steps=1",
@@ -307,7 +308,7 @@ def test_tfds_segmentation_dataset_with_ignore_label(tmp_path, tiny):
 
 def test_evaluate_entry_point_runs_the_probe_on_an_npz_checkpoint(tmp_path, tiny):
     from siglip_jax.checkpoints.big_vision import save_npz
-    from siglip_jax.evaluate import evaluate, format_table
+    from siglip_jax.evaluation import evaluate, format_table
 
     data = dict(name="demo_shapes", split="test", data_dir=str(tmp_path), objects=True,
                 train_per_class=1, test_per_class=2)

@@ -166,6 +166,8 @@ def test_ci_runs_the_readme_test_command():
     ci = open(os.path.join(REPO, ".ci", "run"), encoding="utf-8").read().split("\n")
     assert command.group(1) in ci, ".ci/run must run the README's pytest command as is"
     assert any(re.search(r'pip install .*-e "\.\[test,parity\]"', line) for line in ci)
+    assert any(re.search(r"^export PYTEST_ADDOPTS=.*--durations=20", line) for line in ci), (
+        ".ci/run must print the 20 slowest tests")
 
 
 def test_parse_marker_rejects_bad_markers():

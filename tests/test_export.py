@@ -1,8 +1,9 @@
 """The export CLI (siglip_jax/export.py, checkpoints/parts.py) on one tiny SigLIP 2 run.
 
-The run (module fixture): configs/demo_siglip2.py shrunk to width 32, a MAP-pooled image
-tower without head (so it is HF-representable), the LocCa decoder and both self-supervised
-objectives from step 0 (an EMA teacher, heads, mask token), 2 steps, a checkpoint at each.
+The run is the session's shared one (tests/conftest.py `siglip2_run`, tests/tiny.py
+`siglip2_config`): configs/demo_siglip2.py shrunk to width 32, a MAP-pooled image tower
+without head (so it is HF-representable), the LocCa decoder and both self-supervised objectives
+(an EMA teacher, heads, mask token) switched on at step 2 of 4, a checkpoint at each step.
 Every export is reopened with `open_model` and must give the embeddings of the run itself
 (the run opened with `open_model`); the HF directory is also loaded by transformers.
 """
@@ -12,53 +13,24 @@ import os
 import re
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
-from tiny import REPO
 
 from siglip_jax import export as cli
 from siglip_jax.checkpoints import big_vision as bv
 from siglip_jax.checkpoints import hf, loader, parts
 from siglip_jax.checkpoints.open import open_model
-from siglip_jax.config import load_config
 from siglip_jax.data.tokenizer import Tokenizer
 from siglip_jax.models.config import make_model
 
 TEXT_VOCAB, BINS, TEXT_LEN, EMA = 64, 32, 18, 0.996  # demo_siglip2's vocab/bins/length; EMA.
-HEAD = dict(head_hidden=32, head_bottleneck=16, head_layers=2, prototypes=16, start_frac=0.0)
-
-
-def _config(data_dir):
-    tiny = {"log_every": 1, "time_budget_s": 0, "checkpoint.every_n_steps": 1,
-            "checkpoint.keep": 2, "tensorboard": False, "input.data.data_dir": str(data_dir),
-            "input.data.train_per_class": 1, "input.data.test_per_class": 1,
-            "input.global_batch": 16, "input.shuffle_buffer": 64,
-            "model.image.width": 32, "model.image.depth": 1, "model.image.mlp_dim": 64,
-            "model.image.num_heads": 2, "model.image.patch_size": 16,
-            "model.image.pool_type": "map", "model.text.width": 32, "model.text.depth": 1,
-            "model.text.mlp_dim": 64, "model.text.num_heads": 2, "model.decoder.width": 32,
-            "model.decoder.depth": 1, "model.decoder.mlp_dim": 64, "model.decoder.num_heads": 2}
-    c = load_config(f"{REPO}/configs/demo_siglip2.py:steps=2",
-                    [f"{k}={v}" for k, v in tiny.items()])
-    with c.unlocked():
-        c.evals = ml_collections.ConfigDict()
-        del c.model["out_dim"]
-        c.model.out_dim = (None, 32)  # No image head (HF SiglipModel has none), text head 32.
-        for name in ("self_distillation", "masked_prediction"):
-            c.loss[name].update(HEAD)  # From step 0: the teacher lags the student at once.
-    return c
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from siglip_jax.trainer import train
-
-    root = tmp_path_factory.mktemp("export")
-    workdir = root / "run"
-    workdir.mkdir()
-    assert train(_config(root / "data"), str(workdir))["step"] == 2
-    return str(workdir)
+def run(siglip2_run):
+    """The shared run's workdir: 4 steps, all saved, the teacher lagging from step 2 on."""
+    assert siglip2_run.summary["step"] == 4
+    return siglip2_run.workdir
 
 
 def _inputs(seed=0):
@@ -100,7 +72,7 @@ def _assert_same_embeddings(got, want):
 def test_the_run_holds_decoder_heads_and_teacher(run, reference):
     params = reference["params"]
     assert {"dec", "distill_head", "masked_head", "mask_token"} <= set(params)
-    assert loader.saved_steps(run) == [1, 2]
+    assert loader.saved_steps(run) == [1, 2, 3, 4]
     teacher = loader.load_state_entry(run, "teacher")
     assert set(teacher) == {"img", "distill_head", "masked_head"}
 
@@ -216,15 +188,15 @@ def test_decoder_export_errors(run, tmp_path):
 
 
 def test_teacher_export_is_the_ema_of_the_saved_steps(run, reference, tmp_path):
-    t1 = bv.read_npz(_export(run, tmp_path / "t1.npz", "--format", "npz", "--part", "teacher",
-                             "--step", "1"))
-    t2 = bv.read_npz(_export(run, tmp_path / "t2.npz", "--format", "npz", "--part", "teacher"))
+    t1 = bv.read_npz(_export(run, tmp_path / "t3.npz", "--format", "npz", "--part", "teacher",
+                             "--step", "3"))
+    t2 = bv.read_npz(_export(run, tmp_path / "t4.npz", "--format", "npz", "--part", "teacher"))
     student = reference["params"]
     assert sorted(t2) == ["b", "img", "t", "txt"]
     for k, v in bv.flatten(t2, "").items():
         if not k.startswith("img/"):  # Text tower, t, b: the student's.
             np.testing.assert_array_equal(v, bv.flatten(student, "")[k], err_msg=k)
-    # Step 2's teacher = 0.996 · step 1's teacher + 0.004 · step 2's student (start_frac 0).
+    # Step 4's teacher = 0.996 · step 3's teacher + 0.004 · step 4's student (on from step 2).
     s_img, t1_img = bv.flatten(student["img"], ""), bv.flatten(t1["img"], "")
     lag = 0.0
     for k, v in bv.flatten(t2["img"], "").items():
@@ -252,7 +224,7 @@ def test_step_flag_and_conversions(run, reference, tmp_path):
 
 @pytest.mark.parametrize("args, out_name, message", [
     (["--format", "hf", "--part", "decoder"], "x", "--part decoder is written as --format npz"),
-    (["--format", "npz", "--step", "7"], "x.npz", r"no saved step 7 \(saved: \[1, 2\]\)"),
+    (["--format", "npz", "--step", "7"], "x.npz", r"no saved step 7 \(saved: \[1, 2, 3, 4\]\)"),
     (["--format", "npz"], "x.txt", "an npz export is a file ending in .npz"),
 ])
 def test_bad_arguments_are_one_line_errors(run, tmp_path, capsys, args, out_name, message):

@@ -445,25 +445,24 @@ def test_run_main_exit_codes(body, code, stderr):
 # ----------------------------------------------------------------------------- model_init
 
 
-def test_model_init_full_loads_every_part_of_our_own_run_by_relative_path(tmp_path,
+def test_model_init_full_loads_every_part_of_our_own_run_by_relative_path(tiny_run, tmp_path,
                                                                           monkeypatch):
-    """model_init.full from one of our workdirs, named relative to the current directory:
-    towers, t and b all come from it (with lr 0 the run keeps them bit for bit)."""
+    """model_init.full from one of our workdirs (the session's tiny run), named relative to the
+    current directory: towers, t and b all come from it (with lr 0 the run keeps them bit for
+    bit)."""
     import orbax.checkpoint as ocp
     import tiny
 
     from siglip_jax.trainer import train
 
-    data = tmp_path / "data"
-    (tmp_path / "src").mkdir()
-    train(tiny.tiny_config(data, steps=2), str(tmp_path / "src"))
+    os.symlink(tiny_run.workdir, tmp_path / "src")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "dst").mkdir()
-    train(tiny.tiny_config(data, steps=2, lr=0.0, wd=0.0, **{"model_init.full": "src"}),
-          str(tmp_path / "dst"))
-    restore = lambda run: ocp.StandardCheckpointer().restore(
-        str(tmp_path / run / "checkpoints" / "2" / "default"))["params"]
-    src, dst = restore("src"), restore("dst")
+    train(tiny.tiny_config(tiny_run.data_dir, steps=2, lr=0.0, wd=0.0,
+                           **{"model_init.full": "src"}), str(tmp_path / "dst"))
+    restore = lambda run, step: ocp.StandardCheckpointer().restore(
+        str(tmp_path / run / "checkpoints" / str(step) / "default"))["params"]
+    src, dst = restore("src", tiny.TINY_STEPS), restore("dst", 2)
     assert sorted(src) == sorted(dst) == ["b", "img", "t", "txt"]
     for a, b in zip(jax.tree.leaves(src), jax.tree.leaves(dst), strict=True):
         np.testing.assert_array_equal(a, b)

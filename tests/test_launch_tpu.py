@@ -517,10 +517,8 @@ def test_setup_run_logs_stop_on_a_fake_pod(tmp_path, shell):
         run = ["run", "my-tpu", "--config", "configs/x.py", "--workdir", "gs://bkt/run",
                "--skip-plan", "--", f"--config.wandb.notes={NOTES}", f"--config.name={TRICKY}"]
         (pod.homes[1] / "ignore_term").write_text("")  # worker 1's trainer ignores SIGTERM
-        t0 = time.monotonic()
         res = sh(run, pod.env, script=script)
         assert res.returncode == 0, res.stderr
-        assert time.monotonic() - t0 < 10  # ssh returns at once: the trainer is detached
         pids = []
         for home in pod.homes:
             info = pod.train_info(home)
@@ -531,6 +529,8 @@ def test_setup_run_logs_stop_on_a_fake_pod(tmp_path, shell):
             assert info["pgid"] == info["pid"]  # own process group: stop can kill all of it
             assert (home / "siglip_jax_logs" / "run.pid").read_text().strip() == str(info["pid"])
             pids.append(info["pid"])
+        # `run` has returned and every trainer still runs: they are detached from the ssh.
+        assert all(_alive(pid) for pid in pids)
         res = sh(["logs", "my-tpu", "--worker", "1"], pod.env, script=script)
         assert res.returncode == 0 and "step 1 loss 0.5" in res.stdout, res.stderr
         assert str(pod.homes[1]) in res.stdout and str(pod.homes[0]) not in res.stdout

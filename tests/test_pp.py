@@ -422,3 +422,21 @@ def test_nested_keys_are_read_with_slashes():
     with pytest.raises(KeyError, match=r"needs key 'captions/txt'; example has \['captions/id', "
                                        r"'captions/text', 'image'\]"):
         get_preprocess_fn('copy("captions/txt", "t")')(data)
+
+
+def test_eval_batches_give_random_ops_the_same_draw_every_time():
+    """Evaluation data is seeded per example: a random op (here random_crop) draws the same
+    window at every evaluation, and different examples draw different windows."""
+    from siglip_jax.data.input import eval_batches
+
+    image = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
+    data = tf.data.Dataset.from_tensor_slices({"image": np.stack([image] * 8)})
+    preprocess = get_preprocess_fn("random_crop(4)")
+
+    def crops():
+        return np.concatenate([b["image"] for b in eval_batches(
+            data, preprocess, local_batch=4, num_batches=2, seed=3)])
+
+    first, again = crops(), crops()
+    np.testing.assert_array_equal(first, again)
+    assert len({c.tobytes() for c in first}) > 1  # Same image, different windows.

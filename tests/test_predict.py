@@ -169,7 +169,7 @@ def test_evaluate_cli_on_hf_directory_matches_torch_zero_shot(hf_dir, tmp_path):
     from siglip_jax.config import load_config
     from siglip_jax.data.builder import make_source
     from siglip_jax.data.config import parse_source
-    from siglip_jax.evaluate import evaluate
+    from siglip_jax.evaluation import evaluate
 
     path, model, _ = hf_dir
     demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")

@@ -1,6 +1,5 @@
 """Tokenizer: sentencepiece training, EOS/pad rules, parity with HF SiglipTokenizer, tf.data."""
 
-import time
 
 import numpy as np
 import pytest
@@ -43,11 +42,9 @@ def models(tmp_path_factory):
     }
 
 
-def test_train_is_fast_and_uses_t5_special_ids(tmp_path):
+def test_train_uses_t5_special_ids(tmp_path):
     captions = [f"{c} {s} number {i}" for i in range(5) for c in COLOURS for s in SHAPES][:100]
-    t0 = time.perf_counter()
     path = train_sentencepiece(captions, 64, str(tmp_path / "m.model"))
-    assert time.perf_counter() - t0 < 1.0
     sp = spm.SentencePieceProcessor(model_file=path)
     assert [sp.id_to_piece(i) for i in range(3)] == ["<pad>", "</s>", "<unk>"]
     assert sp.bos_id() == -1

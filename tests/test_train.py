@@ -10,26 +10,20 @@ import tiny
 from siglip_jax.trainer import NonFiniteError, train
 
 
-def tiny_config(tmp_path, steps=20, **extra):
-    return tiny.tiny_config(tmp_path.parent / "demo_data", steps, tensorboard=True, **extra)
-
-
 def read_metrics(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("run")
-    workdir = str(tmp / "workdir")
-    os.makedirs(workdir)
-    summary = train(tiny_config(tmp), workdir)
-    return tmp, workdir, summary
+def trained(tiny_run, tmp_path_factory):
+    """(a folder for more runs, the session's tiny run's workdir and summary, its data)."""
+    return (tmp_path_factory.mktemp("run"), tiny_run.workdir, tiny_run.summary,
+            tiny_run.data_dir)
 
 
 def test_loss_falls_and_metrics_are_logged(trained):
-    _, workdir, summary = trained
+    _, workdir, summary, _ = trained
     records = read_metrics(workdir)
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [1, 5, 10, 15, 20]
@@ -51,7 +45,7 @@ def test_rerun_resumes_from_checkpoint_exactly(trained, capsys):
 
     import orbax.checkpoint as ocp
 
-    tmp, workdir, _ = trained
+    tmp, workdir, _, data_dir = trained
     restore = lambda run: ocp.StandardCheckpointer().restore(
         os.path.join(run, "checkpoints", "20", "default"))
     final = restore(workdir)
@@ -65,7 +59,7 @@ def test_rerun_resumes_from_checkpoint_exactly(trained, capsys):
         with open(path, "r+b") as f:  # Truncated data file: a save cut short.
             f.truncate(os.path.getsize(path) // 2)
     capsys.readouterr()
-    summary = train(tiny_config(tmp), resumed_dir)
+    summary = train(tiny.tiny_run_config(data_dir), resumed_dir)
     assert summary["step"] == 20
     out = capsys.readouterr().out
     assert "checkpoint step 20 is damaged (" in out and "resumed from checkpoint at step 10" in out
@@ -85,8 +79,22 @@ def _leaves(tree):
             for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def test_non_finite_loss_stops_with_the_step(tmp_path):
-    workdir = str(tmp_path / "nan")
-    os.makedirs(workdir)
-    with pytest.raises(NonFiniteError, match=r"non-finite loss or gradients at step \d+"):
-        train(tiny_config(tmp_path, steps=20, lr=1e38, grad_clip_norm=0.0), workdir)
+def test_non_finite_loss_stops_with_the_step(trained, tmp_path):
+    """A run resumed from a checkpoint whose params are NaN stops at its first step, naming it.
+    (The same config as `trained`: its compiled step is reused, nothing is compiled again.)"""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from siglip_jax.checkpoints.orbax_io import Checkpointer
+
+    _, workdir, _, data_dir = trained
+    state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "10",
+                                                            "default"))
+    state["params"] = jax.tree.map(lambda x: np.full_like(x, np.nan), state["params"])
+    nan_dir = str(tmp_path / "nan")
+    checkpointer = Checkpointer(nan_dir, 0, use_async=False)
+    checkpointer.maybe_save(10, state, force=True)
+    checkpointer.close()
+    with pytest.raises(NonFiniteError, match=r"non-finite loss or gradients at step 11 "):
+        train(tiny.tiny_run_config(data_dir), nan_dir)
+    assert os.listdir(os.path.join(nan_dir, "checkpoints")) == ["10"]  # Nothing saved after.

@@ -147,7 +147,7 @@ def _with_zeroshot(config, **changes):
     """A copy of `config` whose evals.zeroshot section has `changes` (of any type)."""
     import ml_collections
 
-    from siglip_jax.config import to_plain
+    from siglip_jax.records import to_plain
 
     config = ml_collections.ConfigDict(to_plain(config))
     config.evals = ml_collections.ConfigDict(

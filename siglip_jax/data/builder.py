@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from siglip_jax.config import ConfigError
 from siglip_jax.data import sources
 from siglip_jax.data.config import (
     CsvData,
@@ -28,7 +27,7 @@ from siglip_jax.data.config import (
 )
 from siglip_jax.data.demo_shapes import DemoShapes
 from siglip_jax.data.sources import Source
-from siglip_jax.records import thaw
+from siglip_jax.records import ConfigError, thaw
 
 
 def _given(record: SourceConfig, *skip: str) -> dict[str, object]:

@@ -28,8 +28,15 @@ import types
 from collections.abc import Mapping
 from typing import ClassVar
 
-from siglip_jax.config import ConfigError, to_plain
-from siglip_jax.records import build_record, check_int, freeze, set_fields, thaw
+from siglip_jax.records import (
+    ConfigError,
+    build_record,
+    check_int,
+    freeze,
+    set_fields,
+    thaw,
+    to_plain,
+)
 
 
 def _check_ints(record: object, where: str, *names: str) -> None:

@@ -16,9 +16,9 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from siglip_jax.config import ConfigError
 from siglip_jax.data.registry import add_example_seeds
 from siglip_jax.data.sources import Source, SourceError
+from siglip_jax.records import ConfigError
 
 PreprocessFn = Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
 Batch = dict[str, np.ndarray]
@@ -112,9 +112,12 @@ def num_eval_batches(num_examples: int, global_batch: int) -> int:
 
 
 def eval_batches(dataset: tf.data.Dataset, preprocess: PreprocessFn, *, local_batch: int,
-                 num_batches: int, threads: int | None = None
+                 num_batches: int, threads: int | None = None, seed: int = 0
                  ) -> Iterator[Batch]:
-    """Exactly `num_batches` batches of this process's data, padded, with a `_mask` key."""
+    """Exactly `num_batches` batches of this process's data, padded, with a `_mask` key.
+    Every example gets a "_seed" from `seed` and its position, so random pp ops (e.g. the
+    object `locca_task` picks) are the same at every evaluation of the same data."""
+    dataset = add_example_seeds(dataset, seed)
     dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(local_batch).prefetch(2).with_options(_options(threads))
     template: dict[str, np.ndarray] | None = None

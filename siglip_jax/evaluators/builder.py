@@ -40,7 +40,6 @@ import numpy as np
 import tensorflow as tf
 from jax.sharding import Mesh
 
-from siglip_jax.config import ConfigError
 from siglip_jax.data import input as input_lib
 from siglip_jax.data.builder import Source, make_source
 from siglip_jax.data.locca import DecoderVocab
@@ -63,6 +62,7 @@ from siglip_jax.evaluators.retrieval import (
 )
 from siglip_jax.evaluators.zeroshot import ZeroShotEvaluator, ZeroShotOptions
 from siglip_jax.models.config import ModelConfig, decoder_vocab
+from siglip_jax.records import ConfigError
 from siglip_jax.schema import RunConfig, TokenizerConfig
 
 Batches = Callable[[], Iterator[dict[str, np.ndarray]]]
@@ -142,7 +142,7 @@ def _batches_fn(source: Source, preprocess: PreprocessFn, batch_size: int) -> Ba
     def batches() -> Iterator[dict[str, np.ndarray]]:
         data = source.dataset(jax.process_index(), jax.process_count())
         return input_lib.eval_batches(data, preprocess, local_batch=local_batch,
-                                      num_batches=num_batches)
+                                      num_batches=num_batches, seed=jax.process_index())
 
     return batches
 
@@ -190,7 +190,7 @@ def _dense_probe(spec: EvalConfig, opts: DenseProbeOptions, model: nn.Module,
             return lambda: input_lib.eval_batches(
                 source.dataset(pi, pc).take(k) if train else source.dataset(pi, pc).skip(k),
                 preprocess, local_batch=local_batch,
-                num_batches=input_lib.num_eval_batches(count, local_batch))
+                num_batches=input_lib.num_eval_batches(count, local_batch), seed=pi)
 
         train_batches, test_batches = section(True), section(False)
     return DenseProbeEvaluator(

@@ -14,13 +14,12 @@ import dataclasses
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from siglip_jax.config import ConfigError, check_keys, to_plain
 from siglip_jax.data.config import SourceConfig, parse_source
 from siglip_jax.evaluators.decoder_tasks import DecoderTaskOptions, ReferringOptions
 from siglip_jax.evaluators.dense_probe import DenseProbeOptions
 from siglip_jax.evaluators.retrieval import RetrievalOptions
 from siglip_jax.evaluators.zeroshot import ZeroShotOptions
-from siglip_jax.records import check_int
+from siglip_jax.records import ConfigError, check_int, check_keys, to_plain
 
 EvalOptions = (ZeroShotOptions | RetrievalOptions | DenseProbeOptions | DecoderTaskOptions
                | ReferringOptions)

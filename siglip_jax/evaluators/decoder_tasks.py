@@ -32,10 +32,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from siglip_jax.config import ConfigError
 from siglip_jax.data.locca import DecoderVocab, tokens_to_box
 from siglip_jax.evaluators.common import MASK_KEY
 from siglip_jax.models import decoding
+from siglip_jax.records import ConfigError
 from siglip_jax.sharding import batch_sharding, make_global_batch, replicated
 
 TASK_OF = {"captioning": "cap", "referring": "aref", "grounded_captioning": "gcap"}

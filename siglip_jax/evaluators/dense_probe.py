@@ -35,11 +35,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from siglip_jax.config import ConfigError
 from siglip_jax.data.config import SourceConfig, parse_source
 from siglip_jax.data.demo_shapes import COLOURS, SHAPES
 from siglip_jax.evaluators.common import MASK_KEY
-from siglip_jax.records import set_fields
+from siglip_jax.records import ConfigError, set_fields
 from siglip_jax.sharding import batch_sharding, make_global_batch, replicated
 
 DEMO_CLASSES = len(COLOURS) * len(SHAPES)

@@ -24,10 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from siglip_jax.config import ConfigError
 from siglip_jax.evaluators.common import MASK_KEY, Embedder
 from siglip_jax.evaluators.prompts import prompts
-from siglip_jax.records import freeze, set_fields
+from siglip_jax.records import ConfigError, freeze, set_fields
 from siglip_jax.sharding import make_global_batch
 
 __all__ = ["ZeroShotEvaluator", "ZeroShotOptions", "accumulate", "class_embeddings", "prompts"]

@@ -23,7 +23,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from siglip_jax.config import ConfigError, check_keys, to_plain
 from siglip_jax.data.locca import DecoderVocab
 from siglip_jax.models import variants
 from siglip_jax.models.decoder import DECODER_KEYS, decoder_kwargs
@@ -31,7 +30,7 @@ from siglip_jax.models.naflex import NaFlexViT
 from siglip_jax.models.text import TextTransformer
 from siglip_jax.models.two_towers import Model
 from siglip_jax.models.vit import ViT
-from siglip_jax.records import check_float, freeze, thaw
+from siglip_jax.records import ConfigError, check_float, check_keys, freeze, thaw, to_plain
 
 OutDim = int | tuple[int | None, int | None] | None
 MODEL_KEYS = ("image", "text", "out_dim", "temperature_init", "bias_init", "decoder")

@@ -34,11 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from siglip_jax.config import ConfigError
 from siglip_jax.data.locca import TASKS
 from siglip_jax.models.config import DecoderConfig, decoder_vocab
 from siglip_jax.models.decoder import training_inputs
 from siglip_jax.objectives.base import Objective, ObjectiveInputs, ShapeSpecs, TrainRun
+from siglip_jax.records import ConfigError
 
 OPTIONS: dict[str, object] = {"weight": 1.0, "tasks_per_example": 1}
 _RNG_SALT = 0xDEC

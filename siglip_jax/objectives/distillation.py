@@ -19,9 +19,9 @@ from flax.typing import VariableDict
 from jax.sharding import Mesh
 
 import siglip_jax.objectives.selfsup as selfsup
-from siglip_jax.config import ConfigError
 from siglip_jax.models.two_towers import Model
 from siglip_jax.objectives.base import ObjectiveInputs, ShapeSpecs, TrainRun
+from siglip_jax.records import ConfigError
 
 NAME = "self_distillation"
 VIEWS_KEY = "local_views"
@@ -86,9 +86,10 @@ class SelfDistillation:
         feats_t, _ = model.apply({"params": {**params, **teacher}}, image, train=False,
                                  method=Model.image_features)
         scores_t = _head(opts).apply({"params": teacher["distill_head"]}, feats_t)
-        targets = selfsup.teacher_targets(scores_t, opts["teacher_temp"], opts["centering"])
-        targets = jnp.repeat(targets, n, axis=0)  # Row b·n + v is view v of image b.
-        return selfsup.cross_entropy(targets, scores_s, opts["student_temp"])
+        return selfsup.distillation_loss(
+            scores_t, jnp.reshape(scores_s, (b, n, -1)),  # Row b·n + v is view v of image b.
+            teacher_temp=opts["teacher_temp"], student_temp=opts["student_temp"],
+            centering=opts["centering"])
 
     def __call__(self, inputs: ObjectiveInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(weight · loss from the switch-on step on, else 0; metrics)."""

@@ -87,7 +87,8 @@ class MaskedPrediction:
 
     def loss(self, model: Model, params: VariableDict, teacher: VariableDict,
              image: jax.Array, mask: jax.Array, ids: jax.Array) -> jax.Array:
-        """Unweighted loss: mean over the masked positions `ids` [B, k] (mask [B, N])."""
+        """Unweighted iBOT patch loss (`selfsup.masked_patch_loss`) at the masked positions `ids`
+        [B, k] (mask [B, N])."""
         opts = self.options
         _, tokens_s = model.apply({"params": params}, image, patch_mask=mask,
                                   mask_token=params["mask_token"], train=True,
@@ -96,13 +97,11 @@ class MaskedPrediction:
                                   method=Model.image_features)
         num = mask.shape[1]  # A class token (pool_type "tok") comes first: keep the patches.
         pick = lambda t: jnp.take_along_axis(t[:, -num:], ids[..., None], axis=1)
-        b, k = ids.shape
         scores_s = _head(opts).apply({"params": params["masked_head"]}, pick(tokens_s))
         scores_t = _head(opts).apply({"params": teacher["masked_head"]}, pick(tokens_t))
-        targets = selfsup.teacher_targets(jnp.reshape(scores_t, (b * k, -1)),
-                                          opts["teacher_temp"], opts["centering"])
-        return selfsup.cross_entropy(targets, jnp.reshape(scores_s, (b * k, -1)),
-                                     opts["student_temp"])
+        return selfsup.masked_patch_loss(scores_t, scores_s, teacher_temp=opts["teacher_temp"],
+                                         student_temp=opts["student_temp"],
+                                         centering=opts["centering"])
 
     def __call__(self, inputs: ObjectiveInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(weight · loss from the switch-on step on, else 0; metrics)."""

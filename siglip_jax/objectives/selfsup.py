@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax.typing import VariableDict
 
-from siglip_jax.config import ConfigError
 from siglip_jax.models.config import ImageTowerConfig
 from siglip_jax.objectives.base import Objective, TrainRun
+from siglip_jax.records import ConfigError
 
 # ----------------------------------------------------------------------------- options
 
@@ -105,10 +105,18 @@ class ProjectionHead(nn.Module):
 
 
 def sinkhorn_knopp(scores_nxk: jax.Array, temp: float, iters: int = 3) -> jax.Array:
-    """Teacher targets [n, K] by Sinkhorn-Knopp on exp(scores / temp) (DINOv2): every
-    prototype gets equal mass over the n rows, each row sums to 1."""
+    """Teacher targets [n, K] by Sinkhorn-Knopp on exp(scores / temp), as DINOv2's
+    `sinkhorn_knopp_teacher` (dinov2/loss/dino_clstoken_loss.py, ibot_patch_loss.py of
+    dinov2==0.0.1.dev2): scaled to total mass 1, then `iters` times every prototype (column)
+    to mass 1/K and every row to mass 1/n; times n, so each row is a distribution.
+
+    The n rows are the whole global batch: under `jit` with the rows sharded over devices the
+    sums over rows are all-reduced by XLA, where DINOv2 calls `dist.all_reduce`. One
+    deliberate difference: the scores' maximum is subtracted before `exp` (a constant factor
+    the first normalisation removes exactly), so a small `temp` cannot overflow float32."""
     n, k = scores_nxk.shape
-    q = jnp.exp((scores_nxk - jnp.max(scores_nxk)) / temp)
+    scores = jnp.asarray(scores_nxk, jnp.float32)
+    q = jnp.exp((scores - jnp.max(scores)) / temp)
     q = q / jnp.sum(q)
     for _ in range(iters):
         q = q / jnp.sum(q, axis=0, keepdims=True) / k  # Columns (prototypes) equal mass.
@@ -121,13 +129,35 @@ def teacher_targets(scores_nxk: jax.Array, temp: float, centering: str) -> jax.A
     ("softmax")."""
     if centering == "sinkhorn":
         return sinkhorn_knopp(scores_nxk, temp)
-    return jax.nn.softmax(scores_nxk / temp, axis=-1)
+    return jax.nn.softmax(jnp.asarray(scores_nxk, jnp.float32) / temp, axis=-1)
 
 
-def cross_entropy(targets_nxk: jax.Array, student_nxk: jax.Array, temp: float) -> jax.Array:
-    """Mean over rows of -Σ_k p_teacher · log softmax(student / temp)."""
-    logp = jax.nn.log_softmax(student_nxk / temp, axis=-1)
-    return jnp.mean(-jnp.sum(targets_nxk * logp, axis=-1))
+def cross_entropy(targets: jax.Array, student: jax.Array, temp: float) -> jax.Array:
+    """Mean over all rows of -Σ_k p_teacher · log softmax(student / temp) (scores [..., K];
+    `targets` broadcasts to the shape of `student`)."""
+    logp = jax.nn.log_softmax(student / temp, axis=-1)
+    return jnp.mean(-jnp.sum(targets * logp, axis=-1))
+
+
+def distillation_loss(teacher_bxk: jax.Array, student_bxnxk: jax.Array, *, teacher_temp: float,
+                      student_temp: float, centering: str) -> jax.Array:
+    """Local-to-global DINO loss of one teacher view [B, K] and n student views [B, n, K]:
+    targets over the (global) batch of teacher views, then the cross-entropy averaged over
+    images and views. Equals DINOv2's `DINOLoss.forward(n student chunks [B, K], [targets])`
+    divided by its n·1 loss terms, as its `ssl_meta_arch` divides the local-crops loss."""
+    targets = teacher_targets(teacher_bxk, teacher_temp, centering)
+    return cross_entropy(targets[:, None, :], student_bxnxk, student_temp)
+
+
+def masked_patch_loss(teacher_bxmxk: jax.Array, student_bxmxk: jax.Array, *,
+                      teacher_temp: float, student_temp: float, centering: str) -> jax.Array:
+    """iBOT masked-patch loss over the m masked patches of each of B images [B, m, K]: targets
+    over all B·m masked patches jointly, cross-entropy averaged over each image's patches,
+    then over images. Equals DINOv2's `iBOTPatchLoss.forward_masked` (weights 1/m per patch,
+    divided by B) after `sinkhorn_knopp_teacher` with `n_masked_patches_tensor` = B·m."""
+    b, m, k = teacher_bxmxk.shape
+    targets = teacher_targets(jnp.reshape(teacher_bxmxk, (b * m, k)), teacher_temp, centering)
+    return cross_entropy(jnp.reshape(targets, (b, m, k)), student_bxmxk, student_temp)
 
 
 def switched(step: jax.Array, start: int, loss_fn: Callable[[], jax.Array]) -> jax.Array:

@@ -24,6 +24,7 @@ from siglip_jax.step import (
     head_restarts,
     init_state,
     make_train_step,
+    restart_heads,
     state_shardings,
 )
 
@@ -414,6 +415,8 @@ def test_ring_step_with_both_objectives_and_accumulation(tmp_path):
         if i < 2:  # Before switch-on: exactly 0.
             assert metrics["self_distillation/loss"] == metrics["masked_prediction/loss"] == 0.0
         else:  # The reference outside the step: 1 device, numpy heads and Sinkhorn-Knopp.
+            for restart in head_restarts(parts.objectives):  # Heads re-drawn at switch-on.
+                before = jax.device_get(restart_heads(before, parts.tx, restart, run.seed))
             want = _reference_losses(parts.model, before, batch, i, run.seed, accum=2,
                                      patch=run.model.image.patch_size)
             np.testing.assert_allclose(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +64,7 @@ class ScheduleConfig:
         return int(round((self.warmup_frac or 0.0) * total_steps))
 
     @classmethod
-    def parse(cls, raw: Mapping[str, Any], where: str = "schedule") -> ScheduleConfig:
+    def parse(cls, raw: Mapping[str, object], where: str = "schedule") -> ScheduleConfig:
         """From a schedule dict; unknown keys raise."""
         return build_record(cls, raw, where)
 
@@ -82,15 +81,15 @@ class OptimConfig:
     """Optimizer, peak lr, weight decay, clipping and the schedule groups (None = frozen)."""
 
     name: str
-    hparams: Mapping[str, Any]
+    hparams: Mapping[str, object]
     lr: float
     wd: float = 0.0
     grad_clip_norm: float = 0.0
     groups: tuple[tuple[str, ScheduleConfig | None], ...] = ((".*", ScheduleConfig()),)
 
     @classmethod
-    def parse(cls, optim: Mapping[str, Any] | None, lr: Any, wd: Any = 0.0,
-              grad_clip_norm: Any = 0.0, schedule: Any = None) -> OptimConfig:
+    def parse(cls, optim: Mapping[str, object] | None, lr: object, wd: object = 0.0,
+              grad_clip_norm: object = 0.0, schedule: object = None) -> OptimConfig:
         """From the top-level keys optim, lr, wd, grad_clip_norm, schedule."""
         optim = dict(to_plain(optim) or {})
         name = optim.pop("name", "adam")
@@ -111,7 +110,7 @@ class OptimConfig:
                    check_float(grad_clip_norm or 0.0, "grad_clip_norm", 0.0), groups)
 
     @classmethod
-    def from_config(cls, config: Any) -> OptimConfig:
+    def from_config(cls, config: Mapping[str, object]) -> OptimConfig:
         """From a config (or any mapping) holding the keys optim, lr, wd, grad_clip_norm and
         schedule."""
         raw = dict(to_plain(config))
@@ -121,7 +120,7 @@ class OptimConfig:
                          raw.get("grad_clip_norm", 0.0), raw.get("schedule"))
 
     @staticmethod
-    def _groups(spec: Any) -> tuple[tuple[str, ScheduleConfig | None], ...]:
+    def _groups(spec: object) -> tuple[tuple[str, ScheduleConfig | None], ...]:
         if isinstance(spec, Mapping):
             return ((".*", ScheduleConfig.parse(spec)),)
         if isinstance(spec, Sequence) and not isinstance(spec, str):
@@ -139,7 +138,7 @@ class OptimConfig:
 FROZEN = "frozen"
 
 
-def make_schedule(spec: ScheduleConfig | Mapping[str, Any], total_steps: int) -> Schedule:
+def make_schedule(spec: ScheduleConfig | Mapping[str, object], total_steps: int) -> Schedule:
     """A multiplier in [0, 1] per step: linear warmup then the chosen decay."""
     if not isinstance(spec, ScheduleConfig):
         spec = ScheduleConfig.parse(spec)
@@ -175,7 +174,8 @@ def _base_optimizer(optim: OptimConfig) -> optax.GradientTransformation:
                                        min_dim_size_to_factor=h["min_dim_size_to_factor"])
 
 
-def param_labels(params: Any, groups: Sequence[tuple[str, Any]]) -> Any:
+def param_labels(params: optax.Params, groups: Sequence[tuple[str, ScheduleConfig | None]]
+                 ) -> optax.Params:
     """Labels each parameter with its group name (`g0`, `g1`, … or `frozen`)."""
     compiled = [re.compile(p) for p, _ in groups]
     used = [False] * len(groups)
@@ -197,12 +197,12 @@ def param_labels(params: Any, groups: Sequence[tuple[str, Any]]) -> Any:
     return labels
 
 
-def group_labels(optim: OptimConfig, params: Any) -> Any:
+def group_labels(optim: OptimConfig, params: optax.Params) -> optax.Params:
     """Each parameter's group label (`frozen` for schedule None)."""
     return param_labels(params, optim.groups)
 
 
-def make_optimizer(optim: OptimConfig, params: Any, total_steps: int
+def make_optimizer(optim: OptimConfig, params: optax.Params, total_steps: int
                    ) -> tuple[optax.GradientTransformation, Schedule]:
     """Builds the optax chain for `params` (abstract is fine) and the first group's lr(step)."""
     labels = param_labels(params, optim.groups)
@@ -229,7 +229,7 @@ def make_optimizer(optim: OptimConfig, params: Any, total_steps: int
     return optax.chain(*chain), first_lr
 
 
-def frozen_group_problems(optim: OptimConfig, params: Any,
+def frozen_group_problems(optim: OptimConfig, params: optax.Params,
                           model_init: Mapping[str, str]) -> list[str]:
     """Frozen (None) groups that would not freeze what they name, or would freeze a random init.
 

@@ -76,8 +76,11 @@ def parse_args(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _text_size(image_variant: str) -> str:
-    """The text tower size paired with an image variant in the released SigLIP models."""
-    return image_variant.partition("/")[0]
+    """The text tower size paired with an image variant in the released SigLIP models: the
+    image tower's, except SigLIP 2's g-opt, paired with a So400m text tower
+    (variants.SIGLIP2_SEEDS)."""
+    size = image_variant.partition("/")[0]
+    return "So400m" if size == "g-opt" else size
 
 
 def image_pp(res: int) -> str:
@@ -313,8 +316,9 @@ def siglip2_naflex_finetune_config(arg: str | None) -> ml_collections.ConfigDict
 
 
 # SigLIP 2 §2.3: the self-distillation and masked-prediction weights (1 and 0.25) are scaled
-# per model size to balance global and dense quality (docs/self_distillation.md).
-SELFSUP_SIZE_FACTOR = {"B": 0.25, "L": 0.5, "So400m": 1.0, "g": 0.5}
+# per model size to balance global and dense quality (docs/self_distillation.md). Keyed by
+# the image variant's size as `variants` names it (SigLIP 2's giant is "g-opt").
+SELFSUP_SIZE_FACTOR = {"B": 0.25, "L": 0.5, "So400m": 1.0, "g-opt": 0.5}
 FULL_DEFAULTS: dict[str, Any] = dict(
     PRETRAIN_DEFAULTS, tokenizer=PLACEHOLDER_GEMMA, decoder=1, selfsup=1, local_crops=8,
     local_size=96, fsdp=16,

@@ -5,10 +5,17 @@ init with out_shardings), optionally overwriting towers with pretrained weights
 (`model_init`). `make_train_step` builds the pure step: loss and gradients (accumulated over
 micro-batches if asked), no backward pass through frozen parameters, the optax update, and
 optionally discarding an update whose loss or gradients are not finite.
+
+Switch-on (SigLIP 2 §2.3): an objective with its own params (`init_params`: heads, mask token)
+and a switch-on step `start > 0` gets them re-drawn at the beginning of step `start`, with
+their optimizer state reset to the optimizer's init and the teacher's copies set to the new
+values (`HeadRestart`, `restart_heads`): weight decay applied before then (they get no
+gradient, but decay still shrinks them) does not reach the losses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -16,8 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
-from siglip_jax.objectives import ObjectiveInputs
+from siglip_jax.models.two_towers import Model
+from siglip_jax.objectives import Objective, ObjectiveInputs
 from siglip_jax.objectives.selfsup import ema_update, objective_params, teacher_spec
 from siglip_jax.records import ConfigError
 from siglip_jax.sharding import (
@@ -29,9 +38,11 @@ from siglip_jax.sharding import (
 )
 
 State = dict[str, Any]  # {"params", "opt_state", "step"} (+ "teacher" when objectives need it)
+SWITCH_ON_SALT = 0x5357_4F4E  # Folded into the seed's key for the heads' draw at switch-on.
 
 
-def example_image(shape: tuple[int, ...] | Mapping[str, tuple[int, ...]]) -> Any:
+def example_image(shape: tuple[int, ...] | Mapping[str, tuple[int, ...]]
+                  ) -> jax.Array | dict[str, jax.Array]:
     """A dummy image batch for model.init: zeros [B, H, W, 3], or for a NaFlex shape dict
     {"patches", "mask", "spatial_shapes"} a patch batch whose images are 1x1 patch grids."""
     if isinstance(shape, Mapping):
@@ -41,15 +52,15 @@ def example_image(shape: tuple[int, ...] | Mapping[str, tuple[int, ...]]) -> Any
     return jnp.zeros(shape, jnp.float32)
 
 
-def abstract_params(model: Any, batch_shapes: Mapping[str, Any],
-                    objectives: Sequence[Any] = ()) -> Any:
+def abstract_params(model: Model, batch_shapes: Mapping[str, object],
+                    objectives: Sequence[Objective] = ()) -> optax.Params:
     """Parameter shapes and dtypes (the model's, plus the objectives' heads), without
     allocating anything."""
     return jax.eval_shape(_params_init(model, batch_shapes, objectives), jax.random.key(0))
 
 
-def _params_init(model: Any, batch_shapes: Mapping[str, Any],
-                 objectives: Sequence[Any]) -> Callable[[Any], dict[str, Any]]:
+def _params_init(model: Model, batch_shapes: Mapping[str, object],
+                 objectives: Sequence[Objective]) -> Callable[[jax.Array], dict[str, object]]:
     """rng → the model's params on dummy inputs of `batch_shapes`, plus the objectives' heads."""
 
     def init(rng):
@@ -60,8 +71,8 @@ def _params_init(model: Any, batch_shapes: Mapping[str, Any],
     return init
 
 
-def _init_fn(model: Any, tx: optax.GradientTransformation,
-             batch_shapes: Mapping[str, tuple[int, ...]], objectives: Sequence[Any] = ()
+def _init_fn(model: Model, tx: optax.GradientTransformation,
+             batch_shapes: Mapping[str, tuple[int, ...]], objectives: Sequence[Objective] = ()
              ) -> Callable:
 
     teacher = teacher_spec(objectives)
@@ -78,7 +89,7 @@ def _init_fn(model: Any, tx: optax.GradientTransformation,
     return init_all
 
 
-def state_shardings(abstract_params: Any, tx: optax.GradientTransformation, mesh: Any,
+def state_shardings(abstract_params: optax.Params, tx: optax.GradientTransformation, mesh: Mesh,
                     rules: Sequence, teacher_parts: Sequence[str] = ()) -> tuple[State, State]:
     """(abstract state, shardings) for params of the given shapes; nothing is allocated.
 
@@ -102,10 +113,10 @@ def state_shardings(abstract_params: Any, tx: optax.GradientTransformation, mesh
     return abstract, shardings
 
 
-def init_state(model: Any, tx: optax.GradientTransformation,
-               batch_shapes: Mapping[str, tuple[int, ...]], mesh: Any, rules: Sequence,
-               seed: int, pretrained: Mapping[str, Any] | None = None,
-               objectives: Sequence[Any] = (), *,
+def init_state(model: Model, tx: optax.GradientTransformation,
+               batch_shapes: Mapping[str, tuple[int, ...]], mesh: Mesh, rules: Sequence,
+               seed: int, pretrained: Mapping[str, optax.Params] | None = None,
+               objectives: Sequence[Objective] = (), *,
                abstract: tuple[State, State] | None = None) -> tuple[State, State]:
     """Creates the sharded train state; returns (state, state_shardings).
 
@@ -128,7 +139,8 @@ def init_state(model: Any, tx: optax.GradientTransformation,
     return state, shardings
 
 
-def check_pretrained(abstract: Mapping[str, Any], pretrained: Mapping[str, Any]) -> None:
+def check_pretrained(abstract: Mapping[str, optax.Params],
+                     pretrained: Mapping[str, optax.Params]) -> None:
     """Raises ConfigError listing the first mismatching keys between model and checkpoint."""
     problems = []
     for part, tree in pretrained.items():
@@ -149,7 +161,8 @@ def check_pretrained(abstract: Mapping[str, Any], pretrained: Mapping[str, Any])
                           + more)
 
 
-def micro_batches(batch: Mapping[str, Any], accum_steps: int) -> dict[str, Any]:
+def micro_batches(batch: Mapping[str, optax.Params], accum_steps: int
+                  ) -> dict[str, optax.Params]:
     """[B, ...] → [accum, B/accum, ...] where micro-batch m takes rows m, m+accum, …, so every
     micro-batch is spread evenly over the devices holding the batch (any nesting of leaves,
     e.g. a NaFlex image dict)."""
@@ -162,11 +175,102 @@ def micro_batches(batch: Mapping[str, Any], accum_steps: int) -> dict[str, Any]:
     return jax.tree_util.tree_map(split, dict(batch))
 
 
-def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: Callable,
-                    lr_fn: Callable, *, frozen: Any = None, accum_steps: int = 1,
-                    skip_nonfinite: bool = False, mesh: Any = None,
-                    batch_axes: Sequence[str] = (), objectives: Sequence[Callable] = (),
-                    seed: int = 0) -> Callable[[State, Any], tuple[State, dict]]:
+@dataclasses.dataclass(frozen=True)
+class HeadRestart:
+    """An objective's own top-level params that start fresh at its switch-on step."""
+
+    start: int  # The objective's switch-on step (> 0).
+    parts: tuple[str, ...]  # Top-level param names its `init_params` creates.
+    index: int  # Its position among the run's objectives (part of the draw's key).
+    init: Callable[[jax.Array], dict[str, object]]  # rng -> {part: params}.
+
+
+def head_restarts(objectives: Sequence[Objective]) -> tuple[HeadRestart, ...]:
+    """The objectives with own params (`init_params`) and a switch-on step `start` > 0."""
+    out = []
+    for index, objective in enumerate(objectives):
+        init = getattr(objective, "init_params", None)
+        start = int(getattr(objective, "start", 0))
+        if init is None or start <= 0:
+            continue
+        parts = tuple(sorted(jax.eval_shape(init, jax.random.key(0))))
+        out.append(HeadRestart(start, parts, index, init))
+    return tuple(out)
+
+
+def fresh_heads(restart: HeadRestart, seed: int) -> dict[str, object]:
+    """The draw `restart_heads` gives the objective's params at its switch-on step (a key of
+    its own: not the step-0 init's)."""
+    key = jax.random.fold_in(jax.random.key(seed), SWITCH_ON_SALT)
+    return restart.init(jax.random.fold_in(key, restart.index))
+
+
+def _owned_leaves(opt_state: optax.OptState, params: optax.Params,
+                  parts: Sequence[str]) -> list[bool]:
+    """Per leaf of `opt_state` (flattened): is it a per-parameter state (a moment, an
+    accumulator) of a param under one of `parts`? Such a leaf's path ends with that param's
+    path; shared leaves (Adam's step count, the schedule's count) end with none."""
+    suffixes = {tuple(path) for path, _ in jax.tree_util.tree_flatten_with_path(
+        {p: params[p] for p in parts})[0]}
+    lengths = sorted({len(s) for s in suffixes})
+    return [any(tuple(path[-n:]) in suffixes for n in lengths if len(path) >= n)
+            for path, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0]]
+
+
+def restart_heads(state: State, tx: optax.GradientTransformation, restart: HeadRestart,
+                  seed: int) -> State:
+    """`state` with the objective's params replaced by `fresh_heads`, their per-parameter
+    optimizer state by `tx.init`'s (moments zeroed), and the teacher's copies of them (if
+    any) by the same fresh values; everything else, shared optimizer counts included, kept."""
+    fresh = fresh_heads(restart, seed)
+    params = {**state["params"], **fresh}
+    leaves, treedef = jax.tree_util.tree_flatten(state["opt_state"])
+    init_leaves, init_def = jax.tree_util.tree_flatten(tx.init(params))
+    if init_def != treedef:
+        raise ValueError("restart_heads: the optimizer state does not come from `tx`")
+    owned = _owned_leaves(state["opt_state"], state["params"], restart.parts)
+    opt_state = jax.tree_util.tree_unflatten(treedef, [
+        new if own else old for old, new, own in zip(leaves, init_leaves, owned, strict=True)])
+    out = {**state, "params": params, "opt_state": opt_state}
+    if "teacher" in state:
+        out["teacher"] = {**state["teacher"],
+                          **{p: fresh[p] for p in restart.parts if p in state["teacher"]}}
+    return out
+
+
+def _restart_at_start(state: State, tx: optax.GradientTransformation, restart: HeadRestart,
+                      seed: int) -> State:
+    """`restart_heads` if state["step"] == restart.start, else `state`: a `lax.cond` whose
+    operands and results are only the restarted leaves (params, their optimizer state, the
+    teacher's copies), so the other steps pay a predicate."""
+    owned = _owned_leaves(state["opt_state"], state["params"], restart.parts)
+    teacher_parts = [p for p in restart.parts if p in state.get("teacher", {})]
+
+    def pick(s):
+        return ({p: s["params"][p] for p in restart.parts},
+                [x for x, own in zip(jax.tree_util.tree_leaves(s["opt_state"]), owned,
+                                     strict=True) if own],
+                {p: s["teacher"][p] for p in teacher_parts})
+
+    params, opt_leaves, teacher = jax.lax.cond(
+        state["step"] == restart.start, lambda: pick(restart_heads(state, tx, restart, seed)),
+        lambda: pick(state))
+    leaves, treedef = jax.tree_util.tree_flatten(state["opt_state"])
+    fresh = iter(opt_leaves)
+    out = {**state, "params": {**state["params"], **params},
+           "opt_state": jax.tree_util.tree_unflatten(
+               treedef, [next(fresh) if own else x for x, own in zip(leaves, owned,
+                                                                     strict=True)])}
+    if teacher_parts:
+        out["teacher"] = {**state["teacher"], **teacher}
+    return out
+
+
+def make_train_step(model: Model, tx: optax.GradientTransformation, loss_fn: Callable,
+                    lr_fn: Callable, *, frozen: optax.Params | None = None,
+                    accum_steps: int = 1, skip_nonfinite: bool = False, mesh: Mesh | None = None,
+                    batch_axes: Sequence[str] = (), objectives: Sequence[Objective] = (),
+                    seed: int = 0) -> Callable[[State, Mapping[str, object]], tuple[State, dict]]:
     """The pure step (state, batch) → (state, metrics), to be jitted by the caller.
 
     Args:
@@ -183,10 +287,12 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: Calla
       seed: base of the per-step PRNG key handed to the objectives.
 
     A state["teacher"] (see `state_shardings`) follows the new params by EMA after the
-    optimizer update, at the momentum the objectives give for the step.
+    optimizer update, at the momentum the objectives give for the step. At an objective's
+    switch-on step its own params (heads, mask token) are first re-drawn (`restart_heads`).
     """
 
     teacher_of = teacher_spec(objectives)
+    restarts = head_restarts(objectives)
 
     def loss_of(params, batch, step, teacher, rng):
         if frozen is not None:
@@ -230,6 +336,8 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: Calla
         return jax.tree_util.tree_map(lambda x: x / accum_steps, total)
 
     def train_step(state, batch):
+        for restart in restarts:
+            state = _restart_at_start(state, tx, restart, seed)
         (loss, metrics), grads = loss_and_grads(state["params"], batch, state["step"],
                                                 state.get("teacher"))
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -252,7 +360,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: Calla
     return train_step
 
 
-def frozen_mask(labels: Any, frozen_label: str) -> Any | None:
+def frozen_mask(labels: optax.Params, frozen_label: str) -> optax.Params | None:
     """Tree of bools from optimizer group labels; None when nothing is frozen."""
     mask = jax.tree_util.tree_map(lambda label: label == frozen_label, labels)
     return mask if any(jax.tree_util.tree_leaves(mask)) else None

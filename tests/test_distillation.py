@@ -18,7 +18,15 @@ from siglip_jax.models.two_towers import Model
 from siglip_jax.objectives import distillation, masked, selfsup
 from siglip_jax.optim import OptimConfig, make_optimizer
 from siglip_jax.sharding import make_mesh, path_str
-from siglip_jax.step import abstract_params, init_state, make_train_step, state_shardings
+from siglip_jax.step import (
+    abstract_params,
+    fresh_heads,
+    head_restarts,
+    init_state,
+    make_train_step,
+    restart_heads,
+    state_shardings,
+)
 
 MODEL = dict(
     image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, pool_type="map"),
@@ -308,11 +316,15 @@ def test_teacher_is_outside_the_optimizer_and_follows_by_ema_after_switch_on(ada
                                                after["params"][h], before["params"][h])
                 assert max(jax.tree_util.tree_leaves(moved)) > 0, h
         m = 0.9 if on else 0.0
+        teacher_before = dict(before["teacher"])
+        if i == 2:  # At switch-on the heads restart from a fresh draw (step.restart_heads).
+            for restart in head_restarts(objs):
+                teacher_before.update(jax.device_get(fresh_heads(restart, 3)))
         for part in after["teacher"]:
             jax.tree_util.tree_map(
                 lambda t, t0, p, m=m: np.testing.assert_allclose(
                     t, np.float32(m) * t0 + np.float32(1 - m) * p, rtol=1e-6, atol=1e-7),
-                after["teacher"][part], before["teacher"][part], after["params"][part])
+                after["teacher"][part], teacher_before[part], after["params"][part])
 
 
 def test_resume_with_the_teacher_is_bit_exact(tmp_path, adam_run):
@@ -403,6 +415,8 @@ def test_ring_step_with_both_objectives_and_accumulation(tmp_path):
         if i < 2:  # Before switch-on: exactly 0.
             assert metrics["self_distillation/loss"] == metrics["masked_prediction/loss"] == 0.0
         else:  # The reference outside the step: 1 device, numpy heads and Sinkhorn-Knopp.
+            for restart in head_restarts(parts.objectives):  # Heads re-drawn at switch-on.
+                before = jax.device_get(restart_heads(before, parts.tx, restart, run.seed))
             want = _reference_losses(parts.model, before, batch, i, run.seed, accum=2,
                                      patch=run.model.image.patch_size)
             np.testing.assert_allclose(

@@ -101,3 +101,37 @@ def test_paths_resolve_from_home_and_cwd(tmp_path, monkeypatch):
     assert resolve_path("~/a/b.npz") == str(tmp_path / "a" / "b.npz")
     assert resolve_path("c") == str(tmp_path / "c")
     assert resolve_path("gs://bucket/x") == "gs://bucket/x"
+
+
+NAFLEX = {"image": {"kind": "naflex", "variant": "mu/8", "posemb_grid": 4, "pool_type": "map"},
+          "text": {"variant": "mu", "vocab_size": 50, "pool_type": "last"},
+          "out_dim": (None, 32), "bias_init": -10.0}
+
+
+def test_naflex_npz_opens_as_naflex_and_computes_the_same(tmp_path):
+    """big_vision publishes SigLIP 2 NaFlex checkpoints as .npz: the patch embedding is a
+    Dense [p·p·3, D] and the position embedding a [G, G, D] grid (naflex_vit.py). Saved
+    scanned from an unscanned model (the layouts are tested both ways on the ViT above)."""
+    scanned = True
+    model = Model(**{**NAFLEX, "image": {**NAFLEX["image"], "scan": not scanned}})
+    rng = np.random.default_rng(0)
+    shapes = np.array([[3, 4], [2, 5]], np.int32)  # Two aspect ratios, 16-patch budget.
+    mask = np.arange(16)[None, :] < shapes.prod(axis=1)[:, None]
+    image = {"patches": rng.uniform(-1, 1, (2, 16, 8 * 8 * 3)).astype(np.float32),
+             "mask": mask, "spatial_shapes": shapes}
+    text = rng.integers(2, 50, (2, 8)).astype(np.int32)
+    params = jax.jit(model.init)(jax.random.key(0), image, text)["params"]
+    assert np.shape(params["img"]["embedding"]["kernel"]) == (192, 32)
+    bv.save_npz(tmp_path / "naflex.npz", params, scanned=scanned)
+
+    opened = open_model(tmp_path / "naflex.npz")
+    assert opened.is_naflex and opened.format == "npz"
+    assert opened.model.image.patch_size == (8, 8) and opened.model.image.width == 32
+    assert opened.image_size is None and opened.text_len == 8
+    image_kw = opened.model_config["image"]
+    assert image_kw["posemb_grid"] == 4 and image_kw["pool_type"] == "map"
+    assert image_kw["scan"] == scanned
+    got = make_model(opened.model).apply({"params": opened.fitted_params()}, image, text)
+    want = model.apply({"params": params}, image, text)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], atol=1e-6)

@@ -10,9 +10,10 @@ import re
 
 import pytest
 
-from siglip_jax import plan, planner
+from siglip_jax import plan, planner, recipes
 from siglip_jax.config import ConfigError, load_config
 from siglip_jax.models import variants
+from siglip_jax.schema import parse
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 DATA = "data=/tmp"  # Any existing local path stands in for the shards.
@@ -166,3 +167,19 @@ def test_finetune_loads_the_whole_checkpoint_at_the_new_resolution():
     p = planner.make_plan(c, planner.parse_topology("v4-512"))
     assert p.towers[0].tokens == (384 // 16) ** 2
     assert p.errors == ["model_init.full checkpoint: not found: '/tmp/ckpt'"]
+
+
+@pytest.mark.parametrize("image, text, factor", [
+    ("B/16", "B", 0.25), ("L/16", "L", 0.5), ("So400m/14", "So400m", 1.0),
+    ("g-opt/16", "So400m", 0.5)])
+def test_full_siglip2_recipe_builds_for_every_released_size(image, text, factor):
+    """The four SigLIP 2 sizes (g-opt's text tower is So400m, its embedding 1536 wide); the
+    self-supervised weights 1 and 0.25 scaled per size (SigLIP 2 §2.3)."""
+    run = parse(recipes.siglip2_full_config(image, 256, DATA))
+    assert run.model.image.variant == image and run.model.text.variant == text
+    assert run.model.text.width == variants.decode_variant(text, allow_patch=False)["width"]
+    assert run.model.out_dim[1] == variants.decode_variant(image)["width"]
+    objectives = run.loss.objectives
+    assert objectives["self_distillation"]["weight"] == factor
+    assert objectives["masked_prediction"]["weight"] == 0.25 * factor
+    assert "decoder" in objectives

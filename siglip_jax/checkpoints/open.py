@@ -205,6 +205,30 @@ def _head_dim(tower: VariableDict) -> int | None:
     return None if head is None else int(np.shape(head["kernel"])[-1])
 
 
+def _image_tower(img: VariableDict) -> dict[str, object]:
+    """The image tower's config from its params: a FixRes ViT (`embedding/kernel` the patch
+    convolution [ph, pw, 3, D]) or a NaFlex ViT (big_vision `naflex_vit.py`: `embedding/kernel`
+    a Dense over the flattened patch [p·p·3, D], `pos_embedding` a learned [G, G, D] grid;
+    the patch is taken as square, the only shape the flattened length leaves open)."""
+    embed = np.shape(img["embedding"]["kernel"])
+    encoder = _encoder_shape(img["Transformer"], "img/Transformer")
+    if len(embed) == 2:  # NaFlex.
+        patch = int(round(np.sqrt(embed[0] / 3)))
+        grid = np.shape(img["pos_embedding"])
+        if 3 * patch * patch != embed[0] or len(grid) != 3 or grid[0] != grid[1]:
+            raise loader.CheckpointFormatError(
+                f"img/embedding/kernel {tuple(embed)} with img/pos_embedding {tuple(grid)} is "
+                "neither a FixRes ViT ([p, p, 3, D]) nor a NaFlex ViT ([p·p·3, D] with a "
+                "[G, G, D] position grid) image tower")
+        return {"kind": "naflex", "width": int(embed[-1]), "patch_size": (patch, patch),
+                "posemb_grid": int(grid[0]),
+                "pool_type": "map" if "MAPHead_0" in img else "gap", **encoder}
+    return {"width": int(embed[-1]), "patch_size": (int(embed[0]), int(embed[1])),
+            "posemb": "learn" if "pos_embedding" in img else "sincos2d",
+            "pool_type": "map" if "MAPHead_0" in img else "tok" if "cls" in img else "gap",
+            **encoder}
+
+
 def infer_model_config(params: VariableDict) -> dict[str, object]:
     """{"model": Model kwargs, "image_size", "text_len"} from a big_vision params tree alone.
 
@@ -212,15 +236,13 @@ def infer_model_config(params: VariableDict) -> dict[str, object]:
     size of the position embedding's patch grid (So400m/14 at 384 px gives 378: the patch
     convolution ignores the last pixels either way). What shapes cannot tell is taken as
     SigLIP has it: an image tower without MAP head or class token pools by global
-    average, a text tower without MAP head pools the last token.
+    average, a text tower without MAP head pools the last token. A NaFlex image tower (the
+    format of big_vision's SigLIP 2 NaFlex checkpoints) is recognised by its 2-d patch
+    embedding kernel; it has no fixed image size (None).
     """
     try:
         img, txt = params["img"], params["txt"]
-        embed = np.shape(img["embedding"]["kernel"])  # [ph, pw, 3, width]
-        image = {"width": int(embed[-1]), "patch_size": (int(embed[0]), int(embed[1])),
-                 "posemb": "learn" if "pos_embedding" in img else "sincos2d",
-                 "pool_type": "map" if "MAPHead_0" in img else "tok" if "cls" in img else "gap",
-                 **_encoder_shape(img["Transformer"], "img/Transformer")}
+        image = _image_tower(img)
         vocab, width = np.shape(txt["Embed_0"]["embedding"])
         text = {"vocab_size": int(vocab), "width": int(width),
                 "pool_type": "map" if "MAPHead_0" in txt else "last",
@@ -230,7 +252,7 @@ def infer_model_config(params: VariableDict) -> dict[str, object]:
         raise loader.CheckpointFormatError(
             f"cannot infer the model from the checkpoint's arrays: missing {e}") from None
     image_size = None
-    if "pos_embedding" in img:
+    if image.get("kind") != "naflex" and "pos_embedding" in img:
         tokens = int(np.shape(img["pos_embedding"])[1])
         grid = int(round(np.sqrt(tokens)))
         if grid * grid == tokens:

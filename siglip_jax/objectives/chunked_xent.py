@@ -19,9 +19,10 @@ accumulator).
 
 Why vocabulary chunks rather than sequence chunks: every chip keeps all of its own
 (batch-sharded) rows in every block, so the batch sharding of the activations is untouched
-and nothing is reshaped across the sharded axis; the weight gradient comes out block by block
-into its final [D, V] buffer (no float32 [D, V] accumulator carried through the loop); and the
-per-block memory N·C is set by one knob whatever the rows' layout. A ragged last block (V not
+and nothing is reshaped across the sharded axis; each block's weight gradient is complete
+when written (a dynamic-update-slice into the [D, V] gradient carried through the loop, done
+in place), never a sum over blocks; and the per-block memory N·C is set by one knob whatever
+the rows' layout. A ragged last block (V not
 a multiple of C) runs once after the loop at its own static size: no padding copy of the
 kernel and no masked columns. argmax ties resolve to the first index, as `jnp.argmax`.
 """

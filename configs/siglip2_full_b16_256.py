@@ -3,9 +3,9 @@ self-distillation and masked prediction for the last 20 % of training.
 
 Launch (plan it first, then train):
 
-    python -m siglip_jax.plan --topology v4-2048 \
+    python -m siglip_jax.plan --topology v4-512 --compile \
         --config 'configs/siglip2_full_b16_256.py:data=gs://B/w/*.tar,tokenizer=gs://B/gemma.model'
-    launch/tpu.sh run my-tpu --type v4-2048 \
+    launch/tpu.sh run my-tpu --type v4-512 \
         --config 'configs/siglip2_full_b16_256.py:data=gs://B/w/*.tar,tokenizer=gs://B/gemma.model'
 
 The FixRes SigLIP 2 recipe (configs/siglip2_b16_256.py: ring sigmoid loss, batch 32k, Adam
@@ -21,11 +21,24 @@ The FixRes SigLIP 2 recipe (configs/siglip2_b16_256.py: ring sigmoid loss, batch
     prediction (half of the patches), weights 1 and 0.25 times 0.25 for B, switched on for
     the last 20 % of steps (docs/self_distillation.md).
 Parameters and optimizer state are sharded over 16 chips (`fsdp=16`; the decoder's 256k
-embedding and output layer alone hold 393 M parameters). The decoder's float32 [64, 256k]
-logits (three rows per image) dominate activation memory, hence 1024 chips for the 32k batch
-(SigLIP 2 trained on 2048 TPUv5e chips); on fewer, raise `accum` (each micro-batch then sees
-fewer negatives). Arguments: the SigLIP recipes'
-(siglip_jax.recipes.ARG_DOCS) plus decoder=0|1, selfsup=0|1, local_crops, local_size.
+embedding and output layer alone hold 393 M parameters). The decoder loss runs over blocks of
+8192 vocabulary columns (`vocab_chunk`, docs/decoder.md "The chunked loss"): the float32
+[3·B, 64, 256k] logits are never materialised. Compiled per chip at batch 32k (TPU compiler,
+libtpu 0.0.52; args / temporaries / total):
+
+    slice (chips)     full logits (vocab_chunk=0)            chunked (vocab_chunk=8192)
+    v4-1024 (512)     2.97 / 18.54 / 21.69 GiB               (not compiled)
+    v4-512  (256)     CompileTimeHbmOom (39.6 GiB temps)     3.06 / 6.24 / 9.49 GiB
+    v4-256  (128)     CompileTimeHbmOom (76.0 GiB temps)     3.26 / 11.77 / 15.23 GiB
+    v5litepod-256     CompileTimeHbmOom (39.9 GiB temps)     3.06 / 6.52 / 9.79 GiB (of 14.9)
+
+v4-512 (256 chips, 128 images per chip) fits by both the compiler and the planner's analytic
+estimate (19.1 GiB); v4-256 (256 images per chip) compiles at 15.2 GiB but the analytic
+estimate, conservative by ~2x, says 34.5 GiB: plan it with `--compile`. A v5litepod-256
+(16 GB chips; SigLIP 2 trained on up to 2048 TPUv5e chips, model card) fits too. On fewer
+chips raise `accum` (each micro-batch then sees fewer negatives). Arguments: the SigLIP recipes'
+(siglip_jax.recipes.ARG_DOCS) plus decoder=0|1, selfsup=0|1, local_crops, local_size,
+vocab_chunk.
 Expected result: the released SigLIP 2 B/16-256 reaches 79.1 % ImageNet zero-shot (paper,
 Table 1; recalled, check it) after 40B examples with this recipe plus the paper's data
 curation, which this recipe does not reproduce.

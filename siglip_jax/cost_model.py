@@ -70,6 +70,7 @@ class DecoderShape:
     act_bytes: int
     remat: str
     rows: int = 1  # Decoder sequences per image (loss.decoder.tasks_per_example).
+    vocab_chunk: int = 0  # Vocabulary columns per logits block (loss.decoder.vocab_chunk; 0: all).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,16 +109,18 @@ def towers_from_model(model: Model, image: tuple[int, int] | int, text_len: int
     return img, text
 
 
-def decoder_shape(model: Model, image_tokens: int, rows: int = 1) -> DecoderShape | None:
+def decoder_shape(model: Model, image_tokens: int, rows: int = 1, vocab_chunk: int = 0
+                  ) -> DecoderShape | None:
     """The decoder of a two-towers model (None without one), at `image_tokens` keys, run on
-    `rows` sequences per image."""
+    `rows` sequences per image, its loss over logits blocks of `vocab_chunk` columns (0: the
+    full vocabulary at once)."""
     if model.decoder is None:
         return None
     vit, txt = towers(model)
     dec = make_decoder(model.decoder, text_kwargs(model.text), txt.vocab_size)
     return DecoderShape(dec.max_len, image_tokens, vit.width, dec.width, dec.depth,
                         dec.mlp_dim or 4 * dec.width, dec.num_heads, dec.vocab_size,
-                        _itemsize(dec.dtype), dec.remat_policy, rows)
+                        _itemsize(dec.dtype), dec.remat_policy, rows, vocab_chunk)
 
 
 def objective_passes(objectives: Mapping[str, Mapping[str, object]], image: Tower
@@ -237,7 +240,10 @@ def decoder_activation_bytes(d: DecoderShape, batch: int) -> int:
     """Bytes the decoder keeps for its backward pass for `batch` examples: per block (as a
     tower block of L tokens, plus cross-attention q/out, k/v of N image tokens and the
     [heads, L, N] logits and probabilities), the projected image tokens, and the float32
-    logits, log-probabilities and their gradient [L, V]."""
+    logits, log-probabilities and their gradient [L, V'] of the loss: V' = V for the full
+    logits; with a chunked loss (`vocab_chunk` C > 0, objectives/chunked_xent.py) one block's
+    worth, V' = min(C, V), plus the float32 final hidden states the backward pass recomputes
+    the blocks from."""
     a, n, k, w = d.act_bytes, d.tokens, d.image_tokens, d.width
     block = _block_bytes(Tower("dec", n, w, d.depth, d.mlp_dim, d.heads, a, d.remat, "none",
                                None))
@@ -247,7 +253,11 @@ def decoder_activation_bytes(d: DecoderShape, batch: int) -> int:
         kept = d.depth * embed + 2 * block
     else:
         kept = d.depth * block
-    return batch * (kept + embed + k * w * a + 3 * FLOAT32 * n * d.vocab_size)
+    if d.vocab_chunk > 0:
+        loss = 3 * FLOAT32 * n * min(d.vocab_chunk, d.vocab_size) + FLOAT32 * n * w
+    else:
+        loss = 3 * FLOAT32 * n * d.vocab_size
+    return batch * (kept + embed + k * w * a + loss)
 
 
 def loss_bytes(per_device_batch: int, global_batch: int, dim: int, impl: str) -> int:

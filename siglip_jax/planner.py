@@ -227,8 +227,10 @@ def _step_parts(run: RunConfig, plan: Plan) -> StepParts | None:
         parts = build_step(run, mesh, shapes)
         plan.towers = cost_model.towers_from_model(
             parts.model, plan.image_tokens or plan.image_hw, plan.text_len)
-        plan.decoder = cost_model.decoder_shape(parts.model, plan.towers[0].tokens, int(
-            run.loss.objectives.get("decoder", {}).get("tasks_per_example", 1)))
+        dec_options = run.loss.objectives.get("decoder", {})
+        plan.decoder = cost_model.decoder_shape(
+            parts.model, plan.towers[0].tokens, int(dec_options.get("tasks_per_example", 1)),
+            int(dec_options.get("vocab_chunk", 0)))
         plan.passes = cost_model.objective_passes(run.loss.objectives, plan.towers[0])
     except ShardingError as e:
         plan.errors.append(f"sharding_rules: {e}")

@@ -321,13 +321,15 @@ def siglip2_naflex_finetune_config(arg: str | None) -> ml_collections.ConfigDict
 SELFSUP_SIZE_FACTOR = {"B": 0.25, "L": 0.5, "So400m": 1.0, "g-opt": 0.5}
 FULL_DEFAULTS: dict[str, Any] = dict(
     PRETRAIN_DEFAULTS, tokenizer=PLACEHOLDER_GEMMA, decoder=1, selfsup=1, local_crops=8,
-    local_size=96, fsdp=16,
+    local_size=96, fsdp=16, vocab_chunk=8192,
 )
 ARG_DOCS.update({
     "decoder": "1: add the LocCa caption decoder and its loss (0: off)",
     "selfsup": "1: add self-distillation and masked prediction for the last 20 % (0: off)",
     "local_crops": "local views per image for self-distillation (default 8)",
     "local_size": "side of the local views in pixels, a multiple of the patch (default 96)",
+    "vocab_chunk": "decoder loss over vocabulary blocks of this many columns (default 8192; "
+                   "0: full [L, V] float32 logits, docs/decoder.md)",
 })
 
 
@@ -345,7 +347,8 @@ def siglip2_full_config(image_variant: str, res: int, arg: str | None
     ops = [image_pp(res)]
     if int(args["decoder"]):
         c.model.decoder = dict(max_len=64)  # Width, heads from the text tower; half its depth.
-        c.loss.decoder = dict(weight=1.0, tasks_per_example=3)  # §2.2: all three per image.
+        c.loss.decoder = dict(weight=1.0, tasks_per_example=3,  # §2.2: all three per image,
+                              vocab_chunk=int(args["vocab_chunk"]))  # "a chunked version".
         ops.append("locca_task(max_len=64, all_tasks=True)")
         keep += ["dec_tokens", "dec_target_mask", "dec_parallel"]
     if int(args["selfsup"]):

@@ -31,7 +31,7 @@ INTENDED = {
     "demo_naflex.py": ("", "cpu-8"),
     "siglip2_b16_256.py": (f"{DATA},tokenizer=gs://b/gemma.model", "v4-128"),
     "siglip2_naflex_b16.py": (f"{DATA},init=/tmp,tokenizer=gs://b/gemma.model", "v4-32"),
-    "siglip2_full_b16_256.py": (f"{DATA},tokenizer=gs://b/gemma.model", "v4-2048"),
+    "siglip2_full_b16_256.py": (f"{DATA},tokenizer=gs://b/gemma.model", "v4-512"),
     "demo_siglip2.py": ("", "cpu-8"),
 }
 # Configs that read a real checkpoint when loaded: planned in tests/test_docs.py instead.

@@ -127,9 +127,11 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens_bxl: jax.Array, image_bxnxw: jax.Array, *,
                  parallel: bool | jax.Array, image_mask: jax.Array | None = None,
-                 train: bool = False) -> jax.Array:
+                 train: bool = False, return_hidden: bool = False) -> jax.Array:
         """Logits [B, L, vocab_size] (float32) of decoder input ids [B, L] (in
-        [0, vocab_size]) given image tokens."""
+        [0, vocab_size]) given image tokens; `return_hidden`: the final hidden states
+        [B, L, D] instead (the output layer's input, for a loss that applies `output_layer`
+        itself, objectives/chunked_xent.py)."""
         _, length = tokens_bxl.shape
         if length > self.max_len:
             raise ValueError(f"decoder input has length {length} > model.decoder.max_len "
@@ -166,9 +168,18 @@ class Decoder(nn.Module):
                 x, _ = block_cls(name=f"decoderblock_{i}", **block_kw)(
                     x, image, self_mask, image_mask, not train)
         x = nn.LayerNorm(epsilon=LN_EPS, param_dtype=self.param_dtype, name="decoder_norm")(x)
+        if return_hidden:
+            return constrain_batch(x)
         logits = nn.Dense(self.vocab_size, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                           param_dtype=self.param_dtype, name="head")(x)
         return constrain_batch(logits.astype(jnp.float32))
+
+
+def output_layer(dec_params: Mapping[str, object]) -> tuple[jax.Array, jax.Array | None]:
+    """(kernel [D, V], bias [V] or None) of the output layer in the decoder's params (`dec/`):
+    logits = hidden @ kernel + bias, computed in the decoder's `dtype`."""
+    head = dec_params["head"]
+    return head["kernel"], head.get("bias")
 
 
 def _positive_int(cfg: Mapping[str, object], key: str, minimum: int = 1) -> int:

@@ -119,14 +119,17 @@ class Model(nn.Module):
         parallel: bool | jax.Array,
         train: bool = False,
         image_mask: jax.Array | None = None,
+        return_hidden: bool = False,
     ) -> jax.Array:
         """Decoder logits [B, L, V] (float32) of ids [B, L] given un-pooled image tokens
         [B, N, W] (out["img/encoded"]); `parallel` (bool or bool [B]) picks full instead of
-        causal self-attention; `image_mask` [B, N] (True = real patch) hides NaFlex padding."""
+        causal self-attention; `image_mask` [B, N] (True = real patch) hides NaFlex padding;
+        `return_hidden`: the decoder's final hidden states [B, L, D] instead of the logits
+        (models/decoder.output_layer gives the layer that maps them to logits)."""
         if self.decoder is None:
             raise ValueError("Model.decode needs a decoder: set config.model.decoder")
         return self.dec(dec_tokens, image_tokens, parallel=parallel, image_mask=image_mask,
-                        train=train)
+                        train=train, return_hidden=return_hidden)
 
     def image_features(
         self,

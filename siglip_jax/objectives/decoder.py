@@ -1,6 +1,7 @@
 """The LocCa decoder loss (SigLIP 2): token cross-entropy of the caption decoder.
 
-Configured as `config.loss.decoder = dict(weight=1.0, tasks_per_example=1)`; needs
+Configured as `config.loss.decoder = dict(weight=1.0, tasks_per_example=1, vocab_chunk=8192)`;
+needs
 `config.model.decoder` (the decoder's shape, models/decoder.py). The batch carries, per
 example, T = tasks_per_example decoder sequences (made by the input pipeline; T = 1: the pp
 op `locca_task` samples one task, shapes [B, L] / [B]; T > 1: `locca_task(all_tasks=True)`
@@ -23,6 +24,13 @@ tokens of the micro-batch (over all B·T rows); metrics "decoder/loss" (the unwe
 CE), "decoder/token_acc" (argmax accuracy over the target tokens) and per task (read from each
 row's task token) "decoder/{cap,aref,gcap}_token_acc" (0 when the micro-batch has no target
 token of that task).
+
+`vocab_chunk = C > 0` (the default, 8192) computes the cross-entropy and the argmax over
+vocabulary blocks of C columns with a custom gradient (objectives/chunked_xent.py): the
+decoder returns its final hidden states and the output layer (models/decoder.output_layer) is
+applied block by block, so the float32 [B·T, L, V] logits never exist (SigLIP 2 §2.2 uses "a
+chunked version of the decoder loss"); loss, gradients and metrics equal the unchunked ones.
+`vocab_chunk = 0` materialises the full logits (the reference).
 """
 
 from __future__ import annotations
@@ -36,17 +44,22 @@ from jax.sharding import Mesh
 
 from siglip_jax.data.locca import TASKS
 from siglip_jax.models.config import DecoderConfig, decoder_vocab
-from siglip_jax.models.decoder import training_inputs
+from siglip_jax.models.decoder import output_layer, training_inputs
 from siglip_jax.objectives.base import Objective, ObjectiveInputs, ShapeSpecs, TrainRun
+from siglip_jax.objectives.chunked_xent import chunked_cross_entropy
 from siglip_jax.records import ConfigError
 
-OPTIONS: dict[str, object] = {"weight": 1.0, "tasks_per_example": 1}
+# vocab_chunk: 8192 columns of the 256k Gemma vocabulary per block (32 blocks): on v4 at 128
+# images × 3 rows per chip a block's float32 logits are 768 MiB (docs/decoder.md).
+OPTIONS: dict[str, object] = {"weight": 1.0, "tasks_per_example": 1, "vocab_chunk": 8192}
 _RNG_SALT = 0xDEC
 
 
 def check_options(raw: Mapping[str, object]) -> dict[str, object]:
     """`weight` (a finite number >= 0, default 1.0), `tasks_per_example` (an int in 1..3, the
-    pp's rows per example, default 1); unknown options raise ValueError."""
+    pp's rows per example, default 1), `vocab_chunk` (an int >= 0: vocabulary columns per
+    block of the chunked cross-entropy, 0 = full logits; default 8192); unknown options raise
+    ValueError."""
     unknown = sorted(set(raw) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; valid: {sorted(OPTIONS)}")
@@ -60,6 +73,10 @@ def check_options(raw: Mapping[str, object]) -> dict[str, object]:
     if isinstance(tasks, bool) or not isinstance(tasks, int) or not 1 <= tasks <= len(TASKS):
         raise ValueError(f"tasks_per_example must be an int in 1..{len(TASKS)} (rows per "
                          f"example of the pp's locca_task), got {tasks!r}")
+    chunk = options["vocab_chunk"]
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise ValueError(f"vocab_chunk must be an int >= 0 (vocabulary columns per block of "
+                         f"the chunked cross-entropy; 0 = full logits), got {chunk!r}")
     return options
 
 
@@ -79,16 +96,21 @@ def batch_shapes(run: TrainRun, options: Mapping[str, object], batch: int) -> Sh
             "dec_parallel": (rows, np.bool_)}
 
 
-def token_loss(logits_bxlxv: jax.Array, targets_bxl: jax.Array, weights_bxl: jax.Array
-               ) -> tuple[jax.Array, jax.Array]:
-    """(Σ w·CE / Σ w, Σ w·[argmax = target] / Σ w) over the weighted positions (0 if none)."""
+def token_ce(logits_bxlxv: jax.Array, targets_bxl: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(CE [B, L] float32, argmax [B, L] int32) of full logits [B, L, V]."""
     logits = logits_bxlxv.astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     ce_bxl = -jnp.take_along_axis(logp, targets_bxl[..., None], axis=-1)[..., 0]
+    return ce_bxl, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def token_loss(logits_bxlxv: jax.Array, targets_bxl: jax.Array, weights_bxl: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+    """(Σ w·CE / Σ w, Σ w·[argmax = target] / Σ w) over the weighted positions (0 if none)."""
+    ce_bxl, argmax_bxl = token_ce(logits_bxlxv, targets_bxl)
     count = jnp.maximum(jnp.sum(weights_bxl), 1.0)
-    loss = jnp.sum(ce_bxl * weights_bxl) / count
-    hit_bxl = (jnp.argmax(logits, axis=-1) == targets_bxl).astype(jnp.float32)
-    return loss, jnp.sum(hit_bxl * weights_bxl) / count
+    hit_bxl = (argmax_bxl == targets_bxl).astype(jnp.float32)
+    return jnp.sum(ce_bxl * weights_bxl) / count, jnp.sum(hit_bxl * weights_bxl) / count
 
 
 def make(run: TrainRun, options: Mapping[str, object], mesh: Mesh | None) -> Objective:
@@ -97,6 +119,7 @@ def make(run: TrainRun, options: Mapping[str, object], mesh: Mesh | None) -> Obj
     _decoder(run)  # One-line error without a model.decoder.
     vocab = decoder_vocab(run.model)
     weight, rows = float(options["weight"]), int(options["tasks_per_example"])
+    chunk, dtype = int(options["vocab_chunk"]), _decoder(run).dtype
 
     def objective(inputs: ObjectiveInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
         batch = inputs.batch
@@ -118,13 +141,20 @@ def make(run: TrainRun, options: Mapping[str, object], mesh: Mesh | None) -> Obj
         parallel = jnp.asarray(batch["dec_parallel"], bool).reshape(-1)
         tokens, targets, weights = training_inputs(dec_tokens, target_mask, parallel,
                                                    vocab.mask_id)
-        logits = inputs.model.apply(
+        out = inputs.model.apply(
             {"params": inputs.params}, image_tokens, tokens, parallel=parallel,
-            train=True, image_mask=image_mask, method="decode",
+            train=True, image_mask=image_mask, method="decode", return_hidden=chunk > 0,
             rngs={"dropout": jax.random.fold_in(inputs.rng, _RNG_SALT)})
-        loss, acc = token_loss(logits, targets, weights)
-        metrics = {"decoder/loss": loss, "decoder/token_acc": acc}
-        hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * weights
+        if chunk > 0:  # out: hidden states [B·T, L, D]; logits block by block.
+            kernel, bias = output_layer(inputs.params["dec"])
+            ce_bxl, argmax_bxl = chunked_cross_entropy(out, kernel, bias, targets,
+                                                       chunk=chunk, dtype=dtype)
+        else:  # out: the full float32 logits [B·T, L, V].
+            ce_bxl, argmax_bxl = token_ce(out, targets)
+        hit = (argmax_bxl == targets).astype(jnp.float32) * weights
+        count = jnp.maximum(jnp.sum(weights), 1.0)
+        loss = jnp.sum(ce_bxl * weights) / count
+        metrics = {"decoder/loss": loss, "decoder/token_acc": jnp.sum(hit) / count}
         for task in TASKS:  # Per-task accuracy, the task read from each row's first token.
             w = weights * (dec_tokens[:, :1] == vocab.task_id(task))
             metrics[f"decoder/{task}_token_acc"] = (

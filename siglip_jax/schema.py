@@ -39,13 +39,18 @@ from siglip_jax.data.tokenizer_config import TokenizerConfig
 from siglip_jax.evaluators.config import EvalConfig
 from siglip_jax.models.config import ModelConfig
 from siglip_jax.optim import OptimConfig
-from siglip_jax.records import ConfigError, check_keys, thaw, to_plain
-from siglip_jax.records import build_record as _record
-from siglip_jax.records import check_choice as _choice
-from siglip_jax.records import check_float as _float
-from siglip_jax.records import check_int as _int
-from siglip_jax.records import freeze as _frozen
-from siglip_jax.records import set_fields as _set
+from siglip_jax.records import (
+    ConfigError,
+    build_record,
+    check_choice,
+    check_float,
+    check_int,
+    check_keys,
+    freeze,
+    set_fields,
+    thaw,
+    to_plain,
+)
 from siglip_jax.sharding import MeshConfig
 
 # ----------------------------------------------------------------------------- sections
@@ -60,7 +65,8 @@ class ModelInitConfig:
     full: str = ""
 
     def __post_init__(self) -> None:
-        _set(self, img=str(self.img or ""), txt=str(self.txt or ""), full=str(self.full or ""))
+        set_fields(self, img=str(self.img or ""), txt=str(self.txt or ""),
+                   full=str(self.full or ""))
 
     def parts(self) -> dict[str, str]:
         """{"img" | "txt" | "full": path} of the parts that are set."""
@@ -93,14 +99,14 @@ class LossConfig:
                     raise ConfigError(f"config.loss.{name}: expected a dict of options (or "
                                       f"None to switch it off), got {value!r}")
                 try:
-                    chosen[name] = _frozen(objectives.check_options(name, value))
+                    chosen[name] = freeze(objectives.check_options(name, value))
                 except ValueError as e:
                     raise ConfigError(f"config.loss.{name}: {e}") from None
         try:
             losses.check_options(impl, raw)
         except ValueError as e:
             raise ConfigError(f"config.loss: {e}") from None
-        return cls(impl, _frozen(raw), _frozen(chosen))
+        return cls(impl, freeze(raw), freeze(chosen))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +118,11 @@ class CheckpointConfig:
     keep_every_n_steps: int | None = None
 
     def __post_init__(self) -> None:
-        _set(self, every_n_steps=_int(self.every_n_steps, "checkpoint.every_n_steps", 0),
-             keep=_int(self.keep, "checkpoint.keep", 1),
-             keep_every_n_steps=_int(self.keep_every_n_steps or 0,
-                                     "checkpoint.keep_every_n_steps", 0) or None)
+        set_fields(self,
+                   every_n_steps=check_int(self.every_n_steps, "checkpoint.every_n_steps", 0),
+                   keep=check_int(self.keep, "checkpoint.keep", 1),
+                   keep_every_n_steps=check_int(self.keep_every_n_steps or 0,
+                                                "checkpoint.keep_every_n_steps", 0) or None)
 
 
 ON_NONFINITE = ("stop", "skip")
@@ -146,14 +153,17 @@ class RunConfig:
     source: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        _set(self, total_steps=_int(self.total_steps, "total_steps", 1),
-             log_every=_int(self.log_every, "log_every", 1), seed=_int(self.seed, "seed"),
-             time_budget_s=_float(self.time_budget_s or 0.0, "time_budget_s", 0.0),
-             cpu_devices=_int(self.cpu_devices, "cpu_devices", 1),
-             grad_accum_steps=_int(self.grad_accum_steps or 1, "grad_accum_steps", 1),
-             on_nonfinite=_choice(self.on_nonfinite, "on_nonfinite", ON_NONFINITE),
-             peak_flops=None if not self.peak_flops else _float(self.peak_flops, "peak_flops", 0),
-             tensorboard=bool(self.tensorboard))
+        set_fields(
+            self, total_steps=check_int(self.total_steps, "total_steps", 1),
+            log_every=check_int(self.log_every, "log_every", 1),
+            seed=check_int(self.seed, "seed"),
+            time_budget_s=check_float(self.time_budget_s or 0.0, "time_budget_s", 0.0),
+            cpu_devices=check_int(self.cpu_devices, "cpu_devices", 1),
+            grad_accum_steps=check_int(self.grad_accum_steps or 1, "grad_accum_steps", 1),
+            on_nonfinite=check_choice(self.on_nonfinite, "on_nonfinite", ON_NONFINITE),
+            peak_flops=(None if not self.peak_flops
+                        else check_float(self.peak_flops, "peak_flops", 0)),
+            tensorboard=bool(self.tensorboard))
         if "decoder" in self.loss.objectives and self.model.decoder is None:
             raise ConfigError("config.loss.decoder needs config.model.decoder (the decoder's "
                               "shape, e.g. dict(max_len=64))")
@@ -186,13 +196,13 @@ def parse(config: Any) -> RunConfig:
                   for name, section in (raw.get("evals") or {}).items())
     return RunConfig(
         mesh=mesh,
-        input=_record(InputConfig, raw["input"], "input"),
-        tokenizer=_record(TokenizerConfig, raw["tokenizer"], "tokenizer"),
+        input=build_record(InputConfig, raw["input"], "input"),
+        tokenizer=build_record(TokenizerConfig, raw["tokenizer"], "tokenizer"),
         model=ModelConfig.parse(raw["model"]),
         optim=OptimConfig.from_config(raw),
-        model_init=_record(ModelInitConfig, raw.get("model_init"), "model_init"),
+        model_init=build_record(ModelInitConfig, raw.get("model_init"), "model_init"),
         loss=LossConfig.parse(raw.get("loss")),
         evals=evals,
-        checkpoint=_record(CheckpointConfig, raw.get("checkpoint"), "checkpoint"),
-        source=_frozen(raw),
+        checkpoint=build_record(CheckpointConfig, raw.get("checkpoint"), "checkpoint"),
+        source=freeze(raw),
         **{k: raw[k] for k in _RUN_KEYS if k in raw})

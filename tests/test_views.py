@@ -7,6 +7,7 @@ while the sigmoid loss reads "image".
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -15,7 +16,7 @@ from jax.sharding import Mesh
 from siglip_jax import losses
 from siglip_jax.data import ops_color, pp
 from siglip_jax.models.two_towers import Model
-from siglip_jax.objectives import distillation, masked
+from siglip_jax.objectives import ObjectiveInputs, distillation, masked, selfsup
 from siglip_jax.optim import OptimConfig, make_optimizer
 from siglip_jax.records import ConfigError
 from siglip_jax.step import abstract_params, init_state, make_train_step
@@ -134,7 +135,7 @@ def test_blur_matches_a_dense_reflect_padded_gaussian():
 
 @pytest.mark.parametrize("which", ["brightness", "contrast", "saturation"])
 def test_jitter_factors_follow_torchvision_blends(which):
-    x = _img(2) * 0.6 + 0.2
+    x = _img(2) * 0.5 + 0.2  # In [0.2, 0.7]: no factor (≤ 1.4) clips it.
     strength = {"brightness": (0.4, 0, 0, 0), "contrast": (0, 0.4, 0, 0),
                 "saturation": (0, 0, 0.2, 0)}[which]
     luma = 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
@@ -174,13 +175,59 @@ def test_objectives_read_the_global_view_by_default():
     assert masked.image_views({"global_key": "image"}) == ()
 
 
+def _objs():
+    sd = distillation.check_options(dict(HEAD, n_local=2, local_size=8))
+    mp = masked.check_options(HEAD)
+    return (distillation.SelfDistillation(sd, 32, 0, 0.9),
+            masked.MaskedPrediction(mp, 32, 0, 0.9, patch=(8, 8)))
+
+
+def _batch(rng):
+    u = lambda *s: rng.uniform(-1, 1, s).astype(np.float32)
+    return u, {"image": u(8, 16, 16, 3), "global_view": u(8, 16, 16, 3),
+               "labels": rng.integers(2, 32, (8, 6)).astype(np.int32),
+               "local_views": u(8, 2, 8, 8, 3)}
+
+
+def test_objectives_read_the_global_view_not_the_image():
+    """The step hands every objective the whole batch (step.py `ObjectiveInputs`): called as
+    the step calls them, changing only "image" leaves both losses unchanged and changing
+    only "global_view" moves both. (Cheap twin of the `slow` train-step test below.)"""
+    objs = _objs()
+    model = Model(**MODEL)
+
+    def shapes(key):
+        params = model.init(key, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 6), jnp.int32))
+        return {**params["params"], **selfsup.objective_params(objs, key)}
+
+    # Random values of the params' shapes (a jitted init costs seconds of compiling).
+    rng = np.random.default_rng(1)
+    params = jax.tree_util.tree_map(lambda x: rng.normal(0, 0.3, x.shape).astype(np.float32),
+                                    jax.eval_shape(shapes, jax.random.key(0)))
+    teacher = {k: jax.tree_util.tree_map(lambda x: x + 0.05, params[k])
+               for k in ("img", "distill_head", "masked_head")}
+
+    @jax.jit
+    def call(batch):
+        inputs = ObjectiveInputs(model, params, batch, None, None, {}, jnp.int32(0), teacher,
+                                 jax.random.key(2))
+        return [o(inputs)[0] for o in objs]
+
+    u, base = _batch(np.random.default_rng(0))
+    a = [float(x) for x in call(base)]
+    new_image = [float(x) for x in call({**base, "image": u(8, 16, 16, 3)})]
+    new_view = [float(x) for x in call({**base, "global_view": u(8, 16, 16, 3)})]
+    assert all(x > 0 for x in a) and new_image == a
+    assert all(x != y for x, y in zip(new_view, a, strict=True))
+    with pytest.raises(ConfigError, match="global_view"):
+        call({k: v for k, v in base.items() if k != "global_view"})
+
+
+@pytest.mark.slow  # Cheap twin: test_objectives_read_the_global_view_not_the_image.
 def test_train_step_routes_the_global_view_to_teacher_and_masked_student():
     """Changing only "image" moves only the sigmoid loss; changing only "global_view" moves
     only the self-supervised losses (start 0: on from the first step)."""
-    sd = distillation.check_options(dict(HEAD, n_local=2, local_size=8))
-    mp = masked.check_options(HEAD)
-    objs = (distillation.SelfDistillation(sd, 32, 0, 0.9),
-            masked.MaskedPrediction(mp, 32, 0, 0.9, patch=(8, 8)))
+    objs = _objs()
     shapes = {"image": (8, 16, 16, 3), "labels": (8, 6)}
     model = Model(**MODEL)
     optim = OptimConfig.from_config(dict(optim=dict(name="adam"), lr=1e-3, wd=0.0,
@@ -191,10 +238,7 @@ def test_train_step_routes_the_global_view_to_teacher_and_masked_student():
                           objectives=objs)
     loss = lambda zimg, ztxt, t, b: losses.sigmoid_loss_dense(zimg, ztxt, t, b)
     step = jax.jit(make_train_step(model, tx, loss, lr_fn, objectives=objs, seed=1))
-    rng = np.random.default_rng(0)
-    u = lambda *s: rng.uniform(-1, 1, s).astype(np.float32)
-    base = {"image": u(8, 16, 16, 3), "global_view": u(8, 16, 16, 3),
-            "labels": rng.integers(2, 32, (8, 6)).astype(np.int32), "local_views": u(8, 2, 8, 8, 3)}
+    u, base = _batch(np.random.default_rng(0))
     names = ("sigmoid/loss", "self_distillation/loss", "masked_prediction/loss")
     run = lambda batch: {k: float(v) for k, v in step(state, batch)[1].items() if k in names}
     a = run(base)

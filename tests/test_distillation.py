@@ -379,7 +379,8 @@ def test_local_crops_op_shapes_and_determinism():
     assert np.abs(other - a).max() > 0.1
     assert np.abs(a[0] - a[1]).max() > 0.1  # The crops of one example differ.
     # A crop of a constant image is that constant (without the colour ops).
-    flat = pp.get_preprocess_fn("value_range(-1, 1)|local_crops(3, 8, color=False)")({"image": np.full((32, 32, 3), 255, np.uint8), "_seed": ex["_seed"]})
+    plain = pp.get_preprocess_fn("value_range(-1, 1)|local_crops(3, 8, color=False)")
+    flat = plain({"image": np.full((32, 32, 3), 255, np.uint8), "_seed": ex["_seed"]})
     np.testing.assert_allclose(flat["local_views"].numpy(), 1.0, atol=1e-5)
     with pytest.raises(pp.PPError, match="scale"):
         pp.get_preprocess_fn("local_crops(2, 8, scale=(0.5, 0.2))")

@@ -17,9 +17,10 @@ Argument `objectives=` picks the row of the ablation (benchmarks/siglip2_ablatio
             captioning, referring expressions (phrase → box as 4 location tokens, 32 bins)
             and grounded captioning (box → phrase), half of the captions predicted in
             parallel (docs/siglip2_training.md);
-  all       (default) + self-distillation (4 local 32 px crops vs the EMA teacher's full
-            image) and masked prediction (half of the patches masked), switched on for the
-            last 20 % of steps as in SigLIP 2 (docs/siglip2_training.md).
+  all       (default) + self-distillation (4 local 32 px crops vs the EMA teacher's
+            global view, both colour-augmented as DINO's) and masked prediction (half of
+            the global view's patches masked), switched on for the last 20 % of steps as in
+            SigLIP 2 (docs/siglip2_training.md "Augmented views").
 Each row's default `steps` fills about five minutes on a 2-core machine; `time_budget_s`
 stops a slower machine in time. `steps=N` overrides; `eval_every=N` runs the evaluators
 every N steps (default: only at the end).
@@ -75,9 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if decoder:
         pp.append(task_op)
         keep += ["dec_tokens", "dec_target_mask", "dec_parallel"]
-    if selfsup:
-        pp.append(crops_op)
-        keep.append("local_views")
+    if selfsup:  # The teacher's and masked student's view, the local views (SigLIP 2 §2.3).
+        pp += ["global_view", crops_op]
+        keep += ["global_view", "local_views"]
     pp.append(f'tokenize(max_len={TEXT_LEN}, eos="sticky", inkey="texts", outkey="labels")')
     pp.append("keep(" + ", ".join(f'"{k}"' for k in keep) + ")")
 

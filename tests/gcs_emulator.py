@@ -109,7 +109,12 @@ class GcsEmulator:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.procs: list[subprocess.Popen] = []
+        self.logs: list[object] = []
         self.env: dict[str, str] = {}
+
+    def _log(self, name: str) -> object:
+        self.logs.append(open(self.folder / name, "wb"))  # noqa: SIM115 - closed in stop().
+        return self.logs[-1]
 
     def start(self) -> dict[str, str]:
         """Starts both servers; returns the environment variables for the clients."""
@@ -119,13 +124,12 @@ class GcsEmulator:
         self.procs.append(subprocess.Popen(
             [str(fake_gcs_binary()), "-scheme", "http", "-backend", "memory", "-host",
              "127.0.0.1", "-port", str(port), "-external-url", url, "-log-level", "error"],
-            stdout=subprocess.DEVNULL, stderr=open(self.folder / "fake-gcs.log", "wb")))
+            stdout=subprocess.DEVNULL, stderr=self._log("fake-gcs.log")))
         _wait_for(f"{url}/storage/v1/b", self.procs[-1])
         proxy_port = free_port()
         self.procs.append(subprocess.Popen(
             [sys.executable, __file__, "proxy", str(proxy_port), str(port), str(cert),
-             str(key)], stdout=subprocess.DEVNULL,
-            stderr=open(self.folder / "proxy.log", "wb")))
+             str(key)], stdout=subprocess.DEVNULL, stderr=self._log("proxy.log")))
         _wait_for(f"http://127.0.0.1:{proxy_port}/ready", self.procs[-1])
         proxy = f"http://127.0.0.1:{proxy_port}"
         self.env = {
@@ -157,7 +161,9 @@ class GcsEmulator:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        self.procs = []
+        for log in self.logs:
+            log.close()
+        self.procs, self.logs = [], []
 
 
 @pytest.fixture(scope="session")

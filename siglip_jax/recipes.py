@@ -316,7 +316,7 @@ def siglip2_naflex_finetune_config(arg: str | None) -> ml_collections.ConfigDict
 
 
 # SigLIP 2 §2.3: the self-distillation and masked-prediction weights (1 and 0.25) are scaled
-# per model size to balance global and dense quality (docs/self_distillation.md). Keyed by
+# per model size to balance global and dense quality (docs/siglip2_training.md). Keyed by
 # the image variant's size as `variants` names it (SigLIP 2's giant is "g-opt").
 SELFSUP_SIZE_FACTOR = {"B": 0.25, "L": 0.5, "So400m": 1.0, "g-opt": 0.5}
 FULL_DEFAULTS: dict[str, Any] = dict(
@@ -329,7 +329,7 @@ ARG_DOCS.update({
     "local_crops": "local views per image for self-distillation (default 8)",
     "local_size": "side of the local views in pixels, a multiple of the patch (default 96)",
     "vocab_chunk": "decoder loss over vocabulary blocks of this many columns (default 8192; "
-                   "0: full [L, V] float32 logits, docs/decoder.md)",
+                   "0: full [L, V] float32 logits, docs/siglip2_training.md)",
 })
 
 

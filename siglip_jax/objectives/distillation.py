@@ -4,7 +4,8 @@ the EMA teacher sees the full image (batch["image"]); both pooled features go th
 DINO-style head `distill_head` (student) / the teacher's copy of it, and the student's
 prototype distribution of every crop is pulled to the teacher's sharpened (Sinkhorn-Knopp
 centred) one by cross-entropy. Config: `config.loss.self_distillation = dict(...)` with the
-options of `DEFAULTS`; docs/self_distillation.md gives the sources of each default.
+options of `DEFAULTS`; docs/siglip2_training.md ("Options and defaults") gives the sources
+of each default.
 """
 
 from __future__ import annotations

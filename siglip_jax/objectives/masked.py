@@ -4,7 +4,7 @@ embeddings replaced by the learned `mask_token` [W]; at those positions its toke
 the DINO-style head `masked_head`, are pulled by cross-entropy to the EMA teacher's sharpened
 (Sinkhorn-Knopp centred) prototype distribution of the same patch of the unmasked image.
 Config: `config.loss.masked_prediction = dict(...)` with the options of `DEFAULTS`;
-docs/self_distillation.md gives the sources of each default.
+docs/siglip2_training.md ("Options and defaults") gives the sources of each default.
 """
 
 from __future__ import annotations

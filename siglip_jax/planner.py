@@ -283,6 +283,9 @@ def _note_unsharded(run: RunConfig, plan: Plan, parts: StepParts) -> None:
 # ----------------------------------------------------------------------------- checks
 
 
+REMOTE_TIMEOUT_S = 30.0  # How long the planner waits for a gs:// look-up.
+
+
 def _check_path(what: str, path: str, notes: list[str], errors: list[str],
                 pattern: bool = False) -> bool:
     """A path must exist (a glob must match); a remote one (gs://) is looked up if it can be
@@ -295,10 +298,11 @@ def _check_path(what: str, path: str, notes: list[str], errors: list[str],
                       "argument (see the config's docstring)")
         return False
     if fsutil.is_remote(path):
-        found, why = fsutil.remote_lookup(path, pattern=pattern)
-        if found is None:
-            notes.append(f"{what} {path!r} is remote and could not be reached ({why}): not "
-                         "checked here")
+        found, _ = fsutil.remote_lookup(path, pattern=pattern, timeout_s=REMOTE_TIMEOUT_S)
+        if found is None:  # The same words whatever the cause: plan reports stay comparable.
+            notes.append(f"{what} {path!r} is remote and could not be reached (no credentials, "
+                         f"no network or no answer in {REMOTE_TIMEOUT_S:.0f} s): not checked "
+                         "here")
             return False
     else:
         expanded = os.path.expanduser(path)

@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from siglip_jax import fsutil
 from siglip_jax.records import ConfigError
 
 
@@ -40,14 +41,16 @@ def split_spec(spec: str) -> tuple[str, str | None]:
 
 
 def _call_get_config(path: str, arg: str | None) -> ml_collections.ConfigDict:
-    if not os.path.isfile(path):
+    if path.endswith(".json") and fsutil.is_remote(path):  # A run's config.json on gs://.
+        if not fsutil.exists(path):
+            raise ConfigError(f"config file not found: {path!r}")
+    elif not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path!r}")
     if path.endswith(".json"):  # A run's saved config.json (written by the trainer).
         if arg is not None:
             raise ConfigError(f"{path}: a .json config takes no argument")
         try:
-            with open(path) as f:
-                return ml_collections.ConfigDict(json.load(f))
+            return ml_collections.ConfigDict(json.loads(fsutil.read_text(path)))
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot read config file {path!r}: {e}") from None
     module_spec = importlib.util.spec_from_file_location(

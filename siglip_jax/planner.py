@@ -10,9 +10,9 @@ A plan has errors (do not launch) when: the config has unknown keys or bad value
 does not fit the slice; the global batch does not divide over the batch axes, the hosts or
 the accumulation steps; a sharding rule matches no parameter; a schedule group is frozen but
 some of its parameters are trained by an earlier group (or a frozen tower would stay at its
-random init); a local checkpoint, tokenizer or data path is missing (or the data path is
-still the recipes' placeholder); a pp string names an unknown op or passes it bad
-arguments; or the estimated memory exceeds the chip's HBM.
+random init); a checkpoint, tokenizer or data path is missing (a local one, or a gs:// one
+that can be reached; or the data path is still the recipes' placeholder); a pp string names
+an unknown op or passes it bad arguments; or the estimated memory exceeds the chip's HBM.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import ml_collections
 from jax.sharding import AbstractMesh
 
-from siglip_jax import cost_model
+from siglip_jax import cost_model, fsutil
 from siglip_jax.cost_model import DecoderShape, ExtraPass, Tower
 from siglip_jax.data import pp
 from siglip_jax.data.tokenizer import Tokenizer
@@ -285,25 +285,34 @@ def _note_unsharded(run: RunConfig, plan: Plan, parts: StepParts) -> None:
 # ----------------------------------------------------------------------------- checks
 
 
+REMOTE_TIMEOUT_S = 30.0  # How long the planner waits for a gs:// look-up.
+
+
 def _check_path(what: str, path: str, notes: list[str], errors: list[str],
-                pattern: bool = False) -> None:
-    """A local path must exist (a glob must match); a remote one is noted, not checked; the
-    recipes' placeholders (containing YOUR_BUCKET) are errors."""
+                pattern: bool = False) -> bool:
+    """A path must exist (a glob must match); a remote one (gs://) is looked up if it can be
+    reached, else noted as not checked; the recipes' placeholders (containing YOUR_BUCKET) are
+    errors. Whether the path was found."""
     if not path:
-        return
+        return False
     if PLACEHOLDER in path:
         errors.append(f"{what} is the placeholder {path!r}: pass the real path as a config "
                       "argument (see the config's docstring)")
-        return
-    if "://" in path:
-        notes.append(f"{what} {path!r} is remote: not checked here")
-        return
-    expanded = os.path.expanduser(path)
-    if pattern:
-        if not glob.glob(expanded):
-            errors.append(f"{what}: no file matches {path!r}")
-    elif not os.path.exists(expanded):
-        errors.append(f"{what}: not found: {path!r}")
+        return False
+    if fsutil.is_remote(path):
+        found, _ = fsutil.remote_lookup(path, pattern=pattern, timeout_s=REMOTE_TIMEOUT_S)
+        if found is None:  # The same words whatever the cause: plan reports stay comparable.
+            notes.append(f"{what} {path!r} is remote and could not be reached (no credentials, "
+                         f"no network or no answer in {REMOTE_TIMEOUT_S:.0f} s): not checked "
+                         "here")
+            return False
+    else:
+        expanded = os.path.expanduser(path)
+        found = bool(glob.glob(expanded)) if pattern else os.path.exists(expanded)
+    if not found:
+        errors.append(f"{what}: no file matches {path!r}" if pattern
+                      else f"{what}: not found: {path!r}")
+    return found
 
 
 def check_pp_strings(run: RunConfig, plan: Plan) -> None:
@@ -334,9 +343,7 @@ def check_paths(run: RunConfig, plan: Plan) -> None:
     for key, path in run.model_init.parts().items():
         _check_path(f"model_init.{key} checkpoint", path, plan.notes, plan.errors)
     tok = run.tokenizer.model
-    errors_before = len(plan.errors)
-    _check_path("tokenizer.model", tok, plan.notes, plan.errors)
-    if tok and "://" not in tok and len(plan.errors) == errors_before:
+    if _check_path("tokenizer.model", tok, plan.notes, plan.errors):
         vocab = plan.towers[1].vocab_size if len(plan.towers) > 1 else None
         try:
             check_vocab(Tokenizer(tok), vocab)

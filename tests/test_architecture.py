@@ -21,7 +21,7 @@ PACKAGE = REPO / "siglip_jax"
 # Lowest first. A module's layer is that of the longest matching name ("data" covers data.*).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("siglip_jax", "config", "records", "sharding", "losses", "metrics", "console", "shutdown",
-     "tpu_slices", "distributed"),
+     "tpu_slices", "distributed", "hlo_cost"),
     ("data",),
     ("models",),
     ("objectives", "evaluators", "recipes"),

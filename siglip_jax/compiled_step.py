@@ -77,6 +77,7 @@ class CompiledReport:
     code_bytes: int = 0
     flops: float = 0.0  # Per chip: the compiler's count × the loop factor (see analyse).
     bytes_accessed: float = 0.0
+    matmul_flops: float = 0.0  # Per chip: dots and convolutions read from the HLO, loops counted.
     compiler_flops: float = 0.0  # The compiler's cost analysis as is (loop bodies once).
     compiler_bytes_accessed: float = 0.0
     collectives: Mapping[str, int] = dataclasses.field(default_factory=dict)
@@ -168,7 +169,8 @@ def analyse(compiled: jax.stages.Compiled, chip: Chip, *, slice_name: str, chips
     optimal = cost.get("optimal_seconds")
     hlo = compiled.as_text()
     flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-    loop_flops, loop_bytes = loop_counts(hlo).correct(flops, accessed)
+    counts = loop_counts(hlo)
+    loop_flops, loop_bytes = counts.correct(flops, accessed)
     return CompiledReport(
         slice_name=slice_name, chips=chips, chip=chip, examples_per_step=examples_per_step,
         compile_seconds=compile_seconds,
@@ -177,7 +179,7 @@ def analyse(compiled: jax.stages.Compiled, chip: Chip, *, slice_name: str, chips
         alias_bytes=int(mem.alias_size_in_bytes),
         temp_bytes=int(mem.temp_size_in_bytes),
         code_bytes=int(mem.generated_code_size_in_bytes),
-        flops=loop_flops, bytes_accessed=loop_bytes,
+        flops=loop_flops, bytes_accessed=loop_bytes, matmul_flops=counts.flops_weighted,
         compiler_flops=flops, compiler_bytes_accessed=accessed,
         collectives=collective_bytes(hlo),
         compiler_optimal_seconds=None if optimal is None else float(optimal),

@@ -312,6 +312,8 @@ def format_report(report: CompiledReport) -> str:
         f"  per chip per step: {report.flops:.3g} FLOPs, {report.bytes_accessed:.3g} bytes "
         f"accessed, {report.collective_total:.3g} bytes through collectives "
         + "(" + ", ".join(f"{k} {v:.3g}" for k, v in report.collectives.items() if v) + ")",
+        f"  (loops counted per trip; the compiler's cost analysis, loop bodies once: "
+        f"{report.compiler_flops:.3g} FLOPs, {report.compiler_bytes_accessed:.3g} bytes)",
     ]
     bounds = report.bounds()
     lines.append(

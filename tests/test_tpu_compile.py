@@ -1,8 +1,10 @@
 """What the TPU compiler does with our programs, on compile-only TPU devices (libtpu, no TPU).
 
 The compiles are tiny (seconds each on a TPU-less machine): v4:2x2x1 megacore (4 chips, a
-v4-8) and v5e:2x2 (4 chips). The HLO parsing and roofline arithmetic are checked against
-hand-written HLO and hand-computed numbers; those tests need no compiler. The tests that
+v4-8) and v5e:2x2 (4 chips). The HLO parsing, the loop correction and the roofline arithmetic
+are checked against hand-written HLO and hand-computed numbers; those tests need no compiler.
+The loop-corrected FLOPs and bytes of a scanned step are checked against the same step
+compiled with no loop at all (ground truth: the compiler then counts everything). The tests that
 compile require libtpu (the test extra) through tests/extras.py: skipped without it, failed
 when CI sets SIGLIP_REQUIRE_EXTRAS=1.
 """

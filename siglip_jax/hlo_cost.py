@@ -211,7 +211,7 @@ def _bytes_read(comps: Mapping[str, list[_Instr]], comp: str, param: str, full: 
                 todo.append(user.name)
             elif user.op == "dynamic-slice" and ops[0] == name:
                 total += shape_bytes(user.shape)
-            elif user.op == "fusion" and user.name != comp:  # A nested fusion.
+            elif user.op == "fusion":  # A nested fusion: what it reads of the operand.
                 inner = _param_names(comps.get(_callee(user), []))
                 total += sum(_bytes_read(comps, _callee(user), inner[k], full)
                              for k, o in enumerate(ops) if o == name and k in inner)

@@ -167,8 +167,16 @@ def test_loop_counts_weigh_loop_bodies_by_their_trips_and_read_slices_of_stacked
     outside = 5 * 4 * 12 * 64 * 64
     assert got.bytes_once == trip + outside
     assert got.bytes_weighted == 12 * trip + outside
-    # The compiler's counts (loop bodies once) corrected: FLOPs scaled, bytes added.
-    assert got.correct(10.0, 1000.0) == (pytest.approx(120.0), 1000.0 + 11 * trip)
+    # Other arithmetic (elements produced): negate and add outside the loop, the loop
+    # condition's compare (a pred[]) once per trip.
+    assert (got.other_once, got.other_weighted) == (2 * 12 * 64 * 64 + 1, 2 * 12 * 64 * 64 + 12)
+    # The compiler's counts (loop bodies once) corrected: the matmuls per trip plus the
+    # compiler's other FLOPs scaled by the other arithmetic's trips; the extra trips' bytes
+    # added to its bytes.
+    flops, accessed = got.correct(layer + 1000.0, 5e6)
+    assert flops == pytest.approx(12 * layer + 1000.0 * (2 * 12 * 64 * 64 + 12)
+                                  / (2 * 12 * 64 * 64 + 1))
+    assert accessed == 5e6 + 11 * trip
 
 
 def test_a_batched_convolution_counts_only_the_taps_on_real_elements():

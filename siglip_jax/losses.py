@@ -36,9 +36,9 @@ LossFn = Callable[[Array, Array, Array, Array | None], tuple[Array, Metrics]]
 _OPTIONS: dict[str, dict[str, Any]] = {
     "dense": {},
     "all_gather": {},
-    "ring": {},
-    "bidirectional": {},
-    "chunked": {"chunk_size": 128},
+    "ring": {"unroll": False},
+    "bidirectional": {"unroll": False},
+    "chunked": {"chunk_size": 128, "unroll": False},
     "softmax": {},
 }
 LOSS_IMPLS: tuple[str, ...] = tuple(_OPTIONS)
@@ -154,9 +154,21 @@ def _block(x_cxd: Array, y_bxd: Array, t: Array, bias: Array, pos_offset: Array 
     return loss, t * gy_cxd, t * gx_bxd, dt, db
 
 
+def _loop(count: int, body: Callable[[Any, Any], Any], carry: Any, unroll: bool) -> Any:
+    """body(i, carry) for i in 0..count-1: one fori_loop, or (unroll) a Python loop with no
+    while loop in the program (for the compiler's cost analysis, which counts a loop body
+    once)."""
+    if not unroll:
+        return jax.lax.fori_loop(0, count, body, carry)
+    for i in range(count):
+        carry = body(i, carry)
+    return carry
+
+
 def _add_block(acc: tuple[Array, ...], dy_bxd: Array | None, x_bxd: Array, y_bxd: Array, *,
                t: Array, bias: Array, positives: bool, grads: bool,
-               chunk: int | None) -> tuple[tuple[Array, ...], Array | None]:
+               chunk: int | None, unroll: bool = False
+               ) -> tuple[tuple[Array, ...], Array | None]:
     """Add one text block's loss (and grads) into the accumulators, in place.
 
     acc = (loss, dx, dt, db) with grads, else (loss,); dy_bxd is the block's travelling
@@ -180,7 +192,7 @@ def _add_block(acc: tuple[Array, ...], dy_bxd: Array | None, x_bxd: Array, y_bxd
 
     if chunk == b:
         return one(0, (acc, dy_bxd))
-    return jax.lax.fori_loop(0, b // chunk, one, (acc, dy_bxd))
+    return _loop(b // chunk, one, (acc, dy_bxd), unroll)
 
 
 # ------------------------------------------------------------------------------------------
@@ -221,11 +233,12 @@ def _hop_step(add: Callable[..., Any], y_bxd: Array, dy_bxd: Array | None, acc: 
 
 
 def _ring_walk(x_bxd: Array, y_bxd: Array, t_prime: Array, bias: Array, *, grads: bool,
-               axes: tuple[str, ...], n: int, chunk: int | None):
+               axes: tuple[str, ...], n: int, chunk: int | None, unroll: bool = False):
     """One-way ring: N-1 hops, the text-grad accumulator travels with its block."""
     t = jnp.exp(t_prime)
     right = _shift(n, 1)
-    add = functools.partial(_add_block, x_bxd=x_bxd, t=t, bias=bias, grads=grads, chunk=chunk)
+    add = functools.partial(_add_block, x_bxd=x_bxd, t=t, bias=bias, grads=grads, chunk=chunk,
+                            unroll=unroll)
     acc, dy = add(*_zero_acc(x_bxd, y_bxd, grads), y_bxd=y_bxd, positives=True)
     if n == 1:
         return _finish(acc, dy, t, axes, x_bxd.shape[0])
@@ -236,19 +249,21 @@ def _ring_walk(x_bxd: Array, y_bxd: Array, t_prime: Array, bias: Array, *, grads
     # raised it on XLA:CPU).
     step = functools.partial(_hop_step, add, axes=axes, perm=right, send_on=True)
     y = jax.lax.ppermute(y_bxd, axes, right)
-    _, dy, acc = jax.lax.fori_loop(0, n - 1, lambda _, c: step(*c), (y, dy, acc))
+    _, dy, acc = _loop(n - 1, lambda _, c: step(*c), (y, dy, acc), unroll)
     if grads:  # the accumulator of block k+1 sits one hop short of home
         dy = jax.lax.ppermute(dy, axes, right)
     return _finish(acc, dy, t, axes, n * x_bxd.shape[0])
 
 
 def _bidirectional_walk(x_bxd: Array, y_bxd: Array, t_prime: Array, bias: Array, *,
-                        grads: bool, axes: tuple[str, ...], n: int, chunk: int | None):
+                        grads: bool, axes: tuple[str, ...], n: int, chunk: int | None,
+                        unroll: bool = False):
     """Two streams (one each way): ⌊(N-1)/2⌋ two-way rounds, plus one one-way if N is even."""
     t = jnp.exp(t_prime)
     full, extra = (n - 1) // 2, (n - 1) % 2
     right, left = _shift(n, 1), _shift(n, -1)
-    add = functools.partial(_add_block, x_bxd=x_bxd, t=t, bias=bias, grads=grads, chunk=chunk)
+    add = functools.partial(_add_block, x_bxd=x_bxd, t=t, bias=bias, grads=grads, chunk=chunk,
+                            unroll=unroll)
     acc, dyr = add(*_zero_acc(x_bxd, y_bxd, grads), y_bxd=y_bxd, positives=True)
     dyl = jnp.zeros_like(y_bxd) if grads else None  # (its first hop carries zeros)
 
@@ -260,7 +275,7 @@ def _bidirectional_walk(x_bxd: Array, y_bxd: Array, t_prime: Array, bias: Array,
     yr = jax.lax.ppermute(y_bxd, axes, right) if n > 1 else None
     if full:
         carry = (yr, dyr, jax.lax.ppermute(y_bxd, axes, left), dyl, acc)
-        yr, dyr, _, dyl, acc = jax.lax.fori_loop(0, full, lambda _, c: two_way(*c), carry)
+        yr, dyr, _, dyl, acc = _loop(full, lambda _, c: two_way(*c), carry, unroll)
     if extra:  # N even: the block N/2 hops away is reached one way only
         _, dyr, acc = _hop_step(add, yr, dyr, acc, axes=axes, perm=right, send_on=False)
     if grads:  # send each accumulator back to the device its text block came from
@@ -346,7 +361,10 @@ def make_loss(impl: str, mesh: Mesh, batch_axes: Sequence[str] | str = ("data",)
 
     impl: one of LOSS_IMPLS. The batch dim must be sharded over `batch_axes` (flattened into
     one ring, row-major); other mesh axes see replicated copies. Options: chunked takes
-    `chunk_size` (rows of the local image block per logits chunk). `b` may be None (no bias).
+    `chunk_size` (rows of the local image block per logits chunk); the ring walks (ring,
+    bidirectional, chunked) take `unroll` (default False: the hops are one fori_loop; True:
+    a Python loop, a longer program with no while loop, used to check the compiler's cost
+    analysis). `b` may be None (no bias).
     """
     opts = check_options(impl, options)
     if impl == "dense":
@@ -359,6 +377,9 @@ def make_loss(impl: str, mesh: Mesh, batch_axes: Sequence[str] | str = ("data",)
                          f"{mesh.axis_names}")
     n = math.prod(mesh.shape[a] for a in axes)
     chunk = opts.get("chunk_size")
+    unroll = opts.get("unroll", False)
+    if not isinstance(unroll, bool):
+        raise ValueError(f"unroll must be True or False, got {unroll!r}")
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
 
@@ -377,10 +398,10 @@ def make_loss(impl: str, mesh: Mesh, batch_axes: Sequence[str] | str = ("data",)
                 raise ValueError(f"chunk_size {chunk} does not divide the local batch {local_b}")
         if impl == "ring" or impl == "chunked":
             inner = _custom_vjp_loss(functools.partial(_ring_walk, axes=axes, n=n,
-                                                       chunk=local_chunk))
+                                                       chunk=local_chunk, unroll=unroll))
         elif impl == "bidirectional":
             inner = _custom_vjp_loss(functools.partial(_bidirectional_walk, axes=axes, n=n,
-                                                       chunk=None))
+                                                       chunk=None, unroll=unroll))
         elif impl == "all_gather":
             inner = functools.partial(_all_gather_local, axes=axes, n=n)
         else:

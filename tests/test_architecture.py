@@ -21,7 +21,8 @@ PACKAGE = REPO / "siglip_jax"
 # Lowest first. A module's layer is that of the longest matching name ("data" covers data.*).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("siglip_jax", "config", "records", "sharding", "losses", "metrics", "console", "shutdown",
-     "tpu_slices", "distributed", "fsutil"),
+     "tpu_slices", "distributed", "fsutil",
+     "hlo_cost"),
     ("data",),
     ("models",),
     ("objectives", "evaluators", "recipes"),

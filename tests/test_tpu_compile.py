@@ -1,8 +1,10 @@
 """What the TPU compiler does with our programs, on compile-only TPU devices (libtpu, no TPU).
 
 The compiles are tiny (seconds each on a TPU-less machine): v4:2x2x1 megacore (4 chips, a
-v4-8) and v5e:2x2 (4 chips). The HLO parsing and roofline arithmetic are checked against
-hand-written HLO and hand-computed numbers; those tests need no compiler. The tests that
+v4-8) and v5e:2x2 (4 chips). The HLO parsing, the loop correction and the roofline arithmetic
+are checked against hand-written HLO and hand-computed numbers; those tests need no compiler.
+The loop-corrected FLOPs and bytes of a scanned step are checked against the same step
+compiled with no loop at all (ground truth: the compiler then counts everything). The tests that
 compile require libtpu (the test extra) through tests/extras.py: skipped without it, failed
 when CI sets SIGLIP_REQUIRE_EXTRAS=1.
 """
@@ -22,6 +24,7 @@ from siglip_jax import experiment, losses, plan, planner
 from siglip_jax import sharding as sh
 from siglip_jax.config import load_config
 from siglip_jax.models.common import Encoder
+from siglip_jax.schema import parse
 from siglip_jax.tpu_slices import CHIPS, SliceError, compile_only_devices, parse_slice
 
 GiB = 1024**3
@@ -100,6 +103,95 @@ def test_collective_bytes_count_operands_once_per_loop_trip():
     # collective-permute: f32[8,32] = 1024 B once (start only); all-reduce 1024 B once.
     assert got == {"all-gather": 12 * 1024, "reduce-scatter": 5 * 1024, "all-reduce": 1024,
                    "collective-permute": 1024, "all-to-all": 0}
+
+
+STACKED = """HloModule m
+
+%fused_update (p0: f32[12,256,64], p1: s32[], p2: f32[256,64]) -> f32[12,256,64] {
+  %p0 = f32[12,256,64]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %p2 = f32[256,64]{2,1,0} parameter(2)
+  %b = f32[1,256,64]{2,1,0} bitcast(%p2)
+  %z = s32[] constant(0)
+  ROOT %dus = f32[12,256,64]{2,1,0} dynamic-update-slice(%p0, %b, %p1, %z, %z)
+}
+
+%fused_layer (q0: f32[12,64,64], q1: s32[], q2: f32[256,64]) -> f32[256,64] {
+  %q0 = f32[12,64,64]{2,1,0} parameter(0)
+  %q1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  %w = f32[1,64,64]{2,1,0} dynamic-slice(%q0, %q1, %z, %z), dynamic_slice_sizes={1,64,64}
+  %wb = f32[64,64]{1,0} bitcast(%w)
+  %q2 = f32[256,64]{1,0} parameter(2)
+  ROOT %d = f32[256,64]{1,0} dot(%q2, %wb), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (p: STATE) -> STATE {
+  %p = STATE parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[256,64]{1,0} get-tuple-element(%p), index=1
+  %ws = f32[12,64,64]{2,1,0} get-tuple-element(%p), index=2
+  %res = f32[12,256,64]{2,1,0} get-tuple-element(%p), index=3
+  %y = f32[256,64]{1,0} fusion(%ws, %i, %x), kind=kOutput, calls=%fused_layer
+  %saved = f32[12,256,64]{2,1,0} fusion(%res, %i, %y), kind=kLoop, calls=%fused_update
+  ROOT %t = STATE tuple(%i, %y, %ws, %saved)
+}
+
+%cond (p: STATE) -> pred[] {
+  %p = STATE parameter(0)
+  %c = s32[] constant(12)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+ENTRY %main (a: f32[256,64], w: f32[12,64,64]) -> f32[12,64,64] {
+  %a = f32[256,64]{1,0} parameter(0)
+  %w = f32[12,64,64]{2,1,0} parameter(1)
+  %n = f32[12,64,64]{2,1,0} negate(%w)
+  %w0 = STATE while(%tup), condition=%cond, body=%body
+  ROOT %r = f32[12,64,64]{2,1,0} add(%n, %n)
+}
+""".replace("STATE", "(s32[], f32[256,64]{1,0}, f32[12,64,64]{2,1,0}, f32[12,256,64]{2,1,0})")
+
+
+def test_loop_counts_weigh_loop_bodies_by_their_trips_and_read_slices_of_stacked_arrays():
+    got = cs.loop_counts(STACKED)  # A 12-trip loop (the bound read from its condition).
+    layer = 2 * 256 * 64 * 64  # One scanned layer's matmul: x[256,64] · w_i[64,64].
+    assert got.flops_once == layer and got.flops_weighted == 12 * layer
+    # Bytes of one trip: the layer reads its 64×64 weight slice (not the stacked 12×64×64)
+    # and x, writes y; the in-place update writes one 256×64 slice (not the 12×256×64
+    # buffer) and reads y; both read the 4-byte loop index; the condition compares two
+    # s32 into a pred (9 B). Outside the loop: negate reads and writes 12×64×64 floats,
+    # add reads two and writes one.
+    trip = 4 * (64 * 64 + 256 * 64 + 256 * 64) + 4 * (256 * 64 + 256 * 64) + 2 * 4 + 9
+    outside = 5 * 4 * 12 * 64 * 64
+    assert got.bytes_once == trip + outside
+    assert got.bytes_weighted == 12 * trip + outside
+    # Other arithmetic (elements produced): negate and add outside the loop, the loop
+    # condition's compare (a pred[]) once per trip.
+    assert (got.other_once, got.other_weighted) == (2 * 12 * 64 * 64 + 1, 2 * 12 * 64 * 64 + 12)
+    # The compiler's counts (loop bodies once) corrected: the matmuls per trip plus the
+    # compiler's other FLOPs scaled by the other arithmetic's trips; the extra trips' bytes
+    # added to its bytes.
+    flops, accessed = got.correct(layer + 1000.0, 5e6)
+    assert flops == pytest.approx(12 * layer + 1000.0 * (2 * 12 * 64 * 64 + 12)
+                                  / (2 * 12 * 64 * 64 + 1))
+    assert accessed == 5e6 + 11 * trip
+
+
+def test_a_batched_convolution_counts_only_the_taps_on_real_elements():
+    # The TPU compiler writes a batched matmul [2,8] × ([16,32] · [32,64]) as a convolution
+    # over the batch dims, dilated so that one tap of each window meets a real element:
+    # 2 × 8 × 16 × 64 × 32 multiply-adds, not 2 × 8 times as many.
+    hlo = """HloModule m
+
+ENTRY %main (k: f32[2,8,16,32], v: f32[2,8,32,64]) -> f32[2,8,16,64] {
+  %k = f32[2,8,16,32]{3,2,1,0} parameter(0)
+  %v = f32[2,8,32,64]{3,2,1,0} parameter(1)
+  ROOT %c = f32[2,8,16,64]{3,2,1,0} convolution(%k, %v), WINDOW, dim_labels=01bf_01io->01bf
+}
+""".replace("WINDOW", "window={size=2x8 stride=1x7 lhs_dilate=2x8}")
+    assert cs.loop_counts(hlo).flops_once == 2 * (2 * 8 * 16 * 64 * 32)
 
 
 def test_roofline_names_its_bound_and_drops_an_insane_compiler_estimate():
@@ -259,6 +351,37 @@ def test_analyse_reads_the_compiled_program(v5e):
     forward = 2 * tokens * (4 * d * d + 2 * d * 4 * d) + 2 * 2 * 16 * 32 * 32 * d
     assert 0.7 * 3 * 2 * forward < r.flops < 2.0 * 3 * 2 * forward
     assert np.isfinite(r.step_seconds) and r.bound in ("compute", "memory", "collectives")
+
+
+def _tiny_step(scan, fsdp):
+    """A tiny SigLIP train step (image 3 blocks, text 2, width 32, ring loss, batch 32)
+    scanned with the ring's hops in a loop (scan), or with no loop at all (blocks and
+    hops unrolled): the same step, whose compiler cost analysis then needs no correction."""
+    c = load_config("configs/demo.py", ["input.global_batch=32"])
+    for tower, depth in (("image", 3), ("text", 2)):
+        c.model[tower] = dict(c.model[tower], width=32, depth=depth, mlp_dim=128, num_heads=2,
+                              scan=scan)
+    c.model.out_dim = 32
+    c.loss = dict(impl="ring", unroll=not scan)
+    c.evals = {}
+    if fsdp:
+        c.mesh, c.batch_axes, c.sharding_rules = [("fsdp", -1)], ("fsdp",), [(".*", "fsdp")]
+    return c
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["data_parallel", "fsdp"])
+def test_loop_corrected_cost_matches_the_step_compiled_without_loops(tpu_compiler, fsdp):
+    looped, unrolled = (cs.compile_train_step(parse(_tiny_step(scan, fsdp)), "v4-8")
+                        for scan in (True, False))
+    # The scanned step's loops really are counted once by the compiler (5 blocks → ~1/3).
+    assert looped.compiler_flops < 0.5 * unrolled.compiler_flops
+    assert looped.flops == pytest.approx(unrolled.compiler_flops, rel=0.05)
+    assert looped.bytes_accessed == pytest.approx(unrolled.compiler_bytes_accessed, rel=0.20)
+    assert unrolled.flops == unrolled.compiler_flops  # No loop: nothing to correct.
+    # The analytic model FLOPs (cost_model: 3 × forward matmuls, no remat) per chip against
+    # the matmuls in the compiled HLO (which also holds the loss and the heads).
+    plan = planner.make_plan(_tiny_step(True, fsdp), planner.parse_topology("v4-8"))
+    assert plan.flops["model"] / 4 == pytest.approx(looped.matmul_flops, rel=0.10)
 
 
 _TRAIN_REPORTS = {}

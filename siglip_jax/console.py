@@ -119,6 +119,19 @@ def quiet_startup(argv: Sequence[str] | None = None) -> list[str]:
     if verbose:
         os.environ[VERBOSE_ENV] = "1"  # Processes started from this one stay verbose too.
         return args
+    quiet_library()
+    if _is_multiprocess(args):
+        filter_native_stdout(QUIET_STDOUT_PATTERNS)
+    return args
+
+
+def quiet_library() -> None:
+    """The part of `quiet_startup` that suits a library call (`siglip_jax.load`): the
+    TensorFlow and libtpu environment defaults and the orbax log filter, unless
+    SIGLIP_VERBOSE is set. Environment variables already set are kept; it takes effect only
+    if called before TensorFlow loads and JAX starts its backend."""
+    if is_verbose():
+        return
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     libtpu_env_defaults()  # libtpu installed (the test extra) on a machine without a TPU.
@@ -127,6 +140,3 @@ def quiet_startup(argv: Sequence[str] | None = None) -> list[str]:
     absl_logger = absl_logging.get_absl_logger()
     if not any(isinstance(f, _DropMatching) for f in absl_logger.filters):
         absl_logger.addFilter(_DropMatching(QUIET_LOG_PATTERNS))
-    if _is_multiprocess(args):
-        filter_native_stdout(QUIET_STDOUT_PATTERNS)
-    return args

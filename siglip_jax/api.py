@@ -93,7 +93,6 @@ def load(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
     """Opens a checkpoint for inference (see the module doc); `tokenizer`, `text_len` and
     `image_size` override what the checkpoint says (a .npz needs `tokenizer`)."""
     quiet_library()
-    if tokenizer is not None:
-        tokenizer = os.path.abspath(os.path.expanduser(os.fspath(tokenizer)))
-    return Model(Predictor(os.fspath(path), tokenizer=tokenizer, text_len=text_len,
+    return Model(Predictor(os.fspath(path), text_len=text_len,
+                           tokenizer=None if tokenizer is None else os.fspath(tokenizer),
                            image_size=image_size))

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from siglip_jax.console import quiet_startup
+from siglip_jax.console import add_verbose_flag, quiet_startup
 from siglip_jax.models.config import make_model
 
 DEFAULT_TEMPLATE = "This is a photo of {}."
@@ -188,6 +188,8 @@ class Predictor:
         from siglip_jax.checkpoints.open import open_model
         from siglip_jax.data.tokenizer import Tokenizer
 
+        if tokenizer and "://" not in tokenizer:  # Relative to the current directory, or ~.
+            tokenizer = os.path.abspath(os.path.expanduser(tokenizer))
         opened = open_model(checkpoint, overrides={
             "model": model_config, "image_size": image_size, "text_len": text_len,
             "tokenizer": tokenizer})
@@ -196,7 +198,7 @@ class Predictor:
                                "pass text_len=")
         if not opened.tokenizer:
             raise PredictError(f"checkpoint {checkpoint!r} has no tokenizer (spiece.model); "
-                               "pass tokenizer= (a sentencepiece .model file)")
+                               "pass tokenizer= (--tokenizer FILE: a sentencepiece .model)")
         hf_dir = opened.path if opened.format == "hf" else None
         if opened.is_naflex:
             patch = opened.model_config["image"].get("patch_size", 16)
@@ -339,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--template", default=DEFAULT_TEMPLATE,
                         help=f"prompt template with {{}} (default {DEFAULT_TEMPLATE!r})")
     parser.add_argument("--json", help="also write probs and logits to this JSON file")
+    parser.add_argument("--tokenizer", help="sentencepiece .model file (needed for a .npz; "
+                                            "default: the checkpoint's)")
+    add_verbose_flag(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     # Late, on purpose: predict.py is also the CLI, whose start-up stays quiet (TF loads here).
     from siglip_jax.checkpoints.hf import HFCheckpointError
@@ -350,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         result = predict(args.images, args.labels, checkpoint=args.checkpoint,
-                         template=args.template)
+                         template=args.template,
+                         tokenizer=args.tokenizer)
     except (PredictError, CheckpointNotFoundError, CheckpointFormatError,
             CheckpointMismatchError, HFCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -121,6 +121,8 @@ def open_model(path: str | os.PathLike, overrides: Mapping[str, object] | None =
         found["eos"] = (run.get("tokenizer") or {}).get("eos")
         if not found["tokenizer"]:
             found["tokenizer"] = _run_data_tokenizer(run)
+    if run is not None and found["tokenizer"] and overrides.get("tokenizer") is None:
+        found["tokenizer"] = _run_relative(str(found["tokenizer"]), path)
     inferred = infer_model_config(params) if info["format"] == "npz" else {}
     chosen = {k: _first(overrides.get(k), found[k], defaults.get(k), inferred.get(k))
               for k in OVERRIDE_KEYS}
@@ -156,6 +158,24 @@ def _convention(info: Mapping[str, object], naflex: bool, tokenizer: str | None)
         return ""
     gemma = bool(tokenizer) and os.path.basename(tokenizer) == "tokenizer.model"
     return "siglip2" if gemma or naflex else "siglip"
+
+
+def _run_relative(file: str, checkpoint: str) -> str:
+    """A file named by a run's config.json: as stored when absolute (or remote); a relative
+    one (runs started before paths were stored absolute) is looked up from the current
+    directory, then from the workdir; CheckpointFormatError when neither has it."""
+    if "://" in file or os.path.isabs(file):
+        return file
+    workdir = checkpoint
+    if os.path.basename(os.path.dirname(checkpoint)) == "checkpoints":  # A step directory.
+        workdir = os.path.dirname(os.path.dirname(checkpoint))
+    for base in (os.getcwd(), workdir):
+        if os.path.exists(os.path.join(base, file)):
+            return os.path.join(base, file)
+    raise loader.CheckpointFormatError(
+        f"checkpoint {checkpoint!r}: its config.json names the tokenizer {file!r}, a relative "
+        "path found neither from the current directory nor from the workdir; pass the file "
+        "(tokenizer=, or --tokenizer FILE)")
 
 
 def _first(*values: object) -> object:

@@ -3,6 +3,7 @@ SigLIP directory (FixRes, SiglipTokenizer), a SigLIP 2 NaFlex directory (Gemma-l
 tokenizer.model) and a big_vision .npz with a tokenizer argument; and the HF export opened by
 transformers' AutoProcessor, AutoModel and zero-shot pipeline. Needs the `parity` extra."""
 
+import json
 import os
 import subprocess
 import sys
@@ -80,8 +81,8 @@ def _hf_outputs(model, processor, images, texts, **text_kwargs):
     return out.image_embeds.numpy(), out.text_embeds.numpy(), out.logits_per_image.numpy()
 
 
-def test_siglip_directory_by_relative_and_home_paths_matches_transformers(
-        siglip_dir, images, monkeypatch):
+def test_siglip_directory_by_a_relative_path_matches_transformers(siglip_dir, images,
+                                                                  monkeypatch):
     path, model = siglip_dir
     processor = transformers.AutoProcessor.from_pretrained(path)
     zimg, ztxt, logits = _hf_outputs(model, processor, images, TEXTS, padding="max_length")
@@ -94,23 +95,7 @@ def test_siglip_directory_by_relative_and_home_paths_matches_transformers(
     probs = loaded.probabilities(images, TEXTS)
     np.testing.assert_allclose(probs, 1 / (1 + np.exp(-logits.astype(np.float64))), atol=2e-5)
     assert 1e-3 < probs.min() and probs.max() < 0.999  # Not saturated: the check means something.
-    monkeypatch.setenv("HOME", str(path.parent))
-    at_home = siglip_jax.load(os.path.join("~", path.name))
-    np.testing.assert_allclose(at_home.embed_texts(TEXTS[0]), ztxt[:1], atol=2e-5)
-
-
-def test_npz_opens_with_a_tokenizer_argument(siglip_dir, images, tmp_path):
-    path, model = siglip_dir
-    params, _ = hf.load_hf(path)
-    bv.save_npz(str(tmp_path / "m.npz"), params)
-    with pytest.raises(PredictError, match="has no tokenizer"):
-        siglip_jax.load(tmp_path / "m.npz")
-    loaded = siglip_jax.load(tmp_path / "m.npz", tokenizer=path / "spiece.model")
-    processor = transformers.AutoProcessor.from_pretrained(path)
-    _, _, logits = _hf_outputs(model, processor, images, TEXTS, padding="max_length")
-    # A .npz names no resampling filter (bilinear is used; this processor is bicubic): the
-    # image already at the model's 32 px is the one the filter cannot change.
-    np.testing.assert_allclose(loaded.logits(images[1], TEXTS), logits[1:2], atol=1e-4)
+    # "~" paths: the same resolve_path, tested in tests/test_open_model.py.
 
 
 def test_siglip2_naflex_directory_matches_transformers(tmp_path, images):
@@ -168,12 +153,78 @@ def test_hf_export_opens_in_auto_processor_and_pipeline(siglip_dir, images, tmp_
         np.testing.assert_allclose([by_label[x] for x in labels], row, atol=2e-5)
 
 
-def test_import_is_light_and_load_is_quiet(tmp_path):
-    """`import siglip_jax` loads no JAX; `siglip_jax.load` sets the quiet defaults before JAX
-    starts its backend, so libtpu (test extra) and TensorFlow print nothing. (The full load is
-    above; here only its start, to keep the subprocess cheap.)"""
+def test_a_failed_export_leaves_no_partial_out(siglip_dir, tmp_path, monkeypatch):
+    """The export is staged next to --out and moved into place only when complete."""
+    from siglip_jax.checkpoints import hf_processor
+
+    path, _ = siglip_dir
+    out = tmp_path / "export"
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf_processor, "write_processor_files", fail)
+    with pytest.raises(OSError, match="No space left"):
+        export(str(path), "hf", str(out), log=lambda line: None)
+    assert os.listdir(tmp_path) == []  # Neither --out nor the staging folder.
+    out.mkdir()
+    (out / "old.txt").write_text("kept")  # An existing --out survives a failed --force export.
+    with pytest.raises(OSError, match="No space left"):
+        export(str(path), "hf", str(out), force=True, log=lambda line: None)
+    assert os.listdir(tmp_path) == ["export"] and os.listdir(out) == ["old.txt"]
+
+
+def test_npz_needs_a_tokenizer_and_predict_cli_takes_one(siglip_dir, images, tmp_path):
+    """A .npz names no tokenizer: load says so; `predict --tokenizer` (and load(tokenizer=),
+    the same Predictor argument) then scores like transformers. The image already at the
+    model's 32 px is used: a .npz names no resampling filter (this processor's is bicubic)."""
+    from siglip_jax.predict import main
+
+    path, model = siglip_dir
+    params, _ = hf.load_hf(path)
+    bv.save_npz(str(tmp_path / "m.npz"), params)
+    with pytest.raises(PredictError, match="has no tokenizer"):
+        siglip_jax.load(tmp_path / "m.npz")
+    assert main(["--checkpoint", str(tmp_path / "m.npz"), images[1], "--labels", "2 cats",
+                 "--tokenizer", str(path / "spiece.model"), "--json", str(tmp_path / "p.json")]
+                ) == 0
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    _, _, logits = _hf_outputs(model, processor, images[1:2], ["This is a photo of 2 cats."],
+                               padding="max_length")
+    got = json.loads((tmp_path / "p.json").read_text())["logits"]
+    np.testing.assert_allclose(got, logits, atol=1e-4)
+
+
+def test_import_is_light():
+    """`import siglip_jax` loads neither JAX nor TensorFlow; `siglip_jax.load` is there."""
     code = ("import sys, siglip_jax\n"
             "assert 'jax' not in sys.modules and 'tensorflow' not in sys.modules\n"
+            "assert 'load' in dir(siglip_jax)\n")
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": REPO},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout + result.stderr == "", result.stderr
+
+
+def test_load_sets_the_quiet_environment(monkeypatch):
+    """The cheap twin of the slow test below: the settings that silence TensorFlow and libtpu
+    (console.quiet_library) are in place when load returns or fails."""
+    for key in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS", "SIGLIP_VERBOSE"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "ALLOW_MULTIPLE_LIBTPU_LOAD"):
+        monkeypatch.setenv(key, "")  # Restored by monkeypatch after the test.
+        monkeypatch.delenv(key)
+    with pytest.raises(FileNotFoundError):
+        siglip_jax.load("/nonexistent/checkpoint")
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2"
+    assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "0"
+    assert os.environ.get("TPU_WORKER_HOSTNAMES") in (None, "localhost")  # None: a TPU VM.
+
+
+@pytest.mark.slow  # Twin in the default suite: test_load_sets_the_quiet_environment.
+def test_load_is_quiet_when_jax_starts_its_backend(tmp_path):
+    """With libtpu installed and no TPU, JAX's backend start prints libtpu warnings unless
+    load has set the defaults first: nothing is printed."""
+    code = ("import siglip_jax\n"
             "try:\n"
             f"    siglip_jax.load({str(tmp_path / 'none')!r})\n"
             "except FileNotFoundError as e:\n"

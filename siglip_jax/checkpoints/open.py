@@ -101,6 +101,39 @@ def resolve_path(path: str | os.PathLike) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+# Keys of a data source dict (data/config.py) that name local files or folders.
+DATA_PATH_KEYS = ("path", "pattern", "root", "data_dir", "image_root")
+
+
+def absolute_run_paths(config: Mapping[str, object]) -> dict[str, object]:
+    """A run config dict (schema's to_dict) with its relative local paths made absolute from
+    the current directory: tokenizer.model, model_init.*, and the files of every data source
+    (`data` dicts: path, pattern, root, data_dir, image_root). What the trainer stores in
+    config.json, so the run opens from any directory; "" and `scheme://` paths stay."""
+
+    def fix(value: object) -> object:
+        if isinstance(value, str):
+            return resolve_path(value) if value else value
+        if isinstance(value, (list, tuple)):
+            return [fix(v) for v in value]
+        return value
+
+    def walk(node: object, key: str = "") -> object:
+        if not isinstance(node, Mapping):
+            return node
+        out = {k: walk(v, k) for k, v in node.items()}
+        if key == "data":
+            out.update({k: fix(out[k]) for k in DATA_PATH_KEYS if k in out})
+        return out
+
+    result = dict(walk(config))
+    if isinstance(result.get("tokenizer"), Mapping) and "model" in result["tokenizer"]:
+        result["tokenizer"] = {**result["tokenizer"], "model": fix(result["tokenizer"]["model"])}
+    if isinstance(result.get("model_init"), Mapping):
+        result["model_init"] = {k: fix(v) for k, v in result["model_init"].items()}
+    return result
+
+
 def open_model(path: str | os.PathLike, overrides: Mapping[str, object] | None = None, *,
                defaults: Mapping[str, object] | None = None, read_params: bool = True
                ) -> OpenedModel:

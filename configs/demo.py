@@ -15,12 +15,12 @@ Argument (optional): `steps=N` — e.g. `configs/demo.py:steps=20` for a smoke t
 
 import ml_collections
 
-from siglip_jax.config import parse_config_arg
+from siglip_jax.recipes import parse_args
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The demo config; `arg` may set steps=N."""
-    args = {"steps": 1000, **parse_config_arg(arg or "")}
+    args = parse_args(arg, {"steps": 1000})
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = int(args["steps"])

@@ -34,7 +34,8 @@ captioning exact match on the 720 held-out images.
 
 import ml_collections
 
-from siglip_jax.config import ConfigError, parse_config_arg
+from siglip_jax.config import ConfigError
+from siglip_jax.recipes import parse_args
 
 ROWS = ("sigmoid", "decoder", "all")
 STEPS = {"sigmoid": 1500, "decoder": 600, "all": 270}  # ~280 s each on 2 idle cores.
@@ -45,11 +46,7 @@ LOCAL_CROPS, LOCAL_SIZE = 4, 32
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The SigLIP 2 demo config; `arg` may set objectives=sigmoid|decoder|all, steps=N,
     eval_every=N."""
-    args = {"objectives": "all", "steps": 0, "eval_every": 0, **parse_config_arg(arg or "")}
-    unknown = sorted(set(args) - {"objectives", "steps", "eval_every"})
-    if unknown:
-        raise ConfigError(f"configs/demo_siglip2.py: unknown argument {unknown[0]!r} "
-                          "(valid: objectives, steps, eval_every)")
+    args = parse_args(arg, {"objectives": "all", "steps": 0, "eval_every": 0})
     row = str(args["objectives"])
     if row not in ROWS:
         raise ConfigError(f"configs/demo_siglip2.py: objectives={row!r}, expected one of "

@@ -20,28 +20,34 @@ none), steps (default 100), batch (default 32, a multiple of the device count), 
 checkpoint's spiece.model).
 """
 
+import os
+
 import ml_collections
 
-from siglip_jax.config import ConfigError, parse_config_arg
+from siglip_jax.config import ConfigError
+from siglip_jax.recipes import parse_args
 
 DEFAULTS = dict(init="", csv="", image_col="image", caption_col="caption", eval_csv="",
                 steps=100, batch=32, lr=1e-5, wd=1e-4, warmup=0.1, tokenizer="")
+PATH_ARGS = ("init", "csv", "eval_csv", "tokenizer")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Fine-tuning config for `init` (a HF SigLIP directory) on the CSV `csv`."""
     from siglip_jax.checkpoints.loader import checkpoint_info
 
-    args = parse_config_arg(arg or "")
-    unknown = sorted(set(args) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"configs/finetune_csv.py: unknown argument(s) {unknown}; valid: "
-                          f"{', '.join(DEFAULTS)}")
-    args = {**DEFAULTS, **args}
+    args = parse_args(arg, DEFAULTS)
     for key in ("init", "csv"):
         if not args[key]:
             raise ConfigError(f"configs/finetune_csv.py needs {key}=..., e.g. "
                               "':init=siglip-base-patch16-224,csv=my_data/train.csv'")
+    # Absolute paths: the run's config.json must still name them from another directory.
+    for key in PATH_ARGS:
+        if args[key] and "://" not in str(args[key]):
+            args[key] = os.path.abspath(os.path.expanduser(str(args[key])))
+            if not os.path.exists(args[key]):
+                raise ConfigError(f"configs/finetune_csv.py: {key}={args[key]!r} does not "
+                                  "exist")
     info = checkpoint_info(str(args["init"]))
     if info["format"] != "hf":
         raise ConfigError(f"init={args['init']!r} is a {info['format']} checkpoint; this config "

@@ -109,7 +109,7 @@ of NAME at once, detached (setsid nohup), each writing ~/siglip_jax_logs/RUN.log
   --type TYPE            slice type for the planner, e.g. v4-32          (env SIGLIP_TPU_TYPE)
   --skip-plan            do not run the planner (python -m siglip_jax.plan) before launching
   -- OVERRIDES...        config overrides passed to the trainer verbatim, e.g.
-                         -- --config.total_steps=1000 --config.wandb.notes='a b "c"'
+                         -- --config.total_steps=1000 --config.input.data.pattern='gs://my-bucket/web li/*.tar'
 
 The planner runs locally first (it needs --type or SIGLIP_TPU_TYPE; --skip-plan skips it);
 a failing plan stops the launch.

@@ -20,13 +20,14 @@ On a normal run it hides start-up noise that says nothing to a user:
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import logging
 import os
 import re
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from siglip_jax.tpu_slices import libtpu_env_defaults
 
@@ -119,6 +120,26 @@ def quiet_startup(argv: Sequence[str] | None = None) -> list[str]:
     if verbose:
         os.environ[VERBOSE_ENV] = "1"  # Processes started from this one stay verbose too.
         return args
+    quiet_library()
+    if _is_multiprocess(args):
+        filter_native_stdout(QUIET_STDOUT_PATTERNS)
+    return args
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    """Lists --verbose in a CLI's --help (quiet_startup has already taken it out of argv)."""
+    parser.add_argument(VERBOSE_FLAG, action="store_true",
+                        help="keep the start-up noise of TensorFlow, libtpu, orbax and gloo "
+                             f"(same as {VERBOSE_ENV}=1)")
+
+
+def quiet_library() -> None:
+    """The part of `quiet_startup` that suits a library call (`siglip_jax.load`): the
+    TensorFlow and libtpu environment defaults and the orbax log filter, unless
+    SIGLIP_VERBOSE is set. Environment variables already set are kept; it takes effect only
+    if called before TensorFlow loads and JAX starts its backend."""
+    if is_verbose():
+        return
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     libtpu_env_defaults()  # libtpu installed (the test extra) on a machine without a TPU.
@@ -127,6 +148,32 @@ def quiet_startup(argv: Sequence[str] | None = None) -> list[str]:
     absl_logger = absl_logging.get_absl_logger()
     if not any(isinstance(f, _DropMatching) for f in absl_logger.filters):
         absl_logger.addFilter(_DropMatching(QUIET_LOG_PATTERNS))
-    if _is_multiprocess(args):
-        filter_native_stdout(QUIET_STDOUT_PATTERNS)
-    return args
+
+
+EVAL_LINE_WIDTH = 160  # A longer eval line is split: one line per evaluator.
+
+
+def format_value(key: str, value: float) -> str:
+    """A metric for the console: counts (num_*, nonfinite, or any whole number ≥ 2) as
+    integers, everything else with 4 decimals."""
+    name = key.rpartition("/")[2]
+    value = float(value)
+    whole = value == value and abs(value) != float("inf") and value.is_integer()
+    if whole and (name.startswith("num_") or name == "nonfinite" or abs(value) >= 2):
+        return str(int(value))
+    return f"{value:.4f}"
+
+
+def format_eval(step: int, results: Mapping[str, float], seconds: float) -> str:
+    """`eval at step N: name/metric value, ... (Xs)`; when longer than EVAL_LINE_WIDTH, a
+    header line and one indented line per evaluator (the part of the key before its last /)."""
+    items = [f"{k} {format_value(k, v)}" for k, v in results.items()]
+    line = f"eval at step {step}: " + ", ".join(items) + f" ({seconds:.1f}s)"
+    if len(line) <= EVAL_LINE_WIDTH:
+        return line
+    groups: dict[str, list[str]] = {}
+    for key, value in results.items():
+        name, _, metric = key.rpartition("/")
+        groups.setdefault(name, []).append(f"{metric} {format_value(key, value)}")
+    return "\n".join([f"eval at step {step} ({seconds:.1f}s):",
+                      *(f"  {name}: {', '.join(parts)}" for name, parts in groups.items())])

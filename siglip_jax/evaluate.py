@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from siglip_jax.config import collect_overrides
-from siglip_jax.console import quiet_startup
+from siglip_jax.console import add_verbose_flag, quiet_startup
 from siglip_jax.shutdown import run_main
 
 
@@ -38,6 +38,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--config", help="configs/file.py or configs/file.py:arg (default: the "
                                          "run's own config.json when the checkpoint is ours)")
     parser.add_argument("--json", help="write the results to this JSON file")
+    add_verbose_flag(parser)
     args, rest = parser.parse_known_args(argv)
     return args, collect_overrides(rest, parser.error)
 

@@ -29,7 +29,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from siglip_jax.console import quiet_startup
+from siglip_jax.console import add_verbose_flag, quiet_startup
 from siglip_jax.shutdown import run_main
 
 
@@ -50,6 +50,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--tokenizer", help="sentencepiece file to copy into a HF export "
                                             "(default: the checkpoint's)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    add_verbose_flag(parser)
     return parser.parse_args(argv)
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 
-from siglip_jax.checkpoints import loader, parts
+from siglip_jax.checkpoints import hf_processor, loader, parts
 from siglip_jax.checkpoints.hf import HFCheckpointError
 from siglip_jax.checkpoints.loader import (
     CheckpointFormatError,
@@ -57,7 +59,10 @@ def check_out(out: str, part: str, force: bool) -> None:
 def export(checkpoint: str, fmt: str, out: str, part: str = "towers", *,
            step: int | None = None, tokenizer: str | None = None, force: bool = False,
            log: Callable[[str], None] = print) -> dict[str, object]:
-    """Writes `part` of the checkpoint to `out`; returns {"files", "kept", "dropped", "step"}."""
+    """Writes `part` of the checkpoint to `out`; returns {"files", "kept", "dropped", "step"}.
+
+    Everything is written into a temporary sibling of `out` first and moved into place only
+    when complete: a failed export leaves no half-written `out` (nor replaces an old one)."""
     if part not in parts.PARTS:
         raise parts.ExportError(f"--part {part!r}: expected one of {parts.PARTS}")
     if fmt not in parts.FORMATS:
@@ -73,29 +78,74 @@ def export(checkpoint: str, fmt: str, out: str, part: str = "towers", *,
     opened = open_model(path, {"tokenizer": resolve_path(tokenizer)} if tokenizer else None)
     where = f"{opened.path} ({opened.format}" + (f", step {step})" if step is not None else ")")
     log(f"reading {where}")
-    params = opened.params
-    if part == "decoder":
-        files = parts.save_decoder(out, params, opened.model_config,
-                                   tokenizer=opened.tokenizer, source=where)
-        kept, dropped = ["dec"], sorted(k for k in params if k != "dec")
-    else:
-        towers, dropped = parts.tower_params(params)
-        if part == "teacher":
-            teacher = (loader.load_state_entry(path, "teacher") if opened.format == "orbax"
-                       else None)
-            towers = parts.teacher_towers(params, teacher, where)
-            log("image tower: the EMA teacher's; text tower, t, b: the student's")
-        kept = sorted(towers)
-        convention = parts.hf_convention(opened.model_config, opened.convention)
-        files = parts.save_towers(
-            out, towers, fmt, model_config=opened.model_config, image_size=opened.image_size,
-            text_len=opened.text_len, tokenizer=opened.tokenizer if fmt == "hf" else None,
-            convention=convention)
-        _notes(opened, fmt, convention, log)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-",
+                               dir=os.path.dirname(out))
+    try:
+        staged = os.path.join(staging, os.path.basename(out))
+        files, kept, dropped = _write(opened, path, part, fmt, staged, where, log)
+        files = _move_into_place(staging, staged, out, files)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     log(f"kept {', '.join(kept)}; dropped {', '.join(dropped) or 'nothing'}")
     for file in files:
         log(f"wrote {file} ({_size(file)})")
     return {"files": files, "kept": kept, "dropped": dropped, "step": step}
+
+
+def _write(opened: OpenedModel, path: str, part: str, fmt: str, out: str, where: str,
+           log: Callable[[str], None]) -> tuple[list[str], list[str], list[str]]:
+    """Writes the part to `out` (a staging path); returns (files, kept, dropped)."""
+    params = opened.params
+    if part == "decoder":
+        files = parts.save_decoder(out, params, opened.model_config,
+                                   tokenizer=opened.tokenizer, source=where)
+        return files, ["dec"], sorted(k for k in params if k != "dec")
+    towers, dropped = parts.tower_params(params)
+    if part == "teacher":
+        teacher = (loader.load_state_entry(path, "teacher") if opened.format == "orbax"
+                   else None)
+        towers = parts.teacher_towers(params, teacher, where)
+        log("image tower: the EMA teacher's; text tower, t, b: the student's")
+    convention = parts.hf_convention(opened.model_config, opened.convention)
+    files = parts.save_towers(
+        out, towers, fmt, model_config=opened.model_config, image_size=opened.image_size,
+        text_len=opened.text_len, tokenizer=None, convention=convention)
+    if fmt == "hf":
+        written, notes = hf_processor.write_processor_files(
+            out, image_config=_image_processor(opened), tokenizer=opened.tokenizer,
+            convention=convention, text_len=int(opened.text_len))
+        files += written
+        for note in notes:
+            log(f"note: {note}")
+    _notes(opened, fmt, convention, log)
+    return files, sorted(towers), dropped
+
+
+def _image_processor(opened: OpenedModel) -> dict[str, object]:
+    """The HF image processor config of the opened model (FixRes size or NaFlex budget)."""
+    if not opened.is_naflex:
+        return hf_processor.image_processor_config(naflex=False, image_size=opened.image_size)
+    patch = opened.model.image.patch_size or (16, 16)
+    return hf_processor.image_processor_config(
+        naflex=True, patch_size=int(patch[0]), max_num_patches=opened.max_num_patches or 256)
+
+
+def _move_into_place(staging: str, staged: str, out: str, files: list[str]) -> list[str]:
+    """Moves the staged export (a directory, or a file and its sidecars) to `out`, replacing
+    what --force allowed to replace; returns the final paths of `files`."""
+    final = [os.path.join(os.path.dirname(out), os.path.relpath(f, staging)) for f in files]
+    if os.path.isdir(staged):
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        elif os.path.exists(out):
+            os.remove(out)
+        os.rename(staged, out)
+        return final
+    for src, dst in zip(files, final, strict=True):
+        if os.path.isdir(dst):
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+    return final
 
 
 def _notes(opened: OpenedModel, fmt: str, convention: str, log: Callable[[str], None]) -> None:
@@ -105,7 +155,8 @@ def _notes(opened: OpenedModel, fmt: str, convention: str, log: Callable[[str], 
             log(f"note: a .npz carries no tokenizer; this checkpoint's is {opened.tokenizer}")
         return
     if not opened.tokenizer:
-        log("note: the checkpoint names no tokenizer, none copied (pass --tokenizer FILE)")
+        log("note: the checkpoint names no tokenizer, none copied (pass --tokenizer FILE); "
+            "AutoProcessor and pipeline() need one")
     ours = parts.run_convention(opened.convention, opened.eos)
     if opened.format != "hf" and ours != convention:
         log(f"note: the HF directory tokenizes prompts by the {convention!r} convention; this "

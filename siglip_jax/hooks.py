@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from siglip_jax.checkpoints.orbax_io import Checkpointer
+from siglip_jax.console import format_eval
 from siglip_jax.evaluators.common import Evaluator
 from siglip_jax.metrics import MetricWriter, Progress
 
@@ -162,9 +163,7 @@ class RunEvaluations:
         self.last_seconds = time.monotonic() - start
         if results:
             self.writer.write(step, results)
-            self.log(f"eval at step {step}: " + ", ".join(
-                f"{k} {int(v)}" if k.endswith("num_examples") else f"{k} {v:.4f}"
-                for k, v in results.items()) + f" ({self.last_seconds:.1f}s)")
+            self.log(format_eval(step, results, self.last_seconds))
         self.progress.reset_clock(step)
         return results
 

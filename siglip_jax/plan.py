@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from siglip_jax.config import collect_overrides, load_config
-from siglip_jax.console import quiet_startup
+from siglip_jax.console import add_verbose_flag, quiet_startup
 from siglip_jax.records import ConfigError
 from siglip_jax.shutdown import run_main
 from siglip_jax.tpu_slices import format_bytes, libtpu_env_defaults
@@ -45,6 +45,12 @@ def _rate(flops: float) -> str:
 
 def _m(n: int) -> str:
     return f"{n / 1e6:.1f} M"
+
+
+def _other(n: int) -> str:
+    """The parameters outside the towers and decoder: t and b alone (a count), or with the
+    self-distillation heads (in millions)."""
+    return f"t, b {n}" if n < 10_000 else f"t, b, heads {_m(n)}"
 
 
 def _duration(seconds: float) -> str:
@@ -70,7 +76,7 @@ def format_plan(plan: Plan) -> str:
         p = plan.params
         dec = f"dec {_m(p['dec'])} | " if p.get("dec") else ""
         lines.append(f"  parameters    img {_m(p['img'])} | txt {_m(p['txt'])} | {dec}"
-                     f"t, b {p['other']} | total {_m(p['total'])}"
+                     f"{_other(p['other'])} | total {_m(p['total'])}"
                      + (f"  (frozen: {', '.join(plan.frozen)})" if plan.frozen else ""))
     for tower in plan.towers:
         lines.append(f"  {tower.name} tower     {tower.tokens} tokens × width {tower.width}, "
@@ -134,6 +140,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="also compile the trainer's own step for the slice with the real TPU "
                              "compiler (needs libtpu, no TPU): exact memory per chip, a roofline "
                              "step time; exits 1 if the compiled step does not fit")
+    add_verbose_flag(parser)
     args, rest = parser.parse_known_args(argv)
     return args, collect_overrides(rest, parser.error)
 

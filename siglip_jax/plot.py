@@ -27,7 +27,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from siglip_jax.console import quiet_startup
+from siglip_jax.console import add_verbose_flag, quiet_startup
 
 METRICS_FILE = "metrics.jsonl"
 # Keys that are not worth a plot: redundant with another key, or bookkeeping.
@@ -243,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Write PNG plots of a training run's metrics.jsonl.")
     parser.add_argument("workdir", help="the training workdir (holds metrics.jsonl)")
     parser.add_argument("--out", help="output directory (default: <workdir>/plots)")
+    add_verbose_flag(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         written = plot_workdir(args.workdir, args.out)

@@ -12,10 +12,11 @@ Checkpoints (opened with `checkpoints.open.open_model`): a HF SigLIP directory (
 image size and text length are read off the arrays; pass tokenizer=). Keyword arguments
 model_config, image_size, text_len and tokenizer override what the checkpoint says.
 Preprocessing is the HF SigLIP processor's: RGB, resize to the model's resolution with PIL
-(bilinear unless the directory's preprocessor_config.json says otherwise), × 1/255, then
-(x − 0.5) / 0.5 (or the config's mean/std), i.e. values in [−1, 1]. Texts are the template
-filled with each label, lower-cased and stripped of punctuation (HF `SiglipTokenizer` /
-big_vision canonicalisation), EOS-terminated and padded with EOS to the model's text length.
+(bilinear unless the directory's preprocessor_config.json, or the processor_config.json of
+transformers ≥ 5, says otherwise), × 1/255, then (x − 0.5) / 0.5 (or the config's mean/std),
+i.e. values in [−1, 1]. Texts are the template filled with each label, lower-cased and
+stripped of punctuation (HF `SiglipTokenizer` / big_vision canonicalisation), EOS-terminated
+and padded with EOS to the model's text length.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from siglip_jax.console import quiet_startup
+from siglip_jax.console import add_verbose_flag, quiet_startup
 from siglip_jax.models.config import make_model
 
 DEFAULT_TEMPLATE = "This is a photo of {}."
 PREPROCESSOR_FILE = "preprocessor_config.json"
+PROCESSOR_FILE = "processor_config.json"  # transformers ≥ 5 keeps the image settings here.
 _PIL_RESAMPLE = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
 
 
@@ -41,15 +43,32 @@ class PredictError(ValueError):
     """Inputs or a checkpoint that predict cannot use; the message says what is missing."""
 
 
+def processor_file(checkpoint: str | None) -> tuple[str | None, dict[str, Any] | None]:
+    """(path, image processor settings) of a HF directory: its preprocessor_config.json, or
+    the "image_processor" entry of the processor_config.json that transformers ≥ 5 saves;
+    (None, None) when it has neither."""
+    if not checkpoint:
+        return None, None
+    path = os.path.join(checkpoint, PREPROCESSOR_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return path, json.load(f)
+    path = os.path.join(checkpoint, PROCESSOR_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            cfg = json.load(f).get("image_processor")
+        if isinstance(cfg, dict):
+            return path, cfg
+    return None, None
+
+
 def image_preprocessing(checkpoint: str | None, image_size: tuple[int, int]) -> dict[str, Any]:
     """The preprocessing settings: HF preprocessor_config.json where present, else defaults."""
     settings = {"size": tuple(image_size), "resample": 2, "rescale_factor": 1 / 255,
                 "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "do_resize": True,
                 "do_rescale": True, "do_normalize": True}
-    path = os.path.join(checkpoint, PREPROCESSOR_FILE) if checkpoint else None
-    if path and os.path.isfile(path):
-        with open(path) as f:
-            cfg = json.load(f)
+    path, cfg = processor_file(checkpoint)
+    if cfg is not None:
         size = cfg.get("size") or {}
         if "height" in size and "width" in size:
             settings["size"] = (int(size["height"]), int(size["width"]))
@@ -118,10 +137,8 @@ def naflex_settings(checkpoint: str | None, *, max_num_patches: int | None = Non
                                 "rescale_factor": 1 / 255, "mean": (0.5, 0.5, 0.5),
                                 "std": (0.5, 0.5, 0.5), "do_resize": True,
                                 "do_rescale": True, "do_normalize": True}
-    path = os.path.join(checkpoint, PREPROCESSOR_FILE) if checkpoint else None
-    if path and os.path.isfile(path):
-        with open(path) as f:
-            cfg = json.load(f)
+    path, cfg = processor_file(checkpoint)
+    if cfg is not None:
         for ours, theirs in (("patch_size", "patch_size"), ("max_num_patches", "max_num_patches"),
                              ("resample", "resample"), ("rescale_factor", "rescale_factor"),
                              ("mean", "image_mean"), ("std", "image_std"),
@@ -171,6 +188,8 @@ class Predictor:
         from siglip_jax.checkpoints.open import open_model
         from siglip_jax.data.tokenizer import Tokenizer
 
+        if tokenizer and "://" not in tokenizer:  # Relative to the current directory, or ~.
+            tokenizer = os.path.abspath(os.path.expanduser(tokenizer))
         opened = open_model(checkpoint, overrides={
             "model": model_config, "image_size": image_size, "text_len": text_len,
             "tokenizer": tokenizer})
@@ -179,11 +198,11 @@ class Predictor:
                                "pass text_len=")
         if not opened.tokenizer:
             raise PredictError(f"checkpoint {checkpoint!r} has no tokenizer (spiece.model); "
-                               "pass tokenizer= (a sentencepiece .model file)")
+                               "pass tokenizer= (--tokenizer FILE: a sentencepiece .model)")
         hf_dir = opened.path if opened.format == "hf" else None
         if opened.is_naflex:
             patch = opened.model_config["image"].get("patch_size", 16)
-            has_file = bool(hf_dir) and os.path.isfile(os.path.join(hf_dir, PREPROCESSOR_FILE))
+            has_file = processor_file(hf_dir)[1] is not None
             self.image_settings = naflex_settings(  # The directory's processor file decides.
                 hf_dir, max_num_patches=None if has_file else opened.max_num_patches,
                 patch_size=None if has_file else patch if isinstance(patch, int)
@@ -199,6 +218,11 @@ class Predictor:
         self.model = make_model(opened.model)
         self.params = opened.fitted_params()
         self._apply = jax.jit(self._forward)
+        self._embed_images = jax.jit(lambda p, x: self.model.apply({"params": p}, x, None)[0])
+        self._embed_texts = jax.jit(lambda p, x: self.model.apply({"params": p}, None, x)[1])
+        _, _, out = self.model.apply({"params": self.params}, None, None)
+        self.scale = float(out["t"])  # t = exp(t'), the logit scale.
+        self.bias = float(out["b"]) if "b" in out else 0.0
 
     def _forward(self, params, images, texts):
         import jax
@@ -207,6 +231,25 @@ class Predictor:
         zimg, ztxt, out = self.model.apply({"params": params}, images, texts)
         logits = jnp.matmul(zimg, ztxt.T, precision=jax.lax.Precision.HIGHEST) * out["t"]
         return logits + out.get("b", 0.0)
+
+    def embed_images(self, images: Any, *, batch_size: int = 32) -> np.ndarray:
+        """L2-normalised image embeddings float32 [N, D] of image files, PIL images or uint8
+        [H, W, 3] arrays (one image or a sequence)."""
+        images = _as_list(images)
+        rows = [np.asarray(self._embed_images(self.params,
+                                              self.preprocess(images[i:i + batch_size])))
+                for i in range(0, len(images), batch_size)]
+        return np.concatenate(rows).astype(np.float32)
+
+    def embed_texts(self, texts: str | Sequence[str], *, batch_size: int = 256) -> np.ndarray:
+        """L2-normalised text embeddings float32 [N, D] of the texts, as given (no template)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise PredictError("give at least one text")
+        rows = [np.asarray(self._embed_texts(self.params,
+                                             self.tokenize(texts[i:i + batch_size])))
+                for i in range(0, len(texts), batch_size)]
+        return np.concatenate(rows).astype(np.float32)
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         """Token ids [N, text_len] of the texts, by the checkpoint's text convention."""
@@ -227,8 +270,7 @@ class Predictor:
             raise PredictError("give at least one label")
         if "{}" not in template:
             raise PredictError(f"template {template!r} has no '{{}}' for the label")
-        if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
-            images = [images]
+        images = _as_list(images)
         texts = [template.replace("{}", label) for label in labels]
         tokens = self.tokenize(texts)
         rows = []
@@ -240,6 +282,17 @@ class Predictor:
             raise PredictError(nonfinite_model_message(self.opened.path, self.params))
         probs = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
         return {"probs": probs, "logits": logits, "texts": texts}
+
+
+def _as_list(images: Any) -> list[Any]:
+    """One image (a path, PIL image or array) or a sequence of them, as a non-empty list."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:  # A batch [N, H, W, 3].
+        images = list(images)
+    elif isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
+        images = [images]
+    if not images:
+        raise PredictError("give at least one image")
+    return list(images)
 
 
 def nonfinite_model_message(checkpoint: str, params: Any, limit: int = 3) -> str:
@@ -288,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--template", default=DEFAULT_TEMPLATE,
                         help=f"prompt template with {{}} (default {DEFAULT_TEMPLATE!r})")
     parser.add_argument("--json", help="also write probs and logits to this JSON file")
+    parser.add_argument("--tokenizer", help="sentencepiece .model file (needed for a .npz; "
+                                            "default: the checkpoint's)")
+    add_verbose_flag(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     # Late, on purpose: predict.py is also the CLI, whose start-up stays quiet (TF loads here).
     from siglip_jax.checkpoints.hf import HFCheckpointError
@@ -299,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         result = predict(args.images, args.labels, checkpoint=args.checkpoint,
-                         template=args.template)
+                         template=args.template,
+                         tokenizer=args.tokenizer)
     except (PredictError, CheckpointNotFoundError, CheckpointFormatError,
             CheckpointMismatchError, HFCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

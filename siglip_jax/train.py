@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from siglip_jax.config import collect_overrides
-from siglip_jax.console import quiet_startup
+from siglip_jax.console import add_verbose_flag, quiet_startup
 from siglip_jax.shutdown import run_main
 
 
@@ -37,6 +37,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--process_id", type=int, help="this process's index")
     parser.add_argument("--heartbeat_timeout", type=int,
                         help="seconds after which a silent process counts as dead (default 100)")
+    add_verbose_flag(parser)
     args, rest = parser.parse_known_args(argv)
     return args, collect_overrides(rest, parser.error)
 

@@ -31,6 +31,7 @@ import tensorflow as tf
 from jax.sharding import Mesh
 
 from siglip_jax import distributed, experiment, hooks
+from siglip_jax.checkpoints.open import absolute_run_paths
 from siglip_jax.checkpoints.orbax_io import (
     CheckpointDamagedError,
     Checkpointer,
@@ -144,7 +145,7 @@ def train(config: RunConfig | ml_collections.ConfigDict, workdir: str) -> dict[s
 
 def _write_config(run: RunConfig, workdir: str) -> None:
     with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(json.dumps(run.to_dict(), indent=2, default=str))
+        f.write(json.dumps(absolute_run_paths(run.to_dict()), indent=2, default=str))
 
 
 class _Machinery:

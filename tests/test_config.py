@@ -1,5 +1,6 @@
 """Config loading, overrides and their one-line errors."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -8,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from siglip_jax.config import ConfigError, apply_override, load_config, parse_config_arg, split_spec
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = textwrap.dedent('''
     import ml_collections
@@ -147,3 +150,24 @@ def test_config_mistakes_found_after_start_are_one_line_exit_2(tmp_path):
         assert result.returncode == 2, (extra, result.stderr[-2000:])
         assert len(lines) == 1 and lines[0].startswith(message), (extra, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
+
+
+CONFIG_FILES = sorted(f"configs/{n}" for n in os.listdir(os.path.join(REPO_ROOT, "configs"))
+                      if n.endswith(".py"))
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES)
+def test_every_config_rejects_an_unknown_argument_naming_the_valid_ones(path):
+    """`configs/demo.py:step=5` (a typo for steps) is an error, not the 1000-step default."""
+    with pytest.raises(ConfigError, match=r"unknown config argument 'step'; valid arguments: "):
+        load_config(os.path.join(REPO_ROOT, f"{path}:step=5"))
+
+
+def test_finetune_csv_checks_its_paths_and_stores_them_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = os.path.join(REPO_ROOT, "configs/finetune_csv.py")
+    with pytest.raises(ConfigError, match=r"init='/nope' does not exist"):
+        load_config(f"{spec}:init=/nope,csv=x.csv")
+    (tmp_path / "train.csv").write_text("image,caption\n")
+    with pytest.raises(ConfigError, match=rf"init='{tmp_path}/ckpt' does not exist"):
+        load_config(f"{spec}:init=ckpt,csv=train.csv")  # Relative: made absolute first.

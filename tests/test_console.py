@@ -110,3 +110,16 @@ def test_a_cli_starts_quietly(verbose):
         assert seen["TF_CPP_MIN_LOG_LEVEL"] in ("1", "2"), seen  # INFO notices hidden.
         for noise in ("oneDNN", "cpu_feature_guard", "absl::InitializeLog"):
             assert noise not in result.stderr, result.stderr
+
+
+def test_eval_line_prints_counts_as_integers_and_splits_when_long():
+    from siglip_jax.console import EVAL_LINE_WIDTH, format_eval
+
+    short = format_eval(5, {"zeroshot/top1": 0.5, "zeroshot/num_examples": 720.0}, 1.25)
+    assert short == "eval at step 5: zeroshot/top1 0.5000, zeroshot/num_examples 720 (1.2s)"
+    many = {f"task{i}/{m}": v for i in range(6)
+            for m, v in (("acc", 1.0), ("loss", 2.5), ("count", 23040.0))}
+    lines = format_eval(10, many, 3.0).split("\n")
+    assert len(format_eval(10, many, 3.0).replace("\n", " ")) > EVAL_LINE_WIDTH
+    assert lines[0] == "eval at step 10 (3.0s):"
+    assert lines[1:] == [f"  task{i}: acc 1.0000, loss 2.5000, count 23040" for i in range(6)]

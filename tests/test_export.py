@@ -96,7 +96,9 @@ def test_towers_npz_has_only_tower_keys_and_reopens_with_the_runs_embeddings(
 
 def test_towers_hf_reopens_with_the_runs_embeddings_and_tokenizer(run, reference, tmp_path):
     out = _export(run, tmp_path / "hf", "--format", "hf")
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "spiece.model"]
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors",
+                                       "preprocessor_config.json", "spiece.model",
+                                       "tokenizer_config.json"]  # tests/test_api.py opens them.
     run_tokenizer = reference["opened"].tokenizer
     with open(run_tokenizer, "rb") as a, open(os.path.join(out, "spiece.model"), "rb") as b:
         assert a.read() == b.read()

@@ -2,6 +2,8 @@
 the config read off its arrays equals the one it was saved from (B, So400m and tiny shapes,
 scanned and unscanned); relative and ~ paths work."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,3 +137,26 @@ def test_naflex_npz_opens_as_naflex_and_computes_the_same(tmp_path):
     want = model.apply({"params": params}, image, text)
     np.testing.assert_allclose(got[0], want[0], atol=1e-6)
     np.testing.assert_allclose(got[1], want[1], atol=1e-6)
+
+
+def test_run_paths_are_stored_absolute(tmp_path, monkeypatch):
+    """What the trainer writes to config.json: relative local paths made absolute from the
+    current directory (so `predict` or `export` open the run from anywhere); gs:// and ""
+    kept; other strings untouched."""
+    from siglip_jax.checkpoints.open import absolute_run_paths
+
+    monkeypatch.chdir(tmp_path)
+    config = {"tokenizer": {"model": "tok/spiece.model", "eos": "sticky"},
+              "model_init": {"img": "", "txt": "gs://b/t.npz", "full": "~/ckpt"},
+              "input": {"data": {"name": "tar", "pattern": ["a/*.tar", "gs://b/*.tar"]},
+                        "pp": "decode"},
+              "evals": {"zs": {"data": {"name": "csv", "path": "e.csv", "image_col": "img"}}}}
+    got = absolute_run_paths(config)
+    assert got["tokenizer"] == {"model": str(tmp_path / "tok/spiece.model"), "eos": "sticky"}
+    assert got["model_init"] == {"img": "", "txt": "gs://b/t.npz",
+                                 "full": os.path.join(os.path.expanduser("~"), "ckpt")}
+    assert got["input"] == {"data": {"name": "tar", "pattern": [str(tmp_path / "a/*.tar"),
+                                                                "gs://b/*.tar"]},
+                            "pp": "decode"}
+    assert got["evals"]["zs"]["data"] == {"name": "csv", "path": str(tmp_path / "e.csv"),
+                                          "image_col": "img"}

@@ -101,6 +101,39 @@ def resolve_path(path: str | os.PathLike) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+# Keys of a data source dict (data/config.py) that name local files or folders.
+DATA_PATH_KEYS = ("path", "pattern", "root", "data_dir", "image_root")
+
+
+def absolute_run_paths(config: Mapping[str, object]) -> dict[str, object]:
+    """A run config dict (schema's to_dict) with its relative local paths made absolute from
+    the current directory: tokenizer.model, model_init.*, and the files of every data source
+    (`data` dicts: path, pattern, root, data_dir, image_root). What the trainer stores in
+    config.json, so the run opens from any directory; "" and `scheme://` paths stay."""
+
+    def fix(value: object) -> object:
+        if isinstance(value, str):
+            return resolve_path(value) if value else value
+        if isinstance(value, (list, tuple)):
+            return [fix(v) for v in value]
+        return value
+
+    def walk(node: object, key: str = "") -> object:
+        if not isinstance(node, Mapping):
+            return node
+        out = {k: walk(v, k) for k, v in node.items()}
+        if key == "data":
+            out.update({k: fix(out[k]) for k in DATA_PATH_KEYS if k in out})
+        return out
+
+    result = dict(walk(config))
+    if isinstance(result.get("tokenizer"), Mapping) and "model" in result["tokenizer"]:
+        result["tokenizer"] = {**result["tokenizer"], "model": fix(result["tokenizer"]["model"])}
+    if isinstance(result.get("model_init"), Mapping):
+        result["model_init"] = {k: fix(v) for k, v in result["model_init"].items()}
+    return result
+
+
 def open_model(path: str | os.PathLike, overrides: Mapping[str, object] | None = None, *,
                defaults: Mapping[str, object] | None = None, read_params: bool = True
                ) -> OpenedModel:
@@ -121,6 +154,8 @@ def open_model(path: str | os.PathLike, overrides: Mapping[str, object] | None =
         found["eos"] = (run.get("tokenizer") or {}).get("eos")
         if not found["tokenizer"]:
             found["tokenizer"] = _run_data_tokenizer(run)
+    if run is not None and found["tokenizer"] and overrides.get("tokenizer") is None:
+        found["tokenizer"] = _run_relative(str(found["tokenizer"]), path)
     inferred = infer_model_config(params) if info["format"] == "npz" else {}
     chosen = {k: _first(overrides.get(k), found[k], defaults.get(k), inferred.get(k))
               for k in OVERRIDE_KEYS}
@@ -156,6 +191,24 @@ def _convention(info: Mapping[str, object], naflex: bool, tokenizer: str | None)
         return ""
     gemma = bool(tokenizer) and os.path.basename(tokenizer) == "tokenizer.model"
     return "siglip2" if gemma or naflex else "siglip"
+
+
+def _run_relative(file: str, checkpoint: str) -> str:
+    """A file named by a run's config.json: as stored when absolute (or remote); a relative
+    one (runs started before paths were stored absolute) is looked up from the current
+    directory, then from the workdir; CheckpointFormatError when neither has it."""
+    if "://" in file or os.path.isabs(file):
+        return file
+    workdir = checkpoint
+    if os.path.basename(os.path.dirname(checkpoint)) == "checkpoints":  # A step directory.
+        workdir = os.path.dirname(os.path.dirname(checkpoint))
+    for base in (os.getcwd(), workdir):
+        if os.path.exists(os.path.join(base, file)):
+            return os.path.join(base, file)
+    raise loader.CheckpointFormatError(
+        f"checkpoint {checkpoint!r}: its config.json names the tokenizer {file!r}, a relative "
+        "path found neither from the current directory nor from the workdir; pass the file "
+        "(tokenizer=, or --tokenizer FILE)")
 
 
 def _first(*values: object) -> object:

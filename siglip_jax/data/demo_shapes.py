@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from siglip_jax.console import quiet_startup
+from siglip_jax.console import add_verbose_flag, quiet_startup
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -468,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=None,
                         help="side in pixels (default 32, with --objects 64)")
     parser.add_argument("--seed", type=int, default=0, help="position, size and noise")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     if (args.colour is None) != (args.shape is None) or (args.colour is None
                                                           and not args.objects):

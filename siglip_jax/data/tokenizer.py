@@ -51,11 +51,13 @@ import re
 import string
 import sys
 from collections.abc import Iterable, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sentencepiece as spm
-import tensorflow as tf
 
+from siglip_jax.console import add_verbose_flag, quiet_startup
 from siglip_jax.data.tokenizer_config import (
     EOS_MODES,
     TextConvention,
@@ -63,6 +65,9 @@ from siglip_jax.data.tokenizer_config import (
     TokenizerError,
     get_convention,
 )
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
 _WS_RE = re.compile(r"\s+")
@@ -76,7 +81,16 @@ def canonicalize_text(text: str, lower: bool = True) -> str:
     return _WS_RE.sub(" ", text).strip()
 
 
+def _tf() -> ModuleType:
+    """TensorFlow, imported on first use: the CLI quiets TensorFlow's start-up lines first
+    (console.quiet_startup), and `--help` needs none of it."""
+    import tensorflow  # Deliberately late: see the docstring.
+
+    return tensorflow
+
+
 def _read_bytes(path: str) -> bytes:
+    tf = _tf()
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
             return f.read()
@@ -213,6 +227,7 @@ class Tokenizer:
         canonicalize: bool = False,
     ) -> tf.Tensor:
         """``encode`` as a TF op (tf.numpy_function): string [] -> [L], [N] -> [N, L] int32."""
+        tf = _tf()
         texts = tf.convert_to_tensor(texts, tf.string)
         if texts.shape.rank not in (0, 1):
             raise TokenizerError(f"tf_encode expects a string scalar or vector, got {texts.shape}")
@@ -297,14 +312,15 @@ def train_sentencepiece(
         ) from None
     parent = out_path.rsplit("/", 1)[0] if "/" in out_path else ""
     if parent:
-        tf.io.gfile.makedirs(parent)
-    with tf.io.gfile.GFile(out_path, "wb") as f:
+        _tf().io.gfile.makedirs(parent)
+    with _tf().io.gfile.GFile(out_path, "wb") as f:
         f.write(buf.getvalue())
     return out_path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``train`` a model from a text file (one caption a line) or ``encode`` texts."""
+    argv = quiet_startup(argv)
     parser = argparse.ArgumentParser(prog="python -m siglip_jax.data.tokenizer")
     sub = parser.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="train a sentencepiece model on one caption per line")
@@ -318,9 +334,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     en.add_argument("--max-len", type=int, default=64)
     en.add_argument("--eos", default="sticky", choices=list(EOS_MODES))
     en.add_argument("texts", nargs="+")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     if args.cmd == "train":
-        with tf.io.gfile.GFile(args.input, "r") as f:
+        with _tf().io.gfile.GFile(args.input, "r") as f:
             lines = f.read().splitlines()
         path = train_sentencepiece(
             lines, args.vocab_size, args.out,

@@ -218,6 +218,7 @@ def _anchors(text: str) -> set[str]:
         if re.match(r"^```\w*\s*$", line):
             fenced = not fenced
         heading = None if fenced else re.match(r"^#+ (.*)$", line)
+        anchors.update(re.findall(r'<a id="([^"]+)"></a>', line))  # an explicit anchor
         if heading:
             slug = _slug(heading.group(1).strip())
             anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")

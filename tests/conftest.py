@@ -90,9 +90,13 @@ SHARED_RUN_FIXTURES = frozenset({"tiny_run", "siglip2_run"})
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Under pytest-xdist (`-n N --dist loadgroup`), keep each test file on one worker (its
-    module fixtures are built once) and every test that reads a shared trained run on the same
+    module fixtures are built once) and every file that reads a shared trained run on the same
     worker (the run is trained once per session, not once per worker)."""
+    def file_of(item) -> str:
+        return item.nodeid.split("::", 1)[0]
+
+    shared = {file_of(item) for item in items
+              if SHARED_RUN_FIXTURES.intersection(getattr(item, "fixturenames", ()))}
     for item in items:
-        uses_shared_run = SHARED_RUN_FIXTURES.intersection(getattr(item, "fixturenames", ()))
-        group = "shared_runs" if uses_shared_run else item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(
+            "shared_runs" if file_of(item) in shared else file_of(item)))

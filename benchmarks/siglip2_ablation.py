@@ -89,8 +89,12 @@ def train(row: str, seed: int, args: argparse.Namespace, workdir: str) -> dict[s
            "--workdir", workdir, *(f"--config.{o}" for o in args.override)]
     start = time.monotonic()
     log_path = os.path.join(os.path.dirname(workdir), f"{os.path.basename(workdir)}.log")
+    # One persistent compilation cache for all runs: a row's later seeds (same programs,
+    # other values) load its compiled steps and evaluators instead of compiling again.
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.environ.get(
+        "JAX_COMPILATION_CACHE_DIR", os.path.join(args.out, "xla_cache"))}
     with open(log_path, "w") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code:
         with open(log_path) as log:
             sys.stderr.write(log.read()[-3000:])
@@ -244,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{time.strftime('%H:%M:%S')}] seed {seed}: training {row} ...", flush=True)
             metrics = train(row, seed, args, os.path.join(args.out, f"{row}_{seed}"))
             results[row].append(metrics)
-            print(f"  steps {int(metrics.get('step', 0))}, {metrics['wall_s']:.0f} s; "
+            wall = metrics.get("wall_s", math.nan)  # Absent for a reused run.
+            print(f"  steps {int(metrics.get('step', 0))}, {wall:.0f} s; "
                   + ", ".join(f"{k} {metrics[k]:.3f}" for _, k, pct in COLUMNS
                               if pct and k in metrics), flush=True)
     first = os.path.join(args.out, f"{all_rows[0]}_0")

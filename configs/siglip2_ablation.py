@@ -39,7 +39,7 @@ import ml_collections
 from siglip_jax.config import ConfigError, parse_config_arg
 
 ROWS = ("sigmoid", "decoder", "ssl", "all", "random")
-STEPS = {"sigmoid": 800, "decoder": 400, "ssl": 240, "all": 180, "random": 1}
+STEPS = {"sigmoid": 1000, "decoder": 300, "ssl": 140, "all": 90, "random": 1}
 DEC_LEN, BINS, TEXT_LEN = 16, 16, 14
 LOCAL_CROPS, LOCAL_SIZE = 4, 24
 DATA = dict(name="demo_shapes", objects=True, image_size=48, num_colours=3, num_shapes=4,

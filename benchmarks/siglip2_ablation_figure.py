@@ -216,12 +216,19 @@ def _example_panels(fig, grid, out_dir: str, rows: Sequence[str]):
     decoder_row = next((r for r in ("all", "decoder") if r in rows
                         and os.path.exists(os.path.join(out_dir, f"{r}_0", "config.json"))),
                        None)
+    opened: dict[str, Example] = {}  # One Example per run (the decoder row may be "all").
+
+    def open_run(row: str) -> Example:
+        if row not in opened:
+            opened[row] = Example(os.path.join(out_dir, f"{row}_0"))
+        return opened[row]
+
     ax = fig.add_subplot(grid[2, 0:2])
     ax.imshow(image)
     ax.set_axis_off()
     title = f"truth: {example['texts']}"
     if decoder_row:
-        run = Example(os.path.join(out_dir, f"{decoder_row}_0"))
+        run = open_run(decoder_row)
         title += f"\n{decoder_row} (seed 0) caption: {run.caption(example)}"
         size = image.shape[0]
         for phrase, box in zip(example["box_texts"], run.boxes(example), strict=False):
@@ -238,7 +245,7 @@ def _example_panels(fig, grid, out_dir: str, rows: Sequence[str]):
         workdir = os.path.join(out_dir, f"{row}_0")
         if not os.path.exists(os.path.join(workdir, "config.json")):
             continue
-        run = Example(workdir)
+        run = open_run(row)
         ax = fig.add_subplot(grid[2, 3 + k])
         ax.imshow(_label_colours(run.segmentation(image)))
         ax.set_title(f"dense probe on {row} (seed 0)", fontsize=6)

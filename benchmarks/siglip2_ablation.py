@@ -160,7 +160,8 @@ def report(results: dict[str, list[dict]], baselines: dict, args: argparse.Names
     """The markdown table, the baselines and the done-when checks."""
     header = ["objectives", "seeds", *(h for h, _, _ in COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row, runs in results.items():
+    order = sorted(results, key=lambda r: r == "random")  # The baseline row last.
+    for row, runs in ((r, results[r]) for r in order):
         cells = [cell([r.get(key) for r in runs], pct) for _, key, pct in COLUMNS]
         lines.append("| " + " | ".join([row, str(len(runs)), *cells]) + " |")
     lines.append("")

@@ -175,21 +175,22 @@ def report(results: dict[str, list[dict]], baselines: dict, args: argparse.Names
                      "dense-probe numbers are the dense baseline")
     lines.append("")
     lines.append("Checks (separation = difference of means / the larger std over seeds):")
-    trivial = max((m["referring/acc@0.5"] for m in baselines.get("referring", {}).values()),
-                  default=None)
     for row in DECODER_ROWS:
-        if row in results and trivial is not None:
-            s = separation([r.get("referring/acc@0.5") for r in results[row]], trivial)
-            lines.append(f"- {row}: referring acc@0.5 vs the best trivial predictor "
-                         f"({100 * trivial:.1f} %): {s:+.1f} std "
-                         f"({'passes' if s > 3 else 'fails'} > 3)")
+        for name, metrics in baselines.get("referring", {}).items():
+            if row in results:
+                trivial = metrics["referring/acc@0.5"]
+                s = separation([r.get("referring/acc@0.5") for r in results[row]], trivial)
+                lines.append(f"- {row}: referring acc@0.5 vs the {name} "
+                             f"({100 * trivial:.1f} %): {s:+.1f} std "
+                             f"({'passes' if s > 3 else 'fails'} > 3)")
     for row in SSL_ROWS:
         for key in ("dense_class/miou_fg", "dense_shape/miou_fg"):
-            if row in results and "sigmoid" in results:
-                s = separation([r.get(key) for r in results[row]],
-                               [r.get(key) for r in results["sigmoid"]])
-                lines.append(f"- {row}: {key} vs sigmoid: {s:+.1f} std "
-                             f"({'passes' if s > 3 else 'fails'} > 3)")
+            for other in ("sigmoid", "random"):
+                if row in results and other in results:
+                    s = separation([r.get(key) for r in results[row]],
+                                   [r.get(key) for r in results[other]])
+                    lines.append(f"- {row}: {key} vs {other}: {s:+.1f} std "
+                                 f"({'passes' if s > 3 else 'fails'} > 3)")
     return "\n".join(lines)
 
 
@@ -232,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-figure", action="store_true", help="skip ablation.png")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse finished runs found in --out instead of training again")
+    parser.add_argument("--no-train", action="store_true",
+                        help="with --reuse: report the finished runs only, train none (a "
+                             "partial benchmark's table and figure)")
     parser.add_argument("--config-arg", action="append", default=[],
                         help="extra k=v appended to the config argument of every run "
                              "(configs/siglip2_ablation.py: data_dir, train_per_class, ...)")
@@ -244,20 +248,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown rows {unknown}; known: {list(ROWS)}")
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}; expected at least 1")
+    if args.no_train and not args.reuse:
+        parser.error("--no-train needs --reuse (it reports the runs --out already has)")
     os.makedirs(args.out, exist_ok=True)
     # The random tower right after the first row: it reuses that row's compiled evaluators.
     all_rows = rows[:1] + ([] if args.no_baselines else ["random"]) + rows[1:]
     results: dict[str, list[dict]] = {row: [] for row in all_rows}
     for row in all_rows:
         for seed in range(args.seeds):
+            workdir = os.path.join(args.out, f"{row}_{seed}")
+            if args.no_train and "zeroshot/top1" not in (
+                    final_metrics(workdir) if os.path.exists(
+                        os.path.join(workdir, "metrics.jsonl")) else {}):
+                print(f"seed {seed} of {row}: no finished run in {workdir}; skipped")
+                continue
             print(f"[{time.strftime('%H:%M:%S')}] seed {seed}: training {row} ...", flush=True)
-            metrics = train(row, seed, args, os.path.join(args.out, f"{row}_{seed}"))
+            metrics = train(row, seed, args, workdir)
             results[row].append(metrics)
             wall = metrics.get("wall_s", math.nan)  # Absent for a reused run.
             print(f"  steps {int(metrics.get('step', 0))}, {wall:.0f} s; "
                   + ", ".join(f"{k} {metrics[k]:.3f}" for _, k, pct in COLUMNS
                               if pct and k in metrics), flush=True)
-    first = os.path.join(args.out, f"{all_rows[0]}_0")
+    results = {row: runs for row, runs in results.items() if runs}  # --no-train: finished.
+    if not results:
+        raise SystemExit(f"error: no finished run in {args.out}")
+    first = os.path.join(args.out, f"{next(iter(results))}_0")
     baselines = {} if args.no_baselines else {"referring": referring_baselines(first)}
     text = report(results, baselines, args)
     print(text)

@@ -213,9 +213,7 @@ def _example_panels(fig, grid, out_dir: str, rows: Sequence[str]):
     patch = run_config(first).model.image.patch_size[0]  # Square patches.
     truth = patch_labels(test["segmentation"][index][None], (patch, patch), 37)[0]
     g = image.shape[0] // patch
-    decoder_row = next((r for r in ("all", "decoder") if r in rows
-                        and os.path.exists(os.path.join(out_dir, f"{r}_0", "config.json"))),
-                       None)
+    decoder_row = next((r for r in ("all", "decoder") if r in rows), None)
     opened: dict[str, Example] = {}  # One Example per run (the decoder row may be "all").
 
     def open_run(row: str) -> Example:
@@ -241,10 +239,8 @@ def _example_panels(fig, grid, out_dir: str, rows: Sequence[str]):
     ax.imshow(_label_colours(truth.reshape(g, g)))
     ax.set_title("truth (patch majority)", fontsize=6)
     ax.set_axis_off()
-    for k, row in enumerate(r for r in ("sigmoid", "all") if r in rows):
-        workdir = os.path.join(out_dir, f"{row}_0")
-        if not os.path.exists(os.path.join(workdir, "config.json")):
-            continue
+    other = next((r for r in ("all", "ssl", "decoder") if r in rows), None)
+    for k, row in enumerate(r for r in ("sigmoid", other) if r in rows):
         run = open_run(row)
         ax = fig.add_subplot(grid[2, 3 + k])
         ax.imshow(_label_colours(run.segmentation(image)))

@@ -55,7 +55,7 @@ def test_table_baselines_and_figure_from_kept_runs(siglip2_run, tmp_path):
         np.mean(ious), rel=1e-5)
     table = (out / "table.md").read_text()
     assert "| sigmoid | 1 |" in table and "| random | 1 |" in table
-    assert "referring acc@0.5 vs the best trivial predictor" in table
+    assert "all: referring acc@0.5 vs the largest object's box" in table
     png = (out / "ablation.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 

@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                         os.path.join(workdir, "metrics.jsonl")) else {}):
                 print(f"seed {seed} of {row}: no finished run in {workdir}; skipped")
                 continue
-            print(f"[{time.strftime('%H:%M:%S')}] seed {seed}: training {row} ...", flush=True)
+            print(f"[{time.strftime('%H:%M:%S')}] seed {seed}: {row} ...", flush=True)
             metrics = train(row, seed, args, workdir)
             results[row].append(metrics)
             wall = metrics.get("wall_s", math.nan)  # Absent for a reused run.

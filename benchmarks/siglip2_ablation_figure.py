@@ -76,13 +76,14 @@ class Example:
                                            model_config=opened.model)
         self.patch = run.model.image.patch_size[0]  # Square patches.
 
-    def _batch(self, examples: list[dict], pp: str) -> dict[str, np.ndarray]:
-        """The examples through `pp`, repeated to a multiple of the device count."""
+    def _batch(self, examples: list[dict], pp: str, vocab) -> dict[str, np.ndarray]:
+        """The examples through `pp` (its locca_task following the decoder's vocabulary
+        `vocab`), repeated to a multiple of the device count."""
         import tensorflow as tf
 
         from siglip_jax.data.pp import get_preprocess_fn
 
-        fn = get_preprocess_fn(pp, tokenizer=self.tokenizer)
+        fn = get_preprocess_fn(pp, tokenizer=self.tokenizer, decoder_vocab=vocab)
         rows = [{k: np.asarray(v) for k, v in fn({k: tf.constant(v) for k, v in e.items()}
                                                   ).items()} for e in examples]
         devices = self.mesh.devices.size
@@ -97,7 +98,7 @@ class Example:
 
         evaluator = self.evaluators[name]
         spec = next(s for s in self.run.evals if s.name == name)
-        local = self._batch(examples, spec.pp)
+        local = self._batch(examples, spec.pp, evaluator.vocab)
         keys = [k for k in local if k in ("image", "dec_tokens", "dec_target_mask", "dec_box")]
         batch = make_global_batch({k: local[k] for k in keys}, self.mesh,
                                   self.run.mesh.batch_axes)

@@ -4,21 +4,23 @@ masked prediction, on the multi-object shapes data, in minutes on 2 cores.
     python -m siglip_jax.train --config configs/demo_siglip2.py --workdir /tmp/siglip2_demo
     python -m siglip_jax.train --config configs/demo_siglip2.py:objectives=decoder --workdir …
 
-Data: 9 000 generated 64×64 images with 2–4 coloured shapes each (docs/demo_objects.md):
-a caption naming every shape, the main (largest) shape's class as the zero-shot label, a box
-and a phrase per shape, a per-pixel segmentation map. Model: ViT patch 8 (8×8 tokens), width
-64, depth 3, average pooling; text width 64, depth 2, 18 tokens; 64-d embeddings; ring
-sigmoid loss over 8 emulated CPU devices, batch 128, AdamW (β2 0.95), cosine with 5 % warmup.
+Data: 9 000 generated 64×64 images with 2–4 coloured shapes each (docs/siglip2_training.md,
+"Multi-object demo data"): a caption naming every shape, the main (largest) shape's class as
+the zero-shot label, a box and a phrase per shape, a per-pixel segmentation map. Model: ViT
+patch 8 (8×8 tokens), width 64, depth 3, average pooling; text width 64, depth 2, 18 tokens;
+64-d embeddings; ring sigmoid loss over 8 emulated CPU devices, batch 128, AdamW (β2 0.95),
+cosine with 5 % warmup.
 
 Argument `objectives=` picks the row of the ablation (benchmarks/siglip2_ablation.py):
   sigmoid   the sigmoid loss only;
   decoder   + a 2-layer LocCa decoder (width 64) trained on all three tasks of every image:
             captioning, referring expressions (phrase → box as 4 location tokens, 32 bins)
             and grounded captioning (box → phrase), half of the captions predicted in
-            parallel (docs/decoder.md);
-  all       (default) + self-distillation (4 local 32 px crops vs the EMA teacher's full
-            image) and masked prediction (half of the patches masked), switched on for the
-            last 20 % of steps as in SigLIP 2 (docs/self_distillation.md).
+            parallel (docs/siglip2_training.md);
+  all       (default) + self-distillation (4 local 32 px crops vs the EMA teacher's
+            global view, both colour-augmented as DINO's) and masked prediction (half of
+            the global view's patches masked), switched on for the last 20 % of steps as in
+            SigLIP 2 (docs/siglip2_training.md "Augmented views").
 Each row's default `steps` fills about five minutes on a 2-core machine; `time_budget_s`
 stops a slower machine in time. `steps=N` overrides; `eval_every=N` runs the evaluators
 every N steps (default: only at the end).
@@ -74,9 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if decoder:
         pp.append(task_op)
         keep += ["dec_tokens", "dec_target_mask", "dec_parallel"]
-    if selfsup:
-        pp.append(crops_op)
-        keep.append("local_views")
+    if selfsup:  # The teacher's and masked student's view, the local views (SigLIP 2 §2.3).
+        pp += ["global_view", crops_op]
+        keep += ["global_view", "local_views"]
     pp.append(f'tokenize(max_len={TEXT_LEN}, eos="sticky", inkey="texts", outkey="labels")')
     pp.append("keep(" + ", ".join(f'"{k}"' for k in keep) + ")")
 

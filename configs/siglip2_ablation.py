@@ -81,9 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if decoder:
         pp.append(task_op)
         keep += ["dec_tokens", "dec_target_mask", "dec_parallel"]
-    if selfsup:
-        pp.append(f"local_crops({LOCAL_CROPS}, {LOCAL_SIZE})")
-        keep.append("local_views")
+    if selfsup:  # The teacher's and masked student's view, the local views (SigLIP 2 §2.3).
+        pp += ["global_view", f"local_crops({LOCAL_CROPS}, {LOCAL_SIZE})"]
+        keep += ["global_view", "local_views"]
     pp.append(f'tokenize(max_len={TEXT_LEN}, eos="sticky", inkey="texts", outkey="labels")')
     pp.append("keep(" + ", ".join(f'"{k}"' for k in keep) + ")")
 

@@ -11,18 +11,18 @@ Launch (plan it first, then train):
 The FixRes SigLIP 2 recipe (configs/siglip2_b16_256.py: ring sigmoid loss, batch 32k, Adam
 β2 0.95, lr 1e-3, wd 1e-4, cosine with 20k warmup, Gemma tokenizer) with, as in SigLIP 2
 (arXiv:2502.14786 §2.2–2.3):
-  * a LocCa decoder (docs/decoder.md) on the un-pooled image tokens: text-tower width and
+  * a LocCa decoder (docs/siglip2_training.md) on the un-pooled image tokens: text-tower width and
     heads, half its depth, 64 tokens, loss weight 1; all three tasks for every image:
-    captioning, referring expressions and grounded captioning (docs/decoder_tasks.md).
+    captioning, referring expressions and grounded captioning (docs/siglip2_training.md).
     Referring and grounded captioning need region boxes and phrases in the data ("boxes",
     "box_texts", "num_boxes"; LocCa takes them from an open-vocabulary detector run over
     WebLI); examples without boxes train captioning only;
   * self-distillation (8 local 96 px views vs an EMA teacher's full image) and masked
     prediction (half of the patches), weights 1 and 0.25 times 0.25 for B, switched on for
-    the last 20 % of steps (docs/self_distillation.md).
+    the last 20 % of steps (docs/siglip2_training.md).
 Parameters and optimizer state are sharded over 16 chips (`fsdp=16`; the decoder's 256k
 embedding and output layer alone hold 393 M parameters). The decoder loss runs over blocks of
-8192 vocabulary columns (`vocab_chunk`, docs/decoder.md "The chunked loss"): the float32
+8192 vocabulary columns (`vocab_chunk`, docs/siglip2_training.md "The chunked loss"): the float32
 [3·B, 64, 256k] logits are never materialised. Compiled per chip at batch 32k (TPU compiler,
 libtpu 0.0.52; args / temporaries / total):
 

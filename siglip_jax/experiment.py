@@ -140,7 +140,8 @@ def naflex_budget(run: RunConfig) -> tuple[int, int] | None:
 def input_shapes(run: RunConfig, batch: int | None = None) -> BatchShapes | None:
     """The global batch's shapes without reading data: images [B, H, W, 3] (or the NaFlex dict
     {"patches" [B, N, p·p·3], "mask" [B, N], "spatial_shapes" [B, 2]}) and token ids
-    [B, max_len], plus the entries the extra objectives read (siglip_jax.objectives); None when
+    [B, max_len], plus the entries the extra objectives read (siglip_jax.objectives; augmented
+    views such as "global_view" have the image's shape); None when
     the pp does not say the image size."""
     batch = run.input.global_batch if batch is None else batch
     budget = naflex_budget(run)
@@ -155,6 +156,7 @@ def input_shapes(run: RunConfig, batch: int | None = None) -> BatchShapes | None
         image = (batch, *image_hw, 3)
     shapes: BatchShapes = {"image": image, "labels": (batch, run.tokenizer.max_len)}
     shapes.update({k: shape for k, (shape, _) in objectives.batch_shapes(run, batch).items()})
+    shapes.update({k: image for k in objectives.image_views(run)})  # e.g. "global_view".
     return shapes
 
 

@@ -124,7 +124,7 @@ class Plan:
     params: dict[str, int] = dataclasses.field(default_factory=dict)
     image_hw: tuple[int, int] | None = None
     image_tokens: int | None = None  # NaFlex: the patch budget N.
-    example_bytes: int = 0  # One preprocessed example (image + token ids).
+    example_bytes: int = 0  # One preprocessed example (image, token ids, objectives' entries).
     text_len: int | None = None
     global_batch: int = 0
     accum: int = 1
@@ -221,7 +221,9 @@ def _step_parts(run: RunConfig, plan: Plan) -> StepParts | None:
     plan.image_tokens = image["mask"][1] if isinstance(image, dict) else None
     plan.example_bytes = 4 * plan.text_len + (
         4 * math.prod(image["patches"][1:]) + image["mask"][1] + 8 if isinstance(image, dict)
-        else 4 * math.prod(image[1:]))
+        else 4 * math.prod(image[1:])) + sum(  # + the objectives' entries (≤ 4 bytes a value):
+        4 * math.prod(v[1:]) for k, v in shapes.items()  # views, decoder tokens.
+        if k not in ("image", "labels") and not isinstance(v, dict))
     mesh = AbstractMesh(tuple(plan.mesh.values()), tuple(plan.mesh))
     try:
         parts = build_step(run, mesh, shapes)

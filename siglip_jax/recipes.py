@@ -316,7 +316,7 @@ def siglip2_naflex_finetune_config(arg: str | None) -> ml_collections.ConfigDict
 
 
 # SigLIP 2 §2.3: the self-distillation and masked-prediction weights (1 and 0.25) are scaled
-# per model size to balance global and dense quality (docs/self_distillation.md). Keyed by
+# per model size to balance global and dense quality (docs/siglip2_training.md). Keyed by
 # the image variant's size as `variants` names it (SigLIP 2's giant is "g-opt").
 SELFSUP_SIZE_FACTOR = {"B": 0.25, "L": 0.5, "So400m": 1.0, "g-opt": 0.5}
 FULL_DEFAULTS: dict[str, Any] = dict(
@@ -329,7 +329,7 @@ ARG_DOCS.update({
     "local_crops": "local views per image for self-distillation (default 8)",
     "local_size": "side of the local views in pixels, a multiple of the patch (default 96)",
     "vocab_chunk": "decoder loss over vocabulary blocks of this many columns (default 8192; "
-                   "0: full [L, V] float32 logits, docs/decoder.md)",
+                   "0: full [L, V] float32 logits, docs/siglip2_training.md)",
 })
 
 
@@ -356,8 +356,8 @@ def siglip2_full_config(image_variant: str, res: int, arg: str | None
         factor = SELFSUP_SIZE_FACTOR[image_variant.partition("/")[0]]
         c.loss.self_distillation = dict(weight=1.0 * factor, n_local=n, local_size=size)
         c.loss.masked_prediction = dict(weight=0.25 * factor, mask_ratio=0.5)
-        ops.append(f"local_crops({n}, {size})")
-        keep.append("local_views")
+        ops += ["global_view", f"local_crops({n}, {size})"]  # §2.3: augmented views
+        keep += ["global_view", "local_views"]  # for the teacher and the students.
     text = text_pp().replace('eos="sticky", ', 'convention="siglip2", ')
     c.input.pp = "|".join([*ops, text, "keep(" + ", ".join(f'"{k}"' for k in keep) + ")"])
     return c

@@ -35,7 +35,8 @@ MODEL = dict(
     text=dict(vocab_size=32, width=32, depth=1, mlp_dim=64, num_heads=2, pool_type="last"),
     out_dim=16)
 TINY = Model(**MODEL)
-HEAD = dict(head_hidden=24, head_bottleneck=8, head_layers=3, prototypes=K, **TEMPS)
+HEAD = dict(head_hidden=24, head_bottleneck=8, head_layers=3, prototypes=K, **TEMPS,
+            global_key="image")  # The teacher sees batch["image"] (tests/test_views.py: the view).
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -33,7 +33,8 @@ MODEL = dict(
     text=dict(vocab_size=32, width=32, depth=1, mlp_dim=64, num_heads=2, pool_type="last"),
     out_dim=16)
 SHAPES = {"image": (16, 16, 16, 3), "labels": (16, 6)}
-HEAD = dict(head_hidden=24, head_bottleneck=8, head_layers=3, prototypes=12)
+HEAD = dict(head_hidden=24, head_bottleneck=8, head_layers=3, prototypes=12,
+            global_key="image")  # The teacher sees batch["image"] (tests/test_views.py: the view).
 
 
 def _objectives(start=0, ema=0.9, centering="sinkhorn"):
@@ -377,8 +378,9 @@ def test_local_crops_op_shapes_and_determinism():
     other = fn({**ex, "_seed": np.array([7, 2], np.int64)})["local_views"].numpy()
     assert np.abs(other - a).max() > 0.1
     assert np.abs(a[0] - a[1]).max() > 0.1  # The crops of one example differ.
-    # A crop of a constant image is that constant.
-    flat = fn({"image": np.full((32, 32, 3), 255, np.uint8), "_seed": ex["_seed"]})
+    # A crop of a constant image is that constant (without the colour ops).
+    plain = pp.get_preprocess_fn("value_range(-1, 1)|local_crops(3, 8, color=False)")
+    flat = plain({"image": np.full((32, 32, 3), 255, np.uint8), "_seed": ex["_seed"]})
     np.testing.assert_allclose(flat["local_views"].numpy(), 1.0, atol=1e-5)
     with pytest.raises(pp.PPError, match="scale"):
         pp.get_preprocess_fn("local_crops(2, 8, scale=(0.5, 0.2))")

@@ -1,7 +1,7 @@
 """The shell examples of README.md and docs/*.md run as written, so they cannot drift.
 
 A fenced shell block (```sh, ```bash or ```console) is marked by an HTML comment on the line
-right before its opening fence (the format is in docs/testing.md):
+right before its opening fence (the format is in docs/contributing.md):
 
     <!-- test: run -->                             run the block as written
     <!-- test: run; with A -> B; with C -> D -->   run it with text A replaced by B, C by D
@@ -37,6 +37,9 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The documentation's pages, in the README's order (test_docs_table_lists_every_page).
+DOC_PAGES = ("python_api", "configs", "training", "data", "tpu", "checkpoints", "evaluation",
+             "siglip2_models", "siglip2_training", "benchmarks", "architecture", "contributing")
 DOC_FILES = ["README.md"] + sorted(
     os.path.join("docs", f) for f in os.listdir(os.path.join(REPO, "docs")) if f.endswith(".md"))
 SHELL_LANGS = ("sh", "bash", "console", "shell")
@@ -160,14 +163,91 @@ def test_replacements_apply_to_the_block():
 
 def test_ci_runs_the_readme_test_command():
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
-    command = re.search(r'^pip install -e "\.\[test,parity\]" && (python -m pytest .*)$', readme,
-                        re.M)
+    command = re.search(r'^pip install -e "\.\[test(?:,parity)?\]" && (python -m pytest .*)$',
+                        readme, re.M)
     assert command, "README: the test command line is missing"
     ci = open(os.path.join(REPO, ".ci", "run"), encoding="utf-8").read().split("\n")
     assert command.group(1) in ci, ".ci/run must run the README's pytest command as is"
     assert any(re.search(r'pip install .*-e "\.\[test,parity\]"', line) for line in ci)
     assert any(re.search(r"^export PYTEST_ADDOPTS=.*--durations=20", line) for line in ci), (
         ".ci/run must print the 20 slowest tests")
+
+
+def _read(path: str) -> str:
+    with open(os.path.join(REPO, path), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_docs_folder_holds_exactly_the_documented_pages():
+    assert sorted(DOC_FILES[1:]) == sorted(f"docs/{name}.md" for name in DOC_PAGES)
+
+
+def test_docs_table_lists_every_page():
+    readme = _read("README.md")
+    table = readme[readme.index("## Documentation"):]
+    table = table[:table.index("\n## ")]
+    linked = re.findall(r"^\| \[[^]]+\]\(docs/([a-z0-9_]+)\.md\) \|", table, re.M)
+    assert tuple(linked) == DOC_PAGES, "README's docs table must list every page of docs/, once"
+
+
+def test_readme_suite_size_and_time_are_contributings():
+    """The README's test count and suite time are the measured ones docs/contributing.md gives
+    (the CI run of the last landing), so the two cannot drift apart."""
+    measured = re.search(r"\*\*(\d+) passed, (\d+) deselected in (\d+) s\*\* \((\d+) min (\d+) s",
+                         _read("docs/contributing.md"))
+    assert measured, ("docs/contributing.md: the measured '**N passed, M deselected in S s** "
+                      "(m min s s' is missing")
+    passed, seconds = int(measured.group(1)), int(measured.group(3))
+    assert seconds == 60 * int(measured.group(4)) + int(measured.group(5))
+    readme = re.search(r"(\d+) min (\d+) s \((\d+) tests", _read("README.md"))
+    assert readme, "README: the suite time 'm min s s (N tests' is missing"
+    assert int(readme.group(3)) == passed
+    assert 60 * int(readme.group(1)) + int(readme.group(2)) == seconds
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower-case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"\[([^]]*)\]\([^)]*\)", r"\1", heading).lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(text: str) -> set[str]:
+    anchors, seen, fenced = set(), {}, False
+    for line in text.split("\n"):
+        if re.match(r"^```\w*\s*$", line):
+            fenced = not fenced
+        heading = None if fenced else re.match(r"^#+ (.*)$", line)
+        if heading:
+            slug = _slug(heading.group(1).strip())
+            anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+            seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def _links(text: str) -> list[str]:
+    """Targets of the markdown links outside code fences and code spans."""
+    targets, fenced = [], False
+    for line in text.split("\n"):
+        if re.match(r"^```\w*\s*$", line):
+            fenced = not fenced
+        if not fenced:
+            targets += re.findall(r"\]\(([^)\s]+)\)", re.sub(r"`[^`]*`", "", line))
+    return targets
+
+
+def test_every_relative_link_and_anchor_resolves():
+    broken = []
+    for path in DOC_FILES:
+        for target in _links(_read(path)):
+            if re.match(r"^[a-z]+:", target):
+                continue  # http(s), mailto: not checked here.
+            file, _, anchor = target.partition("#")
+            resolved = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+            if not os.path.exists(os.path.join(REPO, resolved)):
+                broken.append(f"{path}: {target} (no file {resolved})")
+            elif anchor and resolved.endswith(".md") and anchor not in _anchors(_read(resolved)):
+                broken.append(f"{path}: {target} (no heading #{anchor} in {resolved})")
+    assert not broken, "broken links:\n" + "\n".join(broken)
 
 
 def test_parse_marker_rejects_bad_markers():

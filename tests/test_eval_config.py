@@ -42,17 +42,17 @@ def _rows(text, header):
 
 def test_evaluation_doc_table_is_the_options_records():
     documented = {}
-    for kind, key, default in _rows(_doc("evaluation.md"), "| type | key | default |"):
+    for kind, key, default in _rows(_doc("configs.md"), "| type | key | default |"):
         documented.setdefault(kind.strip("`"), {})[key.strip("`")] = _default(default)
     assert documented == {kind: option_defaults(kind) for kind in OPTIONS}
 
 
 def test_dense_probe_and_decoder_docs_agree_with_the_records():
     dense = {key.strip("`"): _default(default)
-             for key, default, _ in _rows(_doc("dense_probe.md"), "| key | default | meaning |")}
+             for key, default, _ in _rows(_doc("evaluation.md"), "| key | default | meaning |")}
     assert dense == option_defaults("dense_probe")
     decoder = {(key.strip("`"), types): _default(default)
-               for key, types, default, _ in _rows(_doc("decoder_tasks.md"),
+               for key, types, default, _ in _rows(_doc("evaluation.md"),
                                                          "| key | types | default | meaning |")}
     assert decoder == {("parallel", "all three"): option_defaults("captioning")["parallel"],
                        ("constrain_boxes", "`referring`"):
@@ -114,5 +114,5 @@ def test_the_schema_and_evaluator_options_load_without_tensorflow():
 
 
 def test_the_evaluator_doc_names_no_removed_schema_names():
-    for name in ("evaluation.md", "dense_probe.md", "decoder_tasks.md"):
+    for name in ("configs.md", "evaluation.md"):
         assert not re.search(r"EVAL_TYPE_KEYS|check_options", _doc(name)), name

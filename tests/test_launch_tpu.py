@@ -586,9 +586,9 @@ def test_run_aborts_when_the_planner_fails(tmp_path):
 
 
 def test_docs_examples_are_the_real_dry_run_output(tmp_path):
-    """Every `$ launch/tpu.sh ... --dry-run` in docs/tpu_pods.md prints exactly what follows it
+    """Every `$ launch/tpu.sh ... --dry-run` in docs/tpu.md prints exactly what follows it
     (tests/test_docs.py runs them in the real repository; here the setup example too)."""
-    doc = (REPO / "docs" / "tpu_pods.md").read_text()
+    doc = (REPO / "docs" / "tpu.md").read_text()
     root = make_repo(tmp_path, plan="")  # A planner exists: dry runs of `run` print its line.
     (root / "configs" / "demo.py").write_text("")
     env = {"SIGLIP_TPU_PROJECT": "my-project", "SIGLIP_TPU_ZONE": "us-central2-b",

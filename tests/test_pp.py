@@ -352,7 +352,7 @@ def test_registry_is_exactly_what_the_op_modules_registered():
     assert set(OPS) == {
         "decode", "resize", "resize_small", "central_crop", "random_crop", "inception_crop",
         "flip_lr", "value_range", "normalize", "resize_to_patches", "patchify", "tokenize",
-        "lower", "choice", "keep", "copy", "locca_task", "local_crops"}
+        "lower", "choice", "keep", "copy", "locca_task", "local_crops", "global_view"}
 
 
 def test_op_table_refuses_late_and_duplicate_registrations():

@@ -108,7 +108,8 @@ def test_large_models_shard_params_and_optimizer_state():
         c = load_config(_spec(name, DATA))
         rules = [tuple(r) for r in c.sharding_rules]
         # Everything FSDP but the small MAP head and token embedding (kept whole: sharded,
-        # they made the TPU compiler run them on the global batch, docs/tpu_compile.md).
+        # they made the TPU compiler run them on the global batch; docs/contributing.md, "The
+        # FSDP recipes did not fit").
         assert rules == [("img/MAPHead_0/.*", "replicate"), ("txt/Embed_0/.*", "replicate"),
                          (".*", "fsdp")]
         p = planner.make_plan(c, planner.parse_topology(INTENDED[name][1]))

@@ -285,12 +285,13 @@ def test_bad_naflex_inputs_are_one_line_errors():
 
 
 def test_docs_loading_recipe_runs_and_matches_pytorch(naflex_dir, tmp_path):
-    """docs/siglip2.md's NaFlex recipe, run as written on a random-weight transformers dir."""
+    """docs/siglip2_models.md's NaFlex recipe, run as written on a random-weight transformers
+    dir (its tokenizer, which the directory lacks, replaced by fixed ids)."""
     import pathlib
     import re
 
     path, torch_model = naflex_dir
-    doc = (pathlib.Path(__file__).parents[1] / "docs" / "siglip2.md").read_text()
+    doc = (pathlib.Path(__file__).parents[1] / "docs" / "siglip2_models.md").read_text()
     code = re.search(r"<!-- recipe:naflex -->\n```python\n(.*?)```", doc, re.S).group(1)
     rng = np.random.default_rng(4)
     for name, hw in (("cat.png", (40, 36)), ("panorama.png", (20, 90))):
@@ -300,8 +301,16 @@ def test_docs_loading_recipe_runs_and_matches_pytorch(naflex_dir, tmp_path):
     code = code.replace('"panorama.png"', repr(str(tmp_path / "panorama.png")))
     ids = rng.integers(3, 300, (2, 10)).astype(np.int32)
     ids[:, -3:] = 1
-    scope = {"tokenize": lambda texts: ids[: len(texts)]}
-    exec(compile(code, "docs/siglip2.md", "exec"), scope)
+    assert 'Tokenizer(info["tokenizer"])' in code
+    code = code.replace('Tokenizer(info["tokenizer"])', "FixedIds()")
+
+    class FixedIds:
+        def encode_as(self, texts, convention):
+            assert convention == "siglip2"
+            return ids[: len(texts)]
+
+    scope = {"FixedIds": FixedIds}
+    exec(compile(code, "docs/siglip2_models.md", "exec"), scope)
     feats = scope["feats"]
     assert [tuple(s) for s in feats["spatial_shapes"]] != [(4, 4), (4, 4)]  # Not square.
     _, _, logits_ref = _hf_naflex(torch_model, feats, ids.astype(np.int64))

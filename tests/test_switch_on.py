@@ -33,7 +33,8 @@ MODEL = dict(
     text=dict(vocab_size=32, width=32, depth=1, mlp_dim=64, num_heads=2, pool_type="last"),
     out_dim=16)
 SHAPES = {"image": (8, 16, 16, 3), "labels": (8, 6)}
-HEAD = dict(head_hidden=24, head_bottleneck=8, head_layers=3, prototypes=12)
+HEAD = dict(head_hidden=24, head_bottleneck=8, head_layers=3, prototypes=12,
+            global_key="image")  # The teacher sees batch["image"] (tests/test_views.py: the view).
 START, WD, SEED = 6, 0.6, 3
 HEADS = ("distill_head", "masked_head", "mask_token")
 

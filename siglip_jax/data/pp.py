@@ -16,13 +16,13 @@ takes another). Each factory's docstring documents its op. NaFlex (SigLIP 2) ima
 ``resize_to_patches(16, 256)|value_range(-1, 1)|patchify(16, 256)`` turns ``image`` into
 ``{"patches", "mask", "spatial_shapes"}`` of fixed shapes (ops_naflex.py).
 
-Randomness: ``random_crop``, ``inception_crop``, ``flip_lr``, ``choice``, ``locca_task`` and
-``local_crops`` use stateless TF random ops. Their seed is the example's ``"_seed"`` entry
-(int64 [2], e.g. added by ``registry.add_example_seeds``) folded with the op's position in
-the pipe, so a given example and seed always get the same crop/flip/caption, eagerly and in
-tf.data, whatever the parallelism. Without ``"_seed"`` a seed is drawn from TF's stateful RNG
-(reproducible only via ``tf.random.set_seed`` and a deterministic pipeline). ``"_seed"`` is
-removed from the output.
+Randomness: ``random_crop``, ``inception_crop``, ``flip_lr``, ``choice``, ``locca_task``,
+``global_view`` and ``local_crops`` use stateless TF random ops. Their seed is the
+example's ``"_seed"`` entry (int64 [2], e.g. added by ``registry.add_example_seeds``)
+folded with the op's position in the pipe, so a given example and seed always get the same
+crop/flip/caption, eagerly and in tf.data, whatever the parallelism. Without ``"_seed"`` a
+seed is drawn from TF's stateful RNG (reproducible only via ``tf.random.set_seed`` and a
+deterministic pipeline). ``"_seed"`` is removed from the output.
 """
 
 from __future__ import annotations

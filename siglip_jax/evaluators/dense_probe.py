@@ -54,7 +54,7 @@ LABEL_SETS: dict[str, int | None] = {  # name -> number of labels (None: num_cla
 @dataclasses.dataclass(frozen=True)
 class DenseProbeOptions:
     """The `dense_probe` type's own keys of an `evals.<name>` section, with their defaults
-    (docs/dense_probe.md explains each); a bad value is a ConfigError naming the key."""
+    (docs/evaluation.md explains each); a bad value is a ConfigError naming the key."""
 
     label_set: str = "class"  # "class" | "shape" | "colour" (demo maps) | "raw"
     num_classes: int = 0  # The number of labels with label_set "raw".

@@ -81,7 +81,7 @@ def siglip2_table() -> list[dict[str, object]]:
 
 
 def siglip2_markdown_table(rows: list[dict[str, object]]) -> str:
-    """Renders siglip2_table() rows as Markdown (docs/siglip2.md)."""
+    """Renders siglip2_table() rows as Markdown (docs/siglip2_models.md)."""
     return markdown_table(rows, card_key="card_image_m", card_title="card: vision encoder")
 
 

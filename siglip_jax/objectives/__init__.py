@@ -10,7 +10,9 @@ An objective module (one per key of `MODULES`) provides:
     ValueError naming the bad option (schema.py turns it into a one-line ConfigError);
   * `make(run: TrainRun, options: dict, mesh) -> Objective`;
   * `batch_shapes(run: TrainRun, options: dict, batch: int) -> ShapeSpecs`: the extra batch
-    entries it reads (shapes of the global batch, numpy dtypes).
+    entries it reads (shapes of the global batch, numpy dtypes);
+  * optionally `image_views(options: dict) -> tuple[str, ...]`: extra batch entries of the
+    image's shape and dtype (augmented views, pp op `global_view`).
 
 An `Objective` is called once per (micro-)batch inside the differentiated loss with an
 `ObjectiveInputs` (objectives/base.py, with `TrainRun`: the run config it reads) and
@@ -34,7 +36,7 @@ from siglip_jax.objectives.base import (
 )
 
 __all__ = ["MODULES", "Objective", "ObjectiveInputs", "ShapeSpecs", "TrainRun", "batch_shapes",
-           "check_options", "make"]
+           "check_options", "image_views", "make"]
 
 # Registry: config key -> module. Order is the order the losses are added.
 MODULES: dict[str, ModuleType] = {
@@ -69,3 +71,14 @@ def batch_shapes(run: TrainRun, batch: int) -> ShapeSpecs:
         if name in run.loss.objectives:
             shapes.update(_module(name).batch_shapes(run, dict(run.loss.objectives[name]), batch))
     return shapes
+
+
+def image_views(run: TrainRun) -> tuple[str, ...]:
+    """Batch keys the configured objectives read that have the image's shape (e.g. the
+    augmented "global_view"), without duplicates."""
+    keys: list[str] = []
+    for name in MODULES:
+        views = getattr(_module(name), "image_views", None)
+        if name in run.loss.objectives and views is not None:
+            keys += [k for k in views(dict(run.loss.objectives[name])) if k not in keys]
+    return tuple(keys)

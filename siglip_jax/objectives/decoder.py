@@ -50,7 +50,8 @@ from siglip_jax.objectives.chunked_xent import chunked_cross_entropy
 from siglip_jax.records import ConfigError
 
 # vocab_chunk: 8192 columns of the 256k Gemma vocabulary per block (32 blocks): on v4 at 128
-# images × 3 rows per chip a block's float32 logits are 768 MiB (docs/decoder.md).
+# images × 3 rows per chip a block's float32 logits are 768 MiB (docs/siglip2_training.md,
+# "The chunked loss").
 OPTIONS: dict[str, object] = {"weight": 1.0, "tasks_per_example": 1, "vocab_chunk": 8192}
 _RNG_SALT = 0xDEC
 

@@ -1,10 +1,14 @@
 """Local-to-global self-distillation (SILC, arXiv:2310.13355; SigLIP 2 §2.3): the student's
 image tower sees `n_local` small crops of each image (batch["local_views"] [B, n, s, s, 3]),
-the EMA teacher sees the full image (batch["image"]); both pooled features go through the
+the EMA teacher sees the augmented global view (batch[global_key], default "global_view",
+the image's shape; pp ops `local_crops` and `global_view`, data/ops_views.py; SigLIP 2 §2.3
+applies the additional losses on augmented views, the sigmoid loss keeps batch["image"]);
+both pooled features go through the
 DINO-style head `distill_head` (student) / the teacher's copy of it, and the student's
 prototype distribution of every crop is pulled to the teacher's sharpened (Sinkhorn-Knopp
 centred) one by cross-entropy. Config: `config.loss.self_distillation = dict(...)` with the
-options of `DEFAULTS`; docs/self_distillation.md gives the sources of each default.
+options of `DEFAULTS`; docs/siglip2_training.md ("Options and defaults") gives the sources
+of each default.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ DEFAULTS: dict[str, object] = {
     "student_temp": 0.1,    # DINO.
     "teacher_temp": 0.04,   # DINO.
     "centering": "sinkhorn",  # DINOv2 (stateless); "softmax" = sharpening only.
+    "global_key": selfsup.GLOBAL_VIEW,  # The teacher's view ("image": the sigmoid loss's).
 }
 
 
@@ -52,6 +57,11 @@ def batch_shapes(run: TrainRun, options: Mapping[str, object], batch: int) -> Sh
     opts = check_options(options)
     size = opts["local_size"]
     return {VIEWS_KEY: ((batch, opts["n_local"], size, size, 3), np.float32)}
+
+
+def image_views(options: Mapping[str, object]) -> tuple[str, ...]:
+    """Batch entries of the image's shape this objective reads besides "image"."""
+    return selfsup.image_views(check_options(options))
 
 
 def _head(opts: Mapping[str, object]) -> selfsup.ProjectionHead:
@@ -96,7 +106,8 @@ class SelfDistillation:
         if inputs.teacher is None:
             raise ValueError(f"{NAME}: the train state has no EMA teacher")
         loss = selfsup.switched(inputs.step, self.start, lambda: self.loss(
-            inputs.model, inputs.params, inputs.teacher, inputs.batch["image"],
+            inputs.model, inputs.params, inputs.teacher,
+            selfsup.batch_view(inputs.batch, self.options["global_key"], NAME),
             inputs.batch[VIEWS_KEY]))
         return self.options["weight"] * loss, {f"{NAME}/loss": loss}
 

@@ -1,10 +1,13 @@
 """Masked prediction on patch features (TIPS, arXiv:2410.16512; SigLIP 2 §2.3): the student's
-image tower sees the full image (batch["image"]) with a random `mask_ratio` of its patch
+image tower sees the augmented global view (batch[global_key], default "global_view", made by
+the pp op `global_view`, data/ops_views.py) with a random `mask_ratio` of its patch
 embeddings replaced by the learned `mask_token` [W]; at those positions its tokens, through
 the DINO-style head `masked_head`, are pulled by cross-entropy to the EMA teacher's sharpened
-(Sinkhorn-Knopp centred) prototype distribution of the same patch of the unmasked image.
+(Sinkhorn-Knopp centred) prototype distribution of the same patch of the same, unmasked view
+(SigLIP 2 §2.3: "both the student and the teacher see the same, global view (up to masking
+in the student)"; the sigmoid loss keeps batch["image"]).
 Config: `config.loss.masked_prediction = dict(...)` with the options of `DEFAULTS`;
-docs/self_distillation.md gives the sources of each default.
+docs/siglip2_training.md ("Options and defaults") gives the sources of each default.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ DEFAULTS: dict[str, object] = {
     "student_temp": 0.1,
     "teacher_temp": 0.04,
     "centering": "sinkhorn",
+    "global_key": selfsup.GLOBAL_VIEW,  # The view both see ("image": the sigmoid loss's).
 }
 
 
@@ -48,8 +52,13 @@ def check_options(raw: Mapping[str, object]) -> dict[str, object]:
 
 
 def batch_shapes(run: TrainRun, options: Mapping[str, object], batch: int) -> ShapeSpecs:
-    """No extra batch entries (the student and teacher both read batch["image"])."""
+    """No extra batch entries of their own shape (the view has the image's: `image_views`)."""
     return {}
+
+
+def image_views(options: Mapping[str, object]) -> tuple[str, ...]:
+    """Batch entries of the image's shape this objective reads besides "image"."""
+    return selfsup.image_views(check_options(options))
 
 
 def _head(opts: Mapping[str, object]) -> selfsup.ProjectionHead:
@@ -107,7 +116,7 @@ class MaskedPrediction:
         """(weight · loss from the switch-on step on, else 0; metrics)."""
         if inputs.teacher is None:
             raise ValueError(f"{NAME}: the train state has no EMA teacher")
-        image = inputs.batch["image"]
+        image = selfsup.batch_view(inputs.batch, self.options["global_key"], NAME)
         num = self.num_patches(image.shape[1:3])
         mask, ids = random_mask(jax.random.fold_in(inputs.rng, SALT), image.shape[0], num,
                                 self.options["mask_ratio"])

@@ -26,6 +26,7 @@ from siglip_jax.records import ConfigError
 # ----------------------------------------------------------------------------- options
 
 CENTERINGS = ("sinkhorn", "softmax")
+GLOBAL_VIEW = "global_view"  # The batch key of the augmented global view (pp op global_view).
 # Top-level params the objectives add next to the model's (not part of an exported model).
 HEAD_PARTS = ("distill_head", "masked_head", "mask_token")
 
@@ -58,9 +59,27 @@ def check_options(raw: Mapping[str, object], defaults: Mapping[str, object]
             raise ValueError(f"{key}={out[key]!r}: expected a temperature > 0")
     if "weight" in out and out["weight"] < 0:
         raise ValueError(f"weight={out['weight']!r}: expected a number >= 0")
+    if "global_key" in out and not out["global_key"]:
+        raise ValueError("global_key='': expected a batch key, e.g. 'global_view' or 'image'")
     if "centering" in out and out["centering"] not in CENTERINGS:
         raise ValueError(f"centering={out['centering']!r}: expected one of {CENTERINGS}")
     return out
+
+
+def image_views(options: Mapping[str, object]) -> tuple[str, ...]:
+    """The objective's `global_key` unless it is the sigmoid loss's "image"."""
+    key = str(options["global_key"])
+    return () if key == "image" else (key,)
+
+
+def batch_view(batch: Mapping[str, object], key: str, name: str) -> jax.Array:
+    """batch[key], or ConfigError saying how to produce it."""
+    if key not in batch:
+        raise ConfigError(f"config.loss.{name}.global_key={key!r}: the batch has no {key!r} "
+                          f"(it has {sorted(batch)}); add the pp op `global_view` to "
+                          "input.pp (and keep its key), or set global_key='image' to use the "
+                          "sigmoid loss's image")
+    return batch[key]
 
 
 def vit_image_tower(run: TrainRun, name: str) -> ImageTowerConfig:

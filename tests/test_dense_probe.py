@@ -60,6 +60,7 @@ def test_metrics_from_a_hand_computed_confusion_matrix():
     # IoU: class 0 5/(6+7-5), class 1 3/(6+4-3), class 2 0/1 (predicted only); 3 absent.
     assert metrics["accuracy"] == pytest.approx(8 / 12)
     assert metrics["miou"] == pytest.approx((5 / 8 + 3 / 7 + 0) / 3)
+    assert metrics["miou_fg"] == pytest.approx((3 / 7 + 0) / 2)  # Label 0 left out.
     assert metrics["num_patches"] == 12
 
 
@@ -317,8 +318,8 @@ def test_evaluate_entry_point_runs_the_probe_on_an_npz_checkpoint(tmp_path, tiny
     npz = str(tmp_path / "params.npz")
     save_npz(npz, tiny[1])
     results = evaluate(config, npz, log=lambda *_: None)
-    assert sorted(results) == ["dense/accuracy", "dense/miou", "dense/num_patches",
-                               "dense/num_train_patches"]
+    assert sorted(results) == ["dense/accuracy", "dense/miou", "dense/miou_fg",
+                               "dense/num_patches", "dense/num_train_patches"]
     assert results["dense/num_patches"] == 36 * 64 == results["dense/num_train_patches"]
     direct = _build(config, tiny)[0].run(tiny[1])  # The trainer's hook path, same params.
     assert results["dense/accuracy"] == pytest.approx(direct["accuracy"], abs=1e-6)

@@ -33,6 +33,7 @@ INTENDED = {
     "siglip2_naflex_b16.py": (f"{DATA},init=/tmp,tokenizer=gs://b/gemma.model", "v4-32"),
     "siglip2_full_b16_256.py": (f"{DATA},tokenizer=gs://b/gemma.model", "v4-512"),
     "demo_siglip2.py": ("", "cpu-8"),
+    "siglip2_ablation.py": ("", "cpu-8"),
 }
 # Configs that read a real checkpoint when loaded: planned in tests/test_docs.py instead.
 NEEDS_CHECKPOINT = {"finetune_csv.py"}
@@ -119,7 +120,8 @@ def test_large_models_shard_params_and_optimizer_state():
 
 
 @pytest.mark.parametrize("name", sorted(set(INTENDED) - {"demo.py", "demo_naflex.py",
-                                                         "demo_siglip2.py"}))
+                                                         "demo_siglip2.py",
+                                                         "siglip2_ablation.py"}))
 def test_docstrings_say_how_to_launch_and_what_to_expect(name):
     doc = load_module_doc(CONFIGS / name)
     topology = INTENDED[name][1]

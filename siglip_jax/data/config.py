@@ -10,7 +10,8 @@ dataset name) are checked when data/builder.make_source builds it. `InputConfig`
 Keys by `name`:
   demo_shapes   split, data_dir, image_size, train_per_class, test_per_class, vocab_size,
                 aspect (mixed aspect ratios, for NaFlex), objects (2–4 shapes per image with
-                boxes, phrases and a segmentation map; image_size defaults to 64)
+                boxes, phrases and a segmentation map; image_size defaults to 64), and with
+                objects: num_colours, num_shapes, max_objects, object_scale
   tfds          tfds_name, split (slicing allowed, e.g. "train[:90%]"), data_dir, image_keys,
                 text_key, check_images
   imagefolder   root (split: optional sub-folder of root), check_images
@@ -58,6 +59,10 @@ class DemoShapesData:
     vocab_size: int | None = None
     aspect: bool | None = None
     objects: bool | None = None
+    num_colours: int | None = None
+    num_shapes: int | None = None
+    max_objects: int | None = None
+    object_scale: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +118,8 @@ RECORDS: Mapping[str, type[SourceConfig]] = types.MappingProxyType({
     cls.name: cls for cls in (DemoShapesData, TfdsData, ImageFolderData, CsvData, TarData)})
 SOURCES = tuple(RECORDS)
 _INT_KEYS: Mapping[str, tuple[str, ...]] = types.MappingProxyType({  # positive ints if given
-    "demo_shapes": ("image_size", "train_per_class", "test_per_class", "vocab_size"),
+    "demo_shapes": ("image_size", "train_per_class", "test_per_class", "vocab_size",
+                    "num_colours", "num_shapes", "max_objects"),
     "tar": ("cycle_length",)})
 
 

@@ -157,9 +157,10 @@ def make_split(num_per_class: int, seed: int, size: int = 32,
             **extra}
 
 
-def object_phrase(label: int, radius: float, size: int) -> str:
-    """The referring phrase of one shape: "{small|large} {colour} {shape}"."""
-    word = "large" if radius >= LARGE_RADIUS * size else "small"
+def object_phrase(label: int, radius: float, size: int, scale: float = 1.0) -> str:
+    """The referring phrase of one shape: "{small|large} {colour} {shape}" ("large" from a
+    radius of LARGE_RADIUS · scale · size)."""
+    word = "large" if radius >= LARGE_RADIUS * scale * size else "small"
     return f"{word} {list(COLOURS)[label // len(SHAPES)]} {SHAPES[label % len(SHAPES)]}"
 
 
@@ -169,12 +170,13 @@ def object_caption(phrases: Sequence[str], template: int) -> str:
     return OBJECT_CAPTION_TEMPLATES[template].format(main=phrases[0], rest=rest)
 
 
-def _layout(rng: np.random.Generator, size: int, count: int
+def _layout(rng: np.random.Generator, size: int, count: int, scale: float = 1.0
             ) -> tuple[np.ndarray, np.ndarray]:
     """Centres [count, 2] (y, x) and radii [count] (main first and largest) of shapes whose
-    ±EXTENT·r boxes lie inside the image and are at least one pixel apart."""
+    ±EXTENT·r boxes lie inside the image and are at least one pixel apart; `scale`
+    multiplies the radius ranges."""
     for attempt in range(200):
-        shrink = 0.98 ** attempt
+        shrink = 0.98 ** attempt * scale
         main = rng.uniform(*MAIN_RADIUS) * size * shrink
         radii = np.concatenate([[main], rng.uniform(OTHER_RADIUS_MIN * size * shrink,
                                                     main / MAIN_RATIO, count - 1)])
@@ -194,19 +196,19 @@ def _layout(rng: np.random.Generator, size: int, count: int
     raise RuntimeError(f"could not place {count} shapes in {size}×{size} pixels")
 
 
-def draw_objects(rng: np.random.Generator, labels: Sequence[int], size: int
-                 ) -> dict[str, np.ndarray]:
+def draw_objects(rng: np.random.Generator, labels: Sequence[int], size: int,
+                 scale: float = 1.0) -> dict[str, np.ndarray]:
     """Draws shapes of the given classes (labels[0] the main, largest one) on one image.
 
     Returns "image" uint8 [size, size, 3], "segmentation" uint8 [size, size] (0 background,
     1 + class), "boxes" float32 [n, 4] (ymin, xmin, ymax, xmax in [0, 1], the tight box of
     the shape's pixels) and "radii" [n]. Layouts where the main shape does not cover strictly
-    the most pixels are redrawn.
+    the most pixels are redrawn. `scale` multiplies the radii (1: the default sizes).
     """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     palette = np.array(list(COLOURS.values()), np.float32)
     while True:
-        centres, radii = _layout(rng, size, len(labels))
+        centres, radii = _layout(rng, size, len(labels), scale)
         segmentation = np.zeros((size, size), np.uint8)
         for label, (cy, cx), r in zip(labels, centres, radii, strict=True):
             mask = shape_masks(yy - cy, xx - cx, r)[label % len(SHAPES)]
@@ -228,18 +230,32 @@ def draw_objects(rng: np.random.Generator, labels: Sequence[int], size: int
             "segmentation": segmentation, "boxes": boxes, "radii": radii}
 
 
-def make_objects_split(num_per_class: int, seed: int, size: int = OBJECTS_IMAGE_SIZE
-                       ) -> dict[str, np.ndarray]:
+def used_classes(num_colours: int | None = None, num_shapes: int | None = None) -> np.ndarray:
+    """The labels (colour · 6 + shape) of the first `num_colours` COLOURS × the first
+    `num_shapes` SHAPES (None: all), ascending."""
+    nc, ns = num_colours or len(COLOURS), num_shapes or len(SHAPES)
+    if not (1 <= nc <= len(COLOURS) and 1 <= ns <= len(SHAPES)):
+        raise ValueError(f"num_colours={num_colours}, num_shapes={num_shapes}; expected "
+                         f"1..{len(COLOURS)} and 1..{len(SHAPES)}")
+    return np.array([c * len(SHAPES) + s for c in range(nc) for s in range(ns)])
+
+
+def make_objects_split(num_per_class: int, seed: int, size: int = OBJECTS_IMAGE_SIZE,
+                       classes: Sequence[int] | None = None, max_objects: int = MAX_OBJECTS,
+                       scale: float = 1.0) -> dict[str, np.ndarray]:
     """A split of multi-object images, balanced over the main object's class.
 
-    Each image has 2–MAX_OBJECTS shapes of distinct classes; the main one (the "label") is
-    drawn largest. Fields: image, label, texts (caption), boxes [MAX_OBJECTS, 4], box_texts
-    [MAX_OBJECTS] ("" padding), box_labels [MAX_OBJECTS] (-1 padding), num_boxes,
-    segmentation [size, size].
+    Each image has 2–max_objects shapes of distinct classes among `classes` (default all
+    36); the main one (the "label") is drawn largest; `scale` multiplies the radii. Fields:
+    image, label, texts (caption), boxes [MAX_OBJECTS, 4], box_texts [MAX_OBJECTS] (""
+    padding), box_labels [MAX_OBJECTS] (-1 padding), num_boxes, segmentation [size, size].
     """
     rng = np.random.default_rng(seed)
-    num_classes = len(COLOURS) * len(SHAPES)
-    mains = rng.permutation(np.repeat(np.arange(num_classes), num_per_class))
+    classes = np.arange(len(COLOURS) * len(SHAPES)) if classes is None else np.asarray(classes)
+    if not 2 <= max_objects <= min(MAX_OBJECTS, len(classes)):
+        raise ValueError(f"max_objects={max_objects}; expected 2..{MAX_OBJECTS} and at most "
+                         f"the {len(classes)} classes")
+    mains = rng.permutation(np.repeat(classes, num_per_class))
     n = len(mains)
     out = {"image": np.zeros((n, size, size, 3), np.uint8),
            "segmentation": np.zeros((n, size, size), np.uint8),
@@ -249,12 +265,12 @@ def make_objects_split(num_per_class: int, seed: int, size: int = OBJECTS_IMAGE_
     box_texts = np.full((n, MAX_OBJECTS), "", dtype=object)
     captions = []
     for i, main in enumerate(mains):
-        count = int(rng.integers(2, MAX_OBJECTS + 1))
-        others = rng.choice(np.delete(np.arange(num_classes), main), count - 1, replace=False)
+        count = int(rng.integers(2, max_objects + 1))
+        others = rng.choice(classes[classes != main], count - 1, replace=False)
         labels = [int(main), *(int(o) for o in others)]
-        drawn = draw_objects(rng, labels, size)
-        phrases = [object_phrase(c, r, size) for c, r in zip(labels, drawn["radii"],
-                                                               strict=True)]
+        drawn = draw_objects(rng, labels, size, scale)
+        phrases = [object_phrase(c, r, size, scale) for c, r in zip(labels, drawn["radii"],
+                                                                      strict=True)]
         captions.append(object_caption(phrases, int(rng.integers(len(OBJECT_CAPTION_TEMPLATES)))))
         out["image"][i], out["segmentation"][i] = drawn["image"], drawn["segmentation"]
         out["boxes"][i, :count], out["box_labels"][i, :count] = drawn["boxes"], labels
@@ -303,8 +319,14 @@ class DemoShapes:
         `dataset()` then yields images of varying shape, for NaFlex preprocessing.
       objects: 2–4 shapes per image with boxes, phrases and a segmentation map (see
         make_objects_split); "label" is the class of the main (largest) shape.
+      num_colours / num_shapes (objects mode): draw only the first N COLOURS / SHAPES
+        (labels keep their 36-class numbering); None: all six.
+      max_objects (objects mode): 2–max_objects shapes per image; None: MAX_OBJECTS.
+      object_scale (objects mode): multiplies every radius (and the "large" threshold);
+        None: 1.
 
-    `image_size` None means 32, or OBJECTS_IMAGE_SIZE (64) with objects=True.
+    `image_size` None means 32, or OBJECTS_IMAGE_SIZE (64) with objects=True. The objects-
+    mode options left at None keep the default data and its cache folder.
     """
 
     data_dir: str
@@ -315,6 +337,10 @@ class DemoShapes:
     vocab_size: int = 64
     aspect: bool = False
     objects: bool = False
+    num_colours: int | None = None
+    num_shapes: int | None = None
+    max_objects: int | None = None
+    object_scale: float | None = None
 
     skips = None  # Generated data has no bad examples to skip.
 
@@ -328,6 +354,28 @@ class DemoShapes:
         if self.objects and self.image_size < 32:
             raise ValueError(f"demo_shapes: image_size={self.image_size} with objects=True; "
                              "expected at least 32 pixels")
+        options = {k: getattr(self, k) for k in ("num_colours", "num_shapes", "max_objects",
+                                                 "object_scale")}
+        if not self.objects and any(v is not None for v in options.values()):
+            raise ValueError(f"demo_shapes: {sorted(k for k, v in options.items() if v)} "
+                             "need objects=True")
+        try:
+            classes = used_classes(self.num_colours, self.num_shapes)
+        except ValueError as e:
+            raise ValueError(f"demo_shapes: {e}") from None
+        most = min(MAX_OBJECTS, len(classes))
+        if self.max_objects is not None and not 2 <= self.max_objects <= most:
+            raise ValueError(f"demo_shapes: max_objects={self.max_objects}; expected 2..{most}")
+        scale = self.object_scale
+        if scale is not None and not 0.5 <= scale <= 2.0:
+            raise ValueError(f"demo_shapes: object_scale={scale}; expected 0.5..2")
+
+    @property
+    def _object_options(self) -> dict[str, object]:
+        """make_objects_split's keyword arguments for this source's objects-mode options."""
+        return {"classes": used_classes(self.num_colours, self.num_shapes),
+                "max_objects": self.max_objects or MAX_OBJECTS,
+                "scale": float(self.object_scale or 1.0)}
 
     @property
     def root(self) -> str:
@@ -335,6 +383,12 @@ class DemoShapes:
         if self.objects:
             name = (f"demo_objects_{_OBJECTS_VERSION}_{self.image_size}px_"
                     f"{self.train_per_class}_{self.test_per_class}")
+            if self.num_colours or self.num_shapes:
+                name += f"_c{self.num_colours or len(COLOURS)}s{self.num_shapes or len(SHAPES)}"
+            if self.max_objects:
+                name += f"_o{self.max_objects}"
+            if self.object_scale:
+                name += f"_x{self.object_scale:g}"
         else:
             name = (f"demo_shapes_{_VERSION}_{self.image_size}px_{self.train_per_class}"
                     f"_{self.test_per_class}{'_aspect' if self.aspect else ''}")
@@ -359,7 +413,8 @@ class DemoShapes:
             path = self.split_path(split)
             if not os.path.exists(path):
                 if self.objects:
-                    arrays = make_objects_split(per_class, seed, self.image_size)
+                    arrays = make_objects_split(per_class, seed, self.image_size,
+                                                **self._object_options)
                 else:
                     arrays = make_split(per_class, seed, self.image_size, self.aspect)
                 tmp = f"{path}.{os.getpid()}.tmp.npz"
@@ -383,6 +438,8 @@ class DemoShapes:
     def num_examples(self) -> int:
         """Number of examples in this split."""
         per_class = self.train_per_class if self.split == "train" else self.test_per_class
+        if self.objects:
+            return per_class * len(self._object_options["classes"])
         return per_class * len(COLOURS) * len(SHAPES)
 
     @property

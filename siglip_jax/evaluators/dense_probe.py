@@ -14,8 +14,9 @@ scale). Prediction = argmax_c (x w + b)_c. Only the sufficient statistics X^T X 
 X^T Y [W, C] and the sums are accumulated over batches (on device in float32 per batch, on
 the host in float64 across batches), so memory does not grow with the data and the fit is
 deterministic. Metrics from the test confusion matrix M (rows true, columns predicted):
-`accuracy` = trace(M) / sum(M) and `miou` = mean over classes c present in the ground truth
-or the predictions of M_cc / (row_c + col_c - M_cc).
+`accuracy` = trace(M) / sum(M), `miou` = mean over classes c present in the ground truth
+or the predictions of M_cc / (row_c + col_c - M_cc), and `miou_fg` the same mean over the
+present classes other than label 0 (the demo maps' background, which covers most patches).
 
 Label sets for the demo's segmentation maps (0 background, 1 + class, class = colour·6 +
 shape): "class" (37 labels), "shape" (7: 0 background, 1 + shape) and "colour" (7: 0
@@ -183,15 +184,18 @@ def confusion(pred_n: jax.Array, labels_n: jax.Array, weight_n: jax.Array,
 
 
 def probe_metrics(confusion_cxc: np.ndarray) -> dict[str, float]:
-    """accuracy, miou (over classes present in truth or prediction) and num_patches."""
+    """accuracy, miou (over classes present in truth or prediction), miou_fg (the same
+    without label 0) and num_patches."""
     m = np.asarray(confusion_cxc, np.float64)
     total = m.sum()
     tp = np.diag(m)
     union = m.sum(0) + m.sum(1) - tp
     present = union > 0
+    fg = present & (np.arange(len(m)) > 0)
     return {"accuracy": float(tp.sum() / total) if total else float("nan"),
             "miou": float(np.mean(tp[present] / union[present])) if present.any()
             else float("nan"),
+            "miou_fg": float(np.mean(tp[fg] / union[fg])) if fg.any() else float("nan"),
             "num_patches": float(total)}
 
 
@@ -269,7 +273,8 @@ class DenseProbeEvaluator:
         return w, b, float(total["n"])
 
     def run(self, params: optax.Params) -> dict[str, float]:
-        """Fits the probe, then: accuracy, miou, num_patches (test), num_train_patches."""
+        """Fits the probe, then: accuracy, miou, miou_fg, num_patches (test),
+        num_train_patches."""
         w, b, n_train = self.fit(params)
         w32, b32 = w.astype(np.float32), b.astype(np.float32)
         total = np.zeros((self.num_classes, self.num_classes), np.float64)

@@ -11,7 +11,7 @@ patch 8 (8×8 tokens), width 64, depth 3, average pooling; text width 64, depth 
 64-d embeddings; ring sigmoid loss over 8 emulated CPU devices, batch 128, AdamW (β2 0.95),
 cosine with 5 % warmup.
 
-Argument `objectives=` picks the row of the ablation (benchmarks/siglip2_ablation.py):
+Argument `objectives=` picks the objectives (the ablation uses configs/siglip2_ablation.py):
   sigmoid   the sigmoid loss only;
   decoder   + a 2-layer LocCa decoder (width 64) trained on all three tasks of every image:
             captioning, referring expressions (phrase → box as 4 location tokens, 32 bins)

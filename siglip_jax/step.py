@@ -277,7 +277,9 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, loss_fn: Cal
       frozen: a tree of bools like the params (True = frozen); frozen params are wrapped in
         stop_gradient, so XLA computes no backward pass for them.
       accum_steps: micro-batches per step; the sigmoid loss of each micro-batch uses only its
-        own negatives, and gradients are averaged.
+        own negatives, the self-supervised objectives' Sinkhorn-Knopp teacher targets are
+        normalised over each micro-batch's rows (on every device; DINOv2, which has no
+        accumulation, normalises over its global batch), and gradients are averaged.
       skip_nonfinite: if the loss or gradient norm is NaN/Inf, keep the old params and
         optimizer state (the step counter still advances).
       mesh, batch_axes: the towers' activations are kept split over these mesh axes along

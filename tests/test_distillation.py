@@ -120,19 +120,22 @@ def _noisy(tree, seed):
                                                                          strict=True)])
 
 
-def _reference_losses(model, state, batch, step, seed, *, accum, patch):
+def _reference_losses(model, state, batch, step, seed, *, accum, patch, sinkhorn_over="micro"):
     """(self-distillation, masked-prediction) losses of one train step with `accum`
     micro-batches, computed outside the step on one device: micro-batch m holds rows
     m, m + accum, … (`step.micro_batches`) and draws its mask from
     fold_in(fold_in(fold_in(key(seed), step), m), masked.SALT) as the step and the objective
-    do; per micro-batch the numpy heads, Sinkhorn-Knopp over all its rows (the global
-    micro-batch, not one device's share) and cross-entropy; the mean over micro-batches."""
+    do; per micro-batch the numpy heads and cross-entropy; the mean over micro-batches.
+    Sinkhorn-Knopp normalises the teacher scores over all rows of each micro-batch (the
+    global micro-batch, not one device's share; `sinkhorn_over="micro"`) or over all rows of
+    the step's batch, every micro-batch jointly (`"step"`, what one optimizer step without
+    accumulation would do)."""
     params, teacher = state["params"], state["teacher"]
     both = {**params, **teacher}
     features = jax.jit(lambda p, x, m: model.apply(
         {"params": p}, x, patch_mask=m, mask_token=params["mask_token"],
         method=Model.image_features))
-    sd, mp = [], []
+    parts = []  # Per micro-batch: SD teacher, SD student scores, n, MP teacher, MP student.
     for m in range(accum):
         image, views = batch["image"][m::accum], batch["local_views"][m::accum]
         b, n = views.shape[:2]
@@ -141,18 +144,24 @@ def _reference_losses(model, state, batch, step, seed, *, accum, patch):
                                        (x.shape[2] // patch[1])), bool)
         fs, _ = features(params, flat, no_mask(flat))
         ft, tt = features(both, image, no_mask(image))
-        ss = _head_np(params["distill_head"], fs)
-        targets = _sinkhorn_np(_head_np(teacher["distill_head"], ft), 0.04)
-        sd.append(_ce_np(np.repeat(targets, n, axis=0), ss, 0.1))
-
         rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), m)
         mask, _ = masked.random_mask(jax.random.fold_in(rng, masked.SALT), b,
                                      no_mask(image).shape[1], 0.5)
         _, ts = features(params, image, mask)
         rows = np.nonzero(np.asarray(mask))  # Row-major: image by image, patches in order.
-        st = _head_np(teacher["masked_head"], np.asarray(tt)[rows])
-        sm = _head_np(params["masked_head"], np.asarray(ts)[rows])
-        mp.append(_ce_np(_sinkhorn_np(st, 0.04), sm, 0.1))
+        parts.append((_head_np(teacher["distill_head"], ft), _head_np(params["distill_head"], fs),
+                      n, _head_np(teacher["masked_head"], np.asarray(tt)[rows]),
+                      _head_np(params["masked_head"], np.asarray(ts)[rows])))
+    if sinkhorn_over == "micro":
+        targets = [(_sinkhorn_np(p[0], 0.04), _sinkhorn_np(p[3], 0.04)) for p in parts]
+    else:
+        sd_all = _sinkhorn_np(np.concatenate([p[0] for p in parts]), 0.04)
+        mp_all = _sinkhorn_np(np.concatenate([p[3] for p in parts]), 0.04)
+        cut = lambda x, k: np.split(x, np.cumsum([len(p[k]) for p in parts])[:-1])
+        targets = list(zip(cut(sd_all, 0), cut(mp_all, 3), strict=True))
+    sd = [_ce_np(np.repeat(t_sd, p[2], axis=0), p[1], 0.1)
+          for p, (t_sd, _) in zip(parts, targets, strict=True)]
+    mp = [_ce_np(t_mp, p[4], 0.1) for p, (_, t_mp) in zip(parts, targets, strict=True)]
     return float(np.mean(sd)), float(np.mean(mp))
 
 
@@ -419,11 +428,15 @@ def test_ring_step_with_both_objectives_and_accumulation(tmp_path):
         else:  # The reference outside the step: 1 device, numpy heads and Sinkhorn-Knopp.
             for restart in head_restarts(parts.objectives):  # Heads re-drawn at switch-on.
                 before = jax.device_get(restart_heads(before, parts.tx, restart, run.seed))
-            want = _reference_losses(parts.model, before, batch, i, run.seed, accum=2,
-                                     patch=run.model.image.patch_size)
-            np.testing.assert_allclose(
-                [metrics["self_distillation/loss"], metrics["masked_prediction/loss"]], want,
-                rtol=2e-4)
+            args = (parts.model, before, batch, i, run.seed)
+            kw = dict(accum=2, patch=run.model.image.patch_size)
+            got = [metrics["self_distillation/loss"], metrics["masked_prediction/loss"]]
+            np.testing.assert_allclose(got, _reference_losses(*args, **kw), rtol=2e-4)
+            # Under accumulation Sinkhorn-Knopp normalises over each micro-batch (all its
+            # rows, every device), not over the step's whole batch: that would differ.
+            over_step = _reference_losses(*args, **kw, sinkhorn_over="step")
+            assert np.all(np.abs(np.subtract(got, over_step)) > 1e-3 * np.abs(got)), (
+                got, over_step)
         total = (metrics["sigmoid/loss"] + metrics["self_distillation/loss"]
                  + 0.25 * metrics["masked_prediction/loss"])
         np.testing.assert_allclose(metrics["loss"], total, rtol=1e-5)

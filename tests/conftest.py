@@ -84,19 +84,3 @@ def siglip2_run(tmp_path_factory) -> TrainedRun:
     """The session's one tiny SigLIP 2 run (see the module doc); read it, never write to it."""
     return _train(tmp_path_factory.mktemp("siglip2_run"), tiny.siglip2_config)
 
-
-SHARED_RUN_FIXTURES = frozenset({"tiny_run", "siglip2_run"})
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist (`-n N --dist loadgroup`), keep each test file on one worker (its
-    module fixtures are built once) and every file that reads a shared trained run on the same
-    worker (the run is trained once per session, not once per worker)."""
-    def file_of(item) -> str:
-        return item.nodeid.split("::", 1)[0]
-
-    shared = {file_of(item) for item in items
-              if SHARED_RUN_FIXTURES.intersection(getattr(item, "fixturenames", ()))}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(
-            "shared_runs" if file_of(item) in shared else file_of(item)))

@@ -98,7 +98,14 @@ def test_flat_naflex_kernel_and_posemb_layouts():
     grid = patch_resize.posemb_to_grid(pe, (4, 4, 4))
     np.testing.assert_array_equal(grid, pe.reshape(4, 4, 4))  # Same grid: a reshape.
     up = patch_resize.posemb_to_grid(pe, (8, 8, 4))  # FixRes 4x4 -> NaFlex 8x8 (bilinear).
-    want = tf.image.resize(pe.reshape(1, 4, 4, 4), (8, 8), "bilinear").numpy()[0]
-    np.testing.assert_allclose(up[1:-1, 1:-1], want[1:-1, 1:-1], atol=1e-5)  # Edges: zoom's.
+    # big_vision's resample_posemb (scipy zoom, order 1) aligns the corner positions: output i
+    # samples input i·3/7; separable linear interpolation with np.interp as the reference.
+    src, at = np.arange(4), np.arange(8) * 3 / 7
+    grid4 = pe.reshape(4, 4, 4)
+    rows = np.stack([[np.interp(at, src, grid4[:, j, k]) for j in range(4)]
+                     for k in range(4)], -1)  # [4(cols), 8(rows), 4] -> interpolate cols next.
+    want = np.stack([[np.interp(at, src, rows[:, i, k]) for i in range(8)]
+                     for k in range(4)], -1)  # [8(rows), 8(cols), 4]
+    np.testing.assert_allclose(up, want, atol=1e-5)
     with pytest.raises(ValueError, match="cannot resize"):
         patch_resize.posemb_to_grid(pe, (2, 8, 4))

@@ -31,6 +31,7 @@ import tensorflow as tf
 from jax.sharding import Mesh
 
 from siglip_jax import distributed, experiment, hooks
+from siglip_jax.checkpoints import resume
 from siglip_jax.checkpoints.orbax_io import (
     CheckpointDamagedError,
     Checkpointer,
@@ -198,6 +199,11 @@ def _set_up(run: RunConfig, mesh: Mesh, checkpointer: Checkpointer, log: Log) ->
     if restored is not None:
         state = restored[1]
         log(f"resumed from checkpoint at step {start_step}")
+    elif run.model_init.resume:  # Another run's state, continued here (SigLIP 2 §2.4).
+        state, start_step = _continue_run(run, parts, mesh, log)
+        batches, tokenizer, source = experiment.build_input(run, mesh, start_step,
+                                                            tokenizer=tokenizer)
+        first = next(batches)
     else:
         pretrained = experiment.load_model_init(run, parts.abstract_state["params"])
         state = experiment.init_state(run, parts, mesh, shapes, pretrained)
@@ -213,6 +219,19 @@ def _set_up(run: RunConfig, mesh: Mesh, checkpointer: Checkpointer, log: Log) ->
     evaluators = build_evaluators(run, model=parts.model, mesh=mesh,
                                   param_shardings=parts.shardings["params"], tokenizer=tokenizer)
     return _Setup(state, start_step, step_fn, first_batch, batches, source, evaluators, flops)
+
+
+def _continue_run(run: RunConfig, parts: experiment.StepParts, mesh: Mesh, log: Log
+                  ) -> tuple[TrainState, int]:
+    """The train state of `model_init.resume` fitted to this run, and its step."""
+    try:
+        state, notes = resume.restore_resized(run.model_init.resume, parts.abstract_state, mesh)
+    except resume.ResumeError as e:
+        raise ConfigError(str(e)) from None
+    step = int(np.asarray(state["step"].addressable_data(0)))
+    log(f"continuing {run.model_init.resume} at step {step}"
+        + "".join(f"; {note}" for note in notes))
+    return state, step
 
 
 def _mfu_fn(run: RunConfig, flops: float | None, log: Log

@@ -173,7 +173,7 @@ class _Setup:
 
     state: TrainState
     start_step: int
-    step_fn: jax.stages.Compiled
+    step_fn: experiment.CompiledSteps  # Compiled once per batch shape (input.seq_lens).
     first_batch: dict[str, jax.Array]
     batches: Iterator[dict[str, np.ndarray]]
     source: Source
@@ -184,7 +184,7 @@ class _Setup:
 def _set_up(run: RunConfig, mesh: Mesh, checkpointer: Checkpointer, log: Log) -> _Setup:
     """Input, model, state (restored or initialised), compiled step and evaluators."""
     start_step = checkpointer.latest_step() or 0
-    batches, tokenizer, source = experiment.build_input(run, mesh, start_step)
+    batches, tokenizer, source = experiment.build_train_input(run, mesh, start_step)
     first = next(batches)
     shapes = jax.tree.map(lambda v: (v.shape[0] * jax.process_count(), *v.shape[1:]), first)
     parts = experiment.build_step(run, mesh, shapes)
@@ -193,7 +193,7 @@ def _set_up(run: RunConfig, mesh: Mesh, checkpointer: Checkpointer, log: Log) ->
     restored = checkpointer.restore_latest(parts.abstract_state, log) if start_step else None
     if restored is not None and restored[0] != start_step:
         start_step = restored[0]
-        batches, tokenizer, source = experiment.build_input(run, mesh, start_step,
+        batches, tokenizer, source = experiment.build_train_input(run, mesh, start_step,
                                                             tokenizer=tokenizer)
         first = next(batches)
     if restored is not None:
@@ -201,7 +201,7 @@ def _set_up(run: RunConfig, mesh: Mesh, checkpointer: Checkpointer, log: Log) ->
         log(f"resumed from checkpoint at step {start_step}")
     elif run.model_init.resume:  # Another run's state, continued here (SigLIP 2 §2.4).
         state, start_step = _continue_run(run, parts, mesh, log)
-        batches, tokenizer, source = experiment.build_input(run, mesh, start_step,
+        batches, tokenizer, source = experiment.build_train_input(run, mesh, start_step,
                                                             tokenizer=tokenizer)
         first = next(batches)
     else:
@@ -212,8 +212,8 @@ def _set_up(run: RunConfig, mesh: Mesh, checkpointer: Checkpointer, log: Log) ->
     _log_param_counts(log, state["params"], parts.frozen)
     first_batch = make_global_batch(first, mesh, run.mesh.batch_axes)
     compile_start = time.monotonic()
-    step_fn = parts.step_fn.lower(state, first_batch).compile()
-    flops = compiled_flops(step_fn)
+    step_fn = experiment.CompiledSteps(parts.step_fn)
+    flops = compiled_flops(step_fn.get(state, first_batch))
     log(f"compiled the train step in {time.monotonic() - compile_start:.1f}s"
         + (f"; {flops / 1e9:.2f} GFLOPs per device per step" if flops else ""))
     evaluators = build_evaluators(run, model=parts.model, mesh=mesh,

@@ -18,6 +18,7 @@ from siglip_jax.config import load_config
 from siglip_jax.optim import ScheduleConfig, make_schedule
 from siglip_jax.records import ConfigError
 from siglip_jax.schema import parse
+from siglip_jax.sharding import mesh_of
 from siglip_jax.trainer import train
 
 NAFLEX = str(Path(__file__).resolve().parents[1] / "configs" / "demo_naflex.py")
@@ -28,7 +29,8 @@ STEPS = 6
 def _config(data_dir):
     overrides = [o for o in tiny.tiny_overrides(data_dir) if not o.startswith("model.image.")]
     overrides += ["model.image.width=32", "model.image.depth=1", "model.image.mlp_dim=64",
-                  "model.image.num_heads=2", "checkpoint.every_n_steps=3", "log_every=1"]
+                  "model.image.num_heads=2", "checkpoint.every_n_steps=3", "log_every=1",
+                  "input.data.train_per_class=4", "input.shuffle_buffer=32"]
     c = load_config(f"{NAFLEX}:steps={STEPS}", overrides)
     with c.unlocked():
         c.input.seq_lens = LENGTHS
@@ -56,6 +58,32 @@ def test_stretched_schedule_is_the_base_schedule_slowed_down():
         make_schedule(ScheduleConfig(stretch_from=200, stretch=2.0), 100)
 
 
+def test_seq_lens_input_follows_the_draw_and_resumes_exactly(tmp_path):
+    """The merged input gives each step the batch of its drawn length (its own batch size), and
+    rebuilt at step 3 gives exactly the batches 3.. of an uninterrupted run."""
+    run = parse(_config(tmp_path / "data"))
+    mesh = mesh_of(run.mesh)
+    choices = experiment.length_choices(run)
+    assert set(choices.tolist()) == {0, 1}, choices  # Both lengths drawn in 6 steps (seed 0).
+    batches, _, _ = experiment.build_train_input(run, mesh, 0)
+    straight = [next(batches) for _ in range(STEPS)]
+    assert [b["image"]["patches"].shape[:2] for b in straight] == [
+        (LENGTHS[i][1], LENGTHS[i][0]) for i in choices]  # Single process: the global batch.
+    again, _, _ = experiment.build_train_input(run, mesh, 3)
+    for want in straight[3:]:
+        got = next(again)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_compiled_steps_compile_once_per_shape():
+    steps = experiment.CompiledSteps(jax.jit(lambda s, b: (s + b["x"].sum(), {})))
+    for n in (4, 8, 4, 8, 4):
+        steps(np.float32(0), {"x": np.ones((2, n), np.float32)})
+    assert len(steps.compiled) == 2
+
+
+@pytest.mark.slow  # Cheaper twins: the two tests above (input draw + resume, compile once).
 def test_seq_lens_steps_compile_once_per_length_and_resume_exactly(tmp_path, monkeypatch):
     made = []
 

@@ -10,11 +10,13 @@ import os
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import tiny
 
 from siglip_jax import experiment
 from siglip_jax.checkpoints import loader, resume
+from siglip_jax.models import naflex
 from siglip_jax.models.patch_resize import pi_resize_kernel, posemb_to_grid
 from siglip_jax.records import ConfigError
 from siglip_jax.schema import parse
@@ -117,3 +119,30 @@ def test_resume_errors_name_the_problem(tiny_run):
     with pytest.raises(ConfigError, match="leave model_init.img"):
         parse(_with_resume(tiny.tiny_config(tiny_run.data_dir, 2, **{
             "model_init.full": tiny_run.workdir}), tiny_run.workdir))
+
+
+def test_fixres_state_continues_as_naflex(tiny_run):
+    """The NaFlex continuation's fitting: the tiny FixRes run's step-10 state in a NaFlex tower
+    of the same patch and grid equals the tested FixRes -> NaFlex re-layout
+    (models/naflex.image_params_from_fixres) and keeps every Adam moment of the source."""
+    config = tiny.tiny_config(tiny_run.data_dir, tiny.TINY_STEPS)
+    with config.unlocked():
+        config.model.image = dict(config.model.image, kind="naflex", posemb_grid=4)
+        config.input.pp = config.input.pp.replace(
+            "value_range(-1, 1)", "resize_to_patches(8, 16)|value_range(-1, 1)|patchify(8, 16)")
+    run = parse(config)
+    abstract, mesh = _abstract(run)
+    step_dir = os.path.join(tiny_run.workdir, "checkpoints", "10")
+    state, _ = resume.restore_resized(step_dir, abstract, mesh)
+    want = naflex.image_params_from_fixres(loader.load_state_entry(step_dir, "params")["img"])
+    got = _flat(jax.device_get(state)["params"]["img"])
+    assert got.keys() == _flat(want).keys()
+    for k, v in _flat(want).items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    opt = _flat(jax.device_get(state)["opt_state"])
+    source = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "default"))
+    source_opt = _flat(source["opt_state"])
+    kernels = [k for k in opt if k.endswith("img/embedding/kernel")]
+    assert kernels and all(opt[k].shape == (192, 32) and opt[k].any() for k in kernels)
+    for k in kernels:  # The moments re-laid out like the kernel.
+        np.testing.assert_array_equal(opt[k], source_opt[k].reshape(192, 32))

@@ -13,8 +13,9 @@ train state of ours (a workdir: its newest step, or a step directory) into this 
     [p·p·3, D] either way; `img/pos_embedding` of another grid or layout ([1, N, D] FixRes,
     [G, G, D] NaFlex) is resized bilinearly;
   * the optimizer state of a resized parameter (Adam's moments) starts again at zero: its old
-    moments are statistics of gradients in the old parameterisation. Everything else (all
-    other moments, Adam's count, the schedule's count) continues;
+    moments are statistics of gradients in the old parameterisation. A parameter that only
+    changes layout (same patch, same grid: FixRes -> NaFlex) is reshaped, moments included.
+    Everything else (all other moments, Adam's count, the schedule's count) continues;
   * leaves of the checkpoint that this run lacks (an objective switched off: its heads, their
     moments, the EMA teacher) are not read; a leaf this run has and the checkpoint lacks, or
     any other change of shape, is a ResumeError naming it.
@@ -141,7 +142,8 @@ def restore_resized(path: str, abstract_state: Mapping[str, optax.Params], mesh:
     values = {_names(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(restored)}
     notes = [f"resized {'/'.join(n)} {tuple(saved[n].shape)} -> {tuple(wanted[n].shape)}"
              for n in sorted(resized) if _resizer(n)]
-    restarted = sorted(n for n in resized if not _resizer(n))
+    restarted = sorted(n for n in resized if not _resizer(n)
+                       and int(np.prod(saved[n].shape)) != int(np.prod(wanted[n].shape)))
     if restarted:
         notes.append(f"optimizer state restarted at zero for {len(restarted)} leaves of the "
                      "resized parameters")
@@ -157,8 +159,11 @@ def restore_resized(path: str, abstract_state: Mapping[str, optax.Params], mesh:
             return values[names]
         fn = _resizer(names)
         shape = tuple(want.shape)
-        new = (fn(_local(values[names]).astype(np.float32), shape) if fn
-               else np.zeros(shape, np.float32))
+        old = _local(values[names])
+        if old.size == int(np.prod(shape)):  # Same patch and grid, another layout: reshape.
+            new = old.reshape(shape)
+        else:
+            new = fn(old.astype(np.float32), shape) if fn else np.zeros(shape, np.float32)
         return jax.device_put(np.asarray(new).astype(want.dtype), want.sharding)
 
     return jax.tree_util.tree_map_with_path(fit, abstract_state), notes

@@ -27,6 +27,9 @@ budget) is drawn from {128, 256, 576, 784, 1024}; the last 10 % of the schedule 
 recipe's keep_every_n_steps=50000). Evaluations use 256 patches. Arguments: those of
 configs/siglip2_full_b16_256.py (selfsup must stay 0) plus resume (required) and res (the
 source's resolution, default 256: the NaFlex posemb grid is res/16).
+Compiled for v4-512 (TPU compiler, libtpu 0.0.52, the 784-patch step at batch 32k, 128
+images per chip): arguments 3.06 GiB, temporaries 10.84 GiB, total 14.00 GiB per chip (44 %);
+the planner's analytic estimate says 29.26 GiB (it is ~2x conservative here).
 Expected result: the released SigLIP 2 NaFlex B/16: 78.5 % ImageNet zero-shot at 256 patches
 (paper Table 1, recalled as in configs/siglip2_naflex_b16.py — check it); not reproduced here.
 """

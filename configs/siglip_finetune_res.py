@@ -14,6 +14,14 @@ B/16 224 -> 384. Everything else is the pretraining recipe (siglip_jax/recipes.p
 resolution, with a short schedule of our choosing (the paper gives no fine-tuning schedule):
 20k steps, 1k warmup, peak lr 1e-4, cosine.
 
+What SigLIP 2 found (arXiv:2502.14786 §2.4, as issue 24 quotes it; not confirmed against a
+stored copy of the paper): fine-tuning the final checkpoint at a small learning rate to a new
+resolution "did not lead to good results", so its resolution variants instead resume the run
+at 95 % of training at the target resolution with all losses (configs/siglip2_res.py,
+docs/siglip2_training.md "Resolution variants and NaFlex (§2.4)"). This recipe is kept for
+continuing a SigLIP (1) checkpoint or any finished checkpoint you hold without its run's
+train state; expect it to do worse than a resumed run.
+
 Expected result: at least the source checkpoint's zero-shot accuracy; the released SigLIP
 B/16 checkpoints gain from resolution (paper: 76.2 % at 224 px, 78.6 % at 384 px zero-shot
 ImageNet top-1), L/16 from 80.5 % (256 px) to 82.1 % (384 px).

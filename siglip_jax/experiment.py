@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
@@ -125,8 +126,13 @@ def pp_image_size(pp_string: str, data: SourceConfig) -> tuple[int, int] | None:
 def naflex_budget(run: RunConfig) -> tuple[int, int] | None:
     """(patch size, max_num_patches) of the input pp's `patchify` op (a NaFlex pipeline), or
     None when the pp has none (fixed-resolution images)."""
+    return naflex_budget_of(run.input.pp)
+
+
+def naflex_budget_of(pp_string: str) -> tuple[int, int] | None:
+    """(patch size, max_num_patches) of a pp string's `patchify` op, None if it has none."""
     try:
-        calls = pp.parse(run.input.pp)
+        calls = pp.parse(pp_string)
     except pp.PPError:
         return None
     for call in calls:
@@ -196,6 +202,84 @@ def build_input(run: RunConfig, mesh: Mesh, start_step: int, *, source: Source |
         shard_batch=global_batch // shards, seed=run.seed,
         shuffle_buffer=run.input.shuffle_buffer, start_step=start_step, cache=run.input.cache)
     return batches, tokenizer, source
+
+
+# ----------------------------------------------------------------------------- seq_lens
+
+_BUDGET_RE = re.compile(r"\b(resize_to_patches|patchify)\(\s*([^,()]+),\s*[^,()]+")
+
+
+def pp_at_budget(pp_string: str, max_num_patches: int) -> str:
+    """The NaFlex pp with the patch budget (second argument) of its `resize_to_patches` and
+    `patchify` ops set to `max_num_patches`."""
+    out, count = _BUDGET_RE.subn(lambda m: f"{m.group(1)}({m.group(2)}, {max_num_patches}",
+                                 pp_string)
+    if not count or naflex_budget_of(out) is None:
+        raise ConfigError(f"input.seq_lens needs a NaFlex input.pp with resize_to_patches(p, n) "
+                          f"and patchify(p, n); got {pp_string!r}")
+    return out
+
+
+def length_runs(run: RunConfig) -> list[RunConfig]:
+    """One RunConfig per entry of input.seq_lens: its patch budget and global batch, and its
+    own input seed (each length reads its own shuffle of the data); [run] without seq_lens."""
+    if not run.input.seq_lens:
+        return [run]
+    return [dataclasses.replace(run, seed=run.seed + 1 + i, input=dataclasses.replace(
+        run.input, pp=pp_at_budget(run.input.pp, n), global_batch=b, seq_lens=()))
+        for i, (n, b) in enumerate(run.input.seq_lens)]
+
+
+def length_choices(run: RunConfig) -> np.ndarray:
+    """The index into input.seq_lens of every step 0..total_steps-1, uniform and seeded by
+    run.seed (the same on every process and at every resume); zeros without seq_lens."""
+    if not run.input.seq_lens:
+        return np.zeros(run.total_steps, np.int64)
+    rng = np.random.default_rng([run.seed, 0x5E9_1E45])
+    return rng.integers(0, len(run.input.seq_lens), size=run.total_steps)
+
+
+def build_train_input(run: RunConfig, mesh: Mesh, start_step: int, *,
+                      tokenizer: Tokenizer | None = None
+                      ) -> tuple[Iterator[dict[str, np.ndarray]], Tokenizer, Source]:
+    """`build_input`, or with input.seq_lens one pipeline per length merged step by step as
+    `length_choices` says; each resumes after the batches it gave before `start_step`."""
+    runs = length_runs(run)
+    if len(runs) == 1 and not run.input.seq_lens:
+        return build_input(run, mesh, start_step, tokenizer=tokenizer)
+    choices = length_choices(run)
+    done = np.bincount(choices[:start_step], minlength=len(runs))
+    pipes = []
+    for sub, skip in zip(runs, done, strict=True):
+        batches, tokenizer, source = build_input(sub, mesh, int(skip), tokenizer=tokenizer)
+        pipes.append(batches)
+
+    def merged() -> Iterator[dict[str, np.ndarray]]:
+        for step in range(start_step, run.total_steps):
+            yield next(pipes[int(choices[step])])
+        yield next(pipes[0])  # One look-ahead past the end (the loop prefetches a batch).
+
+    return merged(), tokenizer, source
+
+
+class CompiledSteps:
+    """The jitted step compiled once per batch shape (with input.seq_lens, once per length)."""
+
+    def __init__(self, jitted: jax.stages.Wrapped):
+        self.jitted = jitted
+        self.compiled: dict[tuple, jax.stages.Compiled] = {}
+
+    def get(self, state: optax.Params, batch: Mapping[str, object]) -> jax.stages.Compiled:
+        """The compiled step for this batch's shapes (compiled now if new)."""
+        key = tuple((jax.tree_util.keystr(p), tuple(x.shape))
+                    for p, x in jax.tree_util.tree_leaves_with_path(batch))
+        if key not in self.compiled:
+            self.compiled[key] = self.jitted.lower(state, batch).compile()
+        return self.compiled[key]
+
+    def __call__(self, state: optax.Params, batch: Mapping[str, object]
+                 ) -> tuple[optax.Params, dict[str, jax.Array]]:
+        return self.get(state, batch)(state, batch)
 
 
 # ----------------------------------------------------------------------------- model_init

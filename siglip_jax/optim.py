@@ -41,12 +41,17 @@ DECAY_TYPES = ("cosine", "linear", "rsqrt", "constant")
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
-    """Linear warmup (steps or a fraction of the run) then a decay; rsqrt has a timescale."""
+    """Linear warmup (steps or a fraction of the run) then a decay; rsqrt has a timescale.
+    `stretch_from` > 0 with `stretch` s: from that step on the schedule runs s times slower
+    (SigLIP 2 §2.4, NaFlex: the last 10 % stretched 3.75x); the run's total_steps is then the
+    stretched length, the unstretched one being stretch_from + (total - stretch_from) / s."""
 
     decay_type: str = "cosine"
     warmup_steps: int | None = None
     warmup_frac: float | None = None
     timescale: float | None = None
+    stretch_from: int = 0
+    stretch: float = 1.0
 
     def __post_init__(self) -> None:
         check_choice(self.decay_type, "schedule.decay_type", DECAY_TYPES)
@@ -56,6 +61,10 @@ class ScheduleConfig:
             set_fields(self, warmup_steps=check_int(self.warmup_steps, "schedule.warmup_steps", 0))
         if self.warmup_frac is not None:
             set_fields(self, warmup_frac=check_float(self.warmup_frac, "schedule.warmup_frac", 0.0))
+        set_fields(self, stretch_from=check_int(self.stretch_from or 0, "schedule.stretch_from", 0),
+                   stretch=check_float(self.stretch, "schedule.stretch", 0.0))
+        if self.stretch <= 0:
+            raise ConfigError(f"schedule.stretch={self.stretch} must be > 0")
 
     def warmup(self, total_steps: int) -> int:
         """Warmup length in steps for a run of `total_steps`."""
@@ -143,11 +152,19 @@ def make_schedule(spec: ScheduleConfig | Mapping[str, object], total_steps: int)
     if not isinstance(spec, ScheduleConfig):
         spec = ScheduleConfig.parse(spec)
     decay_type = spec.decay_type
-    warmup = spec.warmup(total_steps)
+    start, stretch = spec.stretch_from, spec.stretch
+    if start and stretch != 1.0:
+        if start >= total_steps:
+            raise ConfigError(f"schedule.stretch_from={start} must be below total_steps="
+                              f"{total_steps}")
+        total_steps = start + (total_steps - start) / stretch  # The unstretched horizon.
+    warmup = spec.warmup(int(round(total_steps)))
     timescale = float(spec.timescale if spec.timescale is not None else max(warmup, 1))
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
+        if start and stretch != 1.0:
+            step = jnp.where(step < start, step, start + (step - start) / stretch)
         warm = jnp.minimum(1.0, (step + 1.0) / max(warmup, 1)) if warmup else 1.0
         progress = jnp.clip((step - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
         if decay_type == "cosine":

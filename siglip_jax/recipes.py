@@ -361,3 +361,84 @@ def siglip2_full_config(image_variant: str, res: int, arg: str | None
     text = text_pp().replace('eos="sticky", ', 'convention="siglip2", ')
     c.input.pp = "|".join([*ops, text, "keep(" + ", ".join(f'"{k}"' for k in keep) + ")"])
     return c
+
+
+# SigLIP 2 §2.4 (arXiv:2502.14786): variants made by continuing a run of the full recipe.
+# Numbers from the paper as issue 24 quotes it (the stored copy of the paper we could search
+# shows only its opening; see docs/siglip2_training.md): resolution variants resume at 95 %
+# "with all losses", the patch embedding resized 16 -> 14 by pseudo-inverse (FlexiViT); NaFlex
+# continues from the 90 % checkpoint, sequence lengths drawn per mini-batch from {128, 256,
+# 576, 784, 1024}, the last 10 % of the schedule stretched 3.75x, the batch halved at the
+# longest length, no self-distillation or masked prediction.
+PLACEHOLDER_RESUME = "gs://YOUR_BUCKET/siglip2_full_b16_256/checkpoints/STEP"
+RES_RESUME_FRAC = 0.95
+NAFLEX_RESUME_FRAC = 0.90
+NAFLEX_STRETCH = 3.75
+NAFLEX_LENGTHS = (128, 256, 576, 784, 1024)
+ARG_DOCS.update({
+    "resume": "step directory of the full-recipe run to continue (its 95 % checkpoint for a "
+              "resolution variant, 90 % for NaFlex): params, optimizer state, step, teacher",
+})
+
+
+def _local_size(patch: int) -> int:
+    """Local views of ~96 px: 96 for /16 (DINO's size), 98 for /14 (DINOv2's 7x7-patch crop;
+    SigLIP 2 does not say), else 6 patches."""
+    return {16: 96, 14: 98}.get(patch, 6 * patch)
+
+
+def siglip2_res_config(image_variant: str, res: int, arg: str | None
+                       ) -> ml_collections.ConfigDict:
+    """A SigLIP 2 resolution variant (§2.4): the full recipe (siglip2_full_config, all losses)
+    at `res` px with `image_variant` (e.g. So400m/14 from a /16 run), continuing a full-recipe
+    run's train state from `resume=` (its ~95 % checkpoint): same schedule, so the run ends
+    where the source would have; patch kernel PI-resized, posemb resampled, their Adam moments
+    restarted (checkpoints/resume.py)."""
+    patch = int(image_variant.partition("/")[2])
+    args = parse_args(arg, {**FULL_DEFAULTS, "local_size": _local_size(patch),
+                            "resume": PLACEHOLDER_RESUME})
+    full_arg = ",".join(f"{k}={v}" for k, v in args.items() if k != "resume")
+    c = siglip2_full_config(image_variant, res, full_arg)
+    c.model_init = dict(img="", txt="", full="", resume=str(args["resume"]))
+    return c
+
+
+def naflex_image_pp(patch: int, budget: int) -> str:
+    """NaFlex image preprocessing: aspect-preserving resize to at most `budget` patches, then
+    patches + mask + spatial shapes (data/ops_naflex.py)."""
+    return (f"decode|resize_to_patches({patch}, {budget})|value_range(-1, 1)|"
+            f"patchify({patch}, {budget})")
+
+
+def siglip2_naflex_continue_config(image_variant: str, arg: str | None
+                                   ) -> ml_collections.ConfigDict:
+    """SigLIP 2 NaFlex (§2.4): a full-recipe run continued from `resume=` (its ~90 %
+    checkpoint) with a NaFlex image tower (posemb grid = the run's grid), a patch budget drawn
+    per step from NAFLEX_LENGTHS (batch halved at the longest), the last 10 % of the schedule
+    stretched 3.75x, the decoder kept and no self-distillation or masked prediction."""
+    patch = int(image_variant.partition("/")[2])
+    args = parse_args(arg, {**FULL_DEFAULTS, "selfsup": 0, "resume": PLACEHOLDER_RESUME,
+                            "res": 256})
+    if int(args["selfsup"]):
+        raise ConfigError("config argument selfsup: the NaFlex continuation has no "
+                          "self-distillation or masked prediction (SigLIP 2 §2.4)")
+    res = int(args["res"])
+    full_arg = ",".join(f"{k}={v}" for k, v in args.items() if k not in ("resume", "res"))
+    c = siglip2_full_config(image_variant, res, full_arg)
+    base_steps = c.total_steps  # The source run's schedule length.
+    start = int(round(NAFLEX_RESUME_FRAC * base_steps))
+    c.total_steps = start + int(round(NAFLEX_STRETCH * (base_steps - start)))
+    c.schedule = dict(c.schedule, stretch_from=start, stretch=NAFLEX_STRETCH)
+    batch = int(args["batch"])
+    lengths = [(n, batch if n < max(NAFLEX_LENGTHS) else batch // 2) for n in NAFLEX_LENGTHS]
+    c.input.seq_lens = lengths
+    # The pp and batch of the length with the most tokens per step (784 at the full batch):
+    # what `plan` and the shape-only tools read; the trainer substitutes each drawn length.
+    n, b = max(lengths, key=lambda nb: nb[0] * nb[1])
+    c.input.pp = c.input.pp.replace(image_pp(res), naflex_image_pp(patch, n))
+    c.input.global_batch = b
+    c.model.image = {**c.model.image, "kind": "naflex", "posemb_grid": res // patch}
+    for name in c.evals:
+        c.evals[name].pp = c.evals[name].pp.replace(image_pp(res), naflex_image_pp(patch, 256))
+    c.model_init = dict(img="", txt="", full="", resume=str(args["resume"]))
+    return c

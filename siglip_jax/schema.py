@@ -18,7 +18,8 @@ Sections (top-level keys in brackets):
   ModelConfig     [model]: image, text (tower dicts, see models/variants.py), out_dim,
                   temperature_init, bias_init, decoder (the LocCa caption decoder dict,
                   models/decoder.py; None = no decoder)
-  ModelInitConfig [model_init]: img, txt, full (checkpoint paths; "" = random init)
+  ModelInitConfig [model_init]: img, txt, full (checkpoint paths; "" = random init), resume
+                  (another run's train state to continue, resized: checkpoints/resume.py)
   LossConfig      [loss]: impl (losses.LOSS_IMPLS) and the impl's options
   OptimConfig     [optim, lr, wd, grad_clip_norm, schedule]: optimizer name and
                   hyper-parameters, peak lr, decoupled weight decay, global-norm clipping, and
@@ -58,15 +59,21 @@ from siglip_jax.sharding import MeshConfig
 
 @dataclasses.dataclass(frozen=True)
 class ModelInitConfig:
-    """Checkpoints that replace the random init: a tower each, or the whole model."""
+    """Checkpoints that replace the random init: a tower each, or the whole model; or
+    `resume`: another run's train state (params, optimizer state, step, teacher) continued in
+    this run, its patch kernel and position embedding resized (checkpoints/resume.py)."""
 
     img: str = ""
     txt: str = ""
     full: str = ""
+    resume: str = ""
 
     def __post_init__(self) -> None:
         set_fields(self, img=str(self.img or ""), txt=str(self.txt or ""),
-                   full=str(self.full or ""))
+                   full=str(self.full or ""), resume=str(self.resume or ""))
+        if self.resume and (self.img or self.txt or self.full):
+            raise ConfigError("model_init.resume continues a whole train state: leave "
+                              "model_init.img, txt and full empty")
 
     def parts(self) -> dict[str, str]:
         """{"img" | "txt" | "full": path} of the parts that are set."""

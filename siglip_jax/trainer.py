@@ -31,6 +31,7 @@ import tensorflow as tf
 from jax.sharding import Mesh
 
 from siglip_jax import distributed, experiment, hooks
+from siglip_jax.checkpoints import resume
 from siglip_jax.checkpoints.open import absolute_run_paths
 from siglip_jax.checkpoints.orbax_io import (
     CheckpointDamagedError,
@@ -173,7 +174,7 @@ class _Setup:
 
     state: TrainState
     start_step: int
-    step_fn: jax.stages.Compiled
+    step_fn: experiment.CompiledSteps  # Compiled once per batch shape (input.seq_lens).
     first_batch: dict[str, jax.Array]
     batches: Iterator[dict[str, np.ndarray]]
     source: Source
@@ -184,7 +185,7 @@ class _Setup:
 def _set_up(run: RunConfig, mesh: Mesh, checkpointer: Checkpointer, log: Log) -> _Setup:
     """Input, model, state (restored or initialised), compiled step and evaluators."""
     start_step = checkpointer.latest_step() or 0
-    batches, tokenizer, source = experiment.build_input(run, mesh, start_step)
+    batches, tokenizer, source = experiment.build_train_input(run, mesh, start_step)
     first = next(batches)
     shapes = jax.tree.map(lambda v: (v.shape[0] * jax.process_count(), *v.shape[1:]), first)
     parts = experiment.build_step(run, mesh, shapes)
@@ -193,12 +194,17 @@ def _set_up(run: RunConfig, mesh: Mesh, checkpointer: Checkpointer, log: Log) ->
     restored = checkpointer.restore_latest(parts.abstract_state, log) if start_step else None
     if restored is not None and restored[0] != start_step:
         start_step = restored[0]
-        batches, tokenizer, source = experiment.build_input(run, mesh, start_step,
+        batches, tokenizer, source = experiment.build_train_input(run, mesh, start_step,
                                                             tokenizer=tokenizer)
         first = next(batches)
     if restored is not None:
         state = restored[1]
         log(f"resumed from checkpoint at step {start_step}")
+    elif run.model_init.resume:  # Another run's state, continued here (SigLIP 2 §2.4).
+        state, start_step = _continue_run(run, parts, mesh, log)
+        batches, tokenizer, source = experiment.build_train_input(run, mesh, start_step,
+                                                            tokenizer=tokenizer)
+        first = next(batches)
     else:
         pretrained = experiment.load_model_init(run, parts.abstract_state["params"])
         state = experiment.init_state(run, parts, mesh, shapes, pretrained)
@@ -207,13 +213,26 @@ def _set_up(run: RunConfig, mesh: Mesh, checkpointer: Checkpointer, log: Log) ->
     _log_param_counts(log, state["params"], parts.frozen)
     first_batch = make_global_batch(first, mesh, run.mesh.batch_axes)
     compile_start = time.monotonic()
-    step_fn = parts.step_fn.lower(state, first_batch).compile()
-    flops = compiled_flops(step_fn)
+    step_fn = experiment.CompiledSteps(parts.step_fn)
+    flops = compiled_flops(step_fn.get(state, first_batch))
     log(f"compiled the train step in {time.monotonic() - compile_start:.1f}s"
         + (f"; {flops / 1e9:.2f} GFLOPs per device per step" if flops else ""))
     evaluators = build_evaluators(run, model=parts.model, mesh=mesh,
                                   param_shardings=parts.shardings["params"], tokenizer=tokenizer)
     return _Setup(state, start_step, step_fn, first_batch, batches, source, evaluators, flops)
+
+
+def _continue_run(run: RunConfig, parts: experiment.StepParts, mesh: Mesh, log: Log
+                  ) -> tuple[TrainState, int]:
+    """The train state of `model_init.resume` fitted to this run, and its step."""
+    try:
+        state, notes = resume.restore_resized(run.model_init.resume, parts.abstract_state, mesh)
+    except resume.ResumeError as e:
+        raise ConfigError(str(e)) from None
+    step = int(np.asarray(state["step"].addressable_data(0)))
+    log(f"continuing {run.model_init.resume} at step {step}"
+        + "".join(f"; {note}" for note in notes))
+    return state, step
 
 
 def _mfu_fn(run: RunConfig, flops: float | None, log: Log

@@ -34,6 +34,9 @@ INTENDED = {
     "siglip2_full_b16_256.py": (f"{DATA},tokenizer=gs://b/gemma.model", "v4-512"),
     "demo_siglip2.py": ("", "cpu-8"),
     "siglip2_ablation.py": ("", "cpu-8"),
+    "siglip2_res.py": (f"{DATA},tokenizer=gs://b/gemma.model,resume=/tmp", "v4-1024"),
+    "siglip2_naflex_continue_b16.py": (f"{DATA},tokenizer=gs://b/gemma.model,resume=/tmp",
+                                       "v4-512"),
 }
 # Configs that read a real checkpoint when loaded: planned in tests/test_docs.py instead.
 NEEDS_CHECKPOINT = {"finetune_csv.py"}

@@ -148,9 +148,27 @@ class InputConfig:
     global_batch: int
     shuffle_buffer: int = 10_000
     cache: bool = False
+    # NaFlex only: ((max_num_patches, global_batch), ...); each step draws one pair (seeded by
+    # the run's seed and the step) and uses the pp with that patch budget and that batch
+    # (SigLIP 2 §2.4). Empty: the pp's own budget and global_batch at every step.
+    seq_lens: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         set_fields(self, data=parse_source(self.data, "input.data"), pp=str(self.pp),
                    global_batch=check_int(self.global_batch, "input.global_batch", 1),
                    shuffle_buffer=check_int(self.shuffle_buffer, "input.shuffle_buffer", 0),
-                   cache=bool(self.cache))
+                   cache=bool(self.cache), seq_lens=_seq_lens(self.seq_lens))
+
+
+def _seq_lens(value: object) -> tuple[tuple[int, int], ...]:
+    """input.seq_lens as ((max_num_patches, global_batch), ...), each positive."""
+    pairs = []
+    for entry in value or ():
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+            raise ConfigError(f"input.seq_lens entry {entry!r}: expected a (max_num_patches, "
+                              "global_batch) pair")
+        pairs.append((check_int(entry[0], "input.seq_lens patches", 1),
+                      check_int(entry[1], "input.seq_lens global_batch", 1)))
+    if len({n for n, _ in pairs}) != len(pairs):
+        raise ConfigError(f"input.seq_lens {pairs}: each patch budget at most once")
+    return tuple(pairs)

@@ -442,3 +442,108 @@ def siglip2_naflex_continue_config(image_variant: str, arg: str | None
         c.evals[name].pp = c.evals[name].pp.replace(image_pp(res), naflex_image_pp(patch, 256))
     c.model_init = dict(img="", txt="", full="", resume=str(args["resume"]))
     return c
+
+
+def siglip2_demo_config(row: str, *, data: Mapping[str, Any], steps: int, seed: int,
+                        budget: float, every: int, batch: int, dec_len: int, bins: int,
+                        text_len: int, local_crops: int, local_size: int, start_frac: float,
+                        ema: float, lr: float, log_every: int, checkpoint: Mapping[str, int],
+                        tensorboard: bool) -> ml_collections.ConfigDict:
+    """The CPU SigLIP 2 demo on the multi-object shapes (configs/demo_siglip2.py and the
+    ablation's configs/siglip2_ablation.py): the tiny towers, and per `row` the objectives
+    (`decoder` and `all` add the LocCa decoder on all 3 tasks per image; `ssl` and `all` add
+    self-distillation and masked prediction on the global and local views), with the final
+    zero-shot, dense-probe and decoder-task evaluations on the held-out split."""
+    decoder, selfsup = row in ("decoder", "all"), row in ("ssl", "all")
+    c = ml_collections.ConfigDict()
+    c.seed = seed
+    c.total_steps = steps
+    c.log_every = log_every
+    c.time_budget_s = budget
+    c.cpu_devices = 8
+    c.mesh = [("data", -1)]
+    c.batch_axes = ("data",)
+    c.sharding_rules = [(".*", "replicate")]
+
+    keep = ["image", "labels"]
+    pp = ["value_range(-1, 1)"]
+    if decoder:  # All three tasks per image: dec_tokens [3, L].
+        pp.append(f"locca_task(max_len={dec_len}, num_bins={bins}, all_tasks=True)")
+        keep += ["dec_tokens", "dec_target_mask", "dec_parallel"]
+    if selfsup:  # The teacher's and masked student's view, the local views (SigLIP 2 §2.3).
+        pp += ["global_view", f"local_crops({local_crops}, {local_size})"]
+        keep += ["global_view", "local_views"]
+    pp.append(f'tokenize(max_len={text_len}, eos="sticky", inkey="texts", outkey="labels")')
+    pp.append("keep(" + ", ".join(f'"{k}"' for k in keep) + ")")
+    c.input = ml_collections.ConfigDict()
+    c.input.data = dict(split="train", **data)
+    c.input.pp = "|".join(pp)
+    c.input.global_batch = batch
+    c.input.shuffle_buffer = 2_000
+    c.input.cache = True
+    c.tokenizer = dict(model="", max_len=text_len, eos="sticky")
+
+    c.model = ml_collections.ConfigDict()
+    c.model.image = dict(width=64, depth=3, mlp_dim=256, num_heads=4, patch_size=8,
+                         posemb="learn", pool_type="gap")
+    c.model.text = dict(vocab_size=64, width=64, depth=2, mlp_dim=256, num_heads=4,
+                        pool_type="last")
+    c.model.out_dim = 64
+    c.model.temperature_init = 10.0
+    c.model.bias_init = -10.0
+    if decoder:
+        c.model.decoder = dict(width=64, depth=2, mlp_dim=256, num_heads=4, num_bins=bins,
+                               max_len=dec_len)
+    c.model_init = dict(img="", txt="", full="")
+
+    c.loss = dict(impl="ring")
+    if decoder:
+        c.loss.decoder = dict(weight=1.0, tasks_per_example=3)
+    if selfsup:
+        head = dict(head_hidden=256, head_bottleneck=64, head_layers=3, prototypes=256,
+                    start_frac=start_frac, ema=ema)
+        c.loss.self_distillation = dict(weight=1.0, n_local=local_crops,
+                                        local_size=local_size, **head)
+        c.loss.masked_prediction = dict(weight=0.25, mask_ratio=0.5, **head)
+
+    c.optim = dict(name="adam", b1=0.9, b2=0.95)
+    c.lr = lr
+    c.wd = 1e-4
+    c.grad_clip_norm = 1.0
+    c.schedule = dict(decay_type="cosine", warmup_frac=0.05)
+    c.grad_accum_steps = 1
+    c.on_nonfinite = "stop"
+    c.evals = _siglip2_demo_evals(dict(split="test", **data), every, decoder, dec_len, bins)
+    c.checkpoint = dict(checkpoint)
+    c.tensorboard = tensorboard
+    c.peak_flops = None
+    return c
+
+
+def _siglip2_demo_evals(test: Mapping[str, Any], every: int, decoder: bool, dec_len: int,
+                        bins: int) -> ml_collections.ConfigDict:
+    """Zero-shot on the main shape, dense probes on the class and shape maps, and with a
+    decoder the three decoder tasks (teacher-forced one task per example)."""
+    evals = ml_collections.ConfigDict()
+    evals.zeroshot = dict(
+        type="zeroshot", data=test, pp='value_range(-1, 1)|keep("image", "label")',
+        class_names="from_data", templates=["a large {}"], every_n_steps=every,
+        batch_size=240)
+    for name, label_set in (("dense_class", "class"), ("dense_shape", "shape")):
+        evals[name] = dict(
+            type="dense_probe", data=test, label_set=label_set, every_n_steps=every,
+            pp='value_range(-1, 1)|keep("image", "segmentation")', batch_size=240)
+    if decoder:
+        one = f"locca_task(max_len={dec_len}, num_bins={bins}, parallel_frac=0, tasks="
+        keys = '"image", "dec_tokens", "dec_target_mask"'
+        evals.captioning = dict(
+            type="captioning", data=test, every_n_steps=every, batch_size=240,
+            pp=f'value_range(-1, 1)|{one}("cap",))|keep({keys})')
+        evals.referring = dict(
+            type="referring", data=test, every_n_steps=every, batch_size=240,
+            pp=f'value_range(-1, 1)|{one}("aref",), box_key="dec_box")|keep({keys}, '
+               '"dec_box")')
+        evals.grounded_captioning = dict(
+            type="grounded_captioning", data=test, every_n_steps=every, batch_size=240,
+            pp=f'value_range(-1, 1)|{one}("gcap",))|keep({keys})')
+    return evals

@@ -27,3 +27,17 @@ def load_hf_scanned(path, image, text):
     target = jax.eval_shape(Model(**kw).init, jax.random.key(0), image,
                             np.asarray(text).astype(np.int32))
     return kw, hf.load_hf(path, target["params"])[0]
+
+
+def perturbed_hf_model(model, *, seed: int, noise: float, bias: float):
+    """A transformers SigLIP model with every weight moved by `noise`·N(0, 1) (random init has
+    many exact zeros and ones that hide mistakes), scale 10 and the given bias, in eval mode."""
+    import torch  # Only the parity tests (optional `parity` extra) call this.
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn_like(p))
+        model.logit_scale.fill_(np.log(10.0))
+        model.logit_bias.fill_(bias)
+    return model.eval()

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from checks import perturbed_hf_model
 from extras import require
 from PIL import Image
 
@@ -30,16 +31,6 @@ TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
             max_position_embeddings=64, projection_size=32, bos_token_id=None, eos_token_id=1,
             pad_token_id=1)
 VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
-
-
-def _perturb(model):
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-        model.logit_scale.fill_(np.log(10.0))
-        model.logit_bias.fill_(-2.0)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +55,7 @@ def siglip_dir(tmp_path_factory):
     vocab = Tokenizer(str(path / "spiece.model")).vocab_size
     cfg = transformers.SiglipConfig(text_config=dict(TEXT, vocab_size=vocab),
                                     vision_config=dict(VISION, image_size=32, patch_size=8))
-    model = _perturb(transformers.SiglipModel(cfg))
+    model = perturbed_hf_model(transformers.SiglipModel(cfg), seed=0, noise=0.1, bias=-2.0)
     model.save_pretrained(path)
     transformers.SiglipProcessor(
         image_processor=transformers.SiglipImageProcessor(size={"height": 32, "width": 32}),
@@ -106,7 +97,7 @@ def test_siglip2_naflex_directory_matches_transformers(tmp_path, images):
                         layout="gemma")
     cfg = transformers.Siglip2Config(text_config=dict(TEXT, vocab_size=300),
                                      vision_config=dict(VISION, patch_size=4, num_patches=16))
-    model = _perturb(transformers.Siglip2Model(cfg))
+    model = perturbed_hf_model(transformers.Siglip2Model(cfg), seed=0, noise=0.1, bias=-2.0)
     model.save_pretrained(path)
     proc = transformers.Siglip2ImageProcessorPil(patch_size=4, max_num_patches=24)
     proc.save_pretrained(path)

@@ -13,7 +13,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from checks import assert_bit_equal, load_hf_scanned
+from checks import assert_bit_equal, load_hf_scanned, perturbed_hf_model
 from extras import require
 from PIL import Image
 
@@ -37,21 +37,11 @@ SIZES_HW = [(32, 32), (16, 64), (64, 16), (3, 5)]  # Square, wide, tall, tiny.
 MAX_PATCHES = 24
 
 
-def _perturb(model, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        model.logit_scale.fill_(np.log(10.0))
-        model.logit_bias.fill_(-3.0)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def naflex_dir(tmp_path_factory):
     cfg = transformers.Siglip2Config(text_config=TEXT, vision_config=VISION)
     torch.manual_seed(0)
-    model = _perturb(transformers.Siglip2Model(cfg), 0)
+    model = perturbed_hf_model(transformers.Siglip2Model(cfg), seed=0, noise=0.05, bias=-3.0)
     path = tmp_path_factory.mktemp("siglip2")
     model.save_pretrained(path)
     return path, model
@@ -228,7 +218,7 @@ def fixres_dir(tmp_path_factory):
                   num_attention_heads=4, image_size=16, patch_size=4)  # fmt: skip
     cfg = transformers.SiglipConfig(text_config=TEXT, vision_config=vision)
     torch.manual_seed(1)
-    model = _perturb(transformers.SiglipModel(cfg), 1)
+    model = perturbed_hf_model(transformers.SiglipModel(cfg), seed=1, noise=0.05, bias=-3.0)
     path = tmp_path_factory.mktemp("siglip2_fixres")
     model.save_pretrained(path)
     return path, model

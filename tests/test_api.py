@@ -144,6 +144,49 @@ def test_hf_export_opens_in_auto_processor_and_pipeline(siglip_dir, images, tmp_
         np.testing.assert_allclose([by_label[x] for x in labels], row, atol=2e-5)
 
 
+def test_export_of_a_run_fine_tuned_from_a_hf_directory_opens_in_pipeline(
+        siglip_dir, images, tmp_path, monkeypatch):
+    """The user journey of the README: fine-tune a published (here random-weight) SigLIP
+    directory given by a relative path on a CSV (configs/finetune_csv.py), then export the
+    run from another directory: transformers' zero-shot pipeline loads the export and gives
+    the fine-tuned run's own probabilities, which moved away from the starting weights."""
+    from siglip_jax.config import load_config
+    from siglip_jax.trainer import train
+
+    path, _ = siglip_dir
+    rng = np.random.default_rng(1)
+    rows = ["image,caption"]
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            tmp_path / f"x{i}.png")
+        rows.append(f"x{i}.png,{WORDS[1 + i % 5]}")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    os.symlink(path, tmp_path / "published")
+    monkeypatch.chdir(tmp_path)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    config = load_config(os.path.join(REPO, "configs/finetune_csv.py") +
+                         ":init=published,csv=train.csv,steps=2,batch=8,lr=0.1,warmup=0")
+    train(config, str(workdir))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # The run's recorded paths must not depend on the cwd.
+    out = tmp_path / "export"
+    export(str(workdir), "hf", str(out), log=lambda line: None)
+
+    labels = ["2 cats", "2 dogs", "a red car"]
+    template = "This is a photo of {}."
+    texts = [template.format(x) for x in labels]
+    run = siglip_jax.load(str(workdir)).probabilities(images, texts)
+    start = siglip_jax.load(str(path)).probabilities(images, texts)
+    assert np.abs(run - start).max() > 1e-3  # Fine-tuning changed the model.
+    got = transformers.pipeline("zero-shot-image-classification", model=str(out))(
+        images, candidate_labels=labels, hypothesis_template=template)
+    for row, result in zip(run, got, strict=True):
+        by_label = {r["label"]: r["score"] for r in result}
+        np.testing.assert_allclose([by_label[x] for x in labels], row, atol=2e-5)
+
+
 def test_a_failed_export_leaves_no_partial_out(siglip_dir, tmp_path, monkeypatch):
     """The export is staged next to --out and moved into place only when complete."""
     from siglip_jax.checkpoints import hf_processor

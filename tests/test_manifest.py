@@ -3,17 +3,22 @@
 A saved step carries every file's size (and small files' crc32); restore checks them first and
 falls back past a step whose file is missing or changed, naming that file. A committed step
 without a manifest is restored after a one-line note (the documented backward-compatible rule).
+The last test does the same on gs:// against the local GCS emulator (tests/gcs_emulator.py).
 """
 
 import json
 import os
 import shutil
+import urllib.parse
+import urllib.request
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from siglip_jax import fsutil
 from siglip_jax.checkpoints import manifest
 from siglip_jax.checkpoints.orbax_io import DAMAGED_DIR, Checkpointer
 
@@ -130,3 +135,37 @@ def test_poll_writes_the_manifest_once_the_async_save_is_committed(tmp_path):
         assert (step_dir / manifest.NAME).exists()
     finally:
         ckpt.close()
+
+
+def _emulator_sizes(prefix):
+    """{object name: size} under gs://bucket/<prefix>, straight from the emulator's JSON API."""
+    url = (f"{os.environ['STORAGE_EMULATOR_HOST']}/storage/v1/b/bucket/o?"
+           + urllib.parse.urlencode({"prefix": prefix}))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url) as response:
+        return {item["name"][len(prefix):]: int(item["size"])
+                for item in json.load(response).get("items", [])
+                if not item["name"].endswith("/")}  # Not the empty directory markers.
+
+
+def test_on_gs_the_manifest_matches_the_objects_and_a_truncated_one_falls_back(gcs):
+    workdir = "gs://bucket/manifest"
+    with Checkpointer(workdir, 1, keep=3) as ckpt:
+        for step in (1, 2):
+            ckpt.maybe_save(step, _state(step))
+    step_dir = f"{workdir}/checkpoints/2"
+    objects = _emulator_sizes("manifest/checkpoints/2/")
+    written = json.loads(fsutil.read_text(f"{step_dir}/{manifest.NAME}"))
+    assert written["sizes"] == {k: v for k, v in objects.items() if k != manifest.NAME}
+    rel = sorted(r for r in written["sizes"] if r.startswith("default/ocdbt.process_0/d/"))[0]
+    data = fsutil.read_bytes(f"{step_dir}/{rel}")
+    with tf.io.gfile.GFile(f"{step_dir}/{rel}", "wb") as f:
+        f.write(data[: len(data) // 2])
+    lines = []
+    ckpt = Checkpointer(workdir, 1)
+    step, state = ckpt.restore_latest(_abstract(), lines.append)
+    ckpt.close()
+    assert step == 1
+    np.testing.assert_array_equal(state["params"]["w"], W + 1)
+    assert lines[0].startswith(f"checkpoint step 2 is damaged (file {rel} has "
+                               f"{len(data) // 2} bytes, the manifest says {len(data)})")

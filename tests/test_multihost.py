@@ -119,7 +119,7 @@ def test_a_dead_process_stops_the_others_within_bounded_time(tmp_path):
     assert "process 1 exited with code 137" in out
     assert "FAILED: process 1" in out
     assert not _pids_of(str(workdir), 0)  # Nothing is left running.
-    # The survivor says what happened in one line (watchdog at 3/4 of the heartbeat), before
+    # The survivor says what happened in one line (watchdog at 0.3 of the heartbeat), before
     # JAX's coordination service would abort it with a C++ dump.
     survivor = (tmp_path / "logs" / "process_0.log").read_text()
     errors = [line for line in survivor.splitlines() if line.startswith("error:")]

@@ -169,3 +169,20 @@ def test_on_gs_the_manifest_matches_the_objects_and_a_truncated_one_falls_back(g
     np.testing.assert_array_equal(state["params"]["w"], W + 1)
     assert lines[0].startswith(f"checkpoint step 2 is damaged (file {rel} has "
                                f"{len(data) // 2} bytes, the manifest says {len(data)})")
+
+
+def test_a_manifest_that_cannot_be_written_is_a_warning_not_the_end_of_the_run(
+        tmp_path, monkeypatch, capsys):
+    def refuse(step_dir):
+        raise PermissionError(f"{step_dir}: read-only")
+
+    monkeypatch.setattr(manifest, "write", refuse)
+    with Checkpointer(str(tmp_path), 1) as ckpt:
+        ckpt.maybe_save(1, _state(1))
+        ckpt.maybe_save(2, _state(2))  # Waits for step 1, then fails to write its manifest.
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 2 and warnings[0].startswith(
+        "warning: could not write the integrity manifest of checkpoint step 1 (")
+    monkeypatch.undo()
+    step, state, lines = _restore(tmp_path)
+    assert step == 2 and "has no integrity manifest" in lines[0]

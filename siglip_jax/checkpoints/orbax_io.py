@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Callable
 
 import jax
@@ -200,8 +201,14 @@ class Checkpointer:
         elif self.manager.is_saving_in_progress():
             return
         self._unverified = None
-        if jax.process_index() == 0 and step in self.manager.all_steps():
+        if jax.process_index() != 0 or step not in self.manager.all_steps():
+            return
+        try:
             manifest.write(self._step_dir(step))
+        except Exception as e:  # noqa: BLE001 - a failed manifest must not end the run.
+            print(f"warning: could not write the integrity manifest of checkpoint step {step} "
+                  f"({_one_line(e, 120)}); it will be restored with orbax's own checks only",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Waits for pending saves, writes their manifest and releases the manager, even if the

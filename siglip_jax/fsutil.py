@@ -66,6 +66,31 @@ def read_text(path: str) -> str:
         return f.read()
 
 
+def read_bytes(path: str) -> bytes:
+    """The bytes of file `path`."""
+    if is_remote(path):
+        with _gfile().GFile(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes `text` (UTF-8) to file `path` so that a reader sees the old or the whole new file.
+
+    Local: a temporary file beside it, then `os.replace`. Remote: one object upload (an object
+    store replaces an object whole).
+    """
+    if is_remote(path):
+        with _gfile().GFile(path, "w") as f:
+            f.write(text)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def join(root: str, *parts: str) -> str:
     """`root`/parts, with '/' separators for remote paths."""
     return posixpath.join(root, *parts) if is_remote(root) else os.path.join(root, *parts)

@@ -130,6 +130,7 @@ class SaveCheckpoints:
 
     def __call__(self, step: int, state: TrainState, metrics: StepMetrics) -> None:
         self._last = (step, metrics)
+        self.checkpointer.poll()  # The integrity manifest of a save that has just committed.
         if self.checkpointer.is_due(step):
             self.nonfinite.check(step, metrics)  # Never save a non-finite state.
             self.checkpointer.maybe_save(step, state)

@@ -76,6 +76,9 @@ class _Checkpointer:
     def maybe_save(self, step, state, force=False):
         self.saved.append((step, force))
 
+    def poll(self):
+        pass
+
 
 def test_checkpoints_are_never_saved_from_a_nonfinite_step():
     check = hooks.NonFiniteCheck("stop", print)

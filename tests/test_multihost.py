@@ -2,6 +2,7 @@
 
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -12,8 +13,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from tiny import tiny_config, tiny_overrides
 
+from siglip_jax import distributed
 from siglip_jax.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,3 +119,62 @@ def test_a_dead_process_stops_the_others_within_bounded_time(tmp_path):
     assert "process 1 exited with code 137" in out
     assert "FAILED: process 1" in out
     assert not _pids_of(str(workdir), 0)  # Nothing is left running.
+    # The survivor says what happened in one line (watchdog at 0.3 of the heartbeat), before
+    # JAX's coordination service would abort it with a C++ dump.
+    survivor = (tmp_path / "logs" / "process_0.log").read_text()
+    errors = [line for line in survivor.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, survivor[-3000:]
+    assert errors[0].startswith("error: process 1 of 2 stopped (no sign of life for ")
+    assert "process 0 exited with code 1 " in out
+    assert "killing the" not in out  # It stopped by itself, within the launcher's grace.
+
+
+class _FakeKeyValueStore:
+    """The two key-value calls of JAX's coordination-service client the watchdog uses."""
+
+    def __init__(self, peers_alive=(), fail=False):
+        self.values, self.fail, self.peers_alive = {}, fail, peers_alive
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if self.fail:
+            raise RuntimeError("UNAVAILABLE: failed to connect")
+        self.values[key] = value
+        for peer in self.peers_alive:  # A live peer beats whenever we do.
+            self.values[f"siglip_jax/alive/{peer}"] = str(int(value) * 7)
+
+    def key_value_dir_get(self, key):
+        return [(k, v) for k, v in self.values.items() if k.startswith(key)]
+
+
+@pytest.mark.parametrize(("alive", "fail", "expected"), [
+    ((), False, "error: process 1 of 3 stopped (no sign of life for"),
+    ((1, 2), True, "error: process 0 lost the coordinator (process 0 at 127.0.0.1:1)"),
+])
+def test_the_watchdog_names_a_silent_peer_in_one_line(alive, fail, expected):
+    # Cheap twin of the launcher test below: peer 2 (alive or done) is never reported.
+    store = _FakeKeyValueStore(peers_alive=alive, fail=fail)
+    store.values["siglip_jax/alive/2"] = "done"
+    lost = queue.Queue()
+    cluster = distributed.Cluster("127.0.0.1:1", 3, 0, heartbeat_timeout_s=1)
+    started = time.monotonic()
+    stop = distributed.watch_peers(cluster, interval_s=0.05, stale_s=0.5, on_lost=lost.put,
+                                   client=store)
+    try:
+        line = lost.get(timeout=10)
+    finally:
+        stop.set()
+    assert line.startswith(expected) and "\n" not in line
+    assert "rerun the same command" in line
+    assert time.monotonic() - started < 5
+
+
+def test_the_watchdog_keeps_quiet_while_peers_beat():
+    store = _FakeKeyValueStore(peers_alive=(1,))
+    lost = queue.Queue()
+    cluster = distributed.Cluster("127.0.0.1:1", 2, 0, heartbeat_timeout_s=1)
+    stop = distributed.watch_peers(cluster, interval_s=0.05, stale_s=0.3, on_lost=lost.put,
+                                   client=store)
+    time.sleep(1.0)
+    stop.set()
+    assert lost.empty()
+    assert store.values["siglip_jax/alive/0"] not in ("", "done")

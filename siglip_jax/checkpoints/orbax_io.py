@@ -11,12 +11,23 @@ previous step is tried. A step whose STRUCTURE differs from the run's state (sav
 optimizer or model) is not damage: it raises CheckpointStructureError naming the subtree.
 With several processes every decision is taken jointly (a step is good only if every process
 read it), and process 0 moves the directory.
+
+Integrity (checkpoints/manifest.py): once orbax has finalised a step (every process's part
+written and committed), process 0 writes `<step>/integrity_manifest.json` (each file's size,
+small files' crc32). That happens at the first `poll()` after the async save ends (the trainer
+polls every step), or at the next save or `close()`, which wait for it. Before restoring, a
+step with a manifest is checked against it: a missing file or one of another size or checksum
+is damage naming that file (the fallback above). A committed step WITHOUT a manifest (saved
+before manifests existed, or the run was killed between orbax's commit and the manifest) is
+restored with orbax's own checks only, after a one-line note: orbax lists only committed
+steps, and refusing them would lose a checkpoint interval at every kill.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Callable
 
 import jax
@@ -26,6 +37,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from siglip_jax import fsutil
+from siglip_jax.checkpoints import manifest
 
 DAMAGED_DIR = "checkpoints_damaged"
 
@@ -54,6 +66,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(os.path.abspath(self.directory)
                                              if "://" not in self.directory else self.directory,
                                              options=options)
+        self._unverified: int | None = None  # A step saved whose manifest is not written yet.
 
     def latest_step(self) -> int | None:
         """The newest saved step, or None when there is no checkpoint yet."""
@@ -90,6 +103,9 @@ class Checkpointer:
                     f"{where} and trying the previous step")
                 tried.append(step)
                 continue
+            note = unverified_note(self._step_dir(step))
+            if note:
+                log(f"checkpoint step {step} {note}")
             return step, state
         if tried:
             raise CheckpointDamagedError(
@@ -100,6 +116,13 @@ class Checkpointer:
 
     def _try_restore(self, abstract_state: object, step: int) -> tuple[object, object]:
         """(state, None) or (None, the problem: a message or a CheckpointStructureError)."""
+        step_dir = self._step_dir(step)
+        try:
+            damage = manifest.check(step_dir) if manifest.has_manifest(step_dir) else None
+        except Exception as e:  # noqa: BLE001 - an unlistable step is damage.
+            damage = f"cannot list its files: {type(e).__name__}: {e}"
+        if damage:
+            return None, damage
         try:
             metadata = self._tree_metadata(step)
         except Exception as e:  # noqa: BLE001 - any unreadable metadata is damage.
@@ -114,6 +137,9 @@ class Checkpointer:
             return self.restore(abstract_state, step), None
         except Exception as e:  # noqa: BLE001 - the structure matched, so this is damage.
             return None, f"{type(e).__name__}: {e}"
+
+    def _step_dir(self, step: int) -> str:
+        return fsutil.join(str(self.manager.directory), str(step))
 
     def _tree_metadata(self, step: int) -> object:
         path = epath.Path(self.manager.directory) / str(step) / "default"
@@ -151,11 +177,44 @@ class Checkpointer:
         """Starts an async save when `step` is due (or forced); returns whether it saved."""
         if not (force or self.is_due(step)) or step in self.manager.all_steps():
             return False
-        return bool(self.manager.save(step, args=ocp.args.StandardSave(state), force=True))
+        self._write_manifest(wait=True)
+        saved = bool(self.manager.save(step, args=ocp.args.StandardSave(state), force=True))
+        if saved:
+            self._unverified = step
+        return saved
+
+    def poll(self) -> None:
+        """Writes the manifest of the last save if orbax has finalised it (never waits)."""
+        self._write_manifest(wait=False)
+
+    def _write_manifest(self, wait: bool) -> None:
+        """Process 0 writes the manifest of the last saved step once orbax has committed it.
+
+        Orbax commits a step only after every process's part is written (a barrier inside its
+        finalisation), so what process 0 lists then is the whole step.
+        """
+        step = self._unverified
+        if step is None:
+            return
+        if wait:
+            self.manager.wait_until_finished()
+        elif self.manager.is_saving_in_progress():
+            return
+        self._unverified = None
+        if jax.process_index() != 0 or step not in self.manager.all_steps():
+            return
+        try:
+            manifest.write(self._step_dir(step))
+        except Exception as e:  # noqa: BLE001 - a failed manifest must not end the run.
+            print(f"warning: could not write the integrity manifest of checkpoint step {step} "
+                  f"({_one_line(e, 120)}); it will be restored with orbax's own checks only",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager, even if the wait fails."""
+        """Waits for pending saves, writes their manifest and releases the manager, even if the
+        wait fails."""
         try:
+            self._write_manifest(wait=True)
             self.manager.wait_until_finished()
         finally:
             self.manager.close()
@@ -216,6 +275,14 @@ def structure_mismatch(metadata_tree: object, abstract_state: object) -> str | N
         if have is not None and tuple(have) != want:
             return f"{'/'.join(names)} has shape {tuple(have)} in the checkpoint, {want} in the run"
     return None
+
+
+def unverified_note(step_dir: str) -> str | None:
+    """The note for a committed step without an integrity manifest, None if it has one."""
+    if manifest.has_manifest(step_dir):
+        return None
+    return ("has no integrity manifest (saved before manifests existed, or stopped between "
+            "orbax's commit and the manifest): restored with orbax's own checks only")
 
 
 def _one_line(problem: object, limit: int = 160) -> str:

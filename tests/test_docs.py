@@ -384,3 +384,13 @@ def test_block_runs_as_written(block, sandbox):
                 f"{block.id}: `{command}` did not print (in this order):\n{want}\n"
                 f"--- it printed\n{result.stdout[-3000:]}{result.stderr[-2000:]}")
             position += 1
+
+
+def test_contributing_lists_every_test_file():
+    """docs/contributing.md's table of test files names each file in tests/ (and no other)."""
+    text = _read("docs/contributing.md")
+    named = set(re.findall(r"`(test_\w+\.py)`", text))
+    present = {f for f in os.listdir(os.path.join(REPO, "tests"))
+               if re.fullmatch(r"test_\w+\.py", f)}
+    assert present <= named, f"not in docs/contributing.md: {sorted(present - named)}"
+    assert named <= present, f"named in docs/contributing.md but missing: {sorted(named - present)}"

@@ -105,9 +105,17 @@ def test_parse_config_arg():
 DEMO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
 
 
-def _run_train(*args):
-    return subprocess.run([sys.executable, "-m", "siglip_jax.train", *args],
-                          capture_output=True, text=True, timeout=120)
+def _run_trains(*arg_lists):
+    """Runs the train CLI once per argument list, all at once (each process spends most of its
+    time importing, which the cores can share), and returns the finished processes in order."""
+    procs = [subprocess.Popen([sys.executable, "-m", "siglip_jax.train", *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args in arg_lists]
+    results = []
+    for args, proc in zip(arg_lists, procs, strict=True):
+        stdout, stderr = proc.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
+    return results
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -120,8 +128,8 @@ def test_cli_errors_are_one_line(tmp_path):
         (["--config", DEMO_CONFIG, "--workdir", "/proc/forbidden/workdir"],
          "error: workdir '/proc/forbidden/workdir' is not writable"),
     ]
-    for args, message in cases:
-        result = _run_train(*args)
+    results = _run_trains(*(args for args, _ in cases))
+    for (_, message), result in zip(cases, results, strict=True):
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == 2, result.stderr
         assert len(lines) == 1 and lines[0].startswith(message), result.stderr
@@ -133,8 +141,10 @@ def test_config_mistakes_found_after_start_are_one_line_exit_2(tmp_path):
     pp string: one `error:` line and exit code 2, also once training machinery started."""
     import tiny
 
-    base = ["--config", f"{DEMO_CONFIG}:steps=4", "--workdir", str(tmp_path / "w"),
-            *(f"--config.{o}" for o in tiny.tiny_overrides(tmp_path / "data"))]
+    def base(i):  # Each process its own workdir and data folder: they run at once.
+        return ["--config", f"{DEMO_CONFIG}:steps=4", "--workdir", str(tmp_path / f"w{i}"),
+                *(f"--config.{o}" for o in tiny.tiny_overrides(tmp_path / f"data{i}"))]
+
     cases = [
         (["--config.log_every=0"], "error: config key log_every must be >= 1, got 0"),
         (["--config.total_steps=-5"], "error: config key total_steps must be >= 1, got -5"),
@@ -144,8 +154,8 @@ def test_config_mistakes_found_after_start_are_one_line_exit_2(tmp_path):
          "error: sharding rule regex 'nomatch/.*' matches no parameter"),
         (["--config.input.pp=value_range(-1, 1)|flatten"], "error: "),
     ]
-    for extra, message in cases:
-        result = _run_train(*base, *extra)
+    results = _run_trains(*([*base(i), *extra] for i, (extra, _) in enumerate(cases)))
+    for (extra, message), result in zip(cases, results, strict=True):
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == 2, (extra, result.stderr[-2000:])
         assert len(lines) == 1 and lines[0].startswith(message), (extra, result.stderr[-2000:])

@@ -71,13 +71,19 @@ for ((i = 0; i < num; i++)); do
 done
 echo "local_multihost: started $num processes (coordinator 127.0.0.1:$port, logs in $logdir)" >&2
 
+# How likely an exit code is the cause of a failure rather than a reaction to another's.
+cause_rank() {
+  if [[ $1 -gt 128 && $1 -ne 134 ]]; then echo 2; elif [[ $1 -gt 128 ]]; then echo 1; else echo 0; fi
+}
+
 # Wait for all; after the first failure, give the rest `grace` seconds, then kill them.
 first_failure="" failed_code=0 deadline=""
 remaining=$num
 declare -A done_pids=()
 while [[ $remaining -gt 0 ]]; do
-  # Failures seen in one poll: a process killed by a signal (code > 128) is taken as the cause,
-  # since the others then fail in their next collective.
+  # Failures seen in one poll: a process killed from outside (a signal other than SIGABRT) is
+  # taken as the cause, then one that aborted itself (134: e.g. gloo's C++ terminate when a peer
+  # vanishes mid-collective), then any other failure.
   round_failure="" round_code=0
   for i in "${!pids[@]}"; do
     pid=${pids[$i]}
@@ -90,7 +96,7 @@ while [[ $remaining -gt 0 ]]; do
       if [[ $code -ne 0 ]]; then
         echo "local_multihost: process $i exited with code $code" \
              "(log: $logdir/process_$i.log)" >&2
-        if [[ -z "$round_failure" ]] || { [[ $code -gt 128 ]] && [[ $round_code -le 128 ]]; }; then
+        if [[ -z "$round_failure" ]] || [[ $(cause_rank "$code") -gt $(cause_rank "$round_code") ]]; then
           round_failure=$i round_code=$code
         fi
       fi

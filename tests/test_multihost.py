@@ -119,14 +119,20 @@ def test_a_dead_process_stops_the_others_within_bounded_time(tmp_path):
     assert "process 1 exited with code 137" in out
     assert "FAILED: process 1" in out
     assert not _pids_of(str(workdir), 0)  # Nothing is left running.
+    assert "killing the" not in out  # The survivor stopped by itself, within the grace.
     # The survivor says what happened in one line (watchdog at 0.3 of the heartbeat), before
-    # JAX's coordination service would abort it with a C++ dump.
+    # JAX's coordination service would abort it with a C++ dump. One race is outside our
+    # reach: a peer killed inside a collective makes gloo abort the survivor at once (C++
+    # `terminate`, exit 134), before any Python code runs; the launcher still names the
+    # dead process above.
     survivor = (tmp_path / "logs" / "process_0.log").read_text()
+    if "terminate called after throwing an instance of 'gloo::" in survivor:
+        assert "process 0 exited with code 134 " in out, out
+        return
     errors = [line for line in survivor.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, survivor[-3000:]
     assert errors[0].startswith("error: process 1 of 2 stopped (no sign of life for ")
     assert "process 0 exited with code 1 " in out
-    assert "killing the" not in out  # It stopped by itself, within the launcher's grace.
 
 
 class _FakeKeyValueStore:

@@ -162,17 +162,22 @@ def tree_paths(tree: optax.Params) -> list[str]:
     return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def path_str(path: Sequence[object]) -> str:
-    """Formats a jax key path as `a/b/c`."""
-    parts = []
+def path_names(path: Sequence[object]) -> tuple[str, ...]:
+    """A jax key path as names, alike for dict keys, attributes and sequence indices."""
+    names = []
     for key in path:
         for attr in ("key", "name", "idx"):
             if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
+                names.append(str(getattr(key, attr)))
                 break
         else:
-            parts.append(str(key))
-    return "/".join(parts)
+            names.append(str(key))
+    return tuple(names)
+
+
+def path_str(path: Sequence[object]) -> str:
+    """Formats a jax key path as `a/b/c`."""
+    return "/".join(path_names(path))
 
 
 def _rule_to_spec(rule: Any, shape: Sequence[int], mesh: Mesh, path: str) -> PartitionSpec:

@@ -38,6 +38,7 @@ from jax.experimental import multihost_utils
 
 from siglip_jax import fsutil
 from siglip_jax.checkpoints import manifest
+from siglip_jax.sharding import path_names
 
 DAMAGED_DIR = "checkpoints_damaged"
 
@@ -232,19 +233,6 @@ class Checkpointer:
             pass
 
 
-def _path_names(path: tuple[object, ...]) -> tuple[str, ...]:
-    """Key path → names, alike for dict keys, attributes and sequence indices."""
-    names = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                names.append(str(getattr(key, attr)))
-                break
-        else:
-            names.append(str(key))
-    return tuple(names)
-
-
 def _subtree(names: tuple[str, ...], depth: int = 2) -> str:
     return "/".join(names[:depth]) + ("/..." if len(names) > depth else "")
 
@@ -255,10 +243,10 @@ def structure_mismatch(metadata_tree: object, abstract_state: object) -> str | N
     Compares leaf paths (names only: a namedtuple field and a dict key of the same name match)
     and shapes. The answer names the first differing subtree, e.g. `opt_state/0/...`.
     """
-    saved = {_path_names(p): leaf for p, leaf in
+    saved = {path_names(p): leaf for p, leaf in
              jax.tree_util.tree_leaves_with_path(metadata_tree, is_leaf=lambda x: x is None)
              if leaf is not None}
-    wanted = {_path_names(p): leaf for p, leaf in
+    wanted = {path_names(p): leaf for p, leaf in
               jax.tree_util.tree_leaves_with_path(abstract_state)}
     only_saved = sorted(set(saved) - set(wanted))
     only_wanted = sorted(set(wanted) - set(saved))

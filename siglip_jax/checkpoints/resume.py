@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 
 from siglip_jax.checkpoints.loader import saved_steps
 from siglip_jax.models.patch_resize import pi_resize_kernel, posemb_to_grid
-from siglip_jax.sharding import replicated
+from siglip_jax.sharding import path_names, replicated
 
 Names = tuple[str, ...]
 KERNEL = ("img", "embedding", "kernel")
@@ -44,19 +44,6 @@ POSEMB = ("img", "pos_embedding")
 
 class ResumeError(ValueError):
     """The checkpoint cannot be continued in this run (a missing leaf, a shape we cannot map)."""
-
-
-def _names(path: tuple[object, ...]) -> Names:
-    """Key path → names, alike for dict keys, attributes and sequence indices."""
-    out = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                out.append(str(getattr(key, attr)))
-                break
-        else:
-            out.append(str(key))
-    return tuple(out)
 
 
 def item_dir(path: str) -> str:
@@ -106,10 +93,11 @@ def restore_resized(path: str, abstract_state: Mapping[str, optax.Params], mesh:
     or left out). `abstract_state` carries the target shapes, dtypes and shardings."""
     directory = item_dir(path)
     saved_tree = ocp.StandardCheckpointHandler().metadata(epath.Path(directory)).tree
-    saved = {_names(p): leaf for p, leaf in
+    saved = {path_names(p): leaf for p, leaf in
              jax.tree_util.tree_leaves_with_path(saved_tree, is_leaf=lambda x: x is None)
              if leaf is not None}
-    wanted = {_names(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    wanted = {path_names(p): leaf
+              for p, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)}
     missing = sorted(set(wanted) - set(saved))
     if missing:
         raise ResumeError(f"model_init.resume={path!r}: the checkpoint has no "
@@ -134,12 +122,12 @@ def restore_resized(path: str, abstract_state: Mapping[str, optax.Params], mesh:
         return jax.ShapeDtypeStruct(tuple(leaf.shape), want.dtype, sharding=sharding)
 
     item = _prune(jax.tree_util.tree_map_with_path(
-        lambda p, leaf: target(_names(p), leaf), saved_tree,
+        lambda p, leaf: target(path_names(p), leaf), saved_tree,
         is_leaf=lambda x: x is None or hasattr(x, "shape")))
     restored = ocp.PyTreeCheckpointer().restore(directory, args=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True))
-    values = {_names(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(restored)}
+    values = {path_names(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(restored)}
     notes = [f"resized {'/'.join(n)} {tuple(saved[n].shape)} -> {tuple(wanted[n].shape)}"
              for n in sorted(resized) if _resizer(n)]
     restarted = sorted(n for n in resized if not _resizer(n)
@@ -154,7 +142,7 @@ def restore_resized(path: str, abstract_state: Mapping[str, optax.Params], mesh:
                      + (f" (+{len(dropped) - 6} more)" if len(dropped) > 6 else ""))
 
     def fit(p: tuple[object, ...], want: jax.ShapeDtypeStruct) -> jax.Array:
-        names = _names(p)
+        names = path_names(p)
         if names not in resized:
             return values[names]
         fn = _resizer(names)

@@ -11,6 +11,8 @@ import numpy as np
 import optax
 import pytest
 import tensorflow as tf
+from tiny import SELFSUP_HEAD as HEAD
+from tiny import SELFSUP_MODEL as MODEL
 
 from siglip_jax import losses
 from siglip_jax.config import ConfigError
@@ -28,13 +30,7 @@ from siglip_jax.step import (
     state_shardings,
 )
 
-MODEL = dict(
-    image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, pool_type="map"),
-    text=dict(vocab_size=32, width=32, depth=1, mlp_dim=64, num_heads=2, pool_type="last"),
-    out_dim=16)
 SHAPES = {"image": (16, 16, 16, 3), "labels": (16, 6)}
-HEAD = dict(head_hidden=24, head_bottleneck=8, head_layers=3, prototypes=12,
-            global_key="image")  # The teacher sees batch["image"] (tests/test_views.py: the view).
 
 
 def _objectives(start=0, ema=0.9, centering="sinkhorn"):

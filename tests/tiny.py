@@ -37,6 +37,16 @@ def tiny_config(data_dir, steps: int = 20, **extra):
     return load_config(f"{DEMO}:steps={steps}", tiny_overrides(data_dir, **extra))
 
 
+# The tiny two-tower model and self-supervised heads of the step-level SigLIP 2 tests
+# (test_distillation.py, test_switch_on.py); global_key="image": their batches have no global
+# view (tests/test_views.py checks the view routing).
+SELFSUP_MODEL = dict(
+    image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, pool_type="map"),
+    text=dict(vocab_size=32, width=32, depth=1, mlp_dim=64, num_heads=2, pool_type="last"),
+    out_dim=16)
+SELFSUP_HEAD = dict(head_hidden=24, head_bottleneck=8, head_layers=3, prototypes=12,
+                    global_key="image")  # The teacher sees batch["image"].
+
 TINY_STEPS = 20
 
 

@@ -15,7 +15,7 @@ Argument (optional): `steps=N` — e.g. `configs/demo.py:steps=20` for a smoke t
 
 import ml_collections
 
-from siglip_jax.recipes import parse_args
+from siglip_jax.recipes import demo_model, parse_args
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -43,14 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.cache = True
     c.tokenizer = dict(model="", max_len=8, eos="sticky")  # "": the data source's tokenizer.
 
-    c.model = ml_collections.ConfigDict()
-    c.model.image = dict(width=64, depth=3, mlp_dim=256, num_heads=4, patch_size=4,
-                         posemb="learn", pool_type="gap")
-    c.model.text = dict(vocab_size=64, width=64, depth=2, mlp_dim=256, num_heads=4,
-                        pool_type="last")
-    c.model.out_dim = 64
-    c.model.temperature_init = 10.0
-    c.model.bias_init = -10.0
+    c.model = demo_model(patch_size=4)
     c.model_init = dict(img="", txt="", full="")  # Checkpoint paths; "" = random init.
 
     c.loss = dict(impl="ring")

@@ -444,6 +444,20 @@ def siglip2_naflex_continue_config(image_variant: str, arg: str | None
     return c
 
 
+def demo_model(patch_size: int) -> ml_collections.ConfigDict:
+    """The CPU demos' two towers (ViT width 64, depth 3; text width 64, depth 2, vocabulary
+    64; 64-d embeddings), `t' = log 10` and `b = -10` at init."""
+    model = ml_collections.ConfigDict()
+    model.image = dict(width=64, depth=3, mlp_dim=256, num_heads=4, patch_size=patch_size,
+                       posemb="learn", pool_type="gap")
+    model.text = dict(vocab_size=64, width=64, depth=2, mlp_dim=256, num_heads=4,
+                      pool_type="last")
+    model.out_dim = 64
+    model.temperature_init = 10.0
+    model.bias_init = -10.0
+    return model
+
+
 def siglip2_demo_config(row: str, *, data: Mapping[str, Any], steps: int, seed: int,
                         budget: float, every: int, batch: int, dec_len: int, bins: int,
                         text_len: int, local_crops: int, local_size: int, start_frac: float,
@@ -483,14 +497,7 @@ def siglip2_demo_config(row: str, *, data: Mapping[str, Any], steps: int, seed: 
     c.input.cache = True
     c.tokenizer = dict(model="", max_len=text_len, eos="sticky")
 
-    c.model = ml_collections.ConfigDict()
-    c.model.image = dict(width=64, depth=3, mlp_dim=256, num_heads=4, patch_size=8,
-                         posemb="learn", pool_type="gap")
-    c.model.text = dict(vocab_size=64, width=64, depth=2, mlp_dim=256, num_heads=4,
-                        pool_type="last")
-    c.model.out_dim = 64
-    c.model.temperature_init = 10.0
-    c.model.bias_init = -10.0
+    c.model = demo_model(patch_size=8)
     if decoder:
         c.model.decoder = dict(width=64, depth=2, mlp_dim=256, num_heads=4, num_bins=bins,
                                max_len=dec_len)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from siglip_jax.console import quiet_library
-from siglip_jax.predict import Predictor
+from siglip_jax.predict import Predictor, sigmoid
 
 
 class Model:
@@ -83,8 +83,7 @@ class Model:
 
     def probabilities(self, images: Any, texts: str | Sequence[str]) -> np.ndarray:
         """sigmoid(logits), float32 [N_images, N_texts]: each pair judged on its own."""
-        logits = self.logits(images, texts).astype(np.float64)
-        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+        return sigmoid(self.logits(images, texts))
 
 
 def load(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,

@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from siglip_jax.checkpoints.hf_processor import PREPROCESSOR_FILE
 from siglip_jax.console import add_verbose_flag, quiet_startup
 from siglip_jax.models.config import make_model
 
 DEFAULT_TEMPLATE = "This is a photo of {}."
-PREPROCESSOR_FILE = "preprocessor_config.json"
 PROCESSOR_FILE = "processor_config.json"  # transformers ≥ 5 keeps the image settings here.
 _PIL_RESAMPLE = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
 
@@ -280,8 +280,13 @@ class Predictor:
         logits = np.concatenate(rows).astype(np.float32)
         if not np.isfinite(logits).all():
             raise PredictError(nonfinite_model_message(self.opened.path, self.params))
-        probs = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+        probs = sigmoid(logits)
         return {"probs": probs, "logits": logits, "texts": texts}
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """SigLIP's probabilities: the logistic function of each logit (in float64), float32."""
+    return (1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))).astype(np.float32)
 
 
 def _as_list(images: Any) -> list[Any]:

@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_args(arg, {"objectives": "all", "steps": 0, "eval_every": 0})
     row = str(args["objectives"])
     if row not in ROWS:
-        raise ConfigError(f"configs/demo_siglip2.py: objectives={row!r}, expected one of "
+        raise ConfigError(f"objectives={row!r}, expected one of "
                           f"{', '.join(ROWS)}")
     data = dict(name="demo_shapes", data_dir="~/.cache/siglip_jax", objects=True,
                 image_size=64, train_per_class=250, test_per_class=20)

@@ -39,14 +39,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_args(arg, DEFAULTS)
     for key in ("init", "csv"):
         if not args[key]:
-            raise ConfigError(f"configs/finetune_csv.py needs {key}=..., e.g. "
+            raise ConfigError(f"needs {key}=..., e.g. "
                               "':init=siglip-base-patch16-224,csv=my_data/train.csv'")
     # Absolute paths: the run's config.json must still name them from another directory.
     for key in PATH_ARGS:
         if args[key] and "://" not in str(args[key]):
             args[key] = os.path.abspath(os.path.expanduser(str(args[key])))
             if not os.path.exists(args[key]):
-                raise ConfigError(f"configs/finetune_csv.py: {key}={args[key]!r} does not "
+                raise ConfigError(f"{key}={args[key]!r} does not "
                                   "exist")
     info = checkpoint_info(str(args["init"]))
     if info["format"] != "hf":

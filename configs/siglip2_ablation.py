@@ -55,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_args(arg, ARGS)
     row = str(args["objectives"])
     if row not in ROWS:
-        raise ConfigError(f"configs/siglip2_ablation.py: objectives={row!r}, expected one of "
+        raise ConfigError(f"objectives={row!r}, expected one of "
                           f"{', '.join(ROWS)}")
     data = dict(DATA, data_dir=str(args["data_dir"]), train_per_class=int(args["train_per_class"]),
                 test_per_class=int(args["test_per_class"]))

@@ -66,9 +66,7 @@ def _call_get_config(path: str, arg: str | None) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {path!r} defines no get_config(arg=None) function")
     try:
         config = get_config(arg) if arg is not None else get_config()
-    except ConfigError as e:  # Name the file, unless the config already did.
-        if os.path.basename(path) in str(e):
-            raise
+    except ConfigError as e:  # The config's own complaint, said of its file.
         raise ConfigError(f"{path}: {e}") from e
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"{path}: get_config({arg!r}) failed: {e}") from e

@@ -15,6 +15,12 @@ done first. Why 0.3: in a rehearsal the service aborted a survivor less than 3/4
 timeout after a kill (it counts from the dead process's last heartbeat, which may be well
 before the kill), so the watchdog must speak early; its thread beats whatever the main thread
 does (compiling, waiting in a collective), so a slow step is not taken for a death.
+
+A peer that dies inside a collective can also make gloo raise in the main thread ("Connection
+closed by peer") before the watchdog has seen the silence; the trainer then waits for the
+watchdog's verdict (`PeerWatchdog.explain_collective_failure`), so the line still names the
+dead process. (Gloo may instead abort the survivor in C++ at once, exit 134, before any Python
+runs; the launcher then names the dead process.)
 """
 
 from __future__ import annotations
@@ -71,8 +77,9 @@ def on_multihost_tpu() -> bool:
     return len([h for h in hosts.split(",") if h.strip()]) > 1
 
 
-def initialize(cluster: Cluster) -> None:
-    """Joins the other processes (no-op for a single process)."""
+def initialize(cluster: Cluster) -> PeerWatchdog | None:
+    """Joins the other processes (no-op for a single process); returns the peer watchdog of an
+    explicit cluster (None otherwise)."""
     import jax
 
     if cluster.explicit and cluster.num_processes > 1:
@@ -80,9 +87,10 @@ def initialize(cluster: Cluster) -> None:
             coordinator_address=cluster.coordinator, num_processes=cluster.num_processes,
             process_id=cluster.process_id, heartbeat_timeout_seconds=cluster.heartbeat_timeout_s,
             initialization_timeout=max(60, cluster.heartbeat_timeout_s))
-        watch_peers(cluster)
-    elif not cluster.explicit and on_multihost_tpu():
+        return watch_peers(cluster)
+    if not cluster.explicit and on_multihost_tpu():
         jax.distributed.initialize(heartbeat_timeout_seconds=cluster.heartbeat_timeout_s)
+    return None
 
 
 _KEY = "siglip_jax/alive"
@@ -100,6 +108,31 @@ def lost_peer_message(cluster: Cluster, peer: int | None, silent_s: float) -> st
             f"{silent_s:.0f} s); process {cluster.process_id} stops too; {rerun}")
 
 
+@dataclasses.dataclass
+class PeerWatchdog:
+    """Handle on a running watchdog thread (`watch_peers`)."""
+
+    cluster: Cluster
+    stop: threading.Event
+    stale_s: float
+    interval_s: float
+    reported: threading.Event = dataclasses.field(default_factory=threading.Event)
+    line: str = ""  # What the watchdog reported, once it has.
+
+    def explain_collective_failure(self, error: BaseException) -> str:
+        """The one line for a collective that failed in the main thread (gloo raises when a
+        peer's connection closes). Waits until the watchdog could have named a dead peer; if
+        it did, its line is the answer (by default the watchdog has ended the process with it
+        already), else a line quoting the error."""
+        if self.reported.wait(self.stale_s + 3 * self.interval_s):
+            return self.line
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        return (f"error: process {self.cluster.process_id} of {self.cluster.num_processes}: a "
+                f"collective with the other processes failed ({first_line}); a peer has "
+                "probably stopped; rerun the same command to resume every process from the "
+                "last complete checkpoint")
+
+
 def _leave(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
     sys.stdout.flush()
@@ -108,8 +141,8 @@ def _leave(line: str) -> None:
 
 def watch_peers(cluster: Cluster, interval_s: float = 1.0, stale_s: float | None = None,
                 on_lost: Callable[[str], None] = _leave, client: object | None = None
-                ) -> threading.Event:
-    """Starts this process's watchdog thread (see the module doc); returns its stop event.
+                ) -> PeerWatchdog:
+    """Starts this process's watchdog thread (see the module doc); returns its handle.
 
     Needs `jax.distributed.initialize` done (or a `client` with JAX's key-value methods). At
     normal interpreter exit the watchdog stops and marks this process done, so that slower
@@ -120,8 +153,14 @@ def watch_peers(cluster: Cluster, interval_s: float = 1.0, stale_s: float | None
 
         client = jax_distributed.global_state.client
     stale_s = stale_s if stale_s is not None else max(3.0, 0.3 * cluster.heartbeat_timeout_s)
-    stop = threading.Event()
+    watchdog = PeerWatchdog(cluster, threading.Event(), stale_s, interval_s)
+    stop = watchdog.stop
     me = cluster.process_id
+
+    def report(line: str) -> None:
+        watchdog.line = line
+        on_lost(line)  # By default this ends the process.
+        watchdog.reported.set()
 
     def beat(value: str) -> None:
         client.key_value_set(f"{_KEY}/{me}", value, allow_overwrite=True)
@@ -138,7 +177,7 @@ def watch_peers(cluster: Cluster, interval_s: float = 1.0, stale_s: float | None
                 values = dict(client.key_value_dir_get(_KEY))
             except Exception:  # noqa: BLE001 - any failure to reach the service.
                 if not stop.is_set():
-                    on_lost(lost_peer_message(cluster, None, now - start))
+                    report(lost_peer_message(cluster, None, now - start))
                 return
             for peer in range(cluster.num_processes):
                 if peer == me:
@@ -151,7 +190,7 @@ def watch_peers(cluster: Cluster, interval_s: float = 1.0, stale_s: float | None
                     seen[peer] = (value, now)
                 last = seen.get(peer, ("", start))[1]
                 if now - last > stale_s and not stop.is_set():
-                    on_lost(lost_peer_message(cluster, peer, now - last))
+                    report(lost_peer_message(cluster, peer, now - last))
                     return
 
     def finish() -> None:
@@ -163,4 +202,4 @@ def watch_peers(cluster: Cluster, interval_s: float = 1.0, stale_s: float | None
 
     atexit.register(finish)
     threading.Thread(target=watch, name="siglip-peer-watchdog", daemon=True).start()
-    return stop
+    return watchdog

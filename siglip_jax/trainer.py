@@ -88,7 +88,7 @@ def run_cli(args: argparse.Namespace, overrides: list[str]) -> int:
     except (ConfigError, WorkdirError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return CONFIG_EXIT_CODE
-    distributed.initialize(cluster)
+    watchdog = distributed.initialize(cluster)
     try:
         summary = train(run, args.workdir)
     except CONFIG_ERRORS as e:
@@ -96,6 +96,11 @@ def run_cli(args: argparse.Namespace, overrides: list[str]) -> int:
         return CONFIG_EXIT_CODE
     except RUNTIME_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        return RUNTIME_EXIT_CODE
+    except jax.errors.JaxRuntimeError as e:
+        if watchdog is None:  # One process (or a TPU slice): JAX's own message is the story.
+            raise
+        print(watchdog.explain_collective_failure(e), file=sys.stderr)
         return RUNTIME_EXIT_CODE
     return PREEMPTED_EXIT_CODE if summary.get("preempted") else 0
 

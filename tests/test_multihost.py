@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 from tiny import tiny_config, tiny_overrides
 
 from siglip_jax import distributed
@@ -23,13 +24,27 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "local_multihost.sh"
 
 
-def launch(num, workdir, data_dir, steps, logdir, **kwargs):
-    args = [str(SCRIPT), str(num), "--logdir", str(logdir), *kwargs.pop("script_args", []),
+# Checkpoints every 5 steps (4 kept): step 10 is kept for the one-process resume, and step
+# 15 is there to fall back to when step 20 is damaged.
+CHECKPOINTS = {"checkpoint.every_n_steps": 5, "checkpoint.keep": 4}
+FAULT_FLAGS = ["--grace", "20", "--heartbeat", "10"]
+
+
+def launch(num, workdir, data_dir, steps, logdir, script_args=(), **kwargs):
+    args = [str(SCRIPT), str(num), "--logdir", str(logdir), *script_args,
             "--", "--config", f"{REPO}/configs/demo.py:steps={steps}", "--workdir",
-            str(workdir), *[f"--config.{o}" for o in tiny_overrides(data_dir)]]
+            str(workdir), *[f"--config.{o}" for o in tiny_overrides(data_dir, **CHECKPOINTS)]]
     env = {**os.environ, "PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, cwd=REPO, **kwargs)
+
+
+def finish(proc):
+    """Waits for a launch that must succeed; its output."""
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "all 2 processes finished" in out
+    return out
 
 
 def losses(workdir):
@@ -38,25 +53,33 @@ def losses(workdir):
 
 
 def params_at(workdir, step):
-    state = ocp.StandardCheckpointer().restore(
-        os.path.join(workdir, "checkpoints", str(step), "default"))
+    """The params of a checkpoint, on one device whatever process layout saved it."""
+    path = os.path.join(workdir, "checkpoints", str(step), "default")
+    metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path)).tree
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          metadata)
+    state = ocp.StandardCheckpointer().restore(path, target)
     return {jax.tree_util.keystr(p): np.asarray(v)
             for p, v in jax.tree_util.tree_flatten_with_path(state["params"])[0]}
 
 
-def test_two_processes_equal_one_process_and_checkpoints_move_between_them(tmp_path):
-    data_dir = tmp_path / "data"
-    multi = tmp_path / "multi"
-    proc = launch(2, multi, data_dir, 20, tmp_path / "logs")
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
-    assert "all 2 processes finished" in out
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """(data dir, workdir) of an uninterrupted 2-process run of 20 steps."""
+    root = tmp_path_factory.mktemp("two_processes")
+    finish(launch(2, root / "multi", root / "data", 20, root / "logs"))
+    return root / "data", root / "multi"
 
+
+def test_two_processes_equal_one_process_and_checkpoints_move_between_them(
+        tmp_path, two_process_run):
+    data_dir, multi = two_process_run
     single = tmp_path / "single"
     single.mkdir()
-    config = tiny_config(data_dir, 20)
+    config = tiny_config(data_dir, 20, **CHECKPOINTS)
     train(config, str(single))
-    multi_losses, single_losses = losses(multi), losses(single)
+    single_losses, multi_losses = losses(single), losses(multi)
     assert sorted(multi_losses) == [1, 5, 10, 15, 20]
     for step, value in single_losses.items():
         np.testing.assert_allclose(multi_losses[step], value, rtol=1e-5, err_msg=f"step {step}")
@@ -100,14 +123,28 @@ def _pids_of(marker, process_id):
     return pids
 
 
-def test_a_dead_process_stops_the_others_within_bounded_time(tmp_path):
+def _assert_same_run(workdir, reference):
+    """Bit-exact: the final params and every loss logged after the resume."""
+    reference_losses, got = losses(reference), losses(workdir)
+    for step in (15, 20):
+        assert got[step] == reference_losses[step], (step, got[step], reference_losses[step])
+    expected = params_at(reference, 20)
+    for key, value in params_at(workdir, 20).items():
+        np.testing.assert_array_equal(value, expected[key], err_msg=key)
+
+
+def test_a_killed_process_stops_the_others_and_a_rerun_resumes_bit_exactly(
+        tmp_path, two_process_run):
+    data_dir, reference = two_process_run
     workdir = tmp_path / "wd"
-    proc = launch(2, workdir, tmp_path / "data", 100_000, tmp_path / "logs",
-                  script_args=["--grace", "20", "--heartbeat", "10"])
+    proc = launch(2, workdir, data_dir, 20, tmp_path / "logs", script_args=FAULT_FLAGS)
+    # Kill process 1 once step 10 is complete (its manifest is written after orbax's commit,
+    # at the next step): 9 steps (about 9 s) before the end, so the run is still going.
+    complete = workdir / "checkpoints" / "10" / "integrity_manifest.json"
     deadline = time.monotonic() + 300
-    while not (workdir / "metrics.jsonl").exists():  # Both processes are training.
+    while not complete.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-        time.sleep(1)
+        time.sleep(0.02)
     victims = _pids_of(str(workdir), 1)
     assert len(victims) == 1
     os.kill(victims[0], signal.SIGKILL)
@@ -120,19 +157,37 @@ def test_a_dead_process_stops_the_others_within_bounded_time(tmp_path):
     assert "FAILED: process 1" in out
     assert not _pids_of(str(workdir), 0)  # Nothing is left running.
     assert "killing the" not in out  # The survivor stopped by itself, within the grace.
-    # The survivor says what happened in one line (watchdog at 0.3 of the heartbeat), before
-    # JAX's coordination service would abort it with a C++ dump. One race is outside our
-    # reach: a peer killed inside a collective makes gloo abort the survivor at once (C++
-    # `terminate`, exit 134), before any Python code runs; the launcher still names the
-    # dead process above.
+    # The survivor says what happened in one line (its watchdog, at 0.3 of the heartbeat; or,
+    # when gloo raised in a collective first, the trainer waiting for the watchdog's verdict),
+    # before JAX's coordination service would abort it with a C++ dump. One race is outside
+    # our reach: gloo may abort the survivor at once (C++ `terminate`, exit 134), before any
+    # Python code runs; the launcher still names the dead process above.
     survivor = (tmp_path / "logs" / "process_0.log").read_text()
     if "terminate called after throwing an instance of 'gloo::" in survivor:
         assert "process 0 exited with code 134 " in out, out
-        return
-    errors = [line for line in survivor.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, survivor[-3000:]
-    assert errors[0].startswith("error: process 1 of 2 stopped (no sign of life for ")
-    assert "process 0 exited with code 1 " in out
+    else:
+        errors = [line for line in survivor.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, survivor[-3000:]
+        assert errors[0].startswith("error: process 1 of 2 stopped (no sign of life for ")
+        assert "process 0 exited with code 1 " in out
+
+    # The same command again: both processes resume from the last complete checkpoint and
+    # end where the uninterrupted run ended, bit for bit.
+    out = finish(launch(2, workdir, data_dir, 20, tmp_path / "logs", script_args=FAULT_FLAGS))
+    assert "resumed from checkpoint at step " in out
+    _assert_same_run(workdir, reference)
+
+    # Damage the newest step (a truncated array file): both processes take the same decision
+    # (the restore agrees across processes), fall back to step 15 and again end bit-exactly.
+    step_20 = workdir / "checkpoints" / "20"
+    victim = max((p for p in step_20.rglob("*") if p.is_file() and "/d/" in str(p)),
+                 key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    out = finish(launch(2, workdir, data_dir, 20, tmp_path / "logs", script_args=FAULT_FLAGS))
+    assert "checkpoint step 20 is damaged" in out, out[-3000:]
+    assert "resumed from checkpoint at step 15" in out
+    assert (workdir / "checkpoints_damaged" / "20").is_dir()
+    _assert_same_run(workdir, reference)
 
 
 class _FakeKeyValueStore:

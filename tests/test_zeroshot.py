@@ -210,7 +210,7 @@ def test_builder_checks_pp_outputs_at_build_time(tmp_path):
         build_evaluators(parse(config), model=None, mesh=mesh, param_shardings=None,
                          tokenizer=None)
     config = _with_zeroshot(config, pp='keep("image", "labels")')
-    with pytest.raises(ConfigError, match=r"evals.zeroshot.pp: PPKeyError: pp op 'keep' needs "
+    with pytest.raises(ConfigError, match=r"evals.zeroshot.pp: pp op 'keep' needs "
                                           r"key 'labels'; example has \['image', 'label', "):
         build_evaluators(parse(config), model=None, mesh=mesh, param_shardings=None,
                          tokenizer=None)

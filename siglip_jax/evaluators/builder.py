@@ -125,7 +125,7 @@ def pp_output_spec(source: Source, preprocess: PreprocessFn, keys: Sequence[str]
     pp string fails or does not produce `keys` — at build time, not hours into training."""
     try:
         spec = source.dataset(0, 1).map(preprocess).element_spec
-    except Exception as e:  # tf.data traces with AutoGraph, which wraps the op's own error.
+    except Exception as e:  # noqa: BLE001 - whatever the op raised, its last line.
         text = str(e).strip()
         last = text.splitlines()[-1].strip() if text else type(e).__name__
         raise ConfigError(f"{where}.pp: {last}") from None

@@ -177,10 +177,11 @@ def test_a_killed_process_stops_the_others_and_a_rerun_resumes_bit_exactly(
     assert "resumed from checkpoint at step " in out
     _assert_same_run(workdir, reference)
 
-    # Damage the newest step (a truncated array file): both processes take the same decision
-    # (the restore agrees across processes), fall back to step 15 and again end bit-exactly.
+    # Damage process 1's part of the newest step (its largest array file, truncated): both
+    # processes take the same decision (the restore agrees across processes), fall back to
+    # step 15 together and again end bit-exactly.
     step_20 = workdir / "checkpoints" / "20"
-    victim = max((p for p in step_20.rglob("*") if p.is_file() and "/d/" in str(p)),
+    victim = max((p for p in step_20.rglob("*") if "ocdbt.process_1/d/" in str(p)),
                  key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     out = finish(launch(2, workdir, data_dir, 20, tmp_path / "logs", script_args=FAULT_FLAGS))

@@ -94,6 +94,8 @@ def initialize(cluster: Cluster) -> PeerWatchdog | None:
 
 
 _KEY = "siglip_jax/alive"
+# Words of a collective's error when a peer's connection went away (gloo over TCP).
+LOST_PEER_SIGNS = ("gloo", "connection closed", "connection reset", "broken pipe")
 _DONE = "done"
 
 
@@ -119,14 +121,18 @@ class PeerWatchdog:
     reported: threading.Event = dataclasses.field(default_factory=threading.Event)
     line: str = ""  # What the watchdog reported, once it has.
 
-    def explain_collective_failure(self, error: BaseException) -> str:
-        """The one line for a collective that failed in the main thread (gloo raises when a
+    def explain_collective_failure(self, error: BaseException) -> str | None:
+        """The one line for an error the main thread got from a collective (gloo raises when a
         peer's connection closes). Waits until the watchdog could have named a dead peer; if
         it did, its line is the answer (by default the watchdog has ended the process with it
-        already), else a line quoting the error."""
+        already). Else a line quoting the error if it reads like a lost connection, or None
+        (not a lost peer: the caller lets the error through as it is)."""
         if self.reported.wait(self.stale_s + 3 * self.interval_s):
             return self.line
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        text = str(error).strip()
+        if not any(sign in text.lower() for sign in LOST_PEER_SIGNS):
+            return None
+        first_line = text.splitlines()[0]
         return (f"error: process {self.cluster.process_id} of {self.cluster.num_processes}: a "
                 f"collective with the other processes failed ({first_line}); a peer has "
                 "probably stopped; rerun the same command to resume every process from the "

@@ -98,9 +98,12 @@ def run_cli(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return RUNTIME_EXIT_CODE
     except jax.errors.JaxRuntimeError as e:
-        if watchdog is None:  # One process (or a TPU slice): JAX's own message is the story.
+        # Several processes joined by address: a peer lost mid-collective gets one line. One
+        # process, a TPU slice, or another runtime error: JAX's own message is the story.
+        line = watchdog.explain_collective_failure(e) if watchdog is not None else None
+        if line is None:
             raise
-        print(watchdog.explain_collective_failure(e), file=sys.stderr)
+        print(line, file=sys.stderr)
         return RUNTIME_EXIT_CODE
     return PREEMPTED_EXIT_CODE if summary.get("preempted") else 0
 

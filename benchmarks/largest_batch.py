@@ -56,6 +56,7 @@ class Search:
     impl: str
     largest: int | None = None  # Largest global batch that fit.
     largest_bytes: int | None = None  # Compiled bytes per chip at `largest`.
+    largest_step: str = ""  # The roofline step-time estimate at `largest`, with its bound.
     first_fail: int | None = None  # Smallest global batch seen not to fit.
     fail_note: str = ""
     compiles: list[tuple[int, bool, float, float]] = dataclasses.field(default_factory=list)
@@ -82,8 +83,9 @@ class Budget:
 
 
 def _probe(config_spec: str, overrides: list[str], slice_name: str, impl: str, batch: int,
-           budget: Budget) -> tuple[bool, int, str, float]:
-    """Compiles the step at one global batch: (fits, bytes per chip, failure note, seconds)."""
+           budget: Budget) -> tuple[bool, int, str, float, str]:
+    """Compiles the step at one global batch: (fits, bytes per chip, failure note, compile
+    seconds, the estimated step time and its bound)."""
     import jax
 
     from siglip_jax.compiled_step import compile_train_step
@@ -98,10 +100,12 @@ def _probe(config_spec: str, overrides: list[str], slice_name: str, impl: str, b
     seconds = time.perf_counter() - t0
     jax.clear_caches()
     if report.oom is not None:
-        return False, 0, report.oom, seconds
+        return False, 0, report.oom, seconds, ""
     note = "" if report.fits else (f"{report.total_bytes / GiB:.2f} GiB > "
                                    f"{report.chip.hbm_bytes / GiB:.2f} GiB HBM")
-    return report.fits, report.total_bytes, note, seconds
+    estimate = (f"{report.step_seconds:.2f} s ({report.bound})" if report.step_seconds
+                else "")
+    return report.fits, report.total_bytes, note, seconds, estimate
 
 
 def search(args: argparse.Namespace, slice_name: str, impl: str, budget: Budget) -> Search:
@@ -116,15 +120,16 @@ def search(args: argparse.Namespace, slice_name: str, impl: str, budget: Budget)
         if why:
             out.incomplete = why
             return None
-        fits, total, note, secs = _probe(args.config, args.overrides, slice_name, impl, batch,
-                                         budget)
+        fits, total, note, secs, estimate = _probe(args.config, args.overrides, slice_name,
+                                                   impl, batch, budget)
         out.compiles.append((batch, fits, total / GiB, secs))
         print(f"# [{time.perf_counter() - budget.start:7.0f} s] {spec.name} {impl:10s} "
               f"batch {batch:8d} ({batch // spec.chips} per chip): "
-              + (f"fits, {total / GiB:.2f} GiB per chip" if fits else f"DOES NOT FIT ({note})")
+              + (f"fits, {total / GiB:.2f} GiB per chip, est. step {estimate}" if fits
+                 else f"DOES NOT FIT ({note})")
               + f", compiled in {secs:.0f} s", file=sys.stderr, flush=True)
         if fits and (out.largest is None or batch > out.largest):
-            out.largest, out.largest_bytes = batch, total
+            out.largest, out.largest_bytes, out.largest_step = batch, total, estimate
         if not fits and (out.first_fail is None or batch < out.first_fail):
             out.first_fail, out.fail_note = batch, note
         return fits
@@ -182,8 +187,9 @@ def print_table(results: list[Search], args: Any) -> None:
     print(f"{_versions()}\nmemory is the compiler's (buffer assignment per chip); nothing ran "
           "on a TPU\n")
     print("| slice | chips | loss impl | largest fitting global batch (per chip) | "
-          "compiled GiB per chip | first failing batch (per chip) | compiles (s) |")
-    print("|---|---|---|---|---|---|---|")
+          "compiled GiB per chip | est. step there (bound) | first failing batch (per chip) | "
+          "compiles (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         gib = "—" if r.largest_bytes is None else f"{r.largest_bytes / GiB:.2f}"
         fail = _cell(r.first_fail, r.chips)
@@ -191,7 +197,7 @@ def print_table(results: list[Search], args: Any) -> None:
             fail += f" [incomplete: {r.incomplete}]"
         secs = sum(c[3] for c in r.compiles)
         print(f"| {r.slice_name} | {r.chips} | {r.impl} | {_cell(r.largest, r.chips)} | {gib} | "
-              f"{fail} | {len(r.compiles)} ({secs:.0f}) |")
+              f"{r.largest_step or '—'} | {fail} | {len(r.compiles)} ({secs:.0f}) |")
     for r in results:
         if r.fail_note:
             print(f"\n{r.slice_name} {r.impl} at {r.first_fail}: {r.fail_note}")

@@ -94,9 +94,9 @@ def initialize(cluster: Cluster) -> PeerWatchdog | None:
 
 
 _KEY = "siglip_jax/alive"
+_DONE = "done"
 # Words of a collective's error when a peer's connection went away (gloo over TCP).
 LOST_PEER_SIGNS = ("gloo", "connection closed", "connection reset", "broken pipe")
-_DONE = "done"
 
 
 def lost_peer_message(cluster: Cluster, peer: int | None, silent_s: float) -> str:

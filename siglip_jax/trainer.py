@@ -192,32 +192,29 @@ class _Setup:
 
 def _set_up(run: RunConfig, mesh: Mesh, checkpointer: Checkpointer, log: Log) -> _Setup:
     """Input, model, state (restored or initialised), compiled step and evaluators."""
-    start_step = checkpointer.latest_step() or 0
-    batches, tokenizer, source = experiment.build_train_input(run, mesh, start_step)
+    input_step = checkpointer.latest_step() or 0
+    batches, tokenizer, source = experiment.build_train_input(run, mesh, input_step)
     first = next(batches)
     shapes = jax.tree.map(lambda v: (v.shape[0] * jax.process_count(), *v.shape[1:]), first)
     parts = experiment.build_step(run, mesh, shapes)
     # Straight into the target shardings: no random init held alongside. A damaged newest
     # step is moved aside and an earlier one restored; the input then restarts from there.
-    restored = checkpointer.restore_latest(parts.abstract_state, log) if start_step else None
-    if restored is not None and restored[0] != start_step:
-        start_step = restored[0]
-        batches, tokenizer, source = experiment.build_train_input(run, mesh, start_step,
-                                                            tokenizer=tokenizer)
-        first = next(batches)
+    restored = checkpointer.restore_latest(parts.abstract_state, log) if input_step else None
     if restored is not None:
-        state = restored[1]
+        start_step, state = restored
         log(f"resumed from checkpoint at step {start_step}")
     elif run.model_init.resume:  # Another run's state, continued here (SigLIP 2 §2.4).
         state, start_step = _continue_run(run, parts, mesh, log)
-        batches, tokenizer, source = experiment.build_train_input(run, mesh, start_step,
-                                                            tokenizer=tokenizer)
-        first = next(batches)
     else:
+        start_step = 0
         pretrained = experiment.load_model_init(run, parts.abstract_state["params"])
         state = experiment.init_state(run, parts, mesh, shapes, pretrained)
         if pretrained:
             log(f"initialised {sorted(pretrained)} from model_init")
+    if start_step != input_step:  # The input restarts where the state is.
+        batches, tokenizer, source = experiment.build_train_input(run, mesh, start_step,
+                                                                  tokenizer=tokenizer)
+        first = next(batches)
     _log_param_counts(log, state["params"], parts.frozen)
     first_batch = make_global_batch(first, mesh, run.mesh.batch_axes)
     compile_start = time.monotonic()
@@ -237,7 +234,7 @@ def _continue_run(run: RunConfig, parts: experiment.StepParts, mesh: Mesh, log: 
         state, notes = resume.restore_resized(run.model_init.resume, parts.abstract_state, mesh)
     except resume.ResumeError as e:
         raise ConfigError(str(e)) from None
-    step = int(np.asarray(state["step"].addressable_data(0)))
+    step = int(resume.local_value(state["step"]))
     log(f"continuing {run.model_init.resume} at step {step}"
         + "".join(f"; {note}" for note in notes))
     return state, step

@@ -123,14 +123,9 @@ def pp_image_size(pp_string: str, data: SourceConfig) -> tuple[int, int] | None:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def naflex_budget(run: RunConfig) -> tuple[int, int] | None:
-    """(patch size, max_num_patches) of the input pp's `patchify` op (a NaFlex pipeline), or
-    None when the pp has none (fixed-resolution images)."""
-    return naflex_budget_of(run.input.pp)
-
-
-def naflex_budget_of(pp_string: str) -> tuple[int, int] | None:
-    """(patch size, max_num_patches) of a pp string's `patchify` op, None if it has none."""
+def naflex_budget(pp_string: str) -> tuple[int, int] | None:
+    """(patch size, max_num_patches) of a pp string's `patchify` op (a NaFlex pipeline), or
+    None when it has none (fixed-resolution images)."""
     try:
         calls = pp.parse(pp_string)
     except pp.PPError:
@@ -150,7 +145,7 @@ def input_shapes(run: RunConfig, batch: int | None = None) -> BatchShapes | None
     views such as "global_view" have the image's shape); None when
     the pp does not say the image size."""
     batch = run.input.global_batch if batch is None else batch
-    budget = naflex_budget(run)
+    budget = naflex_budget(run.input.pp)
     if budget is not None:
         patch, num = budget
         image: BatchShape = {"patches": (batch, num, patch * patch * 3), "mask": (batch, num),
@@ -214,7 +209,7 @@ def pp_at_budget(pp_string: str, max_num_patches: int) -> str:
     `patchify` ops set to `max_num_patches`."""
     out, count = _BUDGET_RE.subn(lambda m: f"{m.group(1)}({m.group(2)}, {max_num_patches}",
                                  pp_string)
-    if not count or naflex_budget_of(out) is None:
+    if not count or naflex_budget(out) is None:
         raise ConfigError(f"input.seq_lens needs a NaFlex input.pp with resize_to_patches(p, n) "
                           f"and patchify(p, n); got {pp_string!r}")
     return out
@@ -244,9 +239,9 @@ def build_train_input(run: RunConfig, mesh: Mesh, start_step: int, *,
                       ) -> tuple[Iterator[dict[str, np.ndarray]], Tokenizer, Source]:
     """`build_input`, or with input.seq_lens one pipeline per length merged step by step as
     `length_choices` says; each resumes after the batches it gave before `start_step`."""
-    runs = length_runs(run)
-    if len(runs) == 1 and not run.input.seq_lens:
+    if not run.input.seq_lens:
         return build_input(run, mesh, start_step, tokenizer=tokenizer)
+    runs = length_runs(run)
     choices = length_choices(run)
     done = np.bincount(choices[:start_step], minlength=len(runs))
     pipes = []

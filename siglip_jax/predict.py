@@ -185,11 +185,11 @@ class Predictor:
         import jax
 
         # Late, on purpose: predict.py is also the CLI, whose start-up stays quiet (TF loads here).
-        from siglip_jax.checkpoints.open import open_model
+        from siglip_jax.checkpoints.open import open_model, resolve_path
         from siglip_jax.data.tokenizer import Tokenizer
 
-        if tokenizer and "://" not in tokenizer:  # Relative to the current directory, or ~.
-            tokenizer = os.path.abspath(os.path.expanduser(tokenizer))
+        if tokenizer:  # Relative to the current directory, or ~.
+            tokenizer = resolve_path(tokenizer)
         opened = open_model(checkpoint, overrides={
             "model": model_config, "image_size": image_size, "text_len": text_len,
             "tokenizer": tokenizer})

@@ -155,7 +155,7 @@ def open_model(path: str | os.PathLike, overrides: Mapping[str, object] | None =
         if not found["tokenizer"]:
             found["tokenizer"] = _run_data_tokenizer(run)
     if run is not None and found["tokenizer"] and overrides.get("tokenizer") is None:
-        found["tokenizer"] = _run_relative(str(found["tokenizer"]), path)
+        found["tokenizer"] = _run_relative(str(found["tokenizer"]), path, str(info["workdir"]))
     inferred = infer_model_config(params) if info["format"] == "npz" else {}
     chosen = {k: _first(overrides.get(k), found[k], defaults.get(k), inferred.get(k))
               for k in OVERRIDE_KEYS}
@@ -193,15 +193,12 @@ def _convention(info: Mapping[str, object], naflex: bool, tokenizer: str | None)
     return "siglip2" if gemma or naflex else "siglip"
 
 
-def _run_relative(file: str, checkpoint: str) -> str:
+def _run_relative(file: str, checkpoint: str, workdir: str) -> str:
     """A file named by a run's config.json: as stored when absolute (or remote); a relative
     one (runs started before paths were stored absolute) is looked up from the current
-    directory, then from the workdir; CheckpointFormatError when neither has it."""
+    directory, then from the run's workdir; CheckpointFormatError when neither has it."""
     if "://" in file or os.path.isabs(file):
         return file
-    workdir = checkpoint
-    if os.path.basename(os.path.dirname(checkpoint)) == "checkpoints":  # A step directory.
-        workdir = os.path.dirname(os.path.dirname(checkpoint))
     for base in (os.getcwd(), workdir):
         if os.path.exists(os.path.join(base, file)):
             return os.path.join(base, file)

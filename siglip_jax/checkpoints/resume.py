@@ -82,7 +82,7 @@ def _resizer(names: Names) -> Callable[[np.ndarray, tuple[int, ...]], np.ndarray
     return None
 
 
-def _local(array: jax.Array) -> np.ndarray:
+def local_value(array: jax.Array) -> np.ndarray:
     """A replicated array's value on this host."""
     return np.asarray(array.addressable_data(0))
 
@@ -147,7 +147,7 @@ def restore_resized(path: str, abstract_state: Mapping[str, optax.Params], mesh:
             return values[names]
         fn = _resizer(names)
         shape = tuple(want.shape)
-        old = _local(values[names])
+        old = local_value(values[names])
         if old.size == int(np.prod(shape)):  # Same patch and grid, another layout: reshape.
             new = old.reshape(shape)
         else:

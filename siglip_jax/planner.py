@@ -37,6 +37,8 @@ from siglip_jax.experiment import (
     build_step,
     check_batch,
     check_vocab,
+    image_input_dtype,
+    image_input_keys,
     input_shapes,
 )
 from siglip_jax.metrics import PEAK_FLOPS_PER_CHIP
@@ -219,10 +221,12 @@ def _step_parts(run: RunConfig, plan: Plan) -> StepParts | None:
     image = shapes["image"]
     plan.image_hw = None if isinstance(image, dict) else tuple(image[1:3])
     plan.image_tokens = image["mask"][1] if isinstance(image, dict) else None
+    pixel = 2 if image_input_dtype(run) else 4  # Bytes per image value on the device.
     plan.example_bytes = 4 * plan.text_len + (
         4 * math.prod(image["patches"][1:]) + image["mask"][1] + 8 if isinstance(image, dict)
-        else 4 * math.prod(image[1:])) + sum(  # + the objectives' entries (≤ 4 bytes a value):
-        4 * math.prod(v[1:]) for k, v in shapes.items()  # views, decoder tokens.
+        else pixel * math.prod(image[1:])) + sum(  # + the objectives' entries: views (as the
+        (pixel if k in image_input_keys(run) else 4) * math.prod(v[1:])  # image), decoder
+        for k, v in shapes.items()  # tokens (≤ 4 bytes a value).
         if k not in ("image", "labels") and not isinstance(v, dict))
     mesh = AbstractMesh(tuple(plan.mesh.values()), tuple(plan.mesh))
     try:

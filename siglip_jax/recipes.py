@@ -56,6 +56,8 @@ ARG_DOCS: dict[str, str] = {
              "negatives per example)",
     "remat": "remat policy of both towers ('none', 'nothing_saveable', ...)",
     "dtype": "activation/matmul dtype of both towers (default bfloat16)",
+    "attn_chunk": "image tower attention in blocks of this many query rows (0: whole; "
+                  "less memory, a little more compute: docs/tpu.md)",
     "init": "checkpoint to start from (fine-tune: our orbax step dir, big_vision .npz or HF dir)",
     "img": "image-tower checkpoint (LiT)",
     "variant": "image variant, e.g. B/16",
@@ -94,7 +96,8 @@ def text_pp(max_len: int = 64, inkey: str = "texts") -> str:
 
 
 def tower_configs(image_variant: str, text_variant: str, *, dtype: str, remat: str,
-                  scan: bool = True, pool: str = "map") -> tuple[dict, dict, tuple]:
+                  scan: bool = True, pool: str = "map", attn_chunk: int = 0
+                  ) -> tuple[dict, dict, tuple]:
     """(image config, text config, out_dim) of a released-SigLIP-shaped two-tower model.
 
     The image tower has no projection head; the text head maps to the image tower's width.
@@ -102,7 +105,7 @@ def tower_configs(image_variant: str, text_variant: str, *, dtype: str, remat: s
     variants.decode_variant(text_variant, allow_patch=False)  # Validates the name.
     width = variants.decode_variant(image_variant)["width"]
     image = dict(variant=image_variant, pool_type=pool, scan=scan, remat_policy=remat,
-                 dtype=dtype)
+                 dtype=dtype, attention_chunk=int(attn_chunk))
     text = dict(variant=text_variant, vocab_size=32_000, pool_type="last", scan=scan,
                 remat_policy=remat, dtype=dtype)
     return image, text, (None, width)
@@ -148,6 +151,14 @@ def _base(args: Mapping[str, Any]) -> ml_collections.ConfigDict:
     return c
 
 
+# XLA's collective matmuls (windowed einsums) turn each FSDP weight all-gather and gradient
+# reduce-scatter into a loop of partial matmuls; compiled for B/16-224 with fsdp=32 on v4-64
+# they need 15.9 GiB per chip against 11.0 GiB without (docs/tpu.md), for weights small next
+# to the activations. Off in the recipes' FSDP layouts.
+FSDP_COMPILER_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                         "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+
+
 def _mesh(c: ml_collections.ConfigDict, fsdp: int, map_head: bool = True) -> None:
     """Data parallel over all chips; params and optimizer state sharded over `fsdp` of them.
 
@@ -168,6 +179,7 @@ def _mesh(c: ml_collections.ConfigDict, fsdp: int, map_head: bool = True) -> Non
         c.batch_axes = ("data", "fsdp")  # The batch is split over every chip.
         c.sharding_rules = ([("img/MAPHead_0/.*", "replicate")] if map_head else []) + [
             ("txt/Embed_0/.*", "replicate"), (".*", "fsdp")]
+        c.tpu_compiler_options = FSDP_COMPILER_OPTIONS
 
 
 def _input(c: ml_collections.ConfigDict, args: Mapping[str, Any], res: int) -> None:
@@ -190,7 +202,7 @@ PRETRAIN_DEFAULTS: dict[str, Any] = dict(
     data=PLACEHOLDER_DATA, tokenizer=C4_EN_TOKENIZER, batch=PAPER_BATCH,
     examples=DEFAULT_EXAMPLES, steps=0, warmup=DEFAULT_WARMUP, lr=1e-3, wd=1e-4,
     imagenet_dir="", coco_dir="", eval_every=10_000, fsdp=1, accum=1,
-    remat="nothing_saveable", dtype="bfloat16",
+    remat="nothing_saveable", dtype="bfloat16", attn_chunk=0,
 )
 
 
@@ -204,7 +216,8 @@ def pretrain_config(image_variant: str, res: int, arg: str | None, *,
     _input(c, args, res)
     c.model = ml_collections.ConfigDict()
     image, text, out_dim = tower_configs(image_variant, _text_size(image_variant),
-                                         dtype=args["dtype"], remat=args["remat"])
+                                         dtype=args["dtype"], remat=args["remat"],
+                                         attn_chunk=args["attn_chunk"])
     c.model.image, c.model.text, c.model.out_dim = image, text, out_dim
     c.model.temperature_init = 10.0  # t' = log 10
     c.model.bias_init = -10.0

@@ -157,6 +157,9 @@ class RunConfig:
     loss: LossConfig = LossConfig()
     evals: tuple[EvalConfig, ...] = ()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    # XLA options of the train step's compile on TPU (ignored elsewhere), e.g. the recipes'
+    # FSDP layouts switch off collective matmuls (docs/tpu.md).
+    tpu_compiler_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     source: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -170,7 +173,8 @@ class RunConfig:
             on_nonfinite=check_choice(self.on_nonfinite, "on_nonfinite", ON_NONFINITE),
             peak_flops=(None if not self.peak_flops
                         else check_float(self.peak_flops, "peak_flops", 0)),
-            tensorboard=bool(self.tensorboard))
+            tensorboard=bool(self.tensorboard),
+            tpu_compiler_options=freeze(_compiler_options(self.tpu_compiler_options)))
         if "decoder" in self.loss.objectives and self.model.decoder is None:
             raise ConfigError("config.loss.decoder needs config.model.decoder (the decoder's "
                               "shape, e.g. dict(max_len=64))")
@@ -180,12 +184,27 @@ class RunConfig:
         return thaw(self.source)
 
 
+def _compiler_options(raw: object) -> dict[str, bool | int | float | str]:
+    """The `tpu_compiler_options` dict: XLA option names to plain values."""
+    raw = to_plain(raw) or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config key tpu_compiler_options expects a dict of XLA options, "
+                          f"got {raw!r}")
+    for name, value in raw.items():
+        if not isinstance(name, str) or not isinstance(value, (bool, int, float, str)):
+            raise ConfigError(f"config key tpu_compiler_options.{name}: expected an option "
+                              f"name with a bool, number or string value, got {value!r}")
+    return dict(raw)
+
+
 TOP_LEVEL = ("seed", "total_steps", "log_every", "time_budget_s", "cpu_devices", "mesh",
              "batch_axes", "sharding_rules", "input", "tokenizer", "model", "model_init", "loss",
              "optim", "lr", "wd", "grad_clip_norm", "schedule", "grad_accum_steps",
-             "on_nonfinite", "peak_flops", "evals", "checkpoint", "tensorboard")
+             "on_nonfinite", "peak_flops", "evals", "checkpoint", "tensorboard",
+             "tpu_compiler_options")
 _RUN_KEYS = ("seed", "total_steps", "log_every", "time_budget_s", "cpu_devices",
-             "grad_accum_steps", "on_nonfinite", "peak_flops", "tensorboard")
+             "grad_accum_steps", "on_nonfinite", "peak_flops", "tensorboard",
+             "tpu_compiler_options")
 
 
 def parse(config: Any) -> RunConfig:

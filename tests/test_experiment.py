@@ -5,6 +5,7 @@ the plain flax init of the model, laid out as the jitted step expects."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorflow as tf
 import tiny
 
 from siglip_jax import experiment
@@ -44,3 +45,41 @@ def test_init_state_reuses_the_step_parts_and_equals_a_plain_flax_init(tmp_path,
     jax.tree.map(lambda x, s: np.testing.assert_equal(x.sharding.is_equivalent_to(s, x.ndim),
                                                       True),
                  state, parts.shardings)
+
+
+
+def test_the_pipelines_bfloat16_cast_rounds_like_the_towers():
+    """tf.cast to bfloat16 rounds to nearest, ties to even, as XLA's convert in the tower."""
+    ulp = 2.0 ** -7  # bfloat16's spacing in [1, 2).
+    values = np.array([1 + ulp / 2, 1 + 3 * ulp / 2, 1 + ulp / 2 + 2 ** -20, -1 - ulp / 2,
+                       1 + ulp / 4, 0.1, -3.3, 1e-3], np.float32)
+    cast = experiment.input_lib.cast_entries(lambda ex: ex, ("image",), "bfloat16")
+    got = cast({"image": tf.constant(values), "labels": tf.constant([1])})
+    assert got["labels"].dtype == tf.int32
+    assert np.array_equal(got["image"].numpy(), np.asarray(jnp.asarray(values, jnp.bfloat16)))
+    # By hand: ties go to the even neighbour (1 and 1 + 2 ulp), just above a tie goes up.
+    np.testing.assert_array_equal(got["image"].numpy()[:4].astype(np.float32),
+                                  [1.0, 1 + 2 * ulp, 1 + ulp, -1.0])
+
+
+def test_a_bfloat16_image_tower_gets_bfloat16_images_and_the_same_step(tmp_path):
+    """With model.image.dtype=bfloat16 the input pipeline casts the images (the tower's first
+    op would cast them anyway): half the device bytes, and the step's loss equals that of the
+    same batch given in float32, which the tower casts itself."""
+    config = tiny.tiny_config(tmp_path / "data", steps=2)
+    with config.unlocked():
+        config.model.image.dtype = "bfloat16"
+    run = parse(config)
+    assert experiment.image_input_dtype(run) == "bfloat16"
+    mesh = mesh_of(run.mesh)
+    shapes = experiment.input_shapes(run)
+    parts = experiment.build_step(run, mesh, shapes)
+    batch = next(experiment.build_input(run, mesh, 0)[0])
+    assert batch["image"].dtype == jnp.bfloat16 and batch["labels"].dtype == np.int32
+    assert experiment.abstract_batch(parts, shapes, run)["image"].dtype == jnp.bfloat16
+
+    state = experiment.init_state(run, parts, mesh, shapes)
+    as_f32 = dict(batch, image=np.asarray(batch["image"], np.float32))
+    _, got = parts.step_fn(jax.tree.map(jnp.copy, state), batch)
+    _, want = parts.step_fn(jax.tree.map(jnp.copy, state), as_f32)
+    assert float(got["loss"]) == float(want["loss"])

@@ -33,6 +33,20 @@ def _options(threads: int | None) -> tf.data.Options:
     return options
 
 
+def cast_entries(preprocess: PreprocessFn, keys: Sequence[str], dtype: str) -> PreprocessFn:
+    """`preprocess` followed by a cast of the float entries `keys` (those present) to `dtype`."""
+    target = tf.as_dtype(dtype)
+
+    def cast(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        out = dict(preprocess(example))
+        for key in keys:
+            if key in out and out[key].dtype.is_floating:
+                out[key] = tf.cast(out[key], target)
+        return out
+
+    return cast
+
+
 def train_batches(source: Source, preprocess: PreprocessFn, *, shard_ids: Sequence[int],
                   num_shards: int, shard_batch: int, seed: int, shuffle_buffer: int = 10_000,
                   start_step: int = 0, prefetch: int = 2, threads: int | None = None,

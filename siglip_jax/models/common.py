@@ -14,6 +14,7 @@ the MAP head so padded tokens are never attended to (big_vision naflex_vit, HF S
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -21,6 +22,7 @@ import flax.typing
 import jax
 import jax.numpy as jnp
 
+from siglip_jax.models.attention import chunked_attention
 from siglip_jax.sharding import ACT_BATCH
 
 Dtype = flax.typing.Dtype  # A jnp dtype, or its name.
@@ -84,6 +86,7 @@ class Encoder1DBlock(nn.Module):
     dropout: float = 0.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    attention_chunk: int = 0  # Query rows per attention block (models/attention.py); 0 = all.
 
     @nn.compact
     def __call__(
@@ -101,6 +104,8 @@ class Encoder1DBlock(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             deterministic=True,
+            attention_fn=(functools.partial(chunked_attention, chunk=self.attention_chunk)
+                          if self.attention_chunk > 0 else nn.dot_product_attention),
         )(y, y, mask=key_mask(mask_bxl))
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
         x_bxlxd = constrain_batch(x_bxlxd + y)
@@ -128,6 +133,7 @@ class BlockSettings(nn.Module):
     remat_policy: str = REMAT_NONE
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    attention_chunk: int = 0  # Query rows per attention block (models/attention.py); 0 = all.
 
 
 class Encoder(BlockSettings):
@@ -157,6 +163,7 @@ class Encoder(BlockSettings):
             dropout=self.dropout,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            attention_chunk=self.attention_chunk,
         )
         if self.scan:
             scanned = nn.scan(

@@ -25,7 +25,8 @@ from siglip_jax.data.locca import DecoderVocab
 from siglip_jax.data.pp import get_preprocess_fn
 from siglip_jax.data.registry import add_example_seeds
 from siglip_jax.experiment import resolve_tokenizer
-from siglip_jax.models.config import decoder_vocab, make_model
+from siglip_jax.models.build import make_model
+from siglip_jax.models.config import decoder_vocab
 from siglip_jax.objectives.base import teacher_spec
 from siglip_jax.schema import parse
 from siglip_jax.step import fresh_heads, head_restarts

@@ -50,7 +50,8 @@ class Example:
         from siglip_jax.data.builder import make_source
         from siglip_jax.evaluators.builder import build_evaluators
         from siglip_jax.experiment import resolve_tokenizer
-        from siglip_jax.models.config import make_model, model_kwargs
+        from siglip_jax.models.build import make_model
+        from siglip_jax.models.config import model_kwargs
         from siglip_jax.models.params import param_shapes
         from siglip_jax.sharding import mesh_of, param_shardings
 

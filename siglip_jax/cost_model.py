@@ -2,7 +2,8 @@
 
 `towers_from_model`, `decoder_shape` and `objective_passes` read the dimensions that cost
 depends on from the trainer's model and config; the rest is arithmetic on them and on the
-abstract sharded train state (`experiment.StepParts`). Nothing is allocated or compiled.
+abstract sharded train state (as `experiment.StepParts` holds it). Nothing is allocated or
+compiled.
 
 What is exact and what is estimated:
   * params, optimizer state, gradients: exact bytes of the sharded arrays (shapes × dtypes ÷
@@ -27,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from siglip_jax.experiment import StepParts
 from siglip_jax.models.decoder import make_decoder
 from siglip_jax.models.two_towers import Model, towers
 from siglip_jax.models.variants import text_kwargs
@@ -312,15 +312,18 @@ def unsharded_params(params: optax.Params, shardings: optax.Params,
             if math.prod(x.shape) >= min_size and tuple(s.shard_shape(x.shape)) == x.shape]
 
 
-def memory_bytes(parts: StepParts, towers: tuple[Tower, ...], decoder: DecoderShape | None,
-                 passes: tuple[ExtraPass, ...], frozen: tuple[str, ...], *, micro: int,
-                 loss_batch: int, accum: int, loss_impl: str, input_bytes: int
-                 ) -> dict[str, int]:
+def memory_bytes(state: Mapping[str, optax.Params], shardings: Mapping[str, optax.Params],
+                 frozen_params: optax.Params | None, towers: tuple[Tower, ...],
+                 decoder: DecoderShape | None, passes: tuple[ExtraPass, ...],
+                 frozen: tuple[str, ...], *, micro: int, loss_batch: int, accum: int,
+                 loss_impl: str, input_bytes: int) -> dict[str, int]:
     """Bytes per chip, in the order the planner prints them: exact for the trainer's sharded
     state (params, optimizer state, gradients, the accumulator, the EMA teacher), analytic
-    for the activations of `micro` examples per device and the loss over `loss_batch`."""
-    state, shardings = parts.abstract_state, parts.shardings
-    frozen_tree = parts.frozen or jax.tree.map(lambda _: False, state["params"])
+    for the activations of `micro` examples per device and the loss over `loss_batch`.
+
+    `state`, `shardings` and `frozen_params` are the abstract train state, its shardings and
+    the frozen-params tree (None: nothing frozen) of `experiment.StepParts`."""
+    frozen_tree = frozen_params or jax.tree.map(lambda _: False, state["params"])
     out = {"params": sharded_bytes(state["params"], shardings["params"]),
            "optimizer state": sharded_bytes(state["opt_state"], shardings["opt_state"])}
     # Frozen params get no backward pass (step.py wraps them in stop_gradient).

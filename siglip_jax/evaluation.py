@@ -34,7 +34,8 @@ from siglip_jax.data.pp import PPError, get_preprocess_fn
 from siglip_jax.data.tokenizer import Tokenizer
 from siglip_jax.evaluators.builder import build_evaluators
 from siglip_jax.experiment import resolve_tokenizer, setup_jax
-from siglip_jax.models.config import make_model, model_kwargs
+from siglip_jax.models.build import make_model
+from siglip_jax.models.config import model_kwargs
 from siglip_jax.models.params import param_shapes
 from siglip_jax.records import ConfigError
 from siglip_jax.schema import RunConfig, parse

@@ -34,10 +34,10 @@ from siglip_jax.data.config import SourceConfig
 from siglip_jax.data.pp import get_preprocess_fn
 from siglip_jax.data.sources import Source
 from siglip_jax.data.tokenizer import Tokenizer
-from siglip_jax.models.config import decoder_vocab, make_model
+from siglip_jax.models.build import make_model
+from siglip_jax.models.config import decoder_vocab
 from siglip_jax.models.two_towers import Model
-from siglip_jax.objectives.base import Objective
-from siglip_jax.objectives.selfsup import teacher_spec
+from siglip_jax.objectives.base import Objective, teacher_spec
 from siglip_jax.optim import FROZEN, group_labels, make_optimizer
 from siglip_jax.records import ConfigError
 from siglip_jax.schema import RunConfig, TokenizerConfig

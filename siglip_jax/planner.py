@@ -260,7 +260,8 @@ def _memory(run: RunConfig, plan: Plan, parts: StepParts) -> None:
     micro = max(1, plan.global_batch // (math.prod(plan.mesh[a] for a in plan.batch_axes)
                                          * plan.accum))
     plan.bytes = cost_model.memory_bytes(
-        parts, plan.towers, plan.decoder, plan.passes, plan.frozen, micro=micro,
+        parts.abstract_state, parts.shardings, parts.frozen, plan.towers, plan.decoder,
+        plan.passes, plan.frozen, micro=micro,
         loss_batch=plan.global_batch // plan.accum, accum=plan.accum, loss_impl=run.loss.impl,
         input_bytes=int(plan.per_device_batch) * plan.example_bytes)  # All micro-batches.
     topology = plan.topology

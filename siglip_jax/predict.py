@@ -32,7 +32,7 @@ import numpy as np
 
 from siglip_jax.checkpoints.hf_processor import PREPROCESSOR_FILE
 from siglip_jax.console import add_verbose_flag, quiet_startup
-from siglip_jax.models.config import make_model
+from siglip_jax.models.build import make_model
 
 DEFAULT_TEMPLATE = "This is a photo of {}."
 PROCESSOR_FILE = "processor_config.json"  # transformers ≥ 5 keeps the image settings here.

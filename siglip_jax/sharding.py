@@ -6,20 +6,16 @@ size may be -1 ("all remaining devices"). Parameter shardings come from an order
 A rule is `"replicate"`, `"fsdp"` (shard the largest dimension divisible by the fsdp axis size
 over that axis) or an explicit PartitionSpec-like tuple of axis names / None.
 
-Activations: the towers mark their batch dimension with the logical axis `ACT_BATCH`
-(`models.common.constrain_batch`); inside `batch_sharded_activations(mesh, batch_axes)` that
-becomes a sharding constraint over the batch axes, elsewhere it is a no-op. Without it, when
-parameters are sharded over `fsdp`, the partitioner follows the parameters' sharding into the
-activations: it keeps the whole batch on every chip and splits the features instead.
+The activations' batch dimension is constrained by the models themselves
+(`models.common.batch_sharded_activations`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -28,8 +24,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from siglip_jax.records import ConfigError, freeze, set_fields
-
-ACT_BATCH = "act_batch"  # Logical name of the activations' batch dimension.
 
 MeshSpec = Sequence[tuple[str, int]]
 Rule = tuple[str, Any]
@@ -129,23 +123,6 @@ def batch_sharding(mesh: Mesh, batch_axes: Sequence[str]) -> NamedSharding:
 def num_batch_shards(mesh: Mesh, batch_axes: Sequence[str]) -> int:
     """How many ways the batch dimension is split."""
     return int(np.prod([mesh.shape[a] for a in batch_axes]))
-
-
-@contextlib.contextmanager
-def batch_sharded_activations(mesh: Mesh | None, batch_axes: Sequence[str]) -> Iterator[None]:
-    """While tracing a model inside, its activations' batch dimension is split over batch_axes.
-
-    A no-op without a mesh or on a batch split only one way. Works inside `jax.jit` (it sets
-    the abstract mesh and flax's logical axis rules for the duration of the block only).
-    """
-    if mesh is None or not batch_axes or num_batch_shards(mesh, batch_axes) == 1:
-        yield
-        return
-    import flax.linen as nn
-
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
-            nn.logical_axis_rules([(ACT_BATCH, tuple(batch_axes))]):
-        yield
 
 
 def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,

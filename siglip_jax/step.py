@@ -25,12 +25,17 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from siglip_jax.models.common import batch_sharded_activations
 from siglip_jax.models.two_towers import Model
-from siglip_jax.objectives import Objective, ObjectiveInputs
-from siglip_jax.objectives.selfsup import ema_update, objective_params, teacher_spec
+from siglip_jax.objectives.base import (
+    Objective,
+    ObjectiveInputs,
+    ema_update,
+    objective_params,
+    teacher_spec,
+)
 from siglip_jax.records import ConfigError
 from siglip_jax.sharding import (
-    batch_sharded_activations,
     follow_params,
     param_shardings,
     path_str,

@@ -33,9 +33,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 ENTRY_POINTS = LAYERS[-1] + ("predict", "export")
 # Files in the longest chain of imports (function-level and type-only imports count). A ratchet:
-# eight layers, each importing the one below, and chains inside the models and data packages
-# make 16 today (docs/architecture.md shows the chain); it may shrink, never grow.
-MAX_CHAIN = 16
+# 11 today (was 16), e.g. evaluate → evaluation → evaluators.builder → schema → objectives →
+# objectives.masked → objectives.base → models.config → models.variants → models.text →
+# models.common; docs/architecture.md says why each edge is a use. It may shrink, never grow.
+MAX_CHAIN = 11
 MAX_FUNCTION_IMPORTS = 20  # imports of the package's own modules inside functions
 MAX_LINES = 600
 # The one deliberate upward import: the package's `siglip_jax.load` is api.load, imported on

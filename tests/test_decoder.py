@@ -14,7 +14,8 @@ from tiny import DEMO, tiny_overrides
 from siglip_jax import experiment
 from siglip_jax.config import ConfigError, load_config
 from siglip_jax.data.locca import DecoderVocab
-from siglip_jax.models.config import make_model, model_kwargs
+from siglip_jax.models.build import make_model
+from siglip_jax.models.config import model_kwargs
 from siglip_jax.models.decoder import training_inputs
 from siglip_jax.models.two_towers import Model
 from siglip_jax.objectives import ObjectiveInputs

@@ -165,7 +165,7 @@ def _config(tmp_path, **evals):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny test config's random two-towers model and params, for 64×64 images."""
-    from siglip_jax.models.config import make_model
+    from siglip_jax.models.build import make_model
     from siglip_jax.schema import parse
 
     run = parse(_config(tmp_path_factory.mktemp("unused"), data=dict(name="demo_shapes"),

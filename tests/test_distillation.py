@@ -18,6 +18,7 @@ from siglip_jax import losses
 from siglip_jax.config import ConfigError
 from siglip_jax.models.two_towers import Model
 from siglip_jax.objectives import distillation, masked, selfsup
+from siglip_jax.objectives.base import ema_update, teacher_spec
 from siglip_jax.optim import OptimConfig, make_optimizer
 from siglip_jax.sharding import make_mesh, path_str
 from siglip_jax.step import (
@@ -167,15 +168,15 @@ def _reference_losses(model, state, batch, step, seed, *, accum, patch, sinkhorn
 def test_ema_update_and_momentum_schedule_by_hand():
     teacher = {"img": {"w": jnp.array([1.0, 2.0])}}
     student = {"img": {"w": jnp.array([3.0, 6.0])}, "txt": {"w": jnp.array([9.0])}}
-    out = selfsup.ema_update(teacher, student, 0.9)
+    out = ema_update(teacher, student, 0.9)
     np.testing.assert_allclose(out["img"]["w"], [1.2, 2.4], rtol=1e-6)  # .9·1+.1·3, .9·2+.1·6
     assert set(out) == {"img"}
-    spec = selfsup.teacher_spec(_objectives(start=5, ema=0.99))
+    spec = teacher_spec(_objectives(start=5, ema=0.99))
     assert spec.parts == ("distill_head", "img", "masked_head")
     assert [float(spec.momentum(jnp.int32(s))) for s in (0, 4, 5, 9)] == pytest.approx(
         [0.0, 0.0, 0.99, 0.99])
     with pytest.raises(ConfigError, match="different ema"):
-        selfsup.teacher_spec([_objectives(ema=0.9)[0], _objectives(ema=0.8)[1]])
+        teacher_spec([_objectives(ema=0.9)[0], _objectives(ema=0.8)[1]])
 
 
 def test_sinkhorn_and_cross_entropy_match_numpy():
@@ -345,7 +346,7 @@ def test_resume_with_the_teacher_is_bit_exact(tmp_path, adam_run):
     uninterrupted, _ = step(state, _batch(3))
 
     abstract, _ = state_shardings(abstract_params(model, SHAPES, objs), tx, mesh, rules,
-                                  selfsup.teacher_spec(objs).parts)
+                                  teacher_spec(objs).parts)
     with Checkpointer(str(tmp_path), every_n_steps=1, use_async=False) as ckpt:
         restored = ckpt.restore(abstract, 3)
     assert "teacher" in restored

@@ -21,7 +21,7 @@ from siglip_jax.checkpoints import big_vision as bv
 from siglip_jax.checkpoints import hf, loader, parts
 from siglip_jax.checkpoints.open import open_model
 from siglip_jax.data.tokenizer import Tokenizer
-from siglip_jax.models.config import make_model
+from siglip_jax.models.build import make_model
 
 TEXT_VOCAB, BINS, TEXT_LEN, EMA = 64, 32, 18, 0.996  # demo_siglip2's vocab/bins/length; EMA.
 

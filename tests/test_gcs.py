@@ -159,7 +159,7 @@ def _local_copy(src: str, dst: str) -> None:
 
 def test_predict_and_model_init_open_gs_checkpoints(gs_run, tmp_path):
     from siglip_jax.experiment import load_model_init
-    from siglip_jax.models.config import make_model
+    from siglip_jax.models.build import make_model
     from siglip_jax.models.params import param_shapes
     from siglip_jax.predict import Predictor
 

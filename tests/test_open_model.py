@@ -12,7 +12,7 @@ import pytest
 from siglip_jax.checkpoints import big_vision as bv
 from siglip_jax.checkpoints.open import infer_model_config, open_model, resolve_path
 from siglip_jax.models import variants
-from siglip_jax.models.config import make_model
+from siglip_jax.models.build import make_model
 from siglip_jax.models.params import param_shapes
 from siglip_jax.models.two_towers import Model
 

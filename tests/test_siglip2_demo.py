@@ -25,8 +25,9 @@ from siglip_jax.data.locca import DecoderVocab
 from siglip_jax.data.pp import get_preprocess_fn
 from siglip_jax.data.registry import add_example_seeds
 from siglip_jax.experiment import resolve_tokenizer
-from siglip_jax.models.config import decoder_vocab, make_model
-from siglip_jax.objectives import selfsup
+from siglip_jax.models.build import make_model
+from siglip_jax.models.config import decoder_vocab
+from siglip_jax.objectives.base import teacher_spec
 from siglip_jax.schema import parse
 from siglip_jax.step import fresh_heads, head_restarts
 from siglip_jax.trainer import train
@@ -148,7 +149,7 @@ def test_checkpoint_holds_the_teacher_and_the_decoder(siglip2_run, tmp_path):
     assert "teacher" not in opened.params
     run = parse(siglip2_config(siglip2_run.data_dir))
     objs = objectives.make(run, None)
-    momentum = selfsup.teacher_spec(objs).momentum
+    momentum = teacher_spec(objs).momentum
     ema = {o.ema for o in objs if getattr(o, "teacher_parts", ())}
     assert ema == {0.996} and {o.start for o in objs if hasattr(o, "start")} == {2}
     assert [float(momentum(jnp.int32(k))) for k in range(4)] == pytest.approx(

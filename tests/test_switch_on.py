@@ -18,7 +18,8 @@ from tiny import SELFSUP_MODEL as MODEL
 from siglip_jax import losses
 from siglip_jax.checkpoints.orbax_io import Checkpointer
 from siglip_jax.models.two_towers import Model
-from siglip_jax.objectives import distillation, masked, selfsup
+from siglip_jax.objectives import distillation, masked
+from siglip_jax.objectives.base import objective_params, teacher_spec
 from siglip_jax.optim import OptimConfig, make_optimizer
 from siglip_jax.step import (
     abstract_params,
@@ -92,7 +93,7 @@ def test_decay_before_switch_on_is_large_and_the_heads_restart_at_their_init_sca
     objs, tx, *_, step, shardings, states = run
     before = states[START]  # The state entering the switch-on step.
     assert int(before["step"]) == START
-    init = jax.device_get(selfsup.objective_params(objs, jax.random.key(12345)))
+    init = jax.device_get(objective_params(objs, jax.random.key(12345)))
     reference = _kernels(init)  # An independent draw: the initialisers' statistics.
     decayed = _kernels(jax.device_get({h: before["params"][h] for h in HEADS}))
     for name, kernel in decayed.items():  # Without the restart the losses would see these.
@@ -157,7 +158,7 @@ def test_resume_across_switch_on_is_bit_exact(run, tmp_path):
     with Checkpointer(str(tmp_path), every_n_steps=1, use_async=False) as ckpt:
         ckpt.maybe_save(saved, states[saved], force=True)
     abstract, _ = state_shardings(abstract_params(model, SHAPES, objs), tx, mesh, rules,
-                                  selfsup.teacher_spec(objs).parts)
+                                  teacher_spec(objs).parts)
     with Checkpointer(str(tmp_path), every_n_steps=1, use_async=False) as ckpt:
         state = ckpt.restore(abstract, saved)
     for i in range(saved, START + 2):  # Through the switch-on step and one past it.

@@ -23,7 +23,7 @@ from siglip_jax import compiled_step as cs
 from siglip_jax import experiment, losses, plan, planner
 from siglip_jax import sharding as sh
 from siglip_jax.config import load_config
-from siglip_jax.models.common import Encoder
+from siglip_jax.models.common import Encoder, batch_sharded_activations
 from siglip_jax.schema import parse
 from siglip_jax.tpu_slices import CHIPS, SliceError, compile_only_devices, parse_slice
 
@@ -293,7 +293,7 @@ def _compile_encoder_grad(devices, mesh_spec, rules, batch, *, scan=True, remat=
     x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh.batch_sharding(mesh, axes))
 
     def loss(p, x):
-        with sh.batch_sharded_activations(mesh, axes):
+        with batch_sharded_activations(mesh, axes):
             y = model.apply({"params": p}, x)
         return jnp.mean(jnp.square(y.astype(jnp.float32)))
 

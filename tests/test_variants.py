@@ -7,7 +7,8 @@ from siglip_jax.config import ConfigError
 from siglip_jax.data.locca import DecoderVocab
 from siglip_jax.models import params as P
 from siglip_jax.models import variants
-from siglip_jax.models.config import ModelConfig, decoder_vocab, make_model, model_kwargs
+from siglip_jax.models.build import make_model
+from siglip_jax.models.config import ModelConfig, decoder_vocab, model_kwargs
 from siglip_jax.models.two_towers import Model
 
 

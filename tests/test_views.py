@@ -16,7 +16,8 @@ from jax.sharding import Mesh
 from siglip_jax import losses
 from siglip_jax.data import ops_color, pp
 from siglip_jax.models.two_towers import Model
-from siglip_jax.objectives import ObjectiveInputs, distillation, masked, selfsup
+from siglip_jax.objectives import ObjectiveInputs, distillation, masked
+from siglip_jax.objectives.base import objective_params
 from siglip_jax.optim import OptimConfig, make_optimizer
 from siglip_jax.records import ConfigError
 from siglip_jax.step import abstract_params, init_state, make_train_step
@@ -198,7 +199,7 @@ def test_objectives_read_the_global_view_not_the_image():
 
     def shapes(key):
         params = model.init(key, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 6), jnp.int32))
-        return {**params["params"], **selfsup.objective_params(objs, key)}
+        return {**params["params"], **objective_params(objs, key)}
 
     # Random values of the params' shapes (a jitted init costs seconds of compiling).
     rng = np.random.default_rng(1)

@@ -35,7 +35,8 @@ from siglip_jax.checkpoints.big_vision import load_params
 from siglip_jax.data.builder import make_source
 from siglip_jax.data.config import parse_source
 from siglip_jax.data.tokenizer import Tokenizer
-from siglip_jax.models.config import ModelConfig, make_model
+from siglip_jax.models.build import make_model
+from siglip_jax.models.config import ModelConfig
 from siglip_jax.models.params import param_shapes
 from siglip_jax.objectives.selfsup import HEAD_PARTS
 

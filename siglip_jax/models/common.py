@@ -9,26 +9,35 @@ Numerics follow big_vision and Hugging Face SigLIP: pre-LN blocks, LayerNorm eps
 (tanh approximation), attention scaled by 1/sqrt(head_dim). No attention mask by default; the
 NaFlex image tower passes an optional key mask [B, L] (True = real token) to the encoder and
 the MAP head so padded tokens are never attended to (big_vision naflex_vit, HF Siglip2).
+
+Activations: the towers mark their batch dimension with the logical axis `ACT_BATCH`
+(`constrain_batch`); inside `batch_sharded_activations(mesh, batch_axes)` that becomes a
+sharding constraint over the batch axes, elsewhere it is a no-op. Without it, when parameters
+are sharded over `fsdp`, the partitioner follows the parameters' sharding into the
+activations: it keeps the whole batch on every chip and splits the features instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator, Sequence
 
 import flax.linen as nn
 import flax.typing
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from siglip_jax.models.attention import chunked_attention
-from siglip_jax.sharding import ACT_BATCH
 
 Dtype = flax.typing.Dtype  # A jnp dtype, or its name.
 
 LN_EPS = 1e-6
 REMAT_NONE = "none"
+ACT_BATCH = "act_batch"  # Logical name of the activations' batch dimension.
 
 
 def remat_policy_names() -> list[str]:
@@ -46,8 +55,23 @@ def checkpoint_policy(name: str) -> Callable[..., bool]:
 
 def constrain_batch(x_bx: jax.Array) -> jax.Array:
     """Marks dim 0 as the batch: sharded over the batch axes inside
-    `sharding.batch_sharded_activations`, a no-op elsewhere (single device, evaluation)."""
+    `batch_sharded_activations`, a no-op elsewhere (single device, evaluation)."""
     return nn.with_logical_constraint(x_bx, (ACT_BATCH,) + (None,) * (x_bx.ndim - 1))
+
+
+@contextlib.contextmanager
+def batch_sharded_activations(mesh: Mesh | None, batch_axes: Sequence[str]) -> Iterator[None]:
+    """While tracing a model inside, its activations' batch dimension is split over batch_axes.
+
+    A no-op without a mesh or on a batch split only one way. Works inside `jax.jit` (it sets
+    the abstract mesh and flax's logical axis rules for the duration of the block only).
+    """
+    if mesh is None or not batch_axes or math.prod(mesh.shape[a] for a in batch_axes) == 1:
+        yield
+        return
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+            nn.logical_axis_rules([(ACT_BATCH, tuple(batch_axes))]):
+        yield
 
 
 class MlpBlock(nn.Module):

@@ -12,8 +12,9 @@ arguments) into typed, frozen records, each checked and resolved once:
   ModelConfig       the three, plus out_dim, temperature_init, bias_init
 
 The keys, defaults and one-line ConfigErrors are the config file's. The behaviour lives in
-functions here: `model_kwargs` (the `two_towers.Model` keyword arguments, plain dicts),
-`make_model` (the flax Model) and `decoder_vocab` (the decoder's DecoderVocab, or None).
+functions here: `model_kwargs` (the `two_towers.Model` keyword arguments, plain dicts) and
+`decoder_vocab` (the decoder's DecoderVocab, or None); `models.build.make_model` makes the
+flax Model (the record does not import the two-towers module).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from siglip_jax.models import variants
 from siglip_jax.models.decoder import DECODER_KEYS, decoder_kwargs
 from siglip_jax.models.naflex import NaFlexViT
 from siglip_jax.models.text import TextTransformer
-from siglip_jax.models.two_towers import Model
 from siglip_jax.models.vit import ViT
 from siglip_jax.records import ConfigError, check_float, check_keys, freeze, thaw, to_plain
 
@@ -194,11 +194,6 @@ def model_kwargs(model: ModelConfig) -> dict[str, object]:
             else model.out_dim,
             "temperature_init": model.temperature_init, "bias_init": model.bias_init,
             "decoder": None if model.decoder is None else decoder_dict(model.decoder)}
-
-
-def make_model(model: ModelConfig) -> Model:
-    """The two-towers flax Model of the record."""
-    return Model(**model_kwargs(model))  # type: ignore[arg-type]
 
 
 def decoder_vocab(model: ModelConfig) -> DecoderVocab | None:

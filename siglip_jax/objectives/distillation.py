@@ -116,9 +116,10 @@ def make(run: TrainRun, options: Mapping[str, object], mesh: Mesh | None) -> Sel
     """The self-distillation objective for `run`'s ViT image tower."""
     del mesh
     opts = check_options(options)
-    tower = selfsup.vit_image_tower(run, NAME)
+    tower = selfsup.vit_image_tower(run.model.image, NAME)
     patch = tower.patch_size
     if any(opts["local_size"] % int(p) for p in patch):
         raise ConfigError(f"config.loss.{NAME}.local_size={opts['local_size']}: expected a "
                           f"multiple of the image patch size {patch}")
-    return SelfDistillation(opts, tower.width, selfsup.start_step(run, opts), opts["ema"])
+    return SelfDistillation(opts, tower.width, selfsup.start_step(run.total_steps, opts),
+                            opts["ema"])

@@ -133,6 +133,6 @@ def make(run: TrainRun, options: Mapping[str, object], mesh: Mesh | None) -> Mas
     """The masked-prediction objective for `run`'s ViT image tower."""
     del mesh
     opts = check_options(options)
-    tower = selfsup.vit_image_tower(run, NAME)
-    return MaskedPrediction(opts, tower.width, selfsup.start_step(run, opts), opts["ema"],
-                            patch=tower.patch_size)
+    tower = selfsup.vit_image_tower(run.model.image, NAME)
+    return MaskedPrediction(opts, tower.width, selfsup.start_step(run.total_steps, opts),
+                            opts["ema"], patch=tower.patch_size)

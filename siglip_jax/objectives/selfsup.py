@@ -1,26 +1,21 @@
 """Shared parts of the image tower's self-supervised objectives (SigLIP 2 §2.3, after SILC and
 TIPS): the DINO-style projection head, teacher targets (sharpened, optionally Sinkhorn-Knopp
-centred), the cross-entropy between teacher and student, option checking, and the EMA teacher
-(which param parts it holds, its momentum per step, the update).
+centred), the cross-entropy between teacher and student, option checking, the switch-on step.
 
-An objective that needs the teacher exposes `teacher_parts` (top-level param names the teacher
-copies, e.g. ("img", "distill_head")), `ema` (momentum), `start` (switch-on step) and
-`init_params(rng)` (its own top-level params, created next to the model's); `step.py` reads
-them through the functions here (`objective_params`, `teacher_spec`, `ema_update`).
+Both objectives use the EMA teacher: they expose `teacher_parts`, `ema`, `start` and
+`init_params(rng)`, which `step.py` reads through objectives/base.py (`objective_params`,
+`teacher_spec`, `ema_update`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.typing import VariableDict
 
 from siglip_jax.models.config import ImageTowerConfig
-from siglip_jax.objectives.base import Objective, TrainRun
 from siglip_jax.records import ConfigError
 
 # ----------------------------------------------------------------------------- options
@@ -82,19 +77,18 @@ def batch_view(batch: Mapping[str, object], key: str, name: str) -> jax.Array:
     return batch[key]
 
 
-def vit_image_tower(run: TrainRun, name: str) -> ImageTowerConfig:
-    """The run's image tower record (patch size, width); ConfigError for a NaFlex tower (the
-    objective `name` needs the fixed-resolution ViT)."""
-    image = run.model.image
+def vit_image_tower(image: ImageTowerConfig, name: str) -> ImageTowerConfig:
+    """The run's image tower record `image` (patch size, width); ConfigError for a NaFlex tower
+    (the objective `name` needs the fixed-resolution ViT)."""
     if image.kind == "naflex":
         raise ConfigError(f"config.loss.{name}: needs the fixed-resolution ViT image tower "
                           "(model.image.kind='vit'), got 'naflex'")
     return image
 
 
-def start_step(run: TrainRun, options: Mapping[str, object]) -> int:
+def start_step(total_steps: int, options: Mapping[str, object]) -> int:
     """The first step at which the objective's loss counts: round(start_frac · total_steps)."""
-    return int(round(options["start_frac"] * run.total_steps))
+    return int(round(options["start_frac"] * total_steps))
 
 
 # ----------------------------------------------------------------------------- head and loss
@@ -186,51 +180,3 @@ def switched(step: jax.Array, start: int, loss_fn: Callable[[], jax.Array]) -> j
         return loss_fn()
     return jax.lax.cond(step >= start, lambda: loss_fn().astype(jnp.float32),
                         lambda: jnp.zeros((), jnp.float32))
-
-
-# ----------------------------------------------------------------------------- the teacher
-
-
-@dataclasses.dataclass(frozen=True)
-class TeacherSpec:
-    """What the EMA teacher holds and how fast it follows the student."""
-
-    parts: tuple[str, ...]  # Top-level param names copied into state["teacher"].
-    momentum: Callable[[jax.Array], jax.Array]  # step -> m of teacher = m·teacher + (1-m)·student.
-
-
-def objective_params(objectives: Sequence[Objective], rng: jax.Array) -> dict[str, object]:
-    """The objectives' own top-level params (heads, mask token), merged."""
-    params: dict[str, object] = {}
-    for i, objective in enumerate(objectives):
-        init = getattr(objective, "init_params", None)
-        if init is not None:
-            params.update(init(jax.random.fold_in(rng, 1_000_003 + i)))
-    return params
-
-
-def teacher_spec(objectives: Sequence[Objective]) -> TeacherSpec | None:
-    """The teacher the objectives need (union of their parts), None if none needs one.
-
-    Before the earliest switch-on step the momentum is 0 (the teacher is a copy of the
-    student, as SigLIP 2 initialises it at switch-on); from then on the objectives' `ema`,
-    which must agree."""
-    users = [o for o in objectives if getattr(o, "teacher_parts", ())]
-    if not users:
-        return None
-    emas = {float(o.ema) for o in users}
-    if len(emas) > 1:
-        raise ConfigError(f"config.loss: the objectives sharing the EMA teacher give different "
-                          f"ema values {sorted(emas)}; give them the same")
-    ema, start = emas.pop(), min(int(o.start) for o in users)
-    parts = tuple(sorted({p for o in users for p in o.teacher_parts}))
-    return TeacherSpec(parts, lambda step: jnp.where(step < start, 0.0, ema))
-
-
-def ema_update(teacher: VariableDict, params: VariableDict, momentum: jax.Array | float
-               ) -> dict[str, object]:
-    """teacher = m·teacher + (1-m)·student for the teacher's parts (dtype kept)."""
-    def mix(t, s):
-        m = jnp.asarray(momentum, jnp.float32)
-        return (m * t.astype(jnp.float32) + (1 - m) * s.astype(jnp.float32)).astype(t.dtype)
-    return {k: jax.tree_util.tree_map(mix, v, params[k]) for k, v in teacher.items()}

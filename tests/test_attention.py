@@ -1,6 +1,7 @@
-"""Attention over blocks of queries (models/attention.py) against flax's dense attention:
-same outputs and gradients, with a key mask, uneven blocks and a per-query mask; and a tower
-with `attention_chunk` keeps its parameter names and computes the same embeddings."""
+"""Attention over blocks of queries (`models.common.chunked_attention`) against flax's dense
+attention: same outputs and gradients, with a key mask, uneven blocks and a per-query mask;
+and a tower with `attention_chunk` keeps its parameter names and computes the same embeddings.
+"""
 
 import flax.linen as nn
 import jax
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from siglip_jax.models.attention import chunked_attention
+from siglip_jax.models.common import chunked_attention
 from siglip_jax.models.vit import ViT
 
 

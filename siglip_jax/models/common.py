@@ -29,9 +29,8 @@ import flax.linen as nn
 import flax.typing
 import jax
 import jax.numpy as jnp
+from flax.typing import PrecisionLike
 from jax.sharding import Mesh
-
-from siglip_jax.models.attention import chunked_attention
 
 Dtype = flax.typing.Dtype  # A jnp dtype, or its name.
 
@@ -74,6 +73,59 @@ def batch_sharded_activations(mesh: Mesh | None, batch_axes: Sequence[str]) -> I
         yield
 
 
+def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                      bias: jax.Array | None = None, mask: jax.Array | None = None,
+                      dtype: Dtype | None = None, precision: PrecisionLike = None, *,
+                      chunk: int) -> jax.Array:
+    """Multi-head dot-product attention over `chunk` query rows at a time: the [B, H, L, L]
+    weights never exist whole.
+
+    The same result as flax's `nn.dot_product_attention` (each query row's softmax runs over
+    all keys either way), but the queries are walked in blocks of `chunk` rows (`lax.map`) and
+    each block's weights are rematerialised in the backward pass. A training step's peak
+    memory is usually the attention weights of one block's backward pass (for B/16 at 224 px
+    and 1 024 images per chip, bf16 [1024, 12, 196, 196] buffers of 1.17 GiB each with TPU tile
+    padding, several at once); they shrink by L / chunk, for one more computation of a block's
+    attention weights in the backward pass (docs/tpu.md has the trade measured).
+
+    Shapes as flax's `dot_product_attention`: query [B, Lq, H, D], key and value [B, Lk, H, D],
+    `bias` / `mask` broadcastable to [B, H, Lq, Lk]; returns [B, Lq, H, D]. No dropout (the
+    towers' attention is deterministic). `chunk <= 0` or `chunk >= Lq` is the plain call.
+    """
+    length = query.shape[-3]
+    if chunk <= 0 or chunk >= length:
+        return nn.dot_product_attention(query, key, value, bias=bias, mask=mask, dtype=dtype,
+                                        precision=precision, deterministic=True)
+    blocks = -(-length // chunk)
+    pad = blocks * chunk - length
+
+    def by_block(x: jax.Array | None, fill: object) -> jax.Array | None:
+        """[B, ..., Lq, X] with a per-query axis at -2 -> [blocks, B, ..., chunk, X]."""
+        if x is None or x.shape[-2] == 1:
+            return None  # No per-query axis: every block uses it whole.
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pad), (0, 0)], constant_values=fill)
+        x = x.reshape(*x.shape[:-2], blocks, chunk, x.shape[-1])
+        return jnp.moveaxis(x, -3, 0)
+
+    q = jnp.pad(query, [(0, 0)] * (query.ndim - 3) + [(0, pad), (0, 0), (0, 0)])
+    q = jnp.moveaxis(q.reshape(*q.shape[:-3], blocks, chunk, *q.shape[-2:]), -4, 0)
+    bias_blocks, mask_blocks = by_block(bias, 0), by_block(mask, True)
+
+    @jax.checkpoint
+    def attend(q_block: jax.Array, bias_block: jax.Array | None,
+               mask_block: jax.Array | None) -> jax.Array:
+        return nn.dot_product_attention(
+            q_block, key, value,
+            bias=bias if bias_block is None else bias_block,
+            mask=mask if mask_block is None else mask_block,
+            dtype=dtype, precision=precision, deterministic=True)
+
+    out = jax.lax.map(lambda xs: attend(*xs), (q, bias_blocks, mask_blocks))
+    out = jnp.moveaxis(out, 0, -4)
+    out = out.reshape(*out.shape[:-4], blocks * chunk, *out.shape[-2:])
+    return out[..., :length, :, :]
+
+
 class MlpBlock(nn.Module):
     """Transformer feed-forward block: Dense(mlp_dim) -> GELU(tanh) -> Dense(d)."""
 
@@ -110,7 +162,7 @@ class Encoder1DBlock(nn.Module):
     dropout: float = 0.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
-    attention_chunk: int = 0  # Query rows per attention block (models/attention.py); 0 = all.
+    attention_chunk: int = 0  # Query rows per attention block (chunked_attention); 0 = all.
 
     @nn.compact
     def __call__(
@@ -157,7 +209,7 @@ class BlockSettings(nn.Module):
     remat_policy: str = REMAT_NONE
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
-    attention_chunk: int = 0  # Query rows per attention block (models/attention.py); 0 = all.
+    attention_chunk: int = 0  # Query rows per attention block (chunked_attention); 0 = all.
 
 
 class Encoder(BlockSettings):

@@ -148,6 +148,7 @@ def _base(args: Mapping[str, Any]) -> ml_collections.ConfigDict:
     c.on_nonfinite = "stop"
     c.peak_flops = None
     c.checkpoint = dict(every_n_steps=2_000, keep=2, keep_every_n_steps=50_000)
+    c.tpu_compiler_options = {}
     return c
 
 

@@ -1,6 +1,7 @@
 """The config schema: every recipe parses; defaults, checks and one-line errors live here."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,17 @@ def test_bad_values_are_one_line_config_errors(override, message):
     with pytest.raises(ConfigError) as error:
         _demo(override)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_tpu_compiler_options_are_a_dict_of_plain_values():
+    raw = dict(load_config(DEMO))
+    assert schema.parse(raw).tpu_compiler_options == {}
+    assert dict(schema.parse(dict(raw, tpu_compiler_options={"xla_a": False})
+                             ).tpu_compiler_options) == {"xla_a": False}
+    for bad, message in (([1], "expects a dict of XLA options"),
+                         ({"xla_a": [1]}, "tpu_compiler_options.xla_a: expected an option")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            schema.parse(dict(raw, tpu_compiler_options=bad))
 
 
 def test_batch_layout_is_checked_in_one_place():

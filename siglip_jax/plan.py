@@ -31,6 +31,10 @@ from siglip_jax.records import ConfigError
 from siglip_jax.shutdown import run_main
 from siglip_jax.tpu_slices import format_bytes, libtpu_env_defaults
 
+# What lowers a step's memory, cheapest first (docs/tpu.md, "Step memory against big_vision's").
+SHRINK_HINT = ("try grad_accum_steps (recipe argument accum), model.image.attention_chunk "
+               "(attn_chunk), fsdp or more chips")
+
 if TYPE_CHECKING:
     from siglip_jax.compiled_step import SliceBuild
     from siglip_jax.planner import Plan
@@ -207,13 +211,14 @@ def compile_and_compare(plan: Plan, slice_name: str) -> str | None:
     print(compiled_step.format_report(report), flush=True)
     if report.oom is not None:
         return (f"the compiled train step does not fit the {format_bytes(hbm)} HBM of a "
-                f"{plan.topology.label}: {report.oom}")
+                f"{plan.topology.label}: {report.oom}; {SHRINK_HINT}")
     print(f"  analytic vs compiled: {format_bytes(plan.memory_total)} estimated, "
           f"{format_bytes(report.total_bytes)} compiled per chip (ratio "
           f"{plan.memory_total / max(report.total_bytes, 1):.2f})", flush=True)
     if not report.fits:
         return (f"the compiled train step needs {format_bytes(report.total_bytes)} per chip, "
-                f"more than the {format_bytes(hbm)} HBM of a {plan.topology.label}")
+                f"more than the {format_bytes(hbm)} HBM of a {plan.topology.label}; "
+                f"{SHRINK_HINT}")
     if analytic_memory:  # The compiler's number is exact: it overrules the estimate.
         plan.errors = [e for e in plan.errors if e not in analytic_memory]
         print("  note: the analytic estimate is over the HBM but the compiled step fits; the "

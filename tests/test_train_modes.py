@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from tiny import DEMO, REPO, tiny_config, tiny_overrides
+from tiny import DEMO, REPO, TINY_STEPS, tiny_config, tiny_overrides
 
 from siglip_jax.trainer import train
 
@@ -128,20 +128,24 @@ def test_checkpoint_restores_on_a_mesh_of_four_devices(pretrained, preempted_on_
     assert int(restore(workdir, latest)["step"]) == latest
 
 
-def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
-    """A real SIGKILL after a committed checkpoint; the rerun ends bit-identical."""
-    reference, _ = run(tmp_path, "reference", steps=30)
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_run):
+    """A real SIGKILL after a committed checkpoint; the rerun ends bit-identical to the
+    uninterrupted run, the session's tiny run (the same config, 20 steps, but TensorBoard)."""
+    reference = tiny_run.workdir
     workdir = tmp_path / "killed"
-    proc = _cli(workdir, 30, "--config.log_every=1", data_dir=tmp_path / "data")
-    _wait_for_step(workdir, proc, 14)
+    proc = _cli(workdir, TINY_STEPS, "--config.log_every=1", data_dir=tiny_run.data_dir)
+    _wait_for_step(workdir, proc, 1)
     while not (workdir / "checkpoints" / "10" / "commit_success.txt").exists():
         assert proc.poll() is None, proc.stdout.read()  # Kill after step 10 is committed.
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.kill()
     proc.communicate()
-    proc = _cli(workdir, 30, data_dir=tmp_path / "data")
+    assert not (workdir / "checkpoints" / str(TINY_STEPS)).exists()  # Killed mid-run.
+    assert max(losses(workdir)) < TINY_STEPS
+    proc = _cli(workdir, TINY_STEPS, data_dir=tiny_run.data_dir)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "resumed from checkpoint" in out, out[-2000:]
-    expected, got = leaves(restore(reference, 30)["params"]), leaves(restore(workdir, 30)["params"])
+    assert proc.returncode == 0 and "resumed from checkpoint at step 10" in out, out[-2000:]
+    expected = leaves(restore(reference, TINY_STEPS)["params"])
+    got = leaves(restore(workdir, TINY_STEPS)["params"])
     for key, value in expected.items():
         np.testing.assert_array_equal(got[key], value, err_msg=key)

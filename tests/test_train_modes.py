@@ -128,24 +128,44 @@ def test_checkpoint_restores_on_a_mesh_of_four_devices(pretrained, preempted_on_
     assert int(restore(workdir, latest)["step"]) == latest
 
 
+# The train CLI that SIGKILLs itself right after logging step 15, once step 10's checkpoint is
+# committed: a kill at a known point (an outside kill raced the end of a 20-step run).
+_KILLED_AT_15 = """
+import os, signal, sys, time
+from siglip_jax import metrics, train
+from siglip_jax.shutdown import run_main
+
+write = metrics.MetricWriter.write
+committed = os.path.join(sys.argv[sys.argv.index("--workdir") + 1], "checkpoints", "10",
+                         "commit_success.txt")
+def write_then_die(self, step, values):
+    write(self, step, values)
+    if step == 15:
+        while not os.path.exists(committed):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+metrics.MetricWriter.write = write_then_die
+run_main(train.main)
+"""
+
+
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_run):
     """A real SIGKILL after a committed checkpoint; the rerun ends bit-identical to the
     uninterrupted run, the session's tiny run (the same config, 20 steps, but TensorBoard)."""
-    reference = tiny_run.workdir
     workdir = tmp_path / "killed"
-    proc = _cli(workdir, TINY_STEPS, "--config.log_every=1", data_dir=tiny_run.data_dir)
-    _wait_for_step(workdir, proc, 1)
-    while not (workdir / "checkpoints" / "10" / "commit_success.txt").exists():
-        assert proc.poll() is None, proc.stdout.read()  # Kill after step 10 is committed.
-        time.sleep(0.05)
-    proc.kill()
-    proc.communicate()
-    assert not (workdir / "checkpoints" / str(TINY_STEPS)).exists()  # Killed mid-run.
-    assert max(losses(workdir)) < TINY_STEPS
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_AT_15, "--config", f"{DEMO}:steps={TINY_STEPS}",
+         "--workdir", str(workdir),
+         *[f"--config.{o}" for o in tiny_overrides(tiny_run.data_dir, log_every=1)]],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert max(losses(workdir)) == 15
+    assert not (workdir / "checkpoints" / str(TINY_STEPS)).exists()
     proc = _cli(workdir, TINY_STEPS, data_dir=tiny_run.data_dir)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "resumed from checkpoint at step 10" in out, out[-2000:]
-    expected = leaves(restore(reference, TINY_STEPS)["params"])
+    expected = leaves(restore(tiny_run.workdir, TINY_STEPS)["params"])
     got = leaves(restore(workdir, TINY_STEPS)["params"])
     for key, value in expected.items():
         np.testing.assert_array_equal(got[key], value, err_msg=key)

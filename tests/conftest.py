@@ -10,8 +10,10 @@ turns the cache off for itself).
 
 `tiny_run` (session fixture): one trained run of tests/tiny.py `tiny_config` (configs/demo.py
 shrunk, 20 steps, checkpoints at 10 and 20, TensorBoard on), read by test_train.py (the training
-itself) and test_faults.py (a source run for model_init). Other runs of the same model, mesh
-and optimizer reuse its compiled step through the cache (the step count is not part of it).
+itself), test_faults.py (a source run for model_init), test_train_modes.py (the uninterrupted
+run a SIGKILLed CLI run must equal) and test_multihost.py (the one-process reference; its data
+folder also feeds the 2-process runs). Other runs of the same model, mesh and optimizer reuse
+its compiled step through the cache (the step count is not part of it).
 
 `siglip2_run` (session fixture): one tiny trained SigLIP 2 run (tests/tiny.py `siglip2_config`:
 every objective, the decoder, the EMA teacher, seven evaluators, a checkpoint at each of 4

@@ -136,15 +136,17 @@ def test_cli_errors_are_one_line(tmp_path):
         assert "Traceback" not in result.stderr
 
 
-def test_config_mistakes_found_after_start_are_one_line_exit_2(tmp_path):
+def test_config_mistakes_found_after_start_are_one_line_exit_2(tmp_path, capfd):
     """Bad values, a mesh that does not divide the devices, a rule matching nothing and a bad
-    pp string: one `error:` line and exit code 2, also once training machinery started."""
+    pp string: one `error:` line and exit code 2, also once training machinery started. The
+    CLI's main() runs in this process (8 emulated devices, as the CLI's default config), which
+    spares five process starts; test_cli_errors_are_one_line runs the real processes."""
     import tiny
 
-    def base(i):  # Each process its own workdir and data folder: they run at once.
-        return ["--config", f"{DEMO_CONFIG}:steps=4", "--workdir", str(tmp_path / f"w{i}"),
-                *(f"--config.{o}" for o in tiny.tiny_overrides(tmp_path / f"data{i}"))]
+    from siglip_jax import train as train_cli
 
+    base = ["--config", f"{DEMO_CONFIG}:steps=4", "--workdir", str(tmp_path / "w"),
+            *(f"--config.{o}" for o in tiny.tiny_overrides(tmp_path / "data"))]
     cases = [
         (["--config.log_every=0"], "error: config key log_every must be >= 1, got 0"),
         (["--config.total_steps=-5"], "error: config key total_steps must be >= 1, got -5"),
@@ -154,12 +156,13 @@ def test_config_mistakes_found_after_start_are_one_line_exit_2(tmp_path):
          "error: sharding rule regex 'nomatch/.*' matches no parameter"),
         (["--config.input.pp=value_range(-1, 1)|flatten"], "error: "),
     ]
-    results = _run_trains(*([*base(i), *extra] for i, (extra, _) in enumerate(cases)))
-    for (extra, message), result in zip(cases, results, strict=True):
-        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert result.returncode == 2, (extra, result.stderr[-2000:])
-        assert len(lines) == 1 and lines[0].startswith(message), (extra, result.stderr[-2000:])
-        assert "Traceback" not in result.stderr
+    for extra, message in cases:
+        code = train_cli.main([*base, *extra])
+        _, stderr = capfd.readouterr()
+        lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert code == 2, (extra, stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith(message), (extra, stderr[-2000:])
+        assert "Traceback" not in stderr
 
 
 CONFIG_FILES = sorted(f"configs/{n}" for n in os.listdir(os.path.join(REPO_ROOT, "configs"))

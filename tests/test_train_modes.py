@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from tiny import DEMO, REPO, tiny_config, tiny_overrides
+from tiny import DEMO, REPO, TINY_STEPS, tiny_config, tiny_overrides
 
 from siglip_jax.trainer import train
 
@@ -91,47 +91,81 @@ def _wait_for_step(workdir, proc, step, timeout=300):
         time.sleep(0.5)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
-    workdir = tmp_path / "preempted"
-    proc = _cli(workdir, 100_000, "--config.log_every=1", data_dir=tmp_path / "data")
-    _wait_for_step(workdir, proc, 3)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 143, out[-2000:]
-    saved = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
-    assert len(saved) == 1 and saved[0] >= 3
-    assert f"SIGTERM: saving a checkpoint at step {saved[0]}" in out
-    assert int(restore(workdir, saved[0])["step"]) == saved[0]
-
-
-def test_checkpoint_restores_on_a_mesh_of_four_devices(pretrained):
+@pytest.fixture(scope="module")
+def preempted_on_four(pretrained):
+    """The CLI resumes the pretrained step-10 checkpoint on a mesh of 4 devices for a long run
+    (100 000 steps, no periodic checkpoint) and gets SIGTERM once step 13 is logged: (workdir,
+    output, exit code). One process for the next two tests (each CLI start costs ~8 s)."""
     tmp, dp = pretrained
     workdir = tmp / "four"
     (workdir / "checkpoints").mkdir(parents=True)
     shutil.copytree(dp / "checkpoints" / "10", workdir / "checkpoints" / "10")
-    proc = _cli(workdir, 15, "--config.cpu_devices=4", data_dir=tmp / "data")
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-2000:]
-    assert "devices: 4 × cpu" in out and "resumed from checkpoint at step 10" in out
-    before, after = leaves(restore(dp, 10)["params"]), leaves(restore(workdir, 15)["params"])
+    proc = _cli(workdir, 100_000, "--config.cpu_devices=4", "--config.log_every=1",
+                "--config.checkpoint.every_n_steps=100000", data_dir=tmp / "data")
+    _wait_for_step(workdir, proc, 13)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    return workdir, out, proc.returncode
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(preempted_on_four):
+    workdir, out, code = preempted_on_four
+    assert code == 143, out[-2000:]
+    saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    assert len(saved) == 2 and saved[0] == 10 and saved[1] >= 13, saved
+    assert f"SIGTERM: saving a checkpoint at step {saved[1]}" in out
+    assert int(restore(workdir, saved[1])["step"]) == saved[1]
+
+
+def test_checkpoint_restores_on_a_mesh_of_four_devices(pretrained, preempted_on_four):
+    _, dp = pretrained
+    workdir, out, _ = preempted_on_four
+    assert "devices: 4 × cpu" in out and "resumed from checkpoint at step 10" in out, out[-2000:]
+    latest = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    assert latest > 10  # It trained on from the restored state.
+    before, after = leaves(restore(dp, 10)["params"]), leaves(restore(workdir, latest)["params"])
     assert before.keys() == after.keys()
-    assert int(restore(workdir, 15)["step"]) == 15
+    assert int(restore(workdir, latest)["step"]) == latest
 
 
-def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
-    """A real SIGKILL after a committed checkpoint; the rerun ends bit-identical."""
-    reference, _ = run(tmp_path, "reference", steps=30)
+# The train CLI that SIGKILLs itself right after logging step 15, once step 10's checkpoint is
+# committed: a kill at a known point (an outside kill raced the end of a 20-step run).
+_KILLED_AT_15 = """
+import os, signal, sys, time
+from siglip_jax import metrics, train
+from siglip_jax.shutdown import run_main
+
+write = metrics.MetricWriter.write
+committed = os.path.join(sys.argv[sys.argv.index("--workdir") + 1], "checkpoints", "10",
+                         "commit_success.txt")
+def write_then_die(self, step, values):
+    write(self, step, values)
+    if step == 15:
+        while not os.path.exists(committed):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+metrics.MetricWriter.write = write_then_die
+run_main(train.main)
+"""
+
+
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_run):
+    """A real SIGKILL after a committed checkpoint; the rerun ends bit-identical to the
+    uninterrupted run, the session's tiny run (the same config, 20 steps, but TensorBoard)."""
     workdir = tmp_path / "killed"
-    proc = _cli(workdir, 30, "--config.log_every=1", data_dir=tmp_path / "data")
-    _wait_for_step(workdir, proc, 14)
-    while not (workdir / "checkpoints" / "10" / "commit_success.txt").exists():
-        assert proc.poll() is None, proc.stdout.read()  # Kill after step 10 is committed.
-        time.sleep(0.2)
-    proc.kill()
-    proc.communicate()
-    proc = _cli(workdir, 30, data_dir=tmp_path / "data")
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_AT_15, "--config", f"{DEMO}:steps={TINY_STEPS}",
+         "--workdir", str(workdir),
+         *[f"--config.{o}" for o in tiny_overrides(tiny_run.data_dir, log_every=1)]],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert max(losses(workdir)) == 15
+    assert not (workdir / "checkpoints" / str(TINY_STEPS)).exists()
+    proc = _cli(workdir, TINY_STEPS, data_dir=tiny_run.data_dir)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "resumed from checkpoint" in out, out[-2000:]
-    expected, got = leaves(restore(reference, 30)["params"]), leaves(restore(workdir, 30)["params"])
+    assert proc.returncode == 0 and "resumed from checkpoint at step 10" in out, out[-2000:]
+    expected = leaves(restore(tiny_run.workdir, TINY_STEPS)["params"])
+    got = leaves(restore(workdir, TINY_STEPS)["params"])
     for key, value in expected.items():
         np.testing.assert_array_equal(got[key], value, err_msg=key)

@@ -141,11 +141,20 @@ class CompiledReport:
 
     @property
     def mfu(self) -> float | None:
-        """model FLOPs (else the compiler's FLOPs) ÷ (roofline time × peak), an upper bound."""
+        """model FLOPs (else the compiler's FLOPs) ÷ (roofline time × peak), an upper bound.
+
+        Model FLOPs above the compiled step's count (`model_flops_exceed`) are capped at it:
+        the program cannot do more work than it holds (SigLIP 2's self-supervised passes sit
+        in a `lax.cond` until their switch-on step, which the planner counts in full)."""
         step = self.step_seconds
         if not step or not self.chip.peak_flops:
             return None
-        return (self.model_flops or self.flops) / (step * self.chip.peak_flops)
+        return min(self.model_flops or self.flops, self.flops) / (step * self.chip.peak_flops)
+
+    @property
+    def model_flops_exceed(self) -> bool:
+        """Whether the planner's model FLOPs exceed the compiled step's by more than 5 %."""
+        return bool(self.model_flops and self.model_flops > 1.05 * self.flops)
 
 
 def _cost(compiled: jax.stages.Compiled) -> dict[str, float]:
@@ -324,6 +333,11 @@ def format_report(report: CompiledReport) -> str:
         what = "model" if report.model_flops else "compiler"
         lines.append(f"  → {report.examples_per_second:,.0f} examples/s, MFU ≤ "
                      f"{100 * report.mfu:.0f} % ({what} FLOPs at that time)")
+        if report.model_flops_exceed:
+            lines.append(f"  note: the planner's model FLOPs ({report.model_flops:.3g}) exceed "
+                         f"the compiled step's ({report.flops:.3g}); work inside a lax.cond "
+                         "(objectives that switch on mid-run) is counted by the planner in "
+                         "full, by the compiler partly: MFU uses the compiled count")
     if report.optimal_seconds is not None:
         lines.append(f"  the compiler's own estimate (optimal_seconds): "
                      f"{_seconds(report.optimal_seconds)}")

@@ -209,6 +209,11 @@ def test_roofline_names_its_bound_and_drops_an_insane_compiler_estimate():
     assert r.mfu == pytest.approx(0.5)  # Model FLOPs, not the compiler's (remat included).
     text = cs.format_report(r)
     assert "ESTIMATE" in text and "not usable" in text and "13.00 GiB" in text
+    assert not r.model_flops_exceed and "exceed" not in text
+    # Model FLOPs above what the program holds (work in a lax.cond): capped, and said.
+    over = dataclasses.replace(r, model_flops=660e12)
+    assert over.model_flops_exceed and over.mfu == pytest.approx(1.0)  # 550e12 / (2 s × peak).
+    assert "exceed the compiled step's" in cs.format_report(over)
 
 
 # ----------------------------------------------------------------------- the TPU compiler

@@ -24,16 +24,17 @@ Parameters and optimizer state are sharded over 16 chips (`fsdp=16`; the decoder
 embedding and output layer alone hold 393 M parameters). The decoder loss runs over blocks of
 8192 vocabulary columns (`vocab_chunk`, docs/siglip2_training.md "The chunked loss"): the float32
 [3·B, 64, 256k] logits are never materialised. Compiled per chip at batch 32k (TPU compiler,
-libtpu 0.0.52; args / temporaries / total):
+libtpu 0.0.52; args / temporaries / total; the chunked column with the recipes' FSDP compiler
+options and bfloat16 images, docs/tpu.md "Step memory against big_vision's"):
 
     slice (chips)     full logits (vocab_chunk=0)            chunked (vocab_chunk=8192)
     v4-1024 (512)     2.97 / 18.54 / 21.69 GiB               (not compiled)
-    v4-512  (256)     CompileTimeHbmOom (39.6 GiB temps)     3.06 / 6.24 / 9.49 GiB
-    v4-256  (128)     CompileTimeHbmOom (76.0 GiB temps)     3.26 / 11.77 / 15.23 GiB
-    v5litepod-256     CompileTimeHbmOom (39.9 GiB temps)     3.06 / 6.52 / 9.79 GiB (of 14.9)
+    v4-512  (256)     CompileTimeHbmOom (39.6 GiB temps)     3.06 / 5.91 / 9.15 GiB
+    v4-256  (128)     CompileTimeHbmOom (76.0 GiB temps)     3.26 / 11.18 / 14.63 GiB
+    v5litepod-256     CompileTimeHbmOom (39.9 GiB temps)     3.06 / 6.86 / 10.14 GiB (of 14.9)
 
 v4-512 (256 chips, 128 images per chip) fits by both the compiler and the planner's analytic
-estimate (19.1 GiB); v4-256 (256 images per chip) compiles at 15.2 GiB but the analytic
+estimate (19.1 GiB); v4-256 (256 images per chip) compiles at 14.6 GiB but the analytic
 estimate, conservative by ~2x, says 34.5 GiB: plan it with `--compile`. A v5litepod-256
 (16 GB chips; SigLIP 2 trained on up to 2048 TPUv5e chips, model card) fits too. On fewer
 chips raise `accum` (each micro-batch then sees fewer negatives). Arguments: the SigLIP recipes'

@@ -189,8 +189,9 @@ def build_input(run: RunConfig, mesh: Mesh, start_step: int, *, source: Source |
                                                vocab_size=run.model.text.vocab_size)
     preprocess = get_preprocess_fn(run.input.pp, tokenizer=tokenizer,
                                    decoder_vocab=decoder_vocab(run.model))
-    if image_input_dtype(run) is not None:
-        preprocess = input_lib.cast_entries(preprocess, image_input_keys(run), "bfloat16")
+    image_dtype = image_input_dtype(run)
+    if image_dtype is not None:
+        preprocess = input_lib.cast_entries(preprocess, image_input_keys(run), image_dtype)
     global_batch = run.input.global_batch
     shard_ids = input_lib.local_shard_ids(batch_sharding(mesh, run.mesh.batch_axes),
                                           global_batch)
@@ -395,8 +396,9 @@ def abstract_batch(parts: StepParts, shapes: Mapping[str, BatchShape],
     if run is not None:
         dtypes.update({k: dtype for k, (_, dtype) in
                        objectives.batch_shapes(run, run.input.global_batch).items()})
-        if image_input_dtype(run) is not None:
-            dtypes.update({k: jnp.bfloat16 for k in image_input_keys(run)})
+        image_dtype = image_input_dtype(run)
+        if image_dtype is not None:
+            dtypes.update({k: jnp.dtype(image_dtype) for k in image_input_keys(run)})
 
     def leaf(key: str, shape: Sequence[int], sharding: NamedSharding) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(tuple(shape), dtypes.get(key, jnp.float32), sharding=sharding)

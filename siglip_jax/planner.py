@@ -25,6 +25,7 @@ import os
 import re
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import ml_collections
 from jax.sharding import AbstractMesh
 
@@ -221,7 +222,8 @@ def _step_parts(run: RunConfig, plan: Plan) -> StepParts | None:
     image = shapes["image"]
     plan.image_hw = None if isinstance(image, dict) else tuple(image[1:3])
     plan.image_tokens = image["mask"][1] if isinstance(image, dict) else None
-    pixel = 2 if image_input_dtype(run) else 4  # Bytes per image value on the device.
+    image_dtype = image_input_dtype(run)  # Bytes per image value on the device:
+    pixel = jnp.dtype(image_dtype).itemsize if image_dtype else 4
     plan.example_bytes = 4 * plan.text_len + (
         4 * math.prod(image["patches"][1:]) + image["mask"][1] + 8 if isinstance(image, dict)
         else pixel * math.prod(image[1:])) + sum(  # + the objectives' entries: views (as the

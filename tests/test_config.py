@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from siglip_jax import train as train_cli
 from siglip_jax.config import ConfigError, apply_override, load_config, parse_config_arg, split_spec
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,7 +144,6 @@ def test_config_mistakes_found_after_start_are_one_line_exit_2(tmp_path, capfd):
     spares five process starts; test_cli_errors_are_one_line runs the real processes."""
     import tiny
 
-    from siglip_jax import train as train_cli
 
     base = ["--config", f"{DEMO_CONFIG}:steps=4", "--workdir", str(tmp_path / "w"),
             *(f"--config.{o}" for o in tiny.tiny_overrides(tmp_path / "data"))]

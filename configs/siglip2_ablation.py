@@ -40,7 +40,7 @@ from siglip_jax.config import ConfigError
 from siglip_jax.recipes import parse_args, siglip2_demo_config
 
 ROWS = ("sigmoid", "decoder", "ssl", "all", "random")
-STEPS = {"sigmoid": 1000, "decoder": 300, "ssl": 140, "all": 90, "random": 1}
+STEPS = {"sigmoid": 4400, "decoder": 2600, "ssl": 1330, "all": 1150, "random": 1}
 DEC_LEN, BINS, TEXT_LEN = 16, 16, 14
 LOCAL_CROPS, LOCAL_SIZE = 4, 24
 DATA = dict(name="demo_shapes", objects=True, image_size=48, num_colours=3, num_shapes=4,
@@ -65,4 +65,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dec_len=DEC_LEN, bins=BINS, text_len=TEXT_LEN, local_crops=LOCAL_CROPS,
         local_size=LOCAL_SIZE, start_frac=float(args["start_frac"]), ema=0.99,
         lr=0.0 if row == "random" else 2e-3, log_every=25,
-        checkpoint=dict(every_n_steps=10_000, keep=1, keep_every_n_steps=0), tensorboard=False)
+        checkpoint=dict(every_n_steps=10_000, keep=1, keep_every_n_steps=0), tensorboard=False,
+        probe=dict(balanced=True, train_data=dict(split="train", **data)))

@@ -476,12 +476,14 @@ def siglip2_demo_config(row: str, *, data: Mapping[str, Any], steps: int, seed: 
                         budget: float, every: int, batch: int, dec_len: int, bins: int,
                         text_len: int, local_crops: int, local_size: int, start_frac: float,
                         ema: float, lr: float, log_every: int, checkpoint: Mapping[str, int],
-                        tensorboard: bool) -> ml_collections.ConfigDict:
+                        tensorboard: bool, probe: Mapping[str, Any] | None = None
+                        ) -> ml_collections.ConfigDict:
     """The CPU SigLIP 2 demo on the multi-object shapes (configs/demo_siglip2.py and the
     ablation's configs/siglip2_ablation.py): the tiny towers, and per `row` the objectives
     (`decoder` and `all` add the LocCa decoder on all 3 tasks per image; `ssl` and `all` add
     self-distillation and masked prediction on the global and local views), with the final
-    zero-shot, dense-probe and decoder-task evaluations on the held-out split."""
+    zero-shot, dense-probe and decoder-task evaluations on the held-out split (`probe`: more
+    options of both dense probes)."""
     decoder, selfsup = row in ("decoder", "all"), row in ("ssl", "all")
     c = ml_collections.ConfigDict()
     c.seed = seed
@@ -534,7 +536,8 @@ def siglip2_demo_config(row: str, *, data: Mapping[str, Any], steps: int, seed: 
     c.schedule = dict(decay_type="cosine", warmup_frac=0.05)
     c.grad_accum_steps = 1
     c.on_nonfinite = "stop"
-    c.evals = _siglip2_demo_evals(dict(split="test", **data), every, decoder, dec_len, bins)
+    c.evals = _siglip2_demo_evals(dict(split="test", **data), every, decoder, dec_len, bins,
+                                  probe or {})
     c.checkpoint = dict(checkpoint)
     c.tensorboard = tensorboard
     c.peak_flops = None
@@ -542,7 +545,7 @@ def siglip2_demo_config(row: str, *, data: Mapping[str, Any], steps: int, seed: 
 
 
 def _siglip2_demo_evals(test: Mapping[str, Any], every: int, decoder: bool, dec_len: int,
-                        bins: int) -> ml_collections.ConfigDict:
+                        bins: int, probe: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """Zero-shot on the main shape, dense probes on the class and shape maps, and with a
     decoder the three decoder tasks (teacher-forced one task per example)."""
     evals = ml_collections.ConfigDict()
@@ -553,7 +556,7 @@ def _siglip2_demo_evals(test: Mapping[str, Any], every: int, decoder: bool, dec_
     for name, label_set in (("dense_class", "class"), ("dense_shape", "shape")):
         evals[name] = dict(
             type="dense_probe", data=test, label_set=label_set, every_n_steps=every,
-            pp='value_range(-1, 1)|keep("image", "segmentation")', batch_size=240)
+            pp='value_range(-1, 1)|keep("image", "segmentation")', batch_size=240, **probe)
     if decoder:
         one = f"locca_task(max_len={dec_len}, num_bins={bins}, parallel_frac=0, tasks="
         keys = '"image", "dec_tokens", "dec_target_mask"'

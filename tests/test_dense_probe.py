@@ -81,6 +81,49 @@ def test_ridge_matches_a_least_squares_reference():
     np.testing.assert_allclose(b, ref[6], rtol=1e-4, atol=1e-5)
 
 
+def test_balanced_ridge_is_weighted_least_squares():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(400, 5)) * [1, 3, 0.5, 2, 1] - 1
+    labels = np.where(rng.random(400) < 0.8, 0, rng.integers(1, 4, 400))  # Label 0 dominates.
+    counts = np.bincount(labels, minlength=5)  # Label 4 never occurs.
+    weights = dp.balancing_weights(counts)
+    # Hand-computed: n / (K n_c) with K = 4 present labels; absent label 4 weighs 0.
+    np.testing.assert_allclose(weights[:4], 400 / (4 * counts[:4]))
+    assert weights[4] == 0 and np.isclose((weights[labels]).sum(), 400)
+    r = weights[labels]
+    stats = dp.ridge_stats(jnp.asarray(x, jnp.float32), jnp.asarray(labels),
+                           jnp.asarray(r, jnp.float32), 5)
+    w, b = dp.fit_ridge(stats, 0.1)
+    # Reference: min sum_i r_i |x_i w + b - y_i|² + lam |w|², rows scaled by sqrt(r_i).
+    mean = (r[:, None] * x).sum(0) / r.sum()
+    lam = 0.1 * np.trace((r[:, None] * (x - mean)).T @ (x - mean)) / 5
+    sr = np.sqrt(r)[:, None]
+    a = np.block([[sr * x, sr], [np.sqrt(lam) * np.eye(5), np.zeros((5, 1))]])
+    y = np.concatenate([sr * np.eye(5)[labels], np.zeros((5, 5))])
+    ref = np.linalg.lstsq(a, y, rcond=None)[0]
+    np.testing.assert_allclose(w, ref[:5], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b, ref[5], rtol=1e-4, atol=1e-5)
+
+
+def test_balancing_finds_a_rare_label_that_the_plain_probe_calls_background():
+    rng = np.random.default_rng(3)
+    labels = (rng.random(20000) < 0.05).astype(int)  # 5 % foreground.
+    x = labels[:, None] * 1.0 + rng.normal(size=(20000, 1))  # Overlapping feature values.
+    recall = {}
+    for balanced in (False, True):
+        r = dp.balancing_weights(np.bincount(labels[:10000]))[labels[:10000]] if balanced \
+            else np.ones(10000)
+        stats = dp.ridge_stats(jnp.asarray(x[:10000], jnp.float32),
+                               jnp.asarray(labels[:10000]), jnp.asarray(r, jnp.float32), 2)
+        w, b = dp.fit_ridge(stats, 1e-3)
+        pred = (x[10000:] @ w + b).argmax(-1)
+        recall[balanced] = (pred[labels[10000:] == 1] == 1).mean()
+    # Unweighted least squares puts the threshold far out in the foreground's tail; the
+    # balanced fit puts it between the two means (x = 0.5), where 69 % of foreground lies
+    # above: 1 - Phi(-0.5).
+    assert recall[False] < 0.05 and abs(recall[True] - 0.69) < 0.05
+
+
 def _probe_accuracy(x, labels, n_train, num_classes):
     stats = dp.ridge_stats(jnp.asarray(x[:n_train], jnp.float32), jnp.asarray(labels[:n_train]),
                            jnp.ones(n_train), num_classes)
@@ -129,8 +172,8 @@ def _demo_batches(source, pp, batch, split):
     return batches
 
 
-@pytest.mark.parametrize("label_set", ["class", "shape"])
-def test_toy_model_is_exact_on_demo_objects(tmp_path, label_set):
+@pytest.mark.parametrize("label_set,balanced", [("class", False), ("shape", True)])
+def test_toy_model_is_exact_on_demo_objects(tmp_path, label_set, balanced):
     source = ds.DemoShapes(str(tmp_path), "test", objects=True, train_per_class=1,
                            test_per_class=2)
     mesh = make_mesh([("data", -1)])
@@ -143,7 +186,7 @@ def test_toy_model_is_exact_on_demo_objects(tmp_path, label_set):
         model=model, mesh=mesh, batch_axes=("data",), param_shardings=shardings,
         patch_hw=(8, 8), train_batches=_demo_batches(source, pp, 16, "train"),
         test_batches=_demo_batches(source, pp, 16, "test"),
-        options=dp.DenseProbeOptions(label_set=label_set))
+        options=dp.DenseProbeOptions(label_set=label_set, balanced=balanced))
     metrics = evaluator.run(params)
     assert metrics["accuracy"] == 1.0 and metrics["miou"] == 1.0
     assert metrics["num_patches"] == 36 * 64 and metrics["num_train_patches"] == 36 * 64

@@ -10,7 +10,10 @@ section of the data, and evaluated on the held-out section:
     w = (Cxx + lam I)^-1 Cxy,  b = ybar - mu w,  lam = ridge * trace(Cxx) / W
 
 (`ridge` is relative to the mean feature variance, so it does not depend on the feature
-scale). Prediction = argmax_c (x w + b)_c. Only the sufficient statistics X^T X [W, W],
+scale). With `balanced`, the fit is weighted least squares: a train patch with label c
+weighs n / (K n_c) (n_c patches of label c, K labels present), so background, most of a
+demo map's patches, no longer outweighs the objects; mu, ybar, Cxx and Cxy are then the
+weighted sums (a first pass over the train section's labels counts n_c). Prediction = argmax_c (x w + b)_c. Only the sufficient statistics X^T X [W, W],
 X^T Y [W, C] and the sums are accumulated over batches (on device in float32 per batch, on
 the host in float64 across batches), so memory does not grow with the data and the fit is
 deterministic. Metrics from the test confusion matrix M (rows true, columns predicted):
@@ -34,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from siglip_jax.data.config import SourceConfig, parse_source
@@ -63,6 +67,7 @@ class DenseProbeOptions:
     train_fraction: float = 0.5  # The first fraction of `data` fits the probe.
     train_data: SourceConfig | None = None  # A separate source section to fit on.
     ridge: float = 1e-3  # Relative to the mean feature variance.
+    balanced: bool = False  # Weight each train patch by 1 / its label's frequency.
     where: dataclasses.InitVar[str] = "evals.<name>"  # The section, for error messages.
 
     def __post_init__(self, where: str) -> None:
@@ -93,6 +98,8 @@ class DenseProbeOptions:
         ridge = self.ridge
         if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not ridge > 0:
             raise ConfigError(f"{where}.ridge must be a positive number, got {ridge!r}")
+        if not isinstance(self.balanced, bool):
+            raise ConfigError(f"{where}.balanced must be true or false, got {self.balanced!r}")
         train_data = None if self.train_data is None else parse_source(
             self.train_data, f"{where}.train_data")
         set_fields(self, train_fraction=float(fraction), ridge=float(ridge),
@@ -149,14 +156,26 @@ def patch_labels(labels_bxhxw: np.ndarray, patch_hw: tuple[int, int], num_classe
 
 def ridge_stats(x_nxw: jax.Array, labels_n: jax.Array, weight_n: jax.Array,
                 num_classes: int) -> dict[str, jax.Array]:
-    """Sufficient statistics of the rows with weight 1 (weights are 0 or 1): xtx [W, W],
-    xty [W, C], sx [W], sy [C] and the row count n."""
-    x = x_nxw.astype(jnp.float32) * weight_n[:, None]
-    y = jax.nn.one_hot(jnp.maximum(labels_n, 0), num_classes) * weight_n[:, None]
+    """Weighted sufficient statistics (a row's weight r >= 0; 0 leaves it out):
+    xtx = sum r x x^T [W, W], xty = sum r x y^T [W, C], sx = sum r x [W], sy = sum r y [C]
+    and n = sum r."""
+    x = x_nxw.astype(jnp.float32)
+    y = jax.nn.one_hot(jnp.maximum(labels_n, 0), num_classes)
+    weighted = x * weight_n[:, None]
     hi = jax.lax.Precision.HIGHEST
-    return {"xtx": jnp.matmul(x.T, x_nxw.astype(jnp.float32), precision=hi),
-            "xty": jnp.matmul(x.T, y, precision=hi),
-            "sx": x.sum(0), "sy": y.sum(0), "n": weight_n.sum()}
+    return {"xtx": jnp.matmul(weighted.T, x, precision=hi),
+            "xty": jnp.matmul(weighted.T, y, precision=hi),
+            "sx": weighted.sum(0), "sy": (y * weight_n[:, None]).sum(0), "n": weight_n.sum()}
+
+
+def balancing_weights(label_counts_c: np.ndarray) -> np.ndarray:
+    """Per-label weights n / (K n_c) for the K labels with n_c > 0 (0 for absent labels):
+    every present label then carries the same total weight, and the weights sum to n."""
+    counts = np.asarray(label_counts_c, np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
 
 
 def fit_ridge(stats: Mapping[str, np.ndarray | jax.Array], ridge: float
@@ -209,8 +228,8 @@ class DenseProbeEvaluator:
       patch_hw: the image tower's patch size (the segmentation map is cut into these).
       train_batches / test_batches: fresh iterators of this process's padded batches with
         "image", the segmentation key and "_mask" (see data.input.eval_batches).
-      options: label_set, num_classes, ignore_label, segmentation_key and ridge are used (see
-        the module docstring); train_fraction and train_data make the batches (builder.py).
+      options: label_set, num_classes, ignore_label, segmentation_key, ridge and balanced are
+        used (see the module docstring); train_fraction and train_data make the batches (builder.py).
     """
 
     def __init__(self, *, model: nn.Module, mesh: Mesh, batch_axes: tuple[str, ...],
@@ -224,6 +243,7 @@ class DenseProbeEvaluator:
         self.label_set, self.ignore_label = options.label_set, options.ignore_label
         self.num_classes = num_labels(options.label_set, options.num_classes)
         self.segmentation_key, self.ridge = options.segmentation_key, options.ridge
+        self.balanced = options.balanced
         c = self.num_classes
         data, rep = batch_sharding(mesh, self.batch_axes), replicated(mesh)
 
@@ -250,27 +270,47 @@ class DenseProbeEvaluator:
         self._counts = jax.jit(counts, in_shardings=(param_shardings, data, data, data, rep,
                                                      rep), out_shardings=rep)
 
-    def _global_batches(self, batches: Iterator[dict[str, np.ndarray]]
+    def _patch_labels(self, batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """This process's patch labels [B, N] (>= 0) and whether each one counts [B, N]."""
+        seg = map_labels(batch[self.segmentation_key], self.label_set)
+        labels = patch_labels(seg, self.patch_hw, self.num_classes, self.ignore_label)
+        return np.maximum(labels, 0), (labels >= 0) & batch[MASK_KEY][:, None]
+
+    def _global_batches(self, batches: Iterator[dict[str, np.ndarray]],
+                        label_weights: np.ndarray | None = None
                         ) -> Iterator[dict[str, jax.Array]]:
         for batch in batches:
-            seg = map_labels(batch[self.segmentation_key], self.label_set)
-            labels = patch_labels(seg, self.patch_hw, self.num_classes, self.ignore_label)
-            weight = ((labels >= 0) & batch[MASK_KEY][:, None]).astype(np.float32)
-            local = {"image": batch["image"], "labels": np.maximum(labels, 0),
-                     "weight": weight}
+            labels, valid = self._patch_labels(batch)
+            weight = valid.astype(np.float32)
+            if label_weights is not None:
+                weight *= label_weights[labels].astype(np.float32)
+            local = {"image": batch["image"], "labels": labels, "weight": weight}
             yield make_global_batch(local, self.mesh, self.batch_axes)
 
+    def train_label_weights(self) -> np.ndarray:
+        """`balancing_weights` of the train section's patch-label counts (summed over all
+        processes): a pass over the labels only, before the probe's pass over the features."""
+        counts = np.zeros(self.num_classes, np.int64)
+        for batch in self.train_batches():
+            labels, valid = self._patch_labels(batch)
+            counts += np.bincount(labels[valid], minlength=self.num_classes)
+        if jax.process_count() > 1:
+            counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+        return balancing_weights(counts)
+
     def fit(self, params: optax.Params) -> tuple[np.ndarray, np.ndarray, float]:
-        """The probe (w [W, C], b [C]) fitted on the train section, and its patch count."""
+        """The probe (w [W, C], b [C]) fitted on the train section (class-balanced with
+        `balanced`), and its patch count."""
+        label_weights = self.train_label_weights() if self.balanced else None
         total: dict[str, np.ndarray] = {}
-        for batch in self._global_batches(self.train_batches()):
+        for batch in self._global_batches(self.train_batches(), label_weights):
             for key, value in self._stats(params, batch["image"], batch["labels"],
                                           batch["weight"]).items():
                 total[key] = total.get(key, 0) + np.asarray(value, np.float64)
         if not total:
             raise ValueError("the probe's train section is empty")
         w, b = fit_ridge(total, self.ridge)
-        return w, b, float(total["n"])
+        return w, b, float(round(total["n"]))  # Balancing weights sum to the patch count.
 
     def run(self, params: optax.Params) -> dict[str, float]:
         """Fits the probe, then: accuracy, miou, miou_fg, num_patches (test),

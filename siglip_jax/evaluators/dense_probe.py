@@ -13,7 +13,8 @@ section of the data, and evaluated on the held-out section:
 scale). With `balanced`, the fit is weighted least squares: a train patch with label c
 weighs n / (K n_c) (n_c patches of label c, K labels present), so background, most of a
 demo map's patches, no longer outweighs the objects; mu, ybar, Cxx and Cxy are then the
-weighted sums (a first pass over the train section's labels counts n_c). Prediction = argmax_c (x w + b)_c. Only the sufficient statistics X^T X [W, W],
+weighted sums (a first pass over the train section's labels counts n_c).
+Prediction = argmax_c (x w + b)_c. Only the sufficient statistics X^T X [W, W],
 X^T Y [W, C] and the sums are accumulated over batches (on device in float32 per batch, on
 the host in float64 across batches), so memory does not grow with the data and the fit is
 deterministic. Metrics from the test confusion matrix M (rows true, columns predicted):
@@ -229,7 +230,8 @@ class DenseProbeEvaluator:
       train_batches / test_batches: fresh iterators of this process's padded batches with
         "image", the segmentation key and "_mask" (see data.input.eval_batches).
       options: label_set, num_classes, ignore_label, segmentation_key, ridge and balanced are
-        used (see the module docstring); train_fraction and train_data make the batches (builder.py).
+        used (see the module docstring); train_fraction and train_data make the batches
+        (builder.py).
     """
 
     def __init__(self, *, model: nn.Module, mesh: Mesh, batch_axes: tuple[str, ...],

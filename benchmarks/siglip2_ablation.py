@@ -41,6 +41,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)  # The figure module beside this file.
 from siglip2_ablation_figure import make_figure, run_data  # noqa: E402
 
+from siglip_jax.console import add_verbose_flag, quiet_startup  # noqa: E402
+
 CONFIG = os.path.join(ROOT, "configs", "siglip2_ablation.py")
 ROWS = ("sigmoid", "decoder", "ssl", "all")
 DECODER_ROWS, SSL_ROWS = ("decoder", "all"), ("ssl", "all")
@@ -231,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baselines", action="store_true",
                         help="skip the trivial referring predictors and the random tower")
     parser.add_argument("--no-figure", action="store_true", help="skip ablation.png")
+    add_verbose_flag(parser)
     parser.add_argument("--reuse", action="store_true",
                         help="reuse finished runs found in --out instead of training again")
     parser.add_argument("--no-train", action="store_true",
@@ -290,4 +293,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(quiet_startup()))  # Before the figure loads JAX: no TF/libtpu start-up noise.

@@ -140,7 +140,7 @@ class Example:
 
     def segmentation(self, image: np.ndarray) -> np.ndarray:
         """The dense probe's (class label set) patch labels [gh, gw] for one image; the probe
-        is fitted on the first half of the held-out split as in the evaluation."""
+        is fitted as in the run's evaluation (the ablation: on the training split)."""
         import jax.numpy as jnp
 
         probe = self.evaluators["dense_class"]
@@ -170,8 +170,8 @@ def _metric_panels(fig, grid, results, baselines, columns):
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             ax.bar(j, mean, yerr=std, color=ROW_COLOURS.get(row, "k"), capsize=3)
             ax.plot([j] * len(values), values, "k.", ms=3)
-        if key.startswith("referring/"):
-            for name, m in baselines.get("referring", {}).items():
+        if key.startswith("referring/") and baselines.get("referring"):
+            for name, m in baselines["referring"].items():
                 ax.axhline(100 * m[key], ls="--", lw=1,
                            color="k" if "largest" in name else "0.5", label=name)
             ax.legend(fontsize=5, loc="upper left")
@@ -206,7 +206,7 @@ def _example_panels(fig, grid, out_dir: str, rows: Sequence[str]):
 
     first = os.path.join(out_dir, f"{rows[0]}_0")
     test = run_data(first, "test")
-    index = len(test["image"]) - 1  # In the probe's test half (the fit uses the first half).
+    index = len(test["image"]) - 1  # Never a fitted image (the fit uses the first half at most).
     while test["num_boxes"][index] < 3 and index > len(test["image"]) // 2:
         index -= 1
     example = {k: test[k][index] for k in ("image", "texts", "boxes", "box_texts",

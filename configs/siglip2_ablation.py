@@ -17,7 +17,8 @@ Arguments (`:k=v,k=v`):
   objectives  sigmoid | decoder (+ LocCa decoder, all 3 tasks per image) | ssl (+ self-
               distillation and masked prediction, no decoder) | all (both) | random (no
               training: lr 0, for the randomly initialised tower's dense-probe baseline);
-  steps       total steps (default: STEPS[objectives], about 150 s on 2 idle cores);
+  steps       total steps (default: STEPS[objectives], about 7 minutes of training on 2
+              idle cores, from the rows' measured speeds: docs/siglip2_training.md);
   seed        the run's seed (init, data order, crops, masks);
   start_frac  where self-distillation and masked prediction switch on (default 0.3): SigLIP 2
               adds them for the last 20 %, but on a run of a few hundred steps that leaves
@@ -29,7 +30,8 @@ Arguments (`:k=v,k=v`):
 
 Final evaluations on the held-out images: zero-shot top-1 of the main shape (prompt
 "a large {}", 36 candidate names of which 12 occur), the dense probe on frozen patch
-features (class and shape label sets; `miou_fg` is the mIoU over the foreground classes),
+features (class and shape label sets; `miou_fg` is the mIoU over the foreground classes;
+fitted class-balanced on the training split, scored on the held-out images),
 and with a decoder: caption exact match and token accuracy, referring acc@0.5 and mean IoU,
 grounded-captioning exact match.
 """

@@ -182,14 +182,24 @@ def test_toy_model_is_exact_on_demo_objects(tmp_path, label_set, balanced):
     shardings = jax.tree_util.tree_map(lambda _: replicated(mesh), params)
     # Labels are mapped from the class map: the toy's class one-hots are linear in them too.
     pp = 'copy("segmentation", "image")|keep("image", "segmentation")'
+    train_reads = []
+    train_batches = _demo_batches(source, pp, 16, "train")
+
+    def counted_train_batches():
+        train_reads.append(1)
+        return train_batches()
+
     evaluator = dp.DenseProbeEvaluator(
         model=model, mesh=mesh, batch_axes=("data",), param_shardings=shardings,
-        patch_hw=(8, 8), train_batches=_demo_batches(source, pp, 16, "train"),
+        patch_hw=(8, 8), train_batches=counted_train_batches,
         test_batches=_demo_batches(source, pp, 16, "test"),
         options=dp.DenseProbeOptions(label_set=label_set, balanced=balanced))
     metrics = evaluator.run(params)
     assert metrics["accuracy"] == 1.0 and metrics["miou"] == 1.0
     assert metrics["num_patches"] == 36 * 64 and metrics["num_train_patches"] == 36 * 64
+    # The balanced probe counts the labels once (an extra pass at the first fit only).
+    evaluator.fit(params)
+    assert len(train_reads) == (3 if balanced else 2)
 
 
 def _config(tmp_path, **evals):

@@ -31,6 +31,7 @@ background, 1 + colour). "raw" uses the map's values as they are, with `num_clas
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Mapping
 
 import flax.linen as nn
@@ -289,9 +290,11 @@ class DenseProbeEvaluator:
             local = {"image": batch["image"], "labels": labels, "weight": weight}
             yield make_global_batch(local, self.mesh, self.batch_axes)
 
+    @functools.cached_property
     def train_label_weights(self) -> np.ndarray:
         """`balancing_weights` of the train section's patch-label counts (summed over all
-        processes): a pass over the labels only, before the probe's pass over the features."""
+        processes): a pass over the labels only, made at the first balanced fit and kept (the
+        labels do not change with the params, so later evaluations do not read them again)."""
         counts = np.zeros(self.num_classes, np.int64)
         for batch in self.train_batches():
             labels, valid = self._patch_labels(batch)
@@ -303,7 +306,7 @@ class DenseProbeEvaluator:
     def fit(self, params: optax.Params) -> tuple[np.ndarray, np.ndarray, float]:
         """The probe (w [W, C], b [C]) fitted on the train section (class-balanced with
         `balanced`), and its patch count."""
-        label_weights = self.train_label_weights() if self.balanced else None
+        label_weights = self.train_label_weights if self.balanced else None
         total: dict[str, np.ndarray] = {}
         for batch in self._global_batches(self.train_batches(), label_weights):
             for key, value in self._stats(params, batch["image"], batch["labels"],

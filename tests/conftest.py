@@ -22,17 +22,12 @@ itself), test_export.py (its checkpoints) and test_evaluate_cli.py (its evaluati
 must not write into its workdir.
 
 Parallel runs (pytest-xdist, `-n 2` in the README's command): each worker is a process with
-its own session, so a session or module fixture is built once per worker that needs it.
-`pytest_collection_modifyitems` keeps the tests that share such a fixture of this suite
-(a shared run, a module's trained model, the GCS emulator) in one `xdist_group`, which
-`--dist loadgroup` (pyproject's addopts) sends to one worker; the other tests go to whichever
-worker is free. The workers share the compilation cache (its size limit turns on JAX's file
-lock).
+its own session, so a session or module fixture is built once per worker that needs it. The
+workers share the compilation cache (its size limit turns on JAX's file lock).
 """
 
 import atexit
 import dataclasses
-import itertools
 import json
 import os
 import shutil
@@ -72,38 +67,6 @@ import tiny  # noqa: E402
 
 # The session fixture `gcs`: a local GCS emulator for the gs:// tests (tests/gcs_emulator.py).
 pytest_plugins = ["gcs_emulator"]
-
-
-def _shared_fixtures(item: pytest.Item) -> set[str]:
-    """The session and module fixtures of this suite (not pytest's own) that `item` uses."""
-    tests_dir = os.path.dirname(__file__)
-    shared = set()
-    for name, defs in item._fixtureinfo.name2fixturedefs.items():
-        fixture = defs[-1]
-        source = getattr(fixture.func, "__code__", None)
-        if (fixture.scope in ("session", "module") and source is not None
-                and os.path.dirname(source.co_filename) == tests_dir):
-            # A module fixture is one per module: its name alone would join unrelated files.
-            shared.add(name if fixture.scope == "session" else f"{item.module.__name__}::{name}")
-    return shared
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """One `xdist_group` per set of tests linked by a shared session/module fixture."""
-    parent: dict[str, str] = {}
-
-    def root(key: str) -> str:
-        while parent.setdefault(key, key) != key:
-            key = parent[key]
-        return key
-
-    uses = {item.nodeid: _shared_fixtures(item) for item in items}
-    for names in uses.values():
-        for a, b in itertools.pairwise(sorted(names)):
-            parent[root(a)] = root(b)
-    for item in items:
-        if uses[item.nodeid]:
-            item.add_marker(pytest.mark.xdist_group(root(min(uses[item.nodeid]))))
 
 
 @dataclasses.dataclass(frozen=True)

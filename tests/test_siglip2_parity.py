@@ -94,16 +94,20 @@ def test_posemb_resize_equals_torch_interpolate_antialias():
     rng = np.random.default_rng(1)
     grid = rng.normal(size=(4, 4, 6)).astype(np.float32)
     shapes = np.array([[4, 4], [2, 8], [8, 2], [1, 3], [3, 7]], np.int32)
-    got = np.asarray(naflex.resize_posemb(grid, shapes, 25))
+    # Jitted: one program each instead of one per op (eager dispatch is the slow part here).
+    got = np.asarray(jax.jit(naflex.resize_posemb, static_argnums=2)(grid, shapes, 25))
+    scale_and_translate = jax.jit(jax.image.scale_and_translate,
+                                  static_argnames=("shape", "spatial_dims", "method", "antialias"))
     src = torch.from_numpy(grid).permute(2, 0, 1)[None]
     for b, (h, w) in enumerate(shapes):
         ref = F.interpolate(src, size=(int(h), int(w)), mode="bilinear", align_corners=False,
                             antialias=True)[0].permute(1, 2, 0).reshape(h * w, -1).numpy()
         np.testing.assert_allclose(got[b, : h * w], ref, atol=1e-6)
         # big_vision naflex_vit.py resizes with jax.image.scale_and_translate: same numbers.
-        bv_ref = jax.image.scale_and_translate(
-            grid, (int(h), int(w), 6), (0, 1), np.array([h / 4, w / 4], np.float32),
-            np.zeros(2, np.float32), method="bilinear", antialias=True)
+        bv_ref = scale_and_translate(
+            grid, shape=(int(h), int(w), 6), spatial_dims=(0, 1),
+            scale=np.array([h / 4, w / 4], np.float32), translation=np.zeros(2, np.float32),
+            method="bilinear", antialias=True)
         np.testing.assert_allclose(got[b, : h * w], np.asarray(bv_ref).reshape(h * w, 6),
                                    atol=1e-6)
         # Padding tokens take the first position's embedding (as HF; they are masked anyway).

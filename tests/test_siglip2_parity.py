@@ -94,7 +94,7 @@ def test_posemb_resize_equals_torch_interpolate_antialias():
     rng = np.random.default_rng(1)
     grid = rng.normal(size=(4, 4, 6)).astype(np.float32)
     shapes = np.array([[4, 4], [2, 8], [8, 2], [1, 3], [3, 7]], np.int32)
-    # Jitted: one program each instead of one per op (eager dispatch is the slow part here).
+    # Jitted: outside jit, every jnp call with new shapes compiles a program of its own.
     got = np.asarray(jax.jit(naflex.resize_posemb, static_argnums=2)(grid, shapes, 25))
     scale_and_translate = jax.jit(jax.image.scale_and_translate,
                                   static_argnames=("shape", "spatial_dims", "method", "antialias"))

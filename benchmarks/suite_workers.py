@@ -34,8 +34,11 @@ def run_session(files: list[str], workers: int) -> tuple[float, float, str]:
     command = [sys.executable, "-m", "pytest", "-q", "-m", "not slow", *files]
     if workers > 1:
         command[3:3] = ["-n", str(workers)]
+    # Without an inherited JAX_COMPILATION_CACHE_DIR, tests/conftest.py gives each session a
+    # fresh cache: a later variant must not read the programs an earlier one compiled.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     cpu, start = _children_cpu(), time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
     last = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
     if done.returncode:

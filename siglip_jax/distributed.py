@@ -16,6 +16,13 @@ timeout after a kill (it counts from the dead process's last heartbeat, which ma
 before the kill), so the watchdog must speak early; its thread beats whatever the main thread
 does (compiling, waiting in a collective), so a slow step is not taken for a death.
 
+Silence is counted only while the watchdog itself runs on time (`PeerSilence`): a poll that
+comes late (this process, or the whole machine, was frozen: an overloaded CI host, a paused
+VM) adds at most 1.5 polling intervals, since the peers were most likely frozen too and beat
+again at once. Counting wall time instead, every process of a run frozen for longer than the
+window took the others for dead on waking (seen in CI; reproduced by stopping both processes
+of a run with SIGSTOP).
+
 A peer that dies inside a collective can also make gloo raise in the main thread ("Connection
 closed by peer") before the watchdog has seen the silence; the trainer then waits for the
 watchdog's verdict (`PeerWatchdog.explain_collective_failure`), so the line still names the
@@ -139,6 +146,40 @@ class PeerWatchdog:
                 "last complete checkpoint")
 
 
+class PeerSilence:
+    """How long each peer has been silent, counted only while this process watched on time.
+
+    `observe(now, beats)` takes one poll: the time and each peer's last posted beat (missing:
+    not posted yet; `"done"`: left normally, never silent). A peer whose beat changed starts
+    over at zero; otherwise it gains the time since the previous poll, at most `max_count_s`,
+    so a poll delayed by a freeze of this process or the machine counts as a short one. Returns
+    (peer, seconds since its beat last changed) for the first peer silent for more than
+    `stale_s`, else None.
+    """
+
+    def __init__(self, peers: list[int], stale_s: float, max_count_s: float, now: float):
+        self.stale_s, self.max_count_s, self.started = stale_s, max_count_s, now
+        self._previous_poll = now
+        self._beat: dict[int, str | None] = dict.fromkeys(peers)
+        self._counted = dict.fromkeys(peers, 0.0)
+        self._changed_at = dict.fromkeys(peers, now)
+
+    def observe(self, now: float, beats: dict[int, str]) -> tuple[int, float] | None:
+        counted = min(now - self._previous_poll, self.max_count_s)
+        self._previous_poll = now
+        for peer in self._beat:
+            value = beats.get(peer)
+            if value == _DONE:
+                continue
+            if value is not None and value != self._beat[peer]:
+                self._beat[peer], self._counted[peer], self._changed_at[peer] = value, 0.0, now
+                continue
+            self._counted[peer] += counted
+            if self._counted[peer] > self.stale_s:
+                return peer, now - self._changed_at[peer]
+        return None
+
+
 def _leave(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
     sys.stdout.flush()
@@ -172,8 +213,8 @@ def watch_peers(cluster: Cluster, interval_s: float = 1.0, stale_s: float | None
         client.key_value_set(f"{_KEY}/{me}", value, allow_overwrite=True)
 
     def watch() -> None:
-        start = time.monotonic()
-        seen: dict[int, tuple[str, float]] = {}  # peer → (its last beat, when it changed)
+        silence = PeerSilence([p for p in range(cluster.num_processes) if p != me], stale_s,
+                              max_count_s=1.5 * interval_s, now=time.monotonic())
         count = 0
         while not stop.wait(interval_s):
             count += 1
@@ -183,21 +224,15 @@ def watch_peers(cluster: Cluster, interval_s: float = 1.0, stale_s: float | None
                 values = dict(client.key_value_dir_get(_KEY))
             except Exception:  # noqa: BLE001 - any failure to reach the service.
                 if not stop.is_set():
-                    report(lost_peer_message(cluster, None, now - start))
+                    report(lost_peer_message(cluster, None, now - silence.started))
                 return
-            for peer in range(cluster.num_processes):
-                if peer == me:
-                    continue
-                # Keys come back whole or relative to the directory, depending on the version.
-                value = next((v for k, v in values.items() if k.endswith(f"/{peer}")), None)
-                if value == _DONE:
-                    continue
-                if value is not None and value != seen.get(peer, ("", 0.0))[0]:
-                    seen[peer] = (value, now)
-                last = seen.get(peer, ("", start))[1]
-                if now - last > stale_s and not stop.is_set():
-                    report(lost_peer_message(cluster, peer, now - last))
-                    return
+            # Keys come back whole or relative to the directory, depending on the version.
+            ids = {k: k.rsplit("/", 1)[-1] for k in values}
+            beats = {int(i): values[k] for k, i in ids.items() if i.isdigit()}
+            lost = silence.observe(now, beats)
+            if lost is not None and not stop.is_set():
+                report(lost_peer_message(cluster, *lost))
+                return
 
     def finish() -> None:
         stop.set()

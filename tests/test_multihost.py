@@ -5,6 +5,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -237,6 +238,84 @@ def test_the_watchdog_keeps_quiet_while_peers_beat():
     watchdog.stop.set()
     assert lost.empty()
     assert store.values["siglip_jax/alive/0"] not in ("", "done")
+
+
+def _silence_verdicts(polls, peers=(1,), stale_s=3.0, max_count_s=1.5):
+    """PeerSilence's answer after each (time, beats) poll, starting at time 0."""
+    silence = distributed.PeerSilence(list(peers), stale_s, max_count_s, now=0.0)
+    return [silence.observe(now, beats) for now, beats in polls]
+
+
+def test_silence_counts_polls_on_time_in_full():
+    # Beats change at t=1 and 2, then stop: counted 1, 2, 3 (not yet above 3 s), then 4.
+    polls = [(1, {1: "1"}), (2, {1: "2"}), (3, {1: "2"}), (4, {1: "2"}), (5, {1: "2"}),
+             (6, {1: "2"})]
+    assert _silence_verdicts(polls) == [None] * 5 + [(1, 4.0)]
+
+
+def test_a_late_poll_counts_as_a_short_one():
+    # The whole machine froze from t=2 to t=11: the first poll after it still reads the old
+    # beat (the peer wakes a moment later) and counts 1.5 s, not 9 s; the peer then beats.
+    polls = [(1, {1: "1"}), (2, {1: "2"}), (11, {1: "2"}), (12, {1: "3"})]
+    assert _silence_verdicts(polls) == [None] * 4
+    # A watchdog that only gets to poll every 3 s still names a dead peer: 1.5 s per poll.
+    polls = [(3, {1: "1"}), (6, {1: "1"}), (9, {1: "1"}), (12, {1: "1"})]
+    assert _silence_verdicts(polls) == [None, None, None, (1, 9.0)]
+
+
+def test_silence_skips_finished_peers_and_counts_peers_that_never_beat():
+    polls = [(1, {1: "done"}), (2, {1: "done"}), (3, {1: "done"}), (4, {1: "done"})]
+    assert _silence_verdicts(polls, peers=(1, 2)) == [None] * 3 + [(2, 4.0)]
+
+
+# One process of a 2-process cluster: joins, starts its watchdog (beats every 0.2 s, a peer
+# is dead after 1.5 s of silence), and waits for the stop file.
+_WATCHING_PROCESS = """
+import os, sys, time
+import jax
+from siglip_jax import distributed
+coordinator, process_id, stop_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(coordinator, 2, process_id)
+distributed.watch_peers(distributed.Cluster(coordinator, 2, process_id), interval_s=0.2,
+                        stale_s=1.5)
+print("watching", flush=True)
+while not os.path.exists(stop_file):
+    time.sleep(0.05)
+"""
+
+
+def test_a_run_frozen_whole_is_not_taken_for_dead(tmp_path):
+    # What an overloaded or paused machine does: both processes stop (SIGSTOP) for 3 s, twice
+    # the watchdogs' window; process 0 wakes first and polls at once, while process 1 sleeps
+    # 0.3 s more. Counting wall time, process 0 took process 1 for dead (as in a CI run).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stop_file = tmp_path / "stop"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", _WATCHING_PROCESS, f"127.0.0.1:{port}",
+                               str(i), str(stop_file)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
+    try:
+        for proc in procs:
+            for line in proc.stdout:
+                if line.startswith("watching"):
+                    break
+        time.sleep(1.0)
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(3.0)
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGCONT)
+            time.sleep(0.3)
+        time.sleep(1.5)
+        stop_file.touch()
+        outputs = [proc.communicate(timeout=60)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0 and "error:" not in out, out[-2000:]
 
 
 _GLOO_ERROR = RuntimeError("UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/"

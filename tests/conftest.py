@@ -22,9 +22,11 @@ itself), test_export.py (its checkpoints) and test_evaluate_cli.py (its evaluati
 must not write into its workdir.
 
 Parallel runs (pytest-xdist, `-n 2` in the README's command): each worker is a process with
-its own session, so a session or module fixture is built once per worker that needs it. The
-workers share the compilation cache, as the CLI subprocesses always did: an entry read while
-another process is still writing it fails to decompress, and JAX then warns and compiles.
+its own session, so a session or module fixture is built once per worker that needs it,
+except the trained runs above (and test_multihost.py's 2-process run): the first worker to
+ask trains them, the others read its result (tests/once_per_session.py). The workers share
+the compilation cache, as the CLI subprocesses always did: an entry read while another
+process is still writing it fails to decompress, and JAX then warns and compiles.
 """
 
 import atexit
@@ -62,6 +64,7 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 
 import pytest  # noqa: E402
 import tiny  # noqa: E402
+from once_per_session import once_per_session  # noqa: E402
 
 # The session fixture `gcs`: a local GCS emulator for the gs:// tests (tests/gcs_emulator.py).
 pytest_plugins = ["gcs_emulator"]
@@ -89,14 +92,20 @@ def _train(root, config_of) -> TrainedRun:
     return TrainedRun(data_dir, workdir, summary, records)
 
 
+def _trained_once(tmp_path_factory, name, config_of) -> TrainedRun:
+    fields = once_per_session(tmp_path_factory, name,
+                              lambda root: dataclasses.asdict(_train(root, config_of)))
+    return TrainedRun(**fields)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> TrainedRun:
     """The session's one tiny demo run (see the module doc); read it, never write to it."""
-    return _train(tmp_path_factory.mktemp("tiny_run"), tiny.tiny_run_config)
+    return _trained_once(tmp_path_factory, "tiny_run", tiny.tiny_run_config)
 
 
 @pytest.fixture(scope="session")
 def siglip2_run(tmp_path_factory) -> TrainedRun:
     """The session's one tiny SigLIP 2 run (see the module doc); read it, never write to it."""
-    return _train(tmp_path_factory.mktemp("siglip2_run"), tiny.siglip2_config)
+    return _trained_once(tmp_path_factory, "siglip2_run", tiny.siglip2_config)
 

@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from etils import epath
+from once_per_session import once_per_session
 from tiny import tiny_config, tiny_overrides
 
 from siglip_jax import distributed
@@ -69,9 +70,11 @@ def params_at(workdir, step):
 def two_process_run(tmp_path_factory, tiny_run):
     """(data dir, workdir) of an uninterrupted 2-process run of 20 steps on the data of the
     session's tiny run (tests/conftest.py), the same config but for its checkpoints."""
-    root = tmp_path_factory.mktemp("two_processes")
-    finish(launch(2, root / "multi", tiny_run.data_dir, 20, root / "logs"))
-    return tiny_run.data_dir, root / "multi"
+    def build(root):
+        finish(launch(2, root / "multi", tiny_run.data_dir, 20, root / "logs"))
+        return str(root / "multi")
+
+    return tiny_run.data_dir, Path(once_per_session(tmp_path_factory, "two_processes", build))
 
 
 def test_two_processes_equal_one_process_and_checkpoints_move_between_them(

@@ -304,6 +304,7 @@ def test_a_run_frozen_whole_is_not_taken_for_dead(tmp_path):
             for line in proc.stdout:
                 if line.startswith("watching"):
                     break
+            assert proc.poll() is None, f"a watching process ended at start (exit {proc.poll()})"
         time.sleep(1.0)
         for proc in procs:
             os.kill(proc.pid, signal.SIGSTOP)

@@ -19,9 +19,9 @@ does (compiling, waiting in a collective), so a slow step is not taken for a dea
 Silence is counted only while the watchdog itself runs on time (`PeerSilence`): a poll that
 comes late (this process, or the whole machine, was frozen: an overloaded CI host, a paused
 VM) adds at most 1.5 polling intervals, since the peers were most likely frozen too and beat
-again at once. Counting wall time instead, every process of a run frozen for longer than the
-window took the others for dead on waking (seen in CI; reproduced by stopping both processes
-of a run with SIGSTOP).
+again at once. Counting wall time instead, in a run frozen for longer than the window the
+process that woke first could take the others for dead (seen in CI; reproduced by stopping
+both processes of a cluster with SIGSTOP).
 
 A peer that dies inside a collective can also make gloo raise in the main thread ("Connection
 closed by peer") before the watchdog has seen the silence; the trainer then waits for the

@@ -2,11 +2,13 @@
 
 Each xdist worker is a process with its own session, so a session or module fixture is built
 by every worker whose tests use it. `once_per_session(tmp_path_factory, name, build)` calls
-`build(folder)` in the first worker that asks, in a folder of the session's own directory (the
-parent of every worker's base temp directory), and writes its result there as JSON; a worker
-asking later, or while it is being built (it waits on a file lock), reads that result instead.
-Without workers it simply builds. The results name files the tests only read: a test must
-never write into such a folder, since another worker may be reading it.
+`build(folder)` in the first worker that asks (the folder is under that worker's base temp
+directory) and writes its result as JSON in the session's own directory (the parent of every
+worker's base temp directory); a worker asking later, or while it is being built (it waits on
+a file lock), reads that result instead. A build that fails writes nothing, so the next
+worker to ask builds again, in a folder of its own. Without workers it simply builds. The
+results name files the tests only read: a test must never write into such a folder, since
+another worker may be reading it.
 """
 
 import fcntl
@@ -30,9 +32,7 @@ def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str,
         fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes, or the worker dies.
         if result_file.exists():
             return json.loads(result_file.read_text())
-        folder = session_dir / name
-        folder.mkdir()
-        result = build(folder)
+        result = build(tmp_path_factory.mktemp(name))
         partial = result_file.with_suffix(".partial")
         partial.write_text(json.dumps(result))
         partial.rename(result_file)

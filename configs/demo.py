@@ -62,7 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         pp='value_range(-1, 1)|keep("image", "label")', class_names="from_data",
         templates=["a photo of a {}"], every_n_steps=500, batch_size=240)
 
-    c.checkpoint = dict(every_n_steps=500, keep=2, keep_every_n_steps=0)
+    c.checkpoint = dict(every_n_steps=500, keep=2, keep_every_n_steps=0,
+                        min_replica_slice_bytes=64 * 1024)
     c.tensorboard = True
     c.peak_flops = None  # Per chip, for MFU; None = the default for the device kind.
     return c

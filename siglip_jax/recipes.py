@@ -147,7 +147,8 @@ def _base(args: Mapping[str, Any]) -> ml_collections.ConfigDict:
     c.grad_accum_steps = int(args["accum"])
     c.on_nonfinite = "stop"
     c.peak_flops = None
-    c.checkpoint = dict(every_n_steps=2_000, keep=2, keep_every_n_steps=50_000)
+    c.checkpoint = dict(every_n_steps=2_000, keep=2, keep_every_n_steps=50_000,
+                        min_replica_slice_bytes=64 * 1024)
     c.tpu_compiler_options = {}
     return c
 

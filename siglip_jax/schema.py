@@ -25,7 +25,8 @@ Sections (top-level keys in brackets):
                   hyper-parameters, peak lr, decoupled weight decay, global-norm clipping, and
                   the schedule groups [(regex, ScheduleConfig | None = frozen), ...]
   EvalConfig      [evals.<name>]: type, data, pp, every_n_steps, batch_size (+ per type keys)
-  CheckpointConfig [checkpoint]: every_n_steps, keep, keep_every_n_steps
+  CheckpointConfig [checkpoint]: every_n_steps, keep, keep_every_n_steps,
+    min_replica_slice_bytes
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from siglip_jax import losses, objectives
+from siglip_jax.checkpoints.orbax_io import MIN_REPLICA_SLICE_BYTES
 from siglip_jax.data.config import InputConfig
 from siglip_jax.data.tokenizer_config import TokenizerConfig
 from siglip_jax.evaluators.config import EvalConfig
@@ -118,18 +120,23 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    """Save every N steps (0: only at the end), keep the newest `keep`, and every M-th."""
+    """Save every N steps (0: only at the end), keep the newest `keep`, and every M-th; split a
+    replicated array between its replicas for saving only into parts of at least
+    `min_replica_slice_bytes` (checkpoints/orbax_io.py)."""
 
     every_n_steps: int = 1000
     keep: int = 2
     keep_every_n_steps: int | None = None
+    min_replica_slice_bytes: int = MIN_REPLICA_SLICE_BYTES
 
     def __post_init__(self) -> None:
         set_fields(self,
                    every_n_steps=check_int(self.every_n_steps, "checkpoint.every_n_steps", 0),
                    keep=check_int(self.keep, "checkpoint.keep", 1),
                    keep_every_n_steps=check_int(self.keep_every_n_steps or 0,
-                                                "checkpoint.keep_every_n_steps", 0) or None)
+                                                "checkpoint.keep_every_n_steps", 0) or None,
+                   min_replica_slice_bytes=check_int(self.min_replica_slice_bytes,
+                                                     "checkpoint.min_replica_slice_bytes", 0))
 
 
 ON_NONFINITE = ("stop", "skip")

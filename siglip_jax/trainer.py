@@ -163,7 +163,8 @@ class _Machinery:
     def __init__(self, run: RunConfig, workdir: str, is_host0: bool):
         ckpt = run.checkpoint
         self.checkpointer = Checkpointer(workdir, ckpt.every_n_steps, keep=ckpt.keep,
-                                         keep_every_n_steps=ckpt.keep_every_n_steps)
+                                         keep_every_n_steps=ckpt.keep_every_n_steps,
+                                         min_replica_slice_bytes=ckpt.min_replica_slice_bytes)
         self.writer = MetricWriter(workdir, enabled=is_host0, tensorboard=run.tensorboard)
 
     def __enter__(self) -> _Machinery:

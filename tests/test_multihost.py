@@ -27,8 +27,11 @@ SCRIPT = REPO / "launch" / "local_multihost.sh"
 
 
 # Checkpoints every 5 steps (4 kept): step 10 is kept for the one-process resume, and step
-# 5 is there to fall back to when step 10 is damaged.
-CHECKPOINTS = {"checkpoint.every_n_steps": 5, "checkpoint.keep": 4}
+# 5 is there to fall back to when step 10 is damaged. Every replicated array is split between
+# the replicas of both processes, however small (what a pod's large arrays get; the default
+# leaves a tiny model's arrays whole to process 0), so that each process writes a part.
+CHECKPOINTS = {"checkpoint.every_n_steps": 5, "checkpoint.keep": 4,
+               "checkpoint.min_replica_slice_bytes": 0}
 FAULT_FLAGS = ["--grace", "20", "--heartbeat", "10"]
 
 

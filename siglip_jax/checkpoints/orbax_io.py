@@ -21,6 +21,14 @@ is damage naming that file (the fallback above). A committed step WITHOUT a mani
 before manifests existed, or the run was killed between orbax's commit and the manifest) is
 restored with orbax's own checks only, after a one-line note: orbax lists only committed
 steps, and refusing them would lose a checkpoint interval at every kill.
+
+Replicated arrays: orbax's replica-parallel save splits an array that several devices hold
+alike into one part per replica, so that every host writes a share. Each part is a device slice
+dispatched from Python (about 1 ms each on a CPU host), which costs more than writing a small
+part: the save splits an array only when each replica's part has at least
+`min_replica_slice_bytes` (`checkpoint.min_replica_slice_bytes`, 64 KiB by default); smaller
+arrays (biases, norms, a tiny model's every array) are written whole by one replica. The
+checkpoint is the same either way (the parts make up one stored array).
 """
 
 from __future__ import annotations
@@ -36,11 +44,35 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+# orbax's default jax.Array handler keeps a per-host record of each array's write shape and
+# PRNG-key type in this store; the class is not re-exported, so it comes from its module.
+from orbax.checkpoint._src.metadata import array_metadata_store
+
 from siglip_jax import fsutil
 from siglip_jax.checkpoints import manifest
 from siglip_jax.sharding import path_names
 
 DAMAGED_DIR = "checkpoints_damaged"
+MIN_REPLICA_SLICE_BYTES = 64 * 1024  # See the module doc (replicated arrays).
+# The leaf types of a train state besides jax.Array, with orbax's default handlers.
+_OTHER_LEAF_TYPES = (int, float, bytes, np.number, np.ndarray, str)
+
+
+def _handlers(min_replica_slice_bytes: int) -> ocp.handlers.CheckpointHandlerRegistry:
+    """The manager's one item handler: orbax's pytree handler, its jax.Array handler splitting
+    replicated arrays only into parts of at least `min_replica_slice_bytes` (module doc).
+    A handler of its own, not orbax's global type registry, which every user of orbax in the
+    process shares."""
+    types = ocp.type_handlers
+    arrays = types.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
+                                min_slice_bytes_for_replica_parallel=min_replica_slice_bytes)
+    leaves = types.create_type_handler_registry(
+        (jax.Array, arrays), *((t, types.get_type_handler(t)) for t in _OTHER_LEAF_TYPES))
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=leaves)
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add(None, ocp.args.PyTreeSave, handler)
+    registry.add(None, ocp.args.PyTreeRestore, handler)
+    return registry
 
 
 class CheckpointStructureError(ValueError):
@@ -58,7 +90,8 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str, every_n_steps: int, keep: int = 2,
-                 keep_every_n_steps: int | None = None, use_async: bool = True):
+                 keep_every_n_steps: int | None = None, use_async: bool = True,
+                 min_replica_slice_bytes: int = MIN_REPLICA_SLICE_BYTES):
         self.directory = os.path.join(workdir, "checkpoints")
         self.every_n_steps = every_n_steps
         options = ocp.CheckpointManagerOptions(
@@ -66,7 +99,8 @@ class Checkpointer:
             enable_async_checkpointing=use_async, create=True)
         self.manager = ocp.CheckpointManager(os.path.abspath(self.directory)
                                              if "://" not in self.directory else self.directory,
-                                             options=options)
+                                             options=options,
+                                             handler_registry=_handlers(min_replica_slice_bytes))
         self._unverified: int | None = None  # A step saved whose manifest is not written yet.
 
     def latest_step(self) -> int | None:
@@ -78,7 +112,9 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        return self.manager.restore(step, args=ocp.args.PyTreeRestore(
+            abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
+                abstract_state)))
 
     def restore_latest(self, abstract_state: object, log: Callable[[str], None] = print
                        ) -> tuple[int, object] | None:
@@ -179,7 +215,7 @@ class Checkpointer:
         if not (force or self.is_due(step)) or step in self.manager.all_steps():
             return False
         self._write_manifest(wait=True)
-        saved = bool(self.manager.save(step, args=ocp.args.StandardSave(state), force=True))
+        saved = bool(self.manager.save(step, args=ocp.args.PyTreeSave(state), force=True))
         if saved:
             self._unverified = step
         return saved

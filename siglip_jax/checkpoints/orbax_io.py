@@ -24,8 +24,8 @@ steps, and refusing them would lose a checkpoint interval at every kill.
 
 Replicated arrays: orbax's replica-parallel save splits an array that several devices hold
 alike into one part per replica, so that every host writes a share. Each part is a device slice
-dispatched from Python (about 1 ms each on a CPU host), which costs more than writing a small
-part: the save splits an array only when each replica's part has at least
+dispatched from Python, which costs more than writing a small part (benchmarks/
+checkpoint_save.py): the save splits an array only when each replica's part has at least
 `min_replica_slice_bytes` (`checkpoint.min_replica_slice_bytes`, 64 KiB by default); smaller
 arrays (biases, norms, a tiny model's every array) are written whole by one replica. The
 checkpoint is the same either way (the parts make up one stored array).

@@ -23,11 +23,13 @@ entry points use it before JAX starts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import math
 import os
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -173,17 +175,47 @@ def libtpu_version() -> str | None:
         return None
 
 
+@contextlib.contextmanager
+def cpu_backend_flags_hidden() -> Iterator[None]:
+    """XLA_FLAGS without the CPU backend's flags (`--xla_cpu_*`) inside the block, restored
+    after it.
+
+    libtpu parses XLA_FLAGS once, on its first compile, and aborts the process on a flag its
+    own XLA does not define. That includes CPU flags of the installed jaxlib (libtpu 0.0.52
+    rejects `--xla_cpu_use_fusion_emitters`, which tests/conftest.py sets); they mean nothing
+    to the TPU compiler. The CPU backend parses its own copy once, as it starts: started
+    before the block, it keeps them.
+    """
+    saved = os.environ.get("XLA_FLAGS")
+    if saved is None:
+        yield
+        return
+    os.environ["XLA_FLAGS"] = " ".join(f for f in saved.split() if not f.startswith("--xla_cpu_"))
+    try:
+        yield
+    finally:
+        os.environ["XLA_FLAGS"] = saved
+
+
 def compile_only_devices(name: str | Slice) -> list[jax.Device]:
     """Compile-only JAX devices of a TPU slice (needs libtpu; no TPU attached is needed)."""
     spec = parse_slice(name) if isinstance(name, str) else name
     if libtpu_version() is None:
         raise SliceError(f"compiling for {spec.name} needs libtpu: pip install libtpu")
     libtpu_env_defaults()
+    import jax
+    import jax.numpy as jnp
     from jax.experimental import topologies
 
     kwargs = {"chip_config_name": spec.chip_config} if spec.chip_config else {}
-    topo = topologies.get_topology_desc(spec.topology, "tpu", **kwargs)
-    devices = list(topo.devices)
+    jax.devices()  # The default (CPU) backend parses XLA_FLAGS as it starts: with its flags.
+    with cpu_backend_flags_hidden():
+        topo = topologies.get_topology_desc(spec.topology, "tpu", **kwargs)
+        devices = list(topo.devices)
+        # libtpu reads XLA_FLAGS on its first compile (in this process): this one, while the
+        # CPU flags are hidden; later compiles, with XLA_FLAGS restored, do not read it again.
+        one = jax.sharding.SingleDeviceSharding(devices[0])
+        jax.jit(jnp.negative).lower(jax.ShapeDtypeStruct((), jnp.float32, sharding=one)).compile()
     if len(devices) != spec.chips:
         raise SliceError(f"libtpu gave {len(devices)} devices for {spec.topology}, expected "
                          f"{spec.chips} (one per chip)")

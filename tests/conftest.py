@@ -34,20 +34,38 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # libtpu may be installed (for compile-only TPU tests): keep the default backend CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Compile time dominates this suite (tiny models, hundreds of programs): LLVM's optimisation
-# level 0 compiles CPU programs ~20 % faster and leaves the values within float rounding
-# (the tests compare against references with tolerances, or a run against itself under the
-# same flags). Every program is cached, not only those over JAX's default 1 s, so the CLI
-# subprocesses reuse the quick ones too. Subprocesses inherit both through the environment.
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_backend_optimization_level=0").strip()
+# Compile time dominates this suite (tiny models, hundreds of programs). Two XLA flags cut it
+# (docs/contributing.md has the numbers): LLVM's optimisation level 0, and XLA's older CPU
+# code emitters instead of its fusion emitters. Values stay within float rounding (the tests
+# compare against references with tolerances, or a run against itself under the same flags).
+# A flag already in XLA_FLAGS is left as set; subprocesses inherit XLA_FLAGS. XLA aborts the
+# process on a flag it does not define, and the emitter switch belongs to XLA's move to the
+# new emitters (it may go), so a probe process first checks that this jaxlib accepts it.
+# Every program is cached, not only those over JAX's default 1 s, so the CLI subprocesses
+# reuse the quick ones too.
+
+
+def _xla_accepts(flag: str) -> bool:
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.jit(abs)(1.0)"],
+                           env={**os.environ, "XLA_FLAGS": flag}, capture_output=True)
+    return probe.returncode == 0
+
+
+_flags = os.environ.get("XLA_FLAGS", "")
+if "--xla_backend_optimization_level" not in _flags:
+    _flags += " --xla_backend_optimization_level=0"
+if ("--xla_cpu_use_fusion_emitters" not in _flags
+        and _xla_accepts("--xla_cpu_use_fusion_emitters=false")):
+    _flags += " --xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache_dir = tempfile.mkdtemp(prefix="siglip_jax_test_xla_cache_")

@@ -10,6 +10,7 @@ when CI sets SIGLIP_REQUIRE_EXTRAS=1.
 """
 
 import dataclasses
+import os
 import re
 
 import jax
@@ -25,7 +26,13 @@ from siglip_jax import sharding as sh
 from siglip_jax.config import load_config
 from siglip_jax.models.common import Encoder, batch_sharded_activations
 from siglip_jax.schema import parse
-from siglip_jax.tpu_slices import CHIPS, SliceError, compile_only_devices, parse_slice
+from siglip_jax.tpu_slices import (
+    CHIPS,
+    SliceError,
+    compile_only_devices,
+    cpu_backend_flags_hidden,
+    parse_slice,
+)
 
 GiB = 1024**3
 
@@ -51,6 +58,21 @@ def test_slice_names_map_to_gcloud_topologies(name, chips, topology, config):
 def test_bad_slice_names_say_what_is_wrong(name, says):
     with pytest.raises(SliceError, match=says):
         parse_slice(name)
+
+
+def test_libtpu_is_not_shown_the_cpu_backends_flags(monkeypatch):
+    # libtpu aborts the process on an XLA flag it does not define (tests/conftest.py sets a
+    # CPU one); the TPU compiler gets the rest, and the variable is whole again afterwards.
+    flags = ("--xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false "
+             "--xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=false")
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    with cpu_backend_flags_hidden():
+        assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
+                                           "--xla_backend_optimization_level=0")
+    assert os.environ["XLA_FLAGS"] == flags
+    monkeypatch.delenv("XLA_FLAGS")
+    with cpu_backend_flags_hidden():
+        assert "XLA_FLAGS" not in os.environ
 
 
 def test_chip_facts_are_the_published_ones():

@@ -5,9 +5,10 @@ other's programs), run one after the other on the same machine; the table gives 
 variant's wall time, its user + system CPU time (the session and its subprocesses) and its
 ratio to the first variant. Run it on an otherwise idle machine: the ratio is what counts.
 
-With `--against REV`, the variants are instead this checkout's tests and REV's tests (a
-temporary git worktree; both import the installed package), on `-n` workers, alternating
-`--repeat` times: for a change to the tests themselves (fixtures, markers).
+With `--against REV`, the variants are instead this checkout and REV (a temporary git
+worktree), on `-n` workers, alternating `--repeat` times. Each session runs pytest inside its
+checkout, which comes first on `sys.path`, so each imports its own package as well as its own
+tests: the comparison covers a change to the package, the tests' fixtures or their flags.
 
     python benchmarks/suite_workers.py                      # 4 heavy files, serial vs -n 2
     python benchmarks/suite_workers.py --workers 2,3 tests/test_step.py tests/test_docs.py
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", default="2",
                         help="comma-separated worker counts to compare with serial (default 2)")
     parser.add_argument("--against", metavar="REV",
-                        help="compare with the tests of git revision REV instead of serial")
+                        help="compare with git revision REV (package and tests) instead of serial")
     parser.add_argument("--repeat", type=int, default=1,
                         help="with --against: how many times to alternate the two (default 1)")
     args = parser.parse_args(argv)

@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from siglip_jax.models.decoder import make_decoder
-from siglip_jax.models.two_towers import Model, towers
-from siglip_jax.models.variants import text_kwargs
+from siglip_jax.models.config import text_kwargs
+from siglip_jax.models.two_towers import Model, make_decoder, towers
 from siglip_jax.sharding import tree_paths
 
 TOWERS = ("img", "txt")  # Param groups of the two towers.

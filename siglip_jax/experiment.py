@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from siglip_jax import losses, objectives
+from siglip_jax import losses
 from siglip_jax import step as step_lib
 from siglip_jax.checkpoints import big_vision, loader
 from siglip_jax.checkpoints.hf import HFCheckpointError
@@ -37,6 +37,7 @@ from siglip_jax.data.tokenizer import Tokenizer
 from siglip_jax.models.build import make_model
 from siglip_jax.models.config import decoder_vocab
 from siglip_jax.models.two_towers import Model
+from siglip_jax.objectives import registry as objectives
 from siglip_jax.objectives.base import Objective, teacher_spec
 from siglip_jax.optim import FROZEN, group_labels, make_optimizer
 from siglip_jax.records import ConfigError

@@ -35,12 +35,13 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from siglip_jax import losses, objectives
+from siglip_jax import losses
 from siglip_jax.checkpoints.orbax_io import MIN_REPLICA_SLICE_BYTES
 from siglip_jax.data.config import InputConfig
 from siglip_jax.data.tokenizer_config import TokenizerConfig
 from siglip_jax.evaluators.config import EvalConfig
 from siglip_jax.models.config import ModelConfig
+from siglip_jax.objectives import options as objective_options
 from siglip_jax.optim import OptimConfig
 from siglip_jax.records import (
     ConfigError,
@@ -95,11 +96,11 @@ class LossConfig:
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None) -> LossConfig:
         """`dict(impl=..., **options, <objective>=dict(...))`; the impl's options are checked
-        by losses.check_options, each objective's by its module's check_options."""
+        by losses.check_options, each objective's by objectives/options.check_options."""
         raw = dict(to_plain(raw) or {})
         impl = raw.pop("impl", "ring")
         chosen = {}
-        for name in objectives.MODULES:
+        for name in objective_options.DEFAULTS:
             if name in raw:
                 value = raw.pop(name)
                 if value is None:
@@ -108,7 +109,7 @@ class LossConfig:
                     raise ConfigError(f"config.loss.{name}: expected a dict of options (or "
                                       f"None to switch it off), got {value!r}")
                 try:
-                    chosen[name] = freeze(objectives.check_options(name, value))
+                    chosen[name] = freeze(objective_options.check_options(name, value))
                 except ValueError as e:
                     raise ConfigError(f"config.loss.{name}: {e}") from None
         try:

@@ -18,8 +18,8 @@ from siglip_jax.models.build import make_model
 from siglip_jax.models.config import model_kwargs
 from siglip_jax.models.decoder import training_inputs
 from siglip_jax.models.two_towers import Model
-from siglip_jax.objectives import ObjectiveInputs
 from siglip_jax.objectives import decoder as dec_objective
+from siglip_jax.objectives.base import ObjectiveInputs
 from siglip_jax.optim import FROZEN, OptimConfig, group_labels, make_optimizer
 from siglip_jax.schema import parse
 from siglip_jax.sharding import make_global_batch, make_mesh, mesh_of

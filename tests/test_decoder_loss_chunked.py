@@ -15,9 +15,10 @@ from test_decoder import MODEL, PARALLEL, SHAPES, TARGET_MASK, TOKENS, _init, _r
 from test_decoder_multitask import MT_MASK, MT_PAR, MT_TOKENS
 
 from siglip_jax import cost_model
-from siglip_jax.objectives import ObjectiveInputs
 from siglip_jax.objectives import decoder as dec_objective
+from siglip_jax.objectives.base import ObjectiveInputs
 from siglip_jax.objectives.chunked_xent import chunked_cross_entropy, dense_cross_entropy
+from siglip_jax.objectives.options import DEFAULTS, check_options
 
 N, D, V = 13, 6, 37
 
@@ -199,12 +200,12 @@ def test_the_traced_gradient_never_holds_full_logits():
 
 
 def test_vocab_chunk_option_errors():
-    ok = dec_objective.check_options({"vocab_chunk": 0})
+    ok = check_options("decoder", {"vocab_chunk": 0})
     assert ok["vocab_chunk"] == 0
-    assert dec_objective.check_options({})["vocab_chunk"] == dec_objective.OPTIONS["vocab_chunk"]
+    assert check_options("decoder", {})["vocab_chunk"] == DEFAULTS["decoder"]["vocab_chunk"]
     for bad in (-1, 2.5, True, "8"):
         with pytest.raises(ValueError, match="vocab_chunk"):
-            dec_objective.check_options({"vocab_chunk": bad})
+            check_options("decoder", {"vocab_chunk": bad})
     with pytest.raises(ValueError, match="chunk"):
         chunked_cross_entropy(jnp.zeros((2, 3)), jnp.zeros((3, 4)), None, jnp.zeros(2, int),
                               chunk=0)

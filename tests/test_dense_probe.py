@@ -16,6 +16,7 @@ from siglip_jax.data import demo_shapes as ds
 from siglip_jax.data.input import eval_batches, num_eval_batches
 from siglip_jax.data.pp import get_preprocess_fn
 from siglip_jax.evaluators import dense_probe as dp
+from siglip_jax.evaluators.config import DenseProbeOptions
 from siglip_jax.sharding import make_mesh, replicated
 
 
@@ -193,7 +194,7 @@ def test_toy_model_is_exact_on_demo_objects(tmp_path, label_set, balanced):
         model=model, mesh=mesh, batch_axes=("data",), param_shardings=shardings,
         patch_hw=(8, 8), train_batches=counted_train_batches,
         test_batches=_demo_batches(source, pp, 16, "test"),
-        options=dp.DenseProbeOptions(label_set=label_set, balanced=balanced))
+        options=DenseProbeOptions(label_set=label_set, balanced=balanced))
     metrics = evaluator.run(params)
     assert metrics["accuracy"] == 1.0 and metrics["miou"] == 1.0
     assert metrics["num_patches"] == 36 * 64 and metrics["num_train_patches"] == 36 * 64
@@ -291,7 +292,7 @@ def test_config_errors_are_one_line(tmp_path, tiny):
 
 def test_options_record_checks_and_normalises():
     where = "evals.dense"
-    opts = dp.DenseProbeOptions(label_set="raw", num_classes=21, ignore_label=255,
+    opts = DenseProbeOptions(label_set="raw", num_classes=21, ignore_label=255,
                                 train_fraction=1 / 4, ridge=1, train_data={"name": "csv",
                                                                            "path": "x.csv"},
                                 where=where)
@@ -305,7 +306,7 @@ def test_options_record_checks_and_normalises():
                          (dict(label_set="shape", num_classes=5),
                           r"label_set 'shape' has 7 labels \(leave num_classes 0\)")):
         with pytest.raises(ConfigError, match=message):
-            dp.DenseProbeOptions(**bad, where=where)
+            DenseProbeOptions(**bad, where=where)
 
 
 # ------------------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from siglip_jax.models.two_towers import Model
-from siglip_jax.objectives import ObjectiveInputs, distillation, masked, selfsup
+from siglip_jax.objectives import distillation, masked, selfsup
+from siglip_jax.objectives.base import ObjectiveInputs
+from siglip_jax.objectives.options import check_options
 from siglip_jax.sharding import make_mesh
 
 torch = require("torch")
@@ -157,8 +159,8 @@ def tiny():
     a batch of 8 images with 2 local views each)."""
     model = TINY
     sd = distillation.SelfDistillation(
-        distillation.check_options(dict(HEAD, n_local=2, local_size=8)), 32, 0, 0.9)
-    mp = masked.MaskedPrediction(masked.check_options(HEAD), 32, 0, 0.9, patch=(8, 8))
+        check_options("self_distillation", dict(HEAD, n_local=2, local_size=8)), 32, 0, 0.9)
+    mp = masked.MaskedPrediction(check_options("masked_prediction", HEAD), 32, 0, 0.9, patch=(8, 8))
 
     def shapes(rng):
         params = model.init(rng, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 6), jnp.int32))

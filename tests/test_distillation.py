@@ -19,6 +19,7 @@ from siglip_jax.config import ConfigError
 from siglip_jax.models.two_towers import Model
 from siglip_jax.objectives import distillation, masked, selfsup
 from siglip_jax.objectives.base import ema_update, teacher_spec
+from siglip_jax.objectives.options import check_options
 from siglip_jax.optim import OptimConfig, make_optimizer
 from siglip_jax.sharding import make_mesh, path_str
 from siglip_jax.step import (
@@ -35,9 +36,9 @@ SHAPES = {"image": (16, 16, 16, 3), "labels": (16, 6)}
 
 
 def _objectives(start=0, ema=0.9, centering="sinkhorn"):
-    sd = distillation.check_options(dict(HEAD, n_local=2, local_size=8, centering=centering,
+    sd = check_options("self_distillation", dict(HEAD, n_local=2, local_size=8, centering=centering,
                                          ema=ema))
-    mp = masked.check_options(dict(HEAD, centering=centering, ema=ema))
+    mp = check_options("masked_prediction", dict(HEAD, centering=centering, ema=ema))
     return (distillation.SelfDistillation(sd, 32, start, ema),
             masked.MaskedPrediction(mp, 32, start, ema, patch=(8, 8)))
 
@@ -358,15 +359,15 @@ def test_resume_with_the_teacher_is_bit_exact(tmp_path, adam_run):
 
 def test_bad_options_name_the_option():
     with pytest.raises(ValueError, match="unknown option 'tmep'"):
-        distillation.check_options({"tmep": 1})
+        check_options("self_distillation", {"tmep": 1})
     with pytest.raises(ValueError, match="mask_ratio=1.5"):
-        masked.check_options({"mask_ratio": 1.5})
+        check_options("masked_prediction", {"mask_ratio": 1.5})
     with pytest.raises(ValueError, match="start_frac=2"):
-        masked.check_options({"start_frac": 2})
+        check_options("masked_prediction", {"start_frac": 2})
     with pytest.raises(ValueError, match="centering='center'"):
-        distillation.check_options({"centering": "center"})
-    assert distillation.check_options({})["n_local"] == 8
-    assert masked.check_options({})["weight"] == 0.25
+        check_options("self_distillation", {"centering": "center"})
+    assert check_options("self_distillation", {})["n_local"] == 8
+    assert check_options("masked_prediction", {})["weight"] == 0.25
 
 
 def test_local_crops_op_shapes_and_determinism():

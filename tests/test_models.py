@@ -375,7 +375,8 @@ def test_pool_none_keeps_tokens():
 
 
 def test_variant_fills_defaults_and_keys_override():
-    from siglip_jax.models.variants import decode_variant, image_kwargs, text_kwargs
+    from siglip_jax.models.config import image_kwargs, text_kwargs
+    from siglip_jax.models.variants import decode_variant
 
     assert decode_variant("So400m/14") == dict(
         width=1152, depth=27, mlp_dim=4304, num_heads=16, patch_size=14

@@ -13,6 +13,7 @@ from siglip_jax.checkpoints import big_vision as bv
 from siglip_jax.checkpoints.open import infer_model_config, open_model, resolve_path
 from siglip_jax.models import variants
 from siglip_jax.models.build import make_model
+from siglip_jax.models.config import image_kwargs, text_kwargs
 from siglip_jax.models.params import param_shapes
 from siglip_jax.models.two_towers import Model
 
@@ -25,8 +26,8 @@ def _structure(model_kwargs):
     from siglip_jax.models.text import TextTransformer
     from siglip_jax.models.vit import ViT
 
-    image = variants.image_kwargs(model_kwargs["image"])
-    text = variants.text_kwargs(model_kwargs["text"])
+    image = image_kwargs(model_kwargs["image"])
+    text = text_kwargs(model_kwargs["text"])
     patch = image.get("patch_size", ViT.patch_size)
     image["patch_size"] = (patch, patch) if isinstance(patch, int) else tuple(patch)
     defaults = {"image": ViT(), "text": TextTransformer()}

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from tiny import SIGLIP2_EVALS, SIGLIP2_STEPS, siglip2_config
 
-from siglip_jax import objectives
 from siglip_jax.checkpoints import loader
 from siglip_jax.checkpoints.open import open_model
 from siglip_jax.data.builder import make_source
@@ -27,6 +26,7 @@ from siglip_jax.data.registry import add_example_seeds
 from siglip_jax.experiment import resolve_tokenizer
 from siglip_jax.models.build import make_model
 from siglip_jax.models.config import decoder_vocab
+from siglip_jax.objectives import registry as objectives
 from siglip_jax.objectives.base import teacher_spec
 from siglip_jax.schema import parse
 from siglip_jax.step import fresh_heads, head_restarts

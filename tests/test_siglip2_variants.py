@@ -7,6 +7,7 @@ from extras import require
 
 from siglip_jax.models import params as P
 from siglip_jax.models import variants
+from siglip_jax.models.config import image_kwargs, text_kwargs
 
 torch = require("torch")
 transformers = require("transformers")
@@ -69,9 +70,9 @@ def test_param_count_equals_transformers(name):
 
 def test_g_opt_shapes():
     seed = variants.SIGLIP2_SEEDS["siglip2-giant-opt-patch16-384"]
-    assert variants.image_kwargs(seed["image"]) == dict(
+    assert image_kwargs(seed["image"]) == dict(
         width=1536, depth=40, mlp_dim=6144, num_heads=16, patch_size=16, pool_type="map")
-    assert variants.text_kwargs(seed["text"])["width"] == 1152
+    assert text_kwargs(seed["text"])["width"] == 1152
     assert seed["out_dim"] == (None, 1536)
 
 

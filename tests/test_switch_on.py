@@ -20,6 +20,7 @@ from siglip_jax.checkpoints.orbax_io import Checkpointer
 from siglip_jax.models.two_towers import Model
 from siglip_jax.objectives import distillation, masked
 from siglip_jax.objectives.base import objective_params, teacher_spec
+from siglip_jax.objectives.options import check_options
 from siglip_jax.optim import OptimConfig, make_optimizer
 from siglip_jax.step import (
     abstract_params,
@@ -37,8 +38,8 @@ HEADS = ("distill_head", "masked_head", "mask_token")
 
 
 def _objectives(start=START):
-    sd = distillation.check_options(dict(HEAD, n_local=2, local_size=8, ema=0.9))
-    mp = masked.check_options(dict(HEAD, ema=0.9))
+    sd = check_options("self_distillation", dict(HEAD, n_local=2, local_size=8, ema=0.9))
+    mp = check_options("masked_prediction", dict(HEAD, ema=0.9))
     return (distillation.SelfDistillation(sd, 32, start, 0.9),
             masked.MaskedPrediction(mp, 32, start, 0.9, patch=(8, 8)))
 

@@ -8,7 +8,7 @@ from siglip_jax.data.locca import DecoderVocab
 from siglip_jax.models import params as P
 from siglip_jax.models import variants
 from siglip_jax.models.build import make_model
-from siglip_jax.models.config import ModelConfig, decoder_vocab, model_kwargs
+from siglip_jax.models.config import ModelConfig, decoder_vocab, model_kwargs, text_kwargs
 from siglip_jax.models.two_towers import Model
 
 
@@ -22,7 +22,7 @@ def test_every_size_decodes_and_big_vision_values():
     for size, (w, d, m, h) in want.items():
         got = variants.decode_variant(f"{size}/14")
         assert got == dict(width=w, depth=d, mlp_dim=m, num_heads=h, patch_size=14)
-        assert variants.text_kwargs({"variant": size})["width"] == w
+        assert text_kwargs({"variant": size})["width"] == w
 
 
 @pytest.mark.parametrize("name", list(variants.SIGLIP_SEEDS))

@@ -16,8 +16,9 @@ from jax.sharding import Mesh
 from siglip_jax import losses
 from siglip_jax.data import ops_color, pp
 from siglip_jax.models.two_towers import Model
-from siglip_jax.objectives import ObjectiveInputs, distillation, masked
-from siglip_jax.objectives.base import objective_params
+from siglip_jax.objectives import distillation, masked
+from siglip_jax.objectives.base import ObjectiveInputs, objective_params
+from siglip_jax.objectives.options import check_options
 from siglip_jax.optim import OptimConfig, make_optimizer
 from siglip_jax.records import ConfigError
 from siglip_jax.step import abstract_params, init_state, make_train_step
@@ -170,15 +171,15 @@ HEAD = dict(head_hidden=24, head_bottleneck=8, head_layers=3, prototypes=12)
 
 
 def test_objectives_read_the_global_view_by_default():
-    assert distillation.check_options({})["global_key"] == "global_view"
-    assert masked.check_options({})["global_key"] == "global_view"
+    assert check_options("self_distillation", {})["global_key"] == "global_view"
+    assert check_options("masked_prediction", {})["global_key"] == "global_view"
     assert distillation.image_views({}) == ("global_view",)
     assert masked.image_views({"global_key": "image"}) == ()
 
 
 def _objs():
-    sd = distillation.check_options(dict(HEAD, n_local=2, local_size=8))
-    mp = masked.check_options(HEAD)
+    sd = check_options("self_distillation", dict(HEAD, n_local=2, local_size=8))
+    mp = check_options("masked_prediction", HEAD)
     return (distillation.SelfDistillation(sd, 32, 0, 0.9),
             masked.MaskedPrediction(mp, 32, 0, 0.9, patch=(8, 8)))
 

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax.typing import VariableDict
 
-from siglip_jax.models.vit import resample_posemb as _resample_posemb
+from siglip_jax.models.patch_resize import resample_posemb as _resample_posemb
 
 PREFIX = "params"
 _BLOCK_RE = re.compile(r"^encoderblock_(\d+)$")

@@ -31,7 +31,7 @@ from flax.typing import VariableDict
 from safetensors.numpy import load_file, save_file
 
 from siglip_jax.checkpoints import big_vision as bv
-from siglip_jax.models import variants
+from siglip_jax.models.config import image_kind, image_kwargs, text_kwargs
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -154,9 +154,9 @@ def hf_config_from_model(
     """Our two-tower config -> a HF config.json dict: SiglipModel for a FixRes image tower,
     Siglip2Model for `kind="naflex"` (image_size is then ignored); errors if not representable.
     """
-    naflex = variants.image_kind(model_kwargs.get("image")) == "naflex"
-    img = variants.image_kwargs(model_kwargs.get("image"))
-    txt = variants.text_kwargs(model_kwargs.get("text"))
+    naflex = image_kind(model_kwargs.get("image")) == "naflex"
+    img = image_kwargs(model_kwargs.get("image"))
+    txt = text_kwargs(model_kwargs.get("text"))
     out_dim = model_kwargs.get("out_dim")
     img_dim, txt_dim = out_dim if isinstance(out_dim, (tuple, list)) else (out_dim, out_dim)
     problems = []

@@ -32,8 +32,8 @@ from flax.typing import VariableDict
 
 from siglip_jax.checkpoints import loader
 from siglip_jax.checkpoints.big_vision import load_params
-from siglip_jax.data.builder import make_source
-from siglip_jax.data.config import parse_source
+from siglip_jax.data.config import DemoShapesData, parse_source
+from siglip_jax.data.demo_shapes import prepared_source
 from siglip_jax.data.tokenizer import Tokenizer
 from siglip_jax.models.build import make_model
 from siglip_jax.models.config import ModelConfig
@@ -214,11 +214,15 @@ def _first(*values: object) -> object:
 
 
 def _run_data_tokenizer(run: Mapping[str, object]) -> str | None:
-    """The tokenizer of one of our runs whose config names none: its data source's."""
+    """The tokenizer of one of our runs whose config names none: its data source's (of the
+    sources, only the generated demo data comes with one)."""
     data = (run.get("input") or {}).get("data")
     if not data:
         return None
-    return make_source(parse_source(data, "input.data")).tokenizer_path
+    record = parse_source(data, "input.data")
+    if not isinstance(record, DemoShapesData) or record.data_dir is None:
+        return None
+    return prepared_source(record).tokenizer_path
 
 
 def _image_size_from_params(params: VariableDict, model: ModelConfig) -> tuple[int, int] | None:

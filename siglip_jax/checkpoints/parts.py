@@ -34,7 +34,8 @@ from siglip_jax.checkpoints import big_vision as bv
 from siglip_jax.checkpoints import hf
 from siglip_jax.data.locca import TASKS, DecoderVocab
 from siglip_jax.models.config import ModelConfig, decoder_dict, decoder_vocab
-from siglip_jax.models.decoder import Decoder, make_decoder
+from siglip_jax.models.decoder import Decoder
+from siglip_jax.models.two_towers import make_decoder
 
 TOWER_PARTS = ("img", "txt", "t", "b")
 PARTS = ("towers", "decoder", "teacher")

@@ -25,7 +25,7 @@ from siglip_jax.data.config import (
     TarData,
     TfdsData,
 )
-from siglip_jax.data.demo_shapes import DemoShapes
+from siglip_jax.data.demo_shapes import prepared_source
 from siglip_jax.data.sources import Source
 from siglip_jax.records import ConfigError, thaw
 
@@ -49,9 +49,7 @@ def make_source(record: SourceConfig, where: str = "input.data") -> Source:
     try:
         if isinstance(record, DemoShapesData):
             _required(record, "data_dir", where)
-            source = DemoShapes(**_given(record))
-            source.prepare()
-            return source
+            return prepared_source(record)
         if isinstance(record, TfdsData):
             return sources.TfdsSource(_required(record, "tfds_name", where),
                                       _required(record, "split", where),

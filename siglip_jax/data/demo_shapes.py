@@ -32,6 +32,8 @@ import numpy as np
 from PIL import Image
 
 from siglip_jax.console import add_verbose_flag, quiet_startup
+from siglip_jax.data.config import DemoShapesData
+from siglip_jax.data.demo_classes import COLOURS, SHAPES
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -39,15 +41,6 @@ if TYPE_CHECKING:
 # TensorFlow (and the tokenizer, which loads it) are imported inside the functions that use
 # them, deliberately: this module's CLI (`main`) quiets TensorFlow's start-up notices first.
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 190, 60),
-    "blue": (50, 80, 235),
-    "yellow": (235, 225, 50),
-    "cyan": (50, 220, 225),
-    "magenta": (225, 50, 215),
-}
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "diamond")
 CAPTION_TEMPLATES: tuple[str, ...] = (
     "a {colour} {shape}",
     "a photo of a {colour} {shape}",
@@ -463,6 +456,16 @@ class DemoShapes:
         if "hw" in share:  # aspect: cut each image out of its canvas
             ds = ds.map(_crop_to_hw, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds
+
+
+def prepared_source(record: DemoShapesData) -> DemoShapes:
+    """The demo split a `demo_shapes` source record describes (its unset fields keep
+    DemoShapes' defaults), generated and its tokenizer trained unless cached already."""
+    given = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)
+             if getattr(record, f.name) is not None}
+    source = DemoShapes(**given)
+    source.prepare()
+    return source
 
 
 def _crop_to_hw(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:

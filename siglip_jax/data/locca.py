@@ -28,6 +28,8 @@ import dataclasses
 import numpy as np
 
 TASKS: tuple[str, ...] = ("cap", "aref", "gcap")  # captioning, referring, grounded captioning
+DEFAULT_NUM_BINS = 100  # Location bins of a box coordinate.
+DEFAULT_MAX_LEN = 64  # A decoder sequence's length: SigLIP 2's text length.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +37,7 @@ class DecoderVocab:
     """Id layout of the decoder vocabulary (see the module docstring)."""
 
     text_vocab: int
-    num_bins: int = 100
+    num_bins: int = DEFAULT_NUM_BINS
     eos_id: int = 1
 
     def __post_init__(self) -> None:

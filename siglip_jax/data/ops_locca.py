@@ -48,16 +48,16 @@ from siglip_jax.data.registry import (
     OpTable,
     PPError,
     PPFn,
+    TextTokenizer,
     example_seed,
     get,
 )
-from siglip_jax.data.tokenizer import Tokenizer
 
 BOX_TOKENS = 4
 _OPS = OpTable()
 
 
-def _tokenize(tok: Tokenizer, texts: tf.Tensor, max_len: int, lower: bool, canonicalize: bool
+def _tokenize(tok: TextTokenizer, texts: tf.Tensor, max_len: int, lower: bool, canonicalize: bool
               ) -> tuple[tf.Tensor, tf.Tensor]:
     """Text ids without eos, 0-padded [..., max_len], and their lengths [...]."""
     ids = tok.tf_encode(texts, max_len, "none", pad_value=0, lower=lower,

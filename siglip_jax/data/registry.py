@@ -26,11 +26,11 @@ from __future__ import annotations
 import dataclasses
 import types
 from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import tensorflow as tf
 
 from siglip_jax.data.locca import DecoderVocab
-from siglip_jax.data.tokenizer import Tokenizer
 
 SEED_KEY = "_seed"
 Example = dict[str, object]
@@ -51,12 +51,33 @@ class PPKeyError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class TextTokenizer(Protocol):
+    """What the text ops use of a tokenizer (`data.tokenizer.Tokenizer` is the one they get);
+    a protocol, so that the registry does not load the tokenizer module."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    def convention_pad(self, convention: str) -> int: ...
+
+    def encode(self, texts: Sequence[str] | str, max_len: int, eos: str = "sticky", *,
+               pad_value: int | None = None, lower: bool = True,
+               canonicalize: bool = False) -> object: ...
+
+    def tf_encode(self, texts: tf.Tensor, max_len: int, eos: str = "sticky", *,
+                  pad_value: int | None = None, lower: bool = True,
+                  canonicalize: bool = False) -> tf.Tensor: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class OpContext:
     """What an op factory gets besides its pp-string arguments."""
 
     index: int  # position of the op in the pipe (0-based); folds into random seeds
-    tokenizer: Tokenizer | None = None
+    tokenizer: TextTokenizer | None = None
     decoder_vocab: DecoderVocab | None = None  # the model decoder's vocabulary (locca_task)
 
 

@@ -2,8 +2,8 @@
 
 Each `evals.<name>` section is an EvalConfig (evaluators/config.py) with these keys, plus its
 type's own keys, which are the fields of the type's options record (evaluators/config.OPTIONS:
-ZeroShotOptions, RetrievalOptions, DenseProbeOptions, DecoderTaskOptions, ReferringOptions,
-each in its evaluator's module; docs/evaluation.md tabulates them):
+ZeroShotOptions, RetrievalOptions, DenseProbeOptions, DecoderTaskOptions, ReferringOptions;
+docs/evaluation.md tabulates them):
   type           "zeroshot" | "retrieval" | "dense_probe" | "captioning" | "referring" |
                  "grounded_captioning"
   data           data source section (see data/builder.py); the source must know its size
@@ -47,20 +47,18 @@ from siglip_jax.data.pp import get_preprocess_fn
 from siglip_jax.data.tokenizer import Tokenizer, encode_prompts
 from siglip_jax.evaluators import prompts
 from siglip_jax.evaluators.common import Embedder, Evaluator
-from siglip_jax.evaluators.config import EvalConfig
-from siglip_jax.evaluators.decoder_tasks import (
-    DecoderTaskEvaluator,
+from siglip_jax.evaluators.config import (
     DecoderTaskOptions,
+    DenseProbeOptions,
+    EvalConfig,
     ReferringOptions,
-    make_decode_fn,
-)
-from siglip_jax.evaluators.dense_probe import DenseProbeEvaluator, DenseProbeOptions
-from siglip_jax.evaluators.retrieval import (
-    CAPTION_MASK_KEY,
-    RetrievalEvaluator,
     RetrievalOptions,
+    ZeroShotOptions,
 )
-from siglip_jax.evaluators.zeroshot import ZeroShotEvaluator, ZeroShotOptions
+from siglip_jax.evaluators.decoder_tasks import DecoderTaskEvaluator, make_decode_fn
+from siglip_jax.evaluators.dense_probe import DenseProbeEvaluator
+from siglip_jax.evaluators.retrieval import CAPTION_MASK_KEY, RetrievalEvaluator
+from siglip_jax.evaluators.zeroshot import ZeroShotEvaluator
 from siglip_jax.models.config import ModelConfig, decoder_vocab
 from siglip_jax.records import ConfigError
 from siglip_jax.schema import RunConfig, TokenizerConfig

@@ -22,7 +22,6 @@ No CIDEr: no maintained CIDEr package is installed with this project.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 
 import flax.linen as nn
@@ -35,7 +34,6 @@ from jax.sharding import Mesh
 from siglip_jax.data.locca import DecoderVocab, tokens_to_box
 from siglip_jax.evaluators.common import MASK_KEY
 from siglip_jax.models import decoding
-from siglip_jax.records import ConfigError
 from siglip_jax.sharding import batch_sharding, make_global_batch, replicated
 
 TASK_OF = {"captioning": "cap", "referring": "aref", "grounded_captioning": "gcap"}
@@ -43,43 +41,6 @@ BOX_KEY, REFS_KEY = "dec_box", "dec_refs"
 IOU_THRESHOLD = 0.5
 # `(params, global batch) -> {"generated" [B, L], the batch's other arrays}` (make_decode_fn).
 DecodeFn = Callable[[optax.Params, Mapping[str, jax.Array]], dict[str, jax.Array]]
-
-
-def _check_bool(value: object, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"config key {key} expects true or false, got {value!r}")
-    return value
-
-
-@dataclasses.dataclass(frozen=True)
-class DecoderTaskOptions:
-    """The `captioning` and `grounded_captioning` types' own keys of an `evals.<name>` section.
-
-    parallel: one-shot parallel decoding instead of greedy.
-    """
-
-    parallel: bool = False
-    where: dataclasses.InitVar[str] = "evals.<name>"  # The section, for error messages.
-
-    def __post_init__(self, where: str) -> None:
-        _check_bool(self.parallel, f"{where}.parallel")
-
-
-@dataclasses.dataclass(frozen=True)
-class ReferringOptions:
-    """The `referring` type's own keys of an `evals.<name>` section.
-
-    parallel: one-shot parallel decoding instead of greedy.
-    constrain_boxes: the 4 answer ids are location ids, then eos.
-    """
-
-    parallel: bool = False
-    constrain_boxes: bool = True
-    where: dataclasses.InitVar[str] = "evals.<name>"  # The section, for error messages.
-
-    def __post_init__(self, where: str) -> None:
-        _check_bool(self.parallel, f"{where}.parallel")
-        _check_bool(self.constrain_boxes, f"{where}.constrain_boxes")
 
 
 def box_iou(a_nx4: np.ndarray, b_nx4: np.ndarray) -> np.ndarray:

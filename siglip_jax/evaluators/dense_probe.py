@@ -30,7 +30,6 @@ background, 1 + colour). "raw" uses the map's values as they are, with `num_clas
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping
 
@@ -42,70 +41,10 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from siglip_jax.data.config import SourceConfig, parse_source
-from siglip_jax.data.demo_shapes import COLOURS, SHAPES
+from siglip_jax.data.demo_classes import SHAPES
 from siglip_jax.evaluators.common import MASK_KEY
-from siglip_jax.records import ConfigError, set_fields
+from siglip_jax.evaluators.config import LABEL_SETS, DenseProbeOptions
 from siglip_jax.sharding import batch_sharding, make_global_batch, replicated
-
-DEMO_CLASSES = len(COLOURS) * len(SHAPES)
-LABEL_SETS: dict[str, int | None] = {  # name -> number of labels (None: num_classes option)
-    "class": 1 + DEMO_CLASSES,
-    "shape": 1 + len(SHAPES),
-    "colour": 1 + len(COLOURS),
-    "raw": None,
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class DenseProbeOptions:
-    """The `dense_probe` type's own keys of an `evals.<name>` section, with their defaults
-    (docs/evaluation.md explains each); a bad value is a ConfigError naming the key."""
-
-    label_set: str = "class"  # "class" | "shape" | "colour" (demo maps) | "raw"
-    num_classes: int = 0  # The number of labels with label_set "raw".
-    ignore_label: int | None = None  # A map value that does not vote (e.g. 255).
-    segmentation_key: str = "segmentation"  # The pp output holding the map.
-    train_fraction: float = 0.5  # The first fraction of `data` fits the probe.
-    train_data: SourceConfig | None = None  # A separate source section to fit on.
-    ridge: float = 1e-3  # Relative to the mean feature variance.
-    balanced: bool = False  # Weight each train patch by 1 / its label's frequency.
-    where: dataclasses.InitVar[str] = "evals.<name>"  # The section, for error messages.
-
-    def __post_init__(self, where: str) -> None:
-        label_set, num_classes = self.label_set, self.num_classes
-        if label_set not in LABEL_SETS:
-            raise ConfigError(f"{where}.label_set {label_set!r} is not one of "
-                              f"{tuple(LABEL_SETS)}")
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool):
-            raise ConfigError(f"{where}.num_classes must be an int, got {num_classes!r}")
-        if label_set == "raw" and num_classes < 2:
-            raise ConfigError(f"{where}.num_classes={num_classes}: label_set 'raw' needs "
-                              "the number of segmentation labels (>= 2)")
-        if label_set != "raw" and num_classes not in (0, LABEL_SETS[label_set]):
-            raise ConfigError(f"{where}.num_classes={num_classes}: label_set "
-                              f"{label_set!r} has {LABEL_SETS[label_set]} labels "
-                              "(leave num_classes 0)")
-        ignore = self.ignore_label
-        if ignore is not None and (not isinstance(ignore, int) or isinstance(ignore, bool)):
-            raise ConfigError(f"{where}.ignore_label must be an int or None, got {ignore!r}")
-        if not isinstance(self.segmentation_key, str) or not self.segmentation_key:
-            raise ConfigError(f"{where}.segmentation_key must be a non-empty string, got "
-                              f"{self.segmentation_key!r}")
-        fraction = self.train_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not (
-                0 < fraction < 1):
-            raise ConfigError(f"{where}.train_fraction must be a number in (0, 1), got "
-                              f"{fraction!r}")
-        ridge = self.ridge
-        if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not ridge > 0:
-            raise ConfigError(f"{where}.ridge must be a positive number, got {ridge!r}")
-        if not isinstance(self.balanced, bool):
-            raise ConfigError(f"{where}.balanced must be true or false, got {self.balanced!r}")
-        train_data = None if self.train_data is None else parse_source(
-            self.train_data, f"{where}.train_data")
-        set_fields(self, train_fraction=float(fraction), ridge=float(ridge),
-                   train_data=train_data)
 
 
 def num_labels(label_set: str, num_classes: int = 0) -> int:
@@ -239,7 +178,8 @@ class DenseProbeEvaluator:
                  param_shardings: Mapping[str, object], patch_hw: tuple[int, int],
                  train_batches: Callable[[], Iterator[dict[str, np.ndarray]]],
                  test_batches: Callable[[], Iterator[dict[str, np.ndarray]]],
-                 options: DenseProbeOptions = DenseProbeOptions(), every_n_steps: int = 0):
+                 options: DenseProbeOptions | None = None, every_n_steps: int = 0):
+        options = DenseProbeOptions() if options is None else options
         self.every_n_steps = every_n_steps  # Cadence during training (0: only at the end).
         self.mesh, self.batch_axes, self.patch_hw = mesh, tuple(batch_axes), patch_hw
         self.train_batches, self.test_batches = train_batches, test_batches

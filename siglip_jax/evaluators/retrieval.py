@@ -18,7 +18,6 @@ replicated and every query batch is scored sharded over the batch axes.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -29,26 +28,10 @@ import numpy as np
 import optax
 
 from siglip_jax.evaluators.common import MASK_KEY, Embedder
-from siglip_jax.records import check_int, set_fields
 from siglip_jax.sharding import make_global_batch, replicated
 
 CAPTION_MASK_KEY = "_caption_mask"
 RECALL_KS = (1, 5, 10)
-
-
-@dataclasses.dataclass(frozen=True)
-class RetrievalOptions:
-    """The `retrieval` type's own keys of an `evals.<name>` section, with their defaults.
-
-    max_captions: use at most this many captions per image and pad/mask images with fewer
-      (required when the number varies, e.g. 5 for COCO); 0 = as the pp produces them.
-    """
-
-    max_captions: int = 0
-    where: dataclasses.InitVar[str] = "evals.<name>"  # The section, for error messages.
-
-    def __post_init__(self, where: str) -> None:
-        set_fields(self, max_captions=check_int(self.max_captions, f"{where}.max_captions", 0))
 
 
 def _scores(q_qxd: jax.Array, k_kxd: jax.Array) -> jax.Array:

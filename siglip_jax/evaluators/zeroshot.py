@@ -15,7 +15,6 @@ and is counted in `nonfinite`; when any is, the accuracies are reported as NaN.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -26,34 +25,9 @@ import optax
 
 from siglip_jax.evaluators.common import MASK_KEY, Embedder
 from siglip_jax.evaluators.prompts import prompts
-from siglip_jax.records import ConfigError, freeze, set_fields
 from siglip_jax.sharding import make_global_batch
 
-__all__ = ["ZeroShotEvaluator", "ZeroShotOptions", "accumulate", "class_embeddings", "prompts"]
-
-
-@dataclasses.dataclass(frozen=True)
-class ZeroShotOptions:
-    """The `zeroshot` type's own keys of an `evals.<name>` section, with their defaults.
-
-    class_names: a list of names, an asset name ("imagenet"), or "from_data" (the source's).
-    templates: a list of templates with "{}", one such string, or an asset ("clip80", "clip7").
-      Both must be set; the names and assets are checked when the evaluator is built
-      (evaluators/builder.py), before any data is read.
-    canonicalize: prompts are lower-cased and stripped of punctuation before tokenizing, as
-      big_vision and HF SigLIP do.
-    """
-
-    class_names: str | tuple[str, ...] | None = None
-    templates: str | tuple[str, ...] | None = None
-    canonicalize: bool = True
-    where: dataclasses.InitVar[str] = "evals.<name>"  # The section, for error messages.
-
-    def __post_init__(self, where: str) -> None:
-        if not isinstance(self.canonicalize, bool):
-            raise ConfigError(f"config key {where}.canonicalize expects true or false, got "
-                              f"{self.canonicalize!r}")
-        set_fields(self, class_names=freeze(self.class_names), templates=freeze(self.templates))
+__all__ = ["ZeroShotEvaluator", "accumulate", "class_embeddings", "prompts"]
 
 
 def class_embeddings(ztxt_ctxd: jax.Array, num_classes: int) -> jax.Array:

@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import flax.typing
@@ -33,6 +33,7 @@ from flax.typing import PrecisionLike
 from jax.sharding import Mesh
 
 Dtype = flax.typing.Dtype  # A jnp dtype, or its name.
+ImageBatch = jax.Array | Mapping[str, jax.Array]  # Images [B, H, W, 3] or a NaFlex dict.
 
 LN_EPS = 1e-6
 REMAT_NONE = "none"
@@ -273,10 +274,43 @@ class EncoderSettings(BlockSettings):
     """The transformer settings both towers share: the one record a new encoder setting is
     added to (here, or in BlockSettings if the Encoder needs it). `ViT`, `NaFlexViT` and
     `TextTransformer` inherit these fields (a tower may re-declare one to change its default);
-    their config keys (models/variants.py) and the Encoder a tower builds (`tower_encoder`)
+    their config keys (models/config.py) and the Encoder a tower builds (`tower_encoder`)
     derive from them."""
 
     width: int = 768
+
+
+class ViTSettings(EncoderSettings):
+    """The FixRes image tower's settings (`vit.ViT`); `num_classes` (the two-towers out dim)
+    adds a Dense `head`, None means no head."""
+
+    num_classes: int | None = None
+    patch_size: int | Sequence[int] = 16
+    posemb: str = "learn"
+    pool_type: str = "gap"
+    head_zeroinit: bool = False
+
+
+class NaFlexSettings(EncoderSettings):
+    """The NaFlex image tower's settings (`naflex.NaFlexViT`): `patch_size` is only checked
+    against the patch length (p·p·3); `posemb_grid` is the learned grid's side G."""
+
+    num_classes: int | None = None
+    patch_size: int | Sequence[int] | None = 16
+    posemb_grid: int = 16
+    pool_type: str = "map"
+    head_zeroinit: bool = False
+
+
+class TextSettings(EncoderSettings):
+    """The text tower's settings (`text.TextTransformer`)."""
+
+    width: int = 512  # Text-tower defaults of three EncoderSettings fields.
+    mlp_dim: int | None = 2048
+    num_heads: int = 8
+    num_classes: int | None = None
+    vocab_size: int = 32_000
+    pool_type: str = "last"
 
 
 def setting_names(module_cls: type) -> tuple[str, ...]:

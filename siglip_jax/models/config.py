@@ -1,15 +1,24 @@
-"""The model's config record (`model` section) and the one place a model is built from it.
+"""The model's config record (`model` section): tower and decoder settings resolved once.
 
 `ModelConfig.parse(raw, where)` turns a `model` section (or `two_towers.Model` keyword
 arguments) into typed, frozen records, each checked and resolved once:
 
-  ImageTowerConfig  model.image: `kind` ("vit" FixRes | "naflex"), a size `variant` ("B/16")
-                    and the other keys as given (`overrides`, models/variants.py); resolved:
+  ImageTowerConfig  model.image: `kind` ("vit" FixRes | "naflex"), a size `variant` ("B/16",
+                    models/variants.py) and the other keys as given (`overrides`); resolved:
                     `patch_size` (ph, pw), `width`
   TextTowerConfig   model.text: `variant` ("B") and `overrides`; resolved: `vocab_size`, `width`
   DecoderConfig     model.decoder (the LocCa caption decoder, models/decoder.py; None = none):
                     every key resolved, unset ones following the text tower
   ModelConfig       the three, plus out_dim, temperature_init, bias_init
+
+A tower section's keys are the settings of its tower (models/common.ViTSettings,
+NaFlexSettings, TextSettings; the flax towers inherit them, so this module does not import
+the towers). `image_kwargs` / `text_kwargs` turn a section into the tower's keyword
+arguments: variant fields fill the defaults, explicit keys override them, keys set to None
+count as unset, unknown keys raise; the image `kind` ("vit" = FixRes, default; "naflex" =
+SigLIP 2 NaFlex) picks the tower (`image_kind`), and `posemb_grid` exists only for NaFlex.
+`decoder_kwargs` resolves a `model.decoder` section: unset keys follow the text tower
+(width, mlp_dim, heads, dtype, scan, remat) with half its depth (SigLIP 2 §2.2).
 
 The keys, defaults and one-line ConfigErrors are the config file's. The behaviour lives in
 functions here: `model_kwargs` (the `two_towers.Model` keyword arguments, plain dicts) and
@@ -22,18 +31,24 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+import jax.numpy as jnp
 import numpy as np
 
-from siglip_jax.data.locca import DecoderVocab
-from siglip_jax.models import variants
-from siglip_jax.models.decoder import DECODER_KEYS, decoder_kwargs
-from siglip_jax.models.naflex import NaFlexViT
-from siglip_jax.models.text import TextTransformer
-from siglip_jax.models.vit import ViT
+from siglip_jax.data.locca import DEFAULT_MAX_LEN, DEFAULT_NUM_BINS, DecoderVocab
+from siglip_jax.models.common import (
+    NaFlexSettings,
+    TextSettings,
+    ViTSettings,
+    remat_policy_names,
+    setting_names,
+)
+from siglip_jax.models.variants import IMAGE_KINDS, NAFLEX_ONLY_KEYS, ConfigKeyError, decode_variant
 from siglip_jax.records import ConfigError, check_float, check_keys, freeze, thaw, to_plain
 
 OutDim = int | tuple[int | None, int | None] | None
 MODEL_KEYS = ("image", "text", "out_dim", "temperature_init", "bias_init", "decoder")
+DECODER_KEYS = ("width", "depth", "mlp_dim", "num_heads", "num_bins", "max_len", "dropout",
+                "dtype", "scan", "remat_policy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +75,7 @@ class TextTowerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-    """The LocCa caption decoder, every key resolved (models/decoder.decoder_kwargs)."""
+    """The LocCa caption decoder, every key resolved (`decoder_kwargs`)."""
 
     width: int
     depth: int
@@ -132,12 +147,146 @@ def _split(raw: Mapping[str, object] | None, *drop: str) -> tuple[str | None, di
     return (None if variant is None else str(variant)), given
 
 
+def _tower_keys(*tower_classes: type) -> tuple[str, ...]:
+    keys = dict.fromkeys(k for cls in tower_classes for k in setting_names(cls))
+    return ("variant", "width", *(k for k in keys if k not in ("num_classes", "width")))
+
+
+def image_keys() -> tuple[str, ...]:
+    """Valid keys of an image tower config: "variant", "kind" and the image towers' settings
+    (models/common.ViTSettings, NaFlexSettings)."""
+    return (*_tower_keys(ViTSettings, NaFlexSettings), "kind")
+
+
+def text_keys() -> tuple[str, ...]:
+    """Valid keys of a text tower config: "variant" plus the text tower's settings
+    (models/common.TextSettings)."""
+    return _tower_keys(TextSettings)
+
+
+def _items(cfg: Mapping[str, object] | None) -> dict[str, object]:
+    if cfg is None:
+        return {}
+    keys = cfg.keys()  # Works for dict, FrozenDict and ml_collections ConfigDict.
+    return {k: cfg[k] for k in keys}
+
+
+def _as_dtype(value: object) -> jnp.dtype | None:
+    return None if value is None else jnp.dtype(value)
+
+
+def _resolve(cfg: Mapping[str, object] | None, valid: tuple[str, ...],
+             tower: str) -> dict[str, object]:
+    items = _items(cfg)
+    unknown = sorted(set(items) - set(valid))
+    if unknown:
+        raise ConfigKeyError(f"unknown {tower} config key(s) {unknown}; valid keys: {list(valid)}")
+    kw = decode_variant(items.pop("variant", None), allow_patch=tower == "image")
+    kw.update({k: v for k, v in items.items() if v is not None})
+    for key in ("dtype", "param_dtype"):
+        if key in kw:
+            kw[key] = _as_dtype(kw[key])
+    return kw
+
+
+def image_kind(cfg: Mapping[str, object] | None) -> str:
+    """The image tower kind of a config: "vit" (FixRes, the default) or "naflex"."""
+    kind = _items(cfg).get("kind") or "vit"
+    if kind not in IMAGE_KINDS:
+        raise ConfigKeyError(f"unknown image kind {kind!r}; valid: {list(IMAGE_KINDS)}")
+    return kind
+
+
+def image_kwargs(cfg: Mapping[str, object] | None) -> dict[str, object]:
+    """Image tower config (keys image_keys()) -> `vit.ViT` / `naflex.NaFlexViT` keyword arguments.
+
+    `kind` is not included (see `image_kind`); NaFlex-only keys on a FixRes tower raise, and
+    a NaFlex tower has only the learned position grid (posemb must be unset or "learn").
+    """
+    kind = image_kind(cfg)
+    kw = _resolve(cfg, image_keys(), "image")
+    kw.pop("kind", None)
+    if kind == "vit":
+        bad = sorted(set(kw) & set(NAFLEX_ONLY_KEYS))
+        if bad:
+            raise ConfigKeyError(f"image config key(s) {bad} need kind='naflex' (got 'vit')")
+    else:
+        if kw.pop("posemb", "learn") != "learn":
+            raise ConfigKeyError("image kind 'naflex' supports only posemb='learn' (a G×G grid)")
+    return kw
+
+
+def text_kwargs(cfg: Mapping[str, object] | None) -> dict[str, object]:
+    """Text tower config (keys text_keys()) -> `text.TextTransformer` keyword arguments."""
+    return _resolve(cfg, text_keys(), "text")
+
+
+def _positive_int(cfg: Mapping[str, object], key: str, minimum: int = 1) -> int:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"model.decoder.{key} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def decoder_kwargs(cfg: Mapping[str, object], text: Mapping[str, object]) -> dict[str, object]:
+    """`model.decoder` dict -> `Decoder` keyword arguments (minus vocab_size) + `num_bins`.
+
+    `text` holds the resolved text-tower kwargs (`text_kwargs`): unset keys take
+    the text tower's width, mlp_dim, num_heads, dtype, scan and remat_policy, and half its
+    depth (at least 1). Raises a one-line ValueError naming the bad key.
+    """
+    items = {k: cfg[k] for k in cfg.keys() if cfg[k] is not None}
+    unknown = sorted(set(items) - set(DECODER_KEYS))
+    if unknown:
+        raise ValueError(f"unknown model.decoder key(s) {unknown}; valid keys: "
+                         f"{list(DECODER_KEYS)}")
+    txt = {f: text.get(f, getattr(TextSettings, f)) for f in
+           ("width", "depth", "mlp_dim", "num_heads", "dtype", "scan", "remat_policy")}
+    kw: dict[str, object] = {
+        "width": txt["width"],
+        "depth": max(1, int(txt["depth"]) // 2),
+        "mlp_dim": txt["mlp_dim"] or 4 * int(txt["width"]),
+        "num_heads": txt["num_heads"],
+        "num_bins": DEFAULT_NUM_BINS,
+        "max_len": DEFAULT_MAX_LEN,
+        "dropout": 0.0,
+        "dtype": txt["dtype"],
+        "scan": bool(txt["scan"]),
+        "remat_policy": txt["remat_policy"],
+    }
+    if "width" in items and "mlp_dim" not in items:
+        items["mlp_dim"] = 4 * items["width"] if isinstance(items["width"], int) else None
+    kw.update(items)
+    for key, minimum in (("width", 1), ("depth", 1), ("mlp_dim", 1), ("num_heads", 1),
+                         ("num_bins", 2), ("max_len", 2)):
+        kw[key] = _positive_int(kw, key, minimum)
+    if kw["width"] % kw["num_heads"]:
+        raise ValueError(f"model.decoder.width {kw['width']} is not divisible by num_heads "
+                         f"{kw['num_heads']}")
+    dropout = kw["dropout"]
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
+            0.0 <= dropout < 1.0):
+        raise ValueError(f"model.decoder.dropout must be a number in [0, 1), got {dropout!r}")
+    kw["dropout"] = float(dropout)
+    if not isinstance(kw["scan"], (bool, np.bool_)):
+        raise ValueError(f"model.decoder.scan must be a bool, got {kw['scan']!r}")
+    if kw["remat_policy"] not in remat_policy_names():
+        raise ValueError(f"model.decoder.remat_policy {kw['remat_policy']!r} is not one of "
+                         f"{remat_policy_names()}")
+    if kw["dtype"] is not None:
+        try:
+            kw["dtype"] = jnp.dtype(kw["dtype"])
+        except TypeError:
+            raise ValueError(f"model.decoder.dtype {kw['dtype']!r} is not a dtype") from None
+    return kw
+
+
 def parse_image(raw: Mapping[str, object] | None) -> ImageTowerConfig:
     """The image tower record of a `model.image` section; KeyError/ValueError if bad."""
     raw = to_plain(raw) or {}
-    kind = variants.image_kind(raw)
-    kw = variants.image_kwargs(raw)
-    tower = NaFlexViT if kind == "naflex" else ViT
+    kind = image_kind(raw)
+    kw = image_kwargs(raw)
+    tower = NaFlexSettings if kind == "naflex" else ViTSettings
     patch = kw.get("patch_size", tower.patch_size)
     variant, overrides = _split(raw, "kind")
     return ImageTowerConfig(kind=kind, variant=variant, overrides=freeze(overrides),
@@ -150,12 +299,12 @@ def parse_text(raw: Mapping[str, object] | None
     """(the text tower record of a `model.text` section, its resolved TextTransformer
     keyword arguments); KeyError/ValueError if bad."""
     raw = to_plain(raw) or {}
-    kw = variants.text_kwargs(raw)
+    kw = text_kwargs(raw)
     variant, overrides = _split(raw)
     record = TextTowerConfig(
         variant=variant, overrides=freeze(overrides),
-        vocab_size=int(kw.get("vocab_size", TextTransformer.vocab_size)),  # type: ignore[arg-type]
-        width=int(kw.get("width", TextTransformer.width)))  # type: ignore[arg-type]
+        vocab_size=int(kw.get("vocab_size", TextSettings.vocab_size)),  # type: ignore[arg-type]
+        width=int(kw.get("width", TextSettings.width)))  # type: ignore[arg-type]
     return record, kw
 
 

@@ -22,9 +22,8 @@ first (`shift_right`), so position i predicts token i; parallel rows are fed the
 the positions to predict. Self-attention is causal for autoregressive rows and full for
 parallel ones; `parallel` is a python bool or a bool array [B] (mixed batches).
 Cross-attention keys are the image tokens, with an optional key mask [B, N] (True = real
-patch; NaFlex padding). `decoder_kwargs` resolves the `model.decoder` config dict; unset keys
-follow the text tower (width, mlp_dim, heads, dtype, scan, remat) with half its depth
-(SigLIP 2 §2.2).
+patch; NaFlex padding). The `model.decoder` config section is resolved in models/config.py
+(`decoder_kwargs`) and the module built by `two_towers.make_decoder`.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from siglip_jax.data.locca import DecoderVocab
+from siglip_jax.data.locca import DEFAULT_MAX_LEN
 from siglip_jax.models.common import (
     LN_EPS,
     REMAT_NONE,
@@ -45,14 +44,7 @@ from siglip_jax.models.common import (
     checkpoint_policy,
     constrain_batch,
     key_mask,
-    remat_policy_names,
 )
-from siglip_jax.models.text import TextTransformer
-
-DECODER_KEYS = ("width", "depth", "mlp_dim", "num_heads", "num_bins", "max_len", "dropout",
-                "dtype", "scan", "remat_policy")
-DEFAULT_NUM_BINS = 100  # data/locca.DecoderVocab's default.
-DEFAULT_MAX_LEN = 64  # SigLIP 2's text length.
 
 
 class DecoderBlock(nn.Module):
@@ -112,7 +104,7 @@ class Decoder(nn.Module):
     depth: int = 6
     mlp_dim: int | None = None
     num_heads: int = 8
-    max_len: int = DEFAULT_MAX_LEN
+    max_len: int = DEFAULT_MAX_LEN  # data/locca.py: SigLIP 2's text length.
     dropout: float = 0.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
@@ -180,76 +172,6 @@ def output_layer(dec_params: Mapping[str, object]) -> tuple[jax.Array, jax.Array
     logits = hidden @ kernel + bias, computed in the decoder's `dtype`."""
     head = dec_params["head"]
     return head["kernel"], head.get("bias")
-
-
-def _positive_int(cfg: Mapping[str, object], key: str, minimum: int = 1) -> int:
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"model.decoder.{key} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def decoder_kwargs(cfg: Mapping[str, object], text: Mapping[str, object]) -> dict[str, object]:
-    """`model.decoder` dict -> `Decoder` keyword arguments (minus vocab_size) + `num_bins`.
-
-    `text` holds the resolved text-tower kwargs (models/variants.text_kwargs): unset keys take
-    the text tower's width, mlp_dim, num_heads, dtype, scan and remat_policy, and half its
-    depth (at least 1). Raises a one-line ValueError naming the bad key.
-    """
-    items = {k: cfg[k] for k in cfg.keys() if cfg[k] is not None}
-    unknown = sorted(set(items) - set(DECODER_KEYS))
-    if unknown:
-        raise ValueError(f"unknown model.decoder key(s) {unknown}; valid keys: "
-                         f"{list(DECODER_KEYS)}")
-    txt = {f: text.get(f, getattr(TextTransformer, f)) for f in
-           ("width", "depth", "mlp_dim", "num_heads", "dtype", "scan", "remat_policy")}
-    kw: dict[str, object] = {
-        "width": txt["width"],
-        "depth": max(1, int(txt["depth"]) // 2),
-        "mlp_dim": txt["mlp_dim"] or 4 * int(txt["width"]),
-        "num_heads": txt["num_heads"],
-        "num_bins": DEFAULT_NUM_BINS,
-        "max_len": DEFAULT_MAX_LEN,
-        "dropout": 0.0,
-        "dtype": txt["dtype"],
-        "scan": bool(txt["scan"]),
-        "remat_policy": txt["remat_policy"],
-    }
-    if "width" in items and "mlp_dim" not in items:
-        items["mlp_dim"] = 4 * items["width"] if isinstance(items["width"], int) else None
-    kw.update(items)
-    for key, minimum in (("width", 1), ("depth", 1), ("mlp_dim", 1), ("num_heads", 1),
-                         ("num_bins", 2), ("max_len", 2)):
-        kw[key] = _positive_int(kw, key, minimum)
-    if kw["width"] % kw["num_heads"]:
-        raise ValueError(f"model.decoder.width {kw['width']} is not divisible by num_heads "
-                         f"{kw['num_heads']}")
-    dropout = kw["dropout"]
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
-            0.0 <= dropout < 1.0):
-        raise ValueError(f"model.decoder.dropout must be a number in [0, 1), got {dropout!r}")
-    kw["dropout"] = float(dropout)
-    if not isinstance(kw["scan"], (bool, np.bool_)):
-        raise ValueError(f"model.decoder.scan must be a bool, got {kw['scan']!r}")
-    if kw["remat_policy"] not in remat_policy_names():
-        raise ValueError(f"model.decoder.remat_policy {kw['remat_policy']!r} is not one of "
-                         f"{remat_policy_names()}")
-    if kw["dtype"] is not None:
-        try:
-            kw["dtype"] = jnp.dtype(kw["dtype"])
-        except TypeError:
-            raise ValueError(f"model.decoder.dtype {kw['dtype']!r} is not a dtype") from None
-    return kw
-
-
-def make_decoder(cfg: Mapping[str, object], text: Mapping[str, object], text_vocab: int,
-                 **module_kw: object) -> Decoder:
-    """The Decoder of a `model.decoder` dict; its vocabulary is DecoderVocab(text_vocab,
-    num_bins): logits over the text ids, location bins and task tokens, and the embedding's
-    extra row is the mask id (DecoderVocab.mask_id = the output vocabulary's size)."""
-    kw = decoder_kwargs(cfg, text)
-    vocab = DecoderVocab(int(text_vocab), kw.pop("num_bins"))
-    return Decoder(vocab_size=vocab.mask_id, **kw, **module_kw)
 
 
 def shift_right(tokens_bxl: jax.Array) -> jax.Array:

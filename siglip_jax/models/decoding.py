@@ -31,8 +31,9 @@ import jax.numpy as jnp
 from flax.typing import VariableDict
 
 from siglip_jax.data.locca import DecoderVocab
+from siglip_jax.models.common import ImageBatch
 from siglip_jax.models.decoder import shift_right
-from siglip_jax.models.two_towers import ImageBatch, Model
+from siglip_jax.models.two_towers import Model
 
 BOX_TOKENS = 4
 LogitsFn = Callable[[jax.Array], jax.Array]  # decoder input ids [B, L] -> logits [B, L, V]

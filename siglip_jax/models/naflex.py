@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.typing import VariableDict
 
-from siglip_jax.models.common import EncoderSettings, MAPHead, constrain_batch, tower_encoder
+from siglip_jax.models.common import MAPHead, NaFlexSettings, constrain_batch, tower_encoder
 
 POOL_TYPES = ("map", "gap", "none")
 INPUT_KEYS = ("patches", "mask", "spatial_shapes")
@@ -145,18 +145,12 @@ def check_input(image: object) -> None:
             f"{tuple(image['spatial_shapes'].shape)}")
 
 
-class NaFlexViT(EncoderSettings):
+class NaFlexViT(NaFlexSettings):
     """NaFlex ViT image encoder; returns (features, out) like `vit.ViT`.
 
     `num_classes` (the two-towers out dim) adds a Dense `head`; None means no head.
     `patch_size` is only checked against the patch length (p·p·3); `posemb_grid` is G.
     """
-
-    num_classes: int | None = None
-    patch_size: int | Sequence[int] | None = 16
-    posemb_grid: int = 16
-    pool_type: str = "map"
-    head_zeroinit: bool = False
 
     @nn.compact
     def __call__(self, image: Mapping[str, jax.Array], *, train: bool = False):

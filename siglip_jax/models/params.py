@@ -10,6 +10,7 @@ import numpy as np
 from flax.typing import VariableDict
 
 from siglip_jax.models import naflex, variants
+from siglip_jax.models.config import image_kind, image_kwargs
 from siglip_jax.models.two_towers import Model
 
 
@@ -21,9 +22,9 @@ def param_shapes(
     For a NaFlex image tower `image_size` is the patch budget N (an int; the count does not
     depend on it); None leaves the image tower out.
     """
-    if image_size is not None and variants.image_kind(model.image) == "naflex":
+    if image_size is not None and image_kind(model.image) == "naflex":
         n = image_size if isinstance(image_size, int) else int(np.prod(image_size))
-        patch = variants.image_kwargs(model.image).get("patch_size", 16)
+        patch = image_kwargs(model.image).get("patch_size", 16)
         img = naflex.example_input(1, n, patch)
         txt = None if text_len is None else jax.ShapeDtypeStruct((1, text_len), jnp.int32)
         return jax.eval_shape(model.init, jax.random.key(0), img, txt)["params"]

@@ -17,14 +17,34 @@ from the separable 1-D weights; big_vision builds the same matrix by resizing ba
 SigLIP 2 (arXiv:2502.14786 §2.4) uses this to turn its /16 runs into /14 variants.
 
 Also `posemb_to_grid`: a learned position embedding ([1, N, D] FixRes or [G, G, D] NaFlex) as
-another grid of either layout (bilinear, via `vit.resample_posemb`).
+another grid of either layout (bilinear, via `resample_posemb`, which also adapts a loaded
+checkpoint's grid: checkpoints/big_vision.py).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import scipy.ndimage
 
-from siglip_jax.models.vit import resample_posemb
+
+def resample_posemb(old_1xnxd: np.ndarray, new_len: int) -> np.ndarray:
+    """Bilinearly resize a square grid of learned position embeddings to `new_len` positions.
+
+    Same as big_vision `vit.resample_posemb` (scipy.ndimage.zoom, order=1): used when a
+    checkpoint trained at one resolution is loaded at another.
+    """
+    old_1xnxd = np.asarray(old_1xnxd)
+    if old_1xnxd.shape[1] == new_len:
+        return old_1xnxd
+    gs_old, gs_new = int(round(np.sqrt(old_1xnxd.shape[1]))), int(round(np.sqrt(new_len)))
+    if gs_old**2 != old_1xnxd.shape[1] or gs_new**2 != new_len:
+        raise ValueError(
+            f"can only resample square posemb grids, got {old_1xnxd.shape[1]} -> {new_len}"
+        )
+    grid = old_1xnxd.reshape(gs_old, gs_old, -1)
+    zoom = (gs_new / gs_old, gs_new / gs_old, 1)
+    grid = scipy.ndimage.zoom(grid, zoom, order=1)
+    return grid.reshape(1, gs_new * gs_new, -1).astype(old_1xnxd.dtype)
 
 
 def bilinear_matrix_1d(old: int, new: int) -> np.ndarray:

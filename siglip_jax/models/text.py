@@ -12,20 +12,13 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from siglip_jax.models.common import EncoderSettings, MAPHead, constrain_batch, tower_encoder
+from siglip_jax.models.common import MAPHead, TextSettings, constrain_batch, tower_encoder
 
 POOL_TYPES = ("last", "first", "map", "gap")
 
 
-class TextTransformer(EncoderSettings):
+class TextTransformer(TextSettings):
     """Text encoder; returns (features, out) with out["encoded"], out["pre_logits"]."""
-
-    width: int = 512  # Text-tower defaults of three EncoderSettings fields.
-    mlp_dim: int | None = 2048
-    num_heads: int = 8
-    num_classes: int | None = None
-    vocab_size: int = 32_000
-    pool_type: str = "last"
 
     @nn.compact
     def __call__(self, text_bxl: jax.Array, *, train: bool = False):

@@ -24,14 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from siglip_jax.models import variants
-from siglip_jax.models.common import l2_normalize
-from siglip_jax.models.decoder import make_decoder
+from siglip_jax.data.locca import DecoderVocab
+from siglip_jax.models.common import ImageBatch, l2_normalize
+from siglip_jax.models.config import decoder_kwargs, image_kind, image_kwargs, text_kwargs
+from siglip_jax.models.decoder import Decoder
 from siglip_jax.models.naflex import NaFlexViT
 from siglip_jax.models.text import TextTransformer
 from siglip_jax.models.vit import ViT
-
-ImageBatch = jax.Array | Mapping[str, jax.Array]  # Images [B, H, W, 3] or a NaFlex dict.
 
 
 def out_dims(out_dim: int | tuple[int | None, int | None] | None) -> tuple[int | None, int | None]:
@@ -46,14 +45,24 @@ def image_tower(
     cfg: Mapping[str, object] | None, out_dim: int | None, **kw: object
 ) -> ViT | NaFlexViT:
     """Builds the image tower (ViT or NaFlexViT, by `kind`) from an image config Mapping."""
-    tower_cls = NaFlexViT if variants.image_kind(cfg) == "naflex" else ViT
-    return tower_cls(num_classes=out_dim, **variants.image_kwargs(cfg), **kw)
+    tower_cls = NaFlexViT if image_kind(cfg) == "naflex" else ViT
+    return tower_cls(num_classes=out_dim, **image_kwargs(cfg), **kw)
 
 
 def text_tower(cfg: Mapping[str, object] | None, out_dim: int | None,
                **kw: object) -> TextTransformer:
     """Builds the text transformer from a text config Mapping (variant + overrides)."""
-    return TextTransformer(num_classes=out_dim, **variants.text_kwargs(cfg), **kw)
+    return TextTransformer(num_classes=out_dim, **text_kwargs(cfg), **kw)
+
+
+def make_decoder(cfg: Mapping[str, object], text: Mapping[str, object], text_vocab: int,
+                 **module_kw: object) -> Decoder:
+    """The Decoder of a `model.decoder` dict; its vocabulary is DecoderVocab(text_vocab,
+    num_bins): logits over the text ids, location bins and task tokens, and the embedding's
+    extra row is the mask id (DecoderVocab.mask_id = the output vocabulary's size)."""
+    kw = decoder_kwargs(cfg, text)
+    vocab = DecoderVocab(int(text_vocab), kw.pop("num_bins"))
+    return Decoder(vocab_size=vocab.mask_id, **kw, **module_kw)
 
 
 def towers(model: Model) -> tuple[ViT, TextTransformer]:
@@ -76,7 +85,7 @@ class Model(nn.Module):
         """Validates both tower configs up front (unknown keys raise here)."""
         self.img, self.txt = towers(self)
         if self.decoder is not None:
-            text_kw = variants.text_kwargs(self.text)
+            text_kw = text_kwargs(self.text)
             self.dec = make_decoder(self.decoder, text_kw, self.txt.vocab_size)
         t_init = float(np.log(self.temperature_init))
         self.t = self.param("t", lambda _, s, d: jnp.full(s, t_init, d), (1,), jnp.float32)

@@ -1,25 +1,14 @@
-"""Model size names ("B/16", "L/16", "So400m/14", text "B", ...) and tower-config validation.
+"""Model size names ("B/16", "L/16", "So400m/14", text "B", ...) and the published checkpoints.
 
 `decode_variant("So400m/14")` gives width/depth/mlp_dim/num_heads (+ patch_size); the tables are
 big_vision's (`vit.decode_variant`, Table 2 of arXiv:2106.04560; "g-opt" = SigLIP 2's giant
 tower, width 1536, depth 40, MLP 6144, 16 heads, from the same big_vision table) plus our tiny
-test size "mu". `image_kwargs` / `text_kwargs` turn a tower config Mapping (the `image` / `text`
-dicts of the two-towers model) into constructor keyword arguments: variant fields fill the
-defaults, explicit keys override them, keys set to None count as unset, unknown keys raise.
-The image `kind` ("vit" = FixRes, default; "naflex" = SigLIP 2 NaFlex) picks the tower class
-(`image_kind`); `posemb_grid` (the learned G×G position grid) exists only for NaFlex.
+test size "mu". `SIGLIP_SEEDS` / `SIGLIP2_SEEDS` describe the released SigLIP and SigLIP 2
+checkpoints. Tables only (this module imports nothing of the package): models/config.py
+resolves a tower config with them (`image_kwargs`, `text_kwargs`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-
-import jax.numpy as jnp
-
-from siglip_jax.models.common import setting_names
-from siglip_jax.models.naflex import NaFlexViT
-from siglip_jax.models.text import TextTransformer
-from siglip_jax.models.vit import ViT
 
 # name: (width, depth, mlp_dim, num_heads)
 SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -39,22 +28,6 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
 
 IMAGE_KINDS = ("vit", "naflex")
 NAFLEX_ONLY_KEYS = ("posemb_grid",)
-
-
-def _tower_keys(*tower_classes: type) -> tuple[str, ...]:
-    keys = dict.fromkeys(k for cls in tower_classes for k in setting_names(cls))
-    return ("variant", "width", *(k for k in keys if k not in ("num_classes", "width")))
-
-
-def image_keys() -> tuple[str, ...]:
-    """Valid keys of an image tower config: "variant", "kind" and the towers' settings (ViT's;
-    NaFlexViT's for kind="naflex")."""
-    return (*_tower_keys(ViT, NaFlexViT), "kind")
-
-
-def text_keys() -> tuple[str, ...]:
-    """Valid keys of a text tower config: "variant" plus the TextTransformer's settings."""
-    return _tower_keys(TextTransformer)
 
 
 class ConfigKeyError(KeyError):
@@ -80,63 +53,6 @@ def decode_variant(variant: str | None, *, allow_patch: bool = True) -> dict[str
             raise ConfigKeyError(f"variant {variant!r}: patch size must be an integer")
         out["patch_size"] = int(patch)
     return out
-
-
-def _items(cfg: Mapping[str, object] | None) -> dict[str, object]:
-    if cfg is None:
-        return {}
-    keys = cfg.keys()  # Works for dict, FrozenDict and ml_collections ConfigDict.
-    return {k: cfg[k] for k in keys}
-
-
-def _as_dtype(value: object) -> jnp.dtype | None:
-    return None if value is None else jnp.dtype(value)
-
-
-def _resolve(cfg: Mapping[str, object] | None, valid: tuple[str, ...],
-             tower: str) -> dict[str, object]:
-    items = _items(cfg)
-    unknown = sorted(set(items) - set(valid))
-    if unknown:
-        raise ConfigKeyError(f"unknown {tower} config key(s) {unknown}; valid keys: {list(valid)}")
-    kw = decode_variant(items.pop("variant", None), allow_patch=tower == "image")
-    kw.update({k: v for k, v in items.items() if v is not None})
-    for key in ("dtype", "param_dtype"):
-        if key in kw:
-            kw[key] = _as_dtype(kw[key])
-    return kw
-
-
-def image_kind(cfg: Mapping[str, object] | None) -> str:
-    """The image tower kind of a config: "vit" (FixRes, the default) or "naflex"."""
-    kind = _items(cfg).get("kind") or "vit"
-    if kind not in IMAGE_KINDS:
-        raise ConfigKeyError(f"unknown image kind {kind!r}; valid: {list(IMAGE_KINDS)}")
-    return kind
-
-
-def image_kwargs(cfg: Mapping[str, object] | None) -> dict[str, object]:
-    """Image tower config (keys image_keys()) -> `vit.ViT` / `naflex.NaFlexViT` keyword arguments.
-
-    `kind` is not included (see `image_kind`); NaFlex-only keys on a FixRes tower raise, and
-    a NaFlex tower has only the learned position grid (posemb must be unset or "learn").
-    """
-    kind = image_kind(cfg)
-    kw = _resolve(cfg, image_keys(), "image")
-    kw.pop("kind", None)
-    if kind == "vit":
-        bad = sorted(set(kw) & set(NAFLEX_ONLY_KEYS))
-        if bad:
-            raise ConfigKeyError(f"image config key(s) {bad} need kind='naflex' (got 'vit')")
-    else:
-        if kw.pop("posemb", "learn") != "learn":
-            raise ConfigKeyError("image kind 'naflex' supports only posemb='learn' (a G×G grid)")
-    return kw
-
-
-def text_kwargs(cfg: Mapping[str, object] | None) -> dict[str, object]:
-    """Text tower config (keys text_keys()) -> `text.TextTransformer` keyword arguments."""
-    return _resolve(cfg, text_keys(), "text")
 
 
 # The published SigLIP checkpoints (Hugging Face model cards google/<name>): model config,

@@ -14,9 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.ndimage
 
-from siglip_jax.models.common import Dtype, EncoderSettings, MAPHead, constrain_batch, tower_encoder
+from siglip_jax.models.common import Dtype, MAPHead, ViTSettings, constrain_batch, tower_encoder
 
 POOL_TYPES = ("map", "gap", "tok", "none")
 POSEMB_TYPES = ("learn", "sincos2d")
@@ -35,26 +34,6 @@ def posemb_sincos_2d(
     x = jnp.einsum("m,d->md", x.flatten(), omega)
     pe = jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
     return jnp.asarray(pe, dtype)[None, :, :]
-
-
-def resample_posemb(old_1xnxd: np.ndarray, new_len: int) -> np.ndarray:
-    """Bilinearly resize a square grid of learned position embeddings to `new_len` positions.
-
-    Same as big_vision `vit.resample_posemb` (scipy.ndimage.zoom, order=1): used when a
-    checkpoint trained at one resolution is loaded at another.
-    """
-    old_1xnxd = np.asarray(old_1xnxd)
-    if old_1xnxd.shape[1] == new_len:
-        return old_1xnxd
-    gs_old, gs_new = int(round(np.sqrt(old_1xnxd.shape[1]))), int(round(np.sqrt(new_len)))
-    if gs_old**2 != old_1xnxd.shape[1] or gs_new**2 != new_len:
-        raise ValueError(
-            f"can only resample square posemb grids, got {old_1xnxd.shape[1]} -> {new_len}"
-        )
-    grid = old_1xnxd.reshape(gs_old, gs_old, -1)
-    zoom = (gs_new / gs_old, gs_new / gs_old, 1)
-    grid = scipy.ndimage.zoom(grid, zoom, order=1)
-    return grid.reshape(1, gs_new * gs_new, -1).astype(old_1xnxd.dtype)
 
 
 def resize_posemb_grid(posemb_1xnxd: jax.Array, grid: tuple[int, int]) -> jax.Array:
@@ -76,18 +55,11 @@ def _pair(patch_size: int | Sequence[int]) -> tuple[int, int]:
     return (int(ph), int(pw))
 
 
-class ViT(EncoderSettings):
+class ViT(ViTSettings):
     """ViT image encoder; returns (features, out) with out["encoded"], out["pre_logits"].
 
-    Encoder settings (width, depth, ...) are inherited from EncoderSettings. `num_classes`
-    (the two-towers out dim) adds a Dense `head`; None means no head.
+    Its settings (width, depth, ..., patch_size, pool_type) are `common.ViTSettings`'s.
     """
-
-    num_classes: int | None = None
-    patch_size: int | Sequence[int] = 16
-    posemb: str = "learn"
-    pool_type: str = "gap"
-    head_zeroinit: bool = False
 
     @nn.compact
     def __call__(self, image_bxhxwx3: jax.Array, *, train: bool = False,

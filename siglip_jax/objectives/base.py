@@ -18,12 +18,13 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.typing import VariableDict
 
+from siglip_jax.models.common import ImageBatch
 from siglip_jax.models.config import ModelConfig
-from siglip_jax.models.two_towers import ImageBatch, Model
 from siglip_jax.records import ConfigError
 
 ShapeSpecs = dict[str, tuple[tuple[int, ...], type]]  # key -> (global shape, numpy dtype).
@@ -54,8 +55,9 @@ class ObjectiveInputs:
     """What an objective sees inside the train step's differentiated loss.
 
     Attributes:
-      model: the two-towers flax module (unbound); call `model.apply({"params": params}, ...,
-        method=...)` for extra forward passes.
+      model: the two-towers flax module (`models.two_towers.Model`, unbound); call
+        `model.apply({"params": params}, ..., method="image_features")` for extra forward
+        passes.
       params: the student's params (frozen parts already wrapped in stop_gradient).
       batch: this (micro-)batch, every key the input pipeline produced.
       zimg, ztxt: the L2-normalised embeddings of the main forward pass (or None).
@@ -66,7 +68,7 @@ class ObjectiveInputs:
       rng: a PRNG key for this (micro-)batch (fold in your own salt).
     """
 
-    model: Model
+    model: nn.Module
     params: VariableDict
     batch: Mapping[str, ImageBatch]
     zimg: jax.Array | None

@@ -49,36 +49,7 @@ from siglip_jax.objectives.base import Objective, ObjectiveInputs, ShapeSpecs, T
 from siglip_jax.objectives.chunked_xent import chunked_cross_entropy
 from siglip_jax.records import ConfigError
 
-# vocab_chunk: 8192 columns of the 256k Gemma vocabulary per block (32 blocks): on v4 at 128
-# images × 3 rows per chip a block's float32 logits are 768 MiB (docs/siglip2_training.md,
-# "The chunked loss").
-OPTIONS: dict[str, object] = {"weight": 1.0, "tasks_per_example": 1, "vocab_chunk": 8192}
 _RNG_SALT = 0xDEC
-
-
-def check_options(raw: Mapping[str, object]) -> dict[str, object]:
-    """`weight` (a finite number >= 0, default 1.0), `tasks_per_example` (an int in 1..3, the
-    pp's rows per example, default 1), `vocab_chunk` (an int >= 0: vocabulary columns per
-    block of the chunked cross-entropy, 0 = full logits; default 8192); unknown options raise
-    ValueError."""
-    unknown = sorted(set(raw) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; valid: {sorted(OPTIONS)}")
-    options = {**OPTIONS, **raw}
-    weight = options["weight"]
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
-            np.isfinite(weight) and weight >= 0):
-        raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
-    options["weight"] = float(weight)
-    tasks = options["tasks_per_example"]
-    if isinstance(tasks, bool) or not isinstance(tasks, int) or not 1 <= tasks <= len(TASKS):
-        raise ValueError(f"tasks_per_example must be an int in 1..{len(TASKS)} (rows per "
-                         f"example of the pp's locca_task), got {tasks!r}")
-    chunk = options["vocab_chunk"]
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
-        raise ValueError(f"vocab_chunk must be an int >= 0 (vocabulary columns per block of "
-                         f"the chunked cross-entropy; 0 = full logits), got {chunk!r}")
-    return options
 
 
 def _decoder(run: TrainRun) -> DecoderConfig:

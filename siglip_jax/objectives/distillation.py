@@ -7,8 +7,8 @@ both pooled features go through the
 DINO-style head `distill_head` (student) / the teacher's copy of it, and the student's
 prototype distribution of every crop is pulled to the teacher's sharpened (Sinkhorn-Knopp
 centred) one by cross-entropy. Config: `config.loss.self_distillation = dict(...)` with the
-options of `DEFAULTS`; docs/siglip2_training.md ("Options and defaults") gives the sources
-of each default.
+options of `objectives/options.DEFAULTS`; docs/siglip2_training.md ("Options and defaults")
+gives the sources of each default.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,45 +24,23 @@ from flax.typing import VariableDict
 from jax.sharding import Mesh
 
 import siglip_jax.objectives.selfsup as selfsup
-from siglip_jax.models.two_towers import Model
 from siglip_jax.objectives.base import ObjectiveInputs, ShapeSpecs, TrainRun
+from siglip_jax.objectives.options import SELF_DISTILLATION, check_options
 from siglip_jax.records import ConfigError
 
-NAME = "self_distillation"
+NAME = SELF_DISTILLATION
 VIEWS_KEY = "local_views"
-
-DEFAULTS: dict[str, object] = {
-    "weight": 1.0,          # SigLIP 2 §2.3 (times a per-size factor, see the docs).
-    "start_frac": 0.8,      # SigLIP 2: added for the last 20 % of training.
-    "ema": 0.996,           # Not given by SILC / SigLIP 2; DINO's base momentum.
-    "n_local": 8,           # SILC: eight local views.
-    "local_size": 96,       # Not given; DINO's local crop size (224 px global).
-    "head_hidden": 2048,    # DINO head.
-    "head_bottleneck": 256,
-    "head_layers": 3,
-    "prototypes": 65536,
-    "student_temp": 0.1,    # DINO.
-    "teacher_temp": 0.04,   # DINO.
-    "centering": "sinkhorn",  # DINOv2 (stateless); "softmax" = sharpening only.
-    "global_key": selfsup.GLOBAL_VIEW,  # The teacher's view ("image": the sigmoid loss's).
-}
-
-
-def check_options(raw: Mapping[str, object]) -> dict[str, object]:
-    """The options with defaults; ValueError naming a bad option."""
-    return selfsup.check_options(raw, DEFAULTS)
-
 
 def batch_shapes(run: TrainRun, options: Mapping[str, object], batch: int) -> ShapeSpecs:
     """{"local_views": ((B, n_local, s, s, 3), float32)}."""
-    opts = check_options(options)
+    opts = check_options(NAME, options)
     size = opts["local_size"]
     return {VIEWS_KEY: ((batch, opts["n_local"], size, size, 3), np.float32)}
 
 
 def image_views(options: Mapping[str, object]) -> tuple[str, ...]:
     """Batch entries of the image's shape this objective reads besides "image"."""
-    return selfsup.image_views(check_options(options))
+    return selfsup.image_views(check_options(NAME, options))
 
 
 def _head(opts: Mapping[str, object]) -> selfsup.ProjectionHead:
@@ -84,17 +63,17 @@ class SelfDistillation:
         head = _head(self.options).init(rng, jnp.zeros((1, self.width), jnp.float32))
         return {"distill_head": head["params"]}
 
-    def loss(self, model: Model, params: VariableDict, teacher: VariableDict,
+    def loss(self, model: nn.Module, params: VariableDict, teacher: VariableDict,
              image: jax.Array, local_views: jax.Array) -> jax.Array:
         """Unweighted loss: mean over images and views of CE(teacher(image), student(view))."""
         opts = self.options
         b, n = local_views.shape[:2]
         flat = jnp.reshape(local_views, (b * n, *local_views.shape[2:]))
         feats_s, _ = model.apply({"params": params}, flat, train=True,
-                                 method=Model.image_features)
+                                 method="image_features")
         scores_s = _head(opts).apply({"params": params["distill_head"]}, feats_s)
         feats_t, _ = model.apply({"params": {**params, **teacher}}, image, train=False,
-                                 method=Model.image_features)
+                                 method="image_features")
         scores_t = _head(opts).apply({"params": teacher["distill_head"]}, feats_t)
         return selfsup.distillation_loss(
             scores_t, jnp.reshape(scores_s, (b, n, -1)),  # Row b·n + v is view v of image b.
@@ -115,7 +94,7 @@ class SelfDistillation:
 def make(run: TrainRun, options: Mapping[str, object], mesh: Mesh | None) -> SelfDistillation:
     """The self-distillation objective for `run`'s ViT image tower."""
     del mesh
-    opts = check_options(options)
+    opts = check_options(NAME, options)
     tower = selfsup.vit_image_tower(run.model.image, NAME)
     patch = tower.patch_size
     if any(opts["local_size"] % int(p) for p in patch):

@@ -6,8 +6,9 @@ the DINO-style head `masked_head`, are pulled by cross-entropy to the EMA teache
 (Sinkhorn-Knopp centred) prototype distribution of the same patch of the same, unmasked view
 (SigLIP 2 §2.3: "both the student and the teacher see the same, global view (up to masking
 in the student)"; the sigmoid loss keeps batch["image"]).
-Config: `config.loss.masked_prediction = dict(...)` with the options of `DEFAULTS`;
-docs/siglip2_training.md ("Options and defaults") gives the sources of each default.
+Config: `config.loss.masked_prediction = dict(...)` with the options of
+`objectives/options.DEFAULTS`; docs/siglip2_training.md ("Options and defaults") gives the
+sources of each default.
 """
 
 from __future__ import annotations
@@ -15,41 +16,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.typing import VariableDict
 from jax.sharding import Mesh
 
 import siglip_jax.objectives.selfsup as selfsup
-from siglip_jax.models.two_towers import Model
 from siglip_jax.objectives.base import ObjectiveInputs, ShapeSpecs, TrainRun
+from siglip_jax.objectives.options import MASKED_PREDICTION, check_options
 
-NAME = "masked_prediction"
+NAME = MASKED_PREDICTION
 SALT = 0x6D61736B  # Folded into the step's key for the mask.
-
-DEFAULTS: dict[str, object] = {
-    "weight": 0.25,         # SigLIP 2 §2.3 (times a per-size factor, see the docs).
-    "start_frac": 0.8,      # SigLIP 2: added for the last 20 % of training.
-    "ema": 0.996,           # Not given; the same teacher as self_distillation.
-    "mask_ratio": 0.5,      # SigLIP 2 §2.3: 50 % of the patches.
-    "head_hidden": 2048,    # iBOT / DINO head.
-    "head_bottleneck": 256,
-    "head_layers": 3,
-    "prototypes": 8192,     # iBOT's patch-head size.
-    "student_temp": 0.1,
-    "teacher_temp": 0.04,
-    "centering": "sinkhorn",
-    "global_key": selfsup.GLOBAL_VIEW,  # The view both see ("image": the sigmoid loss's).
-}
-
-
-def check_options(raw: Mapping[str, object]) -> dict[str, object]:
-    """The options with defaults; ValueError naming a bad option."""
-    opts = selfsup.check_options(raw, DEFAULTS)
-    if not 0.0 < opts["mask_ratio"] < 1.0:
-        raise ValueError(f"mask_ratio={opts['mask_ratio']!r}: expected a number in (0, 1)")
-    return opts
-
 
 def batch_shapes(run: TrainRun, options: Mapping[str, object], batch: int) -> ShapeSpecs:
     """No extra batch entries of their own shape (the view has the image's: `image_views`)."""
@@ -58,7 +36,7 @@ def batch_shapes(run: TrainRun, options: Mapping[str, object], batch: int) -> Sh
 
 def image_views(options: Mapping[str, object]) -> tuple[str, ...]:
     """Batch entries of the image's shape this objective reads besides "image"."""
-    return selfsup.image_views(check_options(options))
+    return selfsup.image_views(check_options(NAME, options))
 
 
 def _head(opts: Mapping[str, object]) -> selfsup.ProjectionHead:
@@ -94,16 +72,16 @@ class MaskedPrediction:
         token = 0.02 * jax.random.normal(k_token, (self.width,), jnp.float32)
         return {"masked_head": head["params"], "mask_token": token}
 
-    def loss(self, model: Model, params: VariableDict, teacher: VariableDict,
+    def loss(self, model: nn.Module, params: VariableDict, teacher: VariableDict,
              image: jax.Array, mask: jax.Array, ids: jax.Array) -> jax.Array:
         """Unweighted iBOT patch loss (`selfsup.masked_patch_loss`) at the masked positions `ids`
         [B, k] (mask [B, N])."""
         opts = self.options
         _, tokens_s = model.apply({"params": params}, image, patch_mask=mask,
                                   mask_token=params["mask_token"], train=True,
-                                  method=Model.image_features)
+                                  method="image_features")
         _, tokens_t = model.apply({"params": {**params, **teacher}}, image, train=False,
-                                  method=Model.image_features)
+                                  method="image_features")
         num = mask.shape[1]  # A class token (pool_type "tok") comes first: keep the patches.
         pick = lambda t: jnp.take_along_axis(t[:, -num:], ids[..., None], axis=1)
         scores_s = _head(opts).apply({"params": params["masked_head"]}, pick(tokens_s))
@@ -132,7 +110,7 @@ class MaskedPrediction:
 def make(run: TrainRun, options: Mapping[str, object], mesh: Mesh | None) -> MaskedPrediction:
     """The masked-prediction objective for `run`'s ViT image tower."""
     del mesh
-    opts = check_options(options)
+    opts = check_options(NAME, options)
     tower = selfsup.vit_image_tower(run.model.image, NAME)
     return MaskedPrediction(opts, tower.width, selfsup.start_step(run.total_steps, opts),
                             opts["ema"], patch=tower.patch_size)

@@ -1,6 +1,7 @@
 """Shared parts of the image tower's self-supervised objectives (SigLIP 2 §2.3, after SILC and
 TIPS): the DINO-style projection head, teacher targets (sharpened, optionally Sinkhorn-Knopp
-centred), the cross-entropy between teacher and student, option checking, the switch-on step.
+centred), the cross-entropy between teacher and student, the switch-on step (their options:
+objectives/options.py).
 
 Both objectives use the EMA teacher: they expose `teacher_parts`, `ema`, `start` and
 `init_params(rng)`, which `step.py` reads through objectives/base.py (`objective_params`,
@@ -18,47 +19,8 @@ import jax.numpy as jnp
 from siglip_jax.models.config import ImageTowerConfig
 from siglip_jax.records import ConfigError
 
-# ----------------------------------------------------------------------------- options
-
-CENTERINGS = ("sinkhorn", "softmax")
-GLOBAL_VIEW = "global_view"  # The batch key of the augmented global view (pp op global_view).
 # Top-level params the objectives add next to the model's (not part of an exported model).
 HEAD_PARTS = ("distill_head", "masked_head", "mask_token")
-
-
-def check_options(raw: Mapping[str, object], defaults: Mapping[str, object]
-                  ) -> dict[str, object]:
-    """`raw` merged over `defaults`; unknown names, wrong types and out-of-range values raise
-    ValueError naming the option."""
-    unknown = sorted(set(raw) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r} (known: {sorted(defaults)})")
-    out = {**defaults, **raw}
-    for key, default in defaults.items():
-        value = out[key]
-        if isinstance(default, bool) or isinstance(default, str):
-            if type(value) is not type(default):
-                raise ValueError(f"{key}={value!r}: expected a {type(default).__name__}")
-        elif isinstance(default, int):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key}={value!r}: expected a positive int")
-        elif isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{key}={value!r}: expected a number")
-            out[key] = value = float(value)
-    for key in ("start_frac", "ema"):
-        if key in out and not 0.0 <= out[key] <= 1.0:
-            raise ValueError(f"{key}={out[key]!r}: expected a number in [0, 1]")
-    for key in ("student_temp", "teacher_temp"):
-        if key in out and out[key] <= 0:
-            raise ValueError(f"{key}={out[key]!r}: expected a temperature > 0")
-    if "weight" in out and out["weight"] < 0:
-        raise ValueError(f"weight={out['weight']!r}: expected a number >= 0")
-    if "global_key" in out and not out["global_key"]:
-        raise ValueError("global_key='': expected a batch key, e.g. 'global_view' or 'image'")
-    if "centering" in out and out["centering"] not in CENTERINGS:
-        raise ValueError(f"centering={out['centering']!r}: expected one of {CENTERINGS}")
-    return out
 
 
 def image_views(options: Mapping[str, object]) -> tuple[str, ...]:

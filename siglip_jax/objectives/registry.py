@@ -1,0 +1,70 @@
+"""The registry of the training objectives added to the sigmoid loss (SigLIP 2 recipe).
+
+`config.loss` holds the contrastive loss (`impl` and its options) and, under a key per
+objective, the options of each extra objective, e.g.
+
+    c.loss = dict(impl="ring", decoder=dict(weight=1.0), self_distillation=dict(weight=1.0))
+
+Each objective's options, their defaults and checks are in objectives/options.py (which the
+config schema reads; `run.loss.objectives[name]` holds them checked). An objective module
+(one per key of `MODULES`, the same keys as `options.DEFAULTS`) provides:
+  * `make(run: TrainRun, options: dict, mesh) -> Objective`;
+  * `batch_shapes(run: TrainRun, options: dict, batch: int) -> ShapeSpecs`: the extra batch
+    entries it reads (shapes of the global batch, numpy dtypes);
+  * optionally `image_views(options: dict) -> tuple[str, ...]`: extra batch entries of the
+    image's shape and dtype (augmented views, pp op `global_view`).
+
+An `Objective` is called once per (micro-)batch inside the differentiated loss with an
+`ObjectiveInputs` (objectives/base.py, with `TrainRun`: the run config it reads) and
+returns `(weighted loss scalar, metrics)`; metric names should be prefixed with the
+objective's name ("decoder/loss").
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from jax.sharding import Mesh
+
+from siglip_jax.objectives import decoder, distillation, masked, options
+from siglip_jax.objectives.base import Objective, ShapeSpecs, TrainRun
+
+# Registry: config key -> module. Order is the order the losses are added.
+MODULES: dict[str, ModuleType] = {
+    options.DECODER: decoder,
+    options.SELF_DISTILLATION: distillation,
+    options.MASKED_PREDICTION: masked,
+}
+
+
+def _module(name: str) -> ModuleType:
+    if name not in MODULES:
+        raise ValueError(f"unknown objective {name!r} (known: {sorted(MODULES)})")
+    return MODULES[name]
+
+
+def make(run: TrainRun, mesh: Mesh | None) -> list[Objective]:
+    """The configured objectives of `run.loss.objectives`, in registry order."""
+    return [_module(name).make(run, dict(run.loss.objectives[name]), mesh)
+            for name in MODULES if name in run.loss.objectives]
+
+
+def batch_shapes(run: TrainRun, batch: int) -> ShapeSpecs:
+    """Extra batch entries {key: (global shape, numpy dtype)} read by the configured
+    objectives (the input pipeline must produce them)."""
+    shapes: ShapeSpecs = {}
+    for name in MODULES:
+        if name in run.loss.objectives:
+            shapes.update(_module(name).batch_shapes(run, dict(run.loss.objectives[name]), batch))
+    return shapes
+
+
+def image_views(run: TrainRun) -> tuple[str, ...]:
+    """Batch keys the configured objectives read that have the image's shape (e.g. the
+    augmented "global_view"), without duplicates."""
+    keys: list[str] = []
+    for name in MODULES:
+        views = getattr(_module(name), "image_views", None)
+        if name in run.loss.objectives and views is not None:
+            keys += [k for k in views(dict(run.loss.objectives[name])) if k not in keys]
+    return tuple(keys)

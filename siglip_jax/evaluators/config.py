@@ -21,6 +21,7 @@ from siglip_jax.data.config import SourceConfig, parse_source
 from siglip_jax.data.demo_classes import COLOURS, SHAPES
 from siglip_jax.records import ConfigError, check_int, check_keys, freeze, set_fields, to_plain
 
+# The dense probe's label sets (evaluators/dense_probe.py): the demo maps' or the raw values.
 DEMO_CLASSES = len(COLOURS) * len(SHAPES)
 LABEL_SETS: dict[str, int | None] = {  # name -> number of labels (None: num_classes option)
     "class": 1 + DEMO_CLASSES,

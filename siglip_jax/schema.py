@@ -15,9 +15,9 @@ Sections (top-level keys in brackets):
   TokenizerConfig [tokenizer] (data/tokenizer_config.py): model (sentencepiece path; "" = the
                   checkpoint's or the data source's), max_len, eos ("sticky" | "yes" |
                   "none"), convention ("" | "siglip" | "siglip2": a model family's text rules)
-  ModelConfig     [model]: image, text (tower dicts, see models/variants.py), out_dim,
+  ModelConfig     [model]: image, text (tower dicts, see models/config.py), out_dim,
                   temperature_init, bias_init, decoder (the LocCa caption decoder dict,
-                  models/decoder.py; None = no decoder)
+                  resolved in models/config.py; None = no decoder)
   ModelInitConfig [model_init]: img, txt, full (checkpoint paths; "" = random init), resume
                   (another run's train state to continue, resized: checkpoints/resume.py)
   LossConfig      [loss]: impl (losses.LOSS_IMPLS) and the impl's options

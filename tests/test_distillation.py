@@ -17,9 +17,9 @@ from tiny import SELFSUP_MODEL as MODEL
 from siglip_jax import losses
 from siglip_jax.config import ConfigError
 from siglip_jax.models.two_towers import Model
-from siglip_jax.objectives import distillation, masked, selfsup
+from siglip_jax.objectives import distillation, masked, registry, selfsup
 from siglip_jax.objectives.base import ema_update, teacher_spec
-from siglip_jax.objectives.options import check_options
+from siglip_jax.objectives.options import DEFAULTS, check_options
 from siglip_jax.optim import OptimConfig, make_optimizer
 from siglip_jax.sharding import make_mesh, path_str
 from siglip_jax.step import (
@@ -368,6 +368,13 @@ def test_bad_options_name_the_option():
         check_options("self_distillation", {"centering": "center"})
     assert check_options("self_distillation", {})["n_local"] == 8
     assert check_options("masked_prediction", {})["weight"] == 0.25
+
+
+def test_every_objective_with_options_has_a_module_and_the_other_way_round():
+    # The schema checks the sections of objectives/options.DEFAULTS; the step builds those of
+    # objectives/registry.MODULES: a name in one and not the other would be checked and never
+    # trained, or trained with options nobody checked.
+    assert list(registry.MODULES) == list(DEFAULTS)
 
 
 def test_local_crops_op_shapes_and_determinism():

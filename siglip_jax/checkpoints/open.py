@@ -220,9 +220,9 @@ def _run_data_tokenizer(run: Mapping[str, object]) -> str | None:
     if not data:
         return None
     record = parse_source(data, "input.data")
-    if not isinstance(record, DemoShapesData) or record.data_dir is None:
+    if not isinstance(record, DemoShapesData):
         return None
-    return prepared_source(record).tokenizer_path
+    return prepared_source(record, "input.data").tokenizer_path
 
 
 def _image_size_from_params(params: VariableDict, model: ModelConfig) -> tuple[int, int] | None:

@@ -13,7 +13,6 @@ examples), and where they have them `class_names` and `tokenizer_path`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from siglip_jax.data import sources
@@ -24,47 +23,34 @@ from siglip_jax.data.config import (
     SourceConfig,
     TarData,
     TfdsData,
+    given_fields,
+    required_field,
 )
 from siglip_jax.data.demo_shapes import prepared_source
 from siglip_jax.data.sources import Source
 from siglip_jax.records import ConfigError, thaw
 
 
-def _given(record: SourceConfig, *skip: str) -> dict[str, object]:
-    """The record's fields that are set (not None), except `skip`, as keyword arguments."""
-    return {f.name: thaw(getattr(record, f.name)) for f in dataclasses.fields(record)
-            if f.name not in skip and getattr(record, f.name) is not None}
-
-
-def _required(record: SourceConfig, key: str, where: str) -> str | tuple[str, ...]:
-    """The record's `key`; ConfigError naming it if unset."""
-    value = getattr(record, key)
-    if value is None:
-        raise ConfigError(f"{where}: source {record.name!r} needs the key {key!r}")
-    return value
-
-
 def make_source(record: SourceConfig, where: str = "input.data") -> Source:
     """The source `record` describes (bound to its split); ConfigError if it cannot be built."""
     try:
         if isinstance(record, DemoShapesData):
-            _required(record, "data_dir", where)
-            return prepared_source(record)
+            return prepared_source(record, where)
         if isinstance(record, TfdsData):
-            return sources.TfdsSource(_required(record, "tfds_name", where),
-                                      _required(record, "split", where),
-                                      **_given(record, "tfds_name", "split"))
+            return sources.TfdsSource(required_field(record, "tfds_name", where),
+                                      required_field(record, "split", where),
+                                      **given_fields(record, "tfds_name", "split"))
         if isinstance(record, ImageFolderData):
-            root = _required(record, "root", where)
+            root = required_field(record, "root", where)
             return sources.ImageFolderSource(
                 os.path.join(root, record.split) if record.split else root,
-                **_given(record, "root", "split"))
+                **given_fields(record, "root", "split"))
         if isinstance(record, CsvData):
-            return sources.CsvSource(_required(record, "path", where),
-                                     **_given(record, "path", "split"))
+            return sources.CsvSource(required_field(record, "path", where),
+                                     **given_fields(record, "path", "split"))
         if isinstance(record, TarData):
-            return sources.TarShardSource(thaw(_required(record, "pattern", where)),
-                                          **_given(record, "pattern", "split"))
+            return sources.TarShardSource(thaw(required_field(record, "pattern", where)),
+                                          **given_fields(record, "pattern", "split"))
     except ConfigError:
         raise
     except (sources.SourceError, ValueError) as e:

@@ -160,6 +160,21 @@ class InputConfig:
                    cache=bool(self.cache), seq_lens=_seq_lens(self.seq_lens))
 
 
+def given_fields(record: SourceConfig, *skip: str) -> dict[str, object]:
+    """The record's fields that are set (not None), except `skip`, as keyword arguments of
+    the source it describes."""
+    return {f.name: thaw(getattr(record, f.name)) for f in dataclasses.fields(record)
+            if f.name not in skip and getattr(record, f.name) is not None}
+
+
+def required_field(record: SourceConfig, key: str, where: str) -> str | tuple[str, ...]:
+    """The record's `key`; ConfigError naming it if unset."""
+    value = getattr(record, key)
+    if value is None:
+        raise ConfigError(f"{where}: source {record.name!r} needs the key {key!r}")
+    return value
+
+
 def _seq_lens(value: object) -> tuple[tuple[int, int], ...]:
     """input.seq_lens as ((max_num_patches, global_batch), ...), each positive."""
     pairs = []

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from siglip_jax.console import add_verbose_flag, quiet_startup
-from siglip_jax.data.config import DemoShapesData
+from siglip_jax.data.config import DemoShapesData, given_fields, required_field
 from siglip_jax.data.demo_classes import COLOURS, SHAPES
 
 if TYPE_CHECKING:
@@ -458,12 +458,12 @@ class DemoShapes:
         return ds
 
 
-def prepared_source(record: DemoShapesData) -> DemoShapes:
+def prepared_source(record: DemoShapesData, where: str) -> DemoShapes:
     """The demo split a `demo_shapes` source record describes (its unset fields keep
-    DemoShapes' defaults), generated and its tokenizer trained unless cached already."""
-    given = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)
-             if getattr(record, f.name) is not None}
-    source = DemoShapes(**given)
+    DemoShapes' defaults), generated and its tokenizer trained unless cached already;
+    ConfigError (naming `where`) without a `data_dir`."""
+    required_field(record, "data_dir", where)
+    source = DemoShapes(**given_fields(record))
     source.prepare()
     return source
 

@@ -55,9 +55,7 @@ class ZeroShotOptions:
     where: dataclasses.InitVar[str] = "evals.<name>"  # The section, for error messages.
 
     def __post_init__(self, where: str) -> None:
-        if not isinstance(self.canonicalize, bool):
-            raise ConfigError(f"config key {where}.canonicalize expects true or false, got "
-                              f"{self.canonicalize!r}")
+        _check_bool(self.canonicalize, f"{where}.canonicalize")
         set_fields(self, class_names=freeze(self.class_names), templates=freeze(self.templates))
 
 

@@ -148,8 +148,7 @@ def check_input(image: object) -> None:
 class NaFlexViT(NaFlexSettings):
     """NaFlex ViT image encoder; returns (features, out) like `vit.ViT`.
 
-    `num_classes` (the two-towers out dim) adds a Dense `head`; None means no head.
-    `patch_size` is only checked against the patch length (p·p·3); `posemb_grid` is G.
+    Its settings (width, depth, ..., patch_size, posemb_grid) are `common.NaFlexSettings`'s.
     """
 
     @nn.compact

@@ -37,25 +37,19 @@ MODULES: dict[str, ModuleType] = {
 }
 
 
-def _module(name: str) -> ModuleType:
-    if name not in MODULES:
-        raise ValueError(f"unknown objective {name!r} (known: {sorted(MODULES)})")
-    return MODULES[name]
-
-
 def make(run: TrainRun, mesh: Mesh | None) -> list[Objective]:
     """The configured objectives of `run.loss.objectives`, in registry order."""
-    return [_module(name).make(run, dict(run.loss.objectives[name]), mesh)
-            for name in MODULES if name in run.loss.objectives]
+    return [module.make(run, dict(run.loss.objectives[name]), mesh)
+            for name, module in MODULES.items() if name in run.loss.objectives]
 
 
 def batch_shapes(run: TrainRun, batch: int) -> ShapeSpecs:
     """Extra batch entries {key: (global shape, numpy dtype)} read by the configured
     objectives (the input pipeline must produce them)."""
     shapes: ShapeSpecs = {}
-    for name in MODULES:
+    for name, module in MODULES.items():
         if name in run.loss.objectives:
-            shapes.update(_module(name).batch_shapes(run, dict(run.loss.objectives[name]), batch))
+            shapes.update(module.batch_shapes(run, dict(run.loss.objectives[name]), batch))
     return shapes
 
 
@@ -63,8 +57,8 @@ def image_views(run: TrainRun) -> tuple[str, ...]:
     """Batch keys the configured objectives read that have the image's shape (e.g. the
     augmented "global_view"), without duplicates."""
     keys: list[str] = []
-    for name in MODULES:
-        views = getattr(_module(name), "image_views", None)
+    for name, module in MODULES.items():
+        views = getattr(module, "image_views", None)
         if name in run.loss.objectives and views is not None:
             keys += [k for k in views(dict(run.loss.objectives[name])) if k not in keys]
     return tuple(keys)

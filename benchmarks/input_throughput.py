@@ -98,7 +98,8 @@ def main() -> None:
     from siglip_jax.data.config import parse_source
     from siglip_jax.data.pp import get_preprocess_fn
     from siglip_jax.data.sources import TarShardSource
-    from siglip_jax.data.tokenizer import Tokenizer, train_sentencepiece
+    from siglip_jax.data.tokenizer import Tokenizer
+    from siglip_jax.data.tokenizer_training import train_sentencepiece
 
     with tempfile.TemporaryDirectory() as root:
         pattern = make_shards(root, args.examples, args.shards)

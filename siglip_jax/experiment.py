@@ -1,11 +1,12 @@
 """Experiment builders: from a parsed config and a device set, everything a run is made of.
 
 The one place where a `RunConfig` (schema.py) becomes objects: the model, the tokenizer, the
-input (batch shapes and the iterator), the pretrained parts of `model_init`, the optimizer,
-the abstract train state with its shardings, and the jitted train step. The trainer, the
-planner, the evaluation CLI and the benchmarks all build through here; the device set may be
-real devices or compile-only ones (a TPU slice compiled on a CPU machine), since nothing here
-allocates the model until `init_state` is called.
+input (batch shapes and the iterator), the optimizer, the abstract train state with its
+shardings, and the jitted train step (the pretrained parts of `model_init` are loaded by
+`checkpoints.open.load_model_init`). The trainer, the planner, the evaluation CLI and the
+benchmarks all build through here; the device set may be real devices or compile-only ones
+(a TPU slice compiled on a CPU machine), since nothing here allocates the model until
+`init_state` is called.
 """
 
 from __future__ import annotations
@@ -23,10 +24,6 @@ from jax.sharding import Mesh, NamedSharding
 
 from siglip_jax import losses
 from siglip_jax import step as step_lib
-from siglip_jax.checkpoints import big_vision, loader
-from siglip_jax.checkpoints.hf import HFCheckpointError
-from siglip_jax.checkpoints.open import open_model
-from siglip_jax.checkpoints.parts import TOWER_PARTS
 from siglip_jax.data import input as input_lib
 from siglip_jax.data import pp
 from siglip_jax.data.builder import make_source
@@ -279,42 +276,6 @@ class CompiledSteps:
     def __call__(self, state: optax.Params, batch: Mapping[str, object]
                  ) -> tuple[optax.Params, dict[str, jax.Array]]:
         return self.get(state, batch)(state, batch)
-
-
-# ----------------------------------------------------------------------------- model_init
-
-
-def load_model_init(run: RunConfig, abstract_params: Mapping[str, optax.Params]
-                    ) -> dict[str, optax.Params]:
-    """Pretrained parts named by run.model_init, fitted to the model: {"img": tree, ...}.
-
-    Each checkpoint is opened with `open_model` (ours, big_vision .npz or HF directory),
-    converted to the model's block layout (scanned or not) and dtypes, and the image position
-    embedding is resampled if the resolution differs; names and shapes must otherwise match.
-    `full` loads every part the model has (img, txt, t, b; the decoder `dec` only if the
-    checkpoint holds one, else it keeps its random init).
-    """
-    parts: dict[str, optax.Params] = {}
-    for part, path in run.model_init.parts().items():
-        try:
-            params = open_model(path).params
-        except (loader.CheckpointNotFoundError, loader.CheckpointFormatError,
-                HFCheckpointError) as e:
-            raise ConfigError(f"model_init.{part}: {e}") from None
-        names = sorted(abstract_params) if part == "full" else [part]
-        if part == "full":  # Parts beyond the towers (decoder, heads) may start fresh.
-            names = [n for n in names if n in TOWER_PARTS or n in params]
-        missing = [name for name in names if name not in params]
-        if missing:
-            raise ConfigError(f"model_init.{part}: checkpoint {path!r} has no {missing[0]!r} "
-                              f"part (it has {sorted(params)})")
-        try:  # Keyed by part name: t and b are leaves, and the posemb resampler looks for img.
-            parts.update(big_vision.load_params({n: params[n] for n in names},
-                                                {n: abstract_params[n] for n in names},
-                                                source=path, resample_posemb=True))
-        except (ValueError, KeyError) as e:
-            raise ConfigError(f"model_init.{part}: {e}") from None
-    return parts
 
 
 # ----------------------------------------------------------------------------- the step

@@ -75,6 +75,21 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes `data` to file `path`, creating its parent directories (local or remote)."""
+    parent = posixpath.dirname(path) if is_remote(path) else os.path.dirname(path)
+    if is_remote(path):
+        if parent:
+            _gfile().makedirs(parent)
+        with _gfile().GFile(path, "wb") as f:
+            f.write(data)
+        return
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Writes `text` (UTF-8) to file `path` so that a reader sees the old or the whole new file.
 

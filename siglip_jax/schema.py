@@ -12,7 +12,7 @@ Sections (top-level keys in brackets):
                   is split over and the (regex, rule) parameter sharding rules, as one value
   InputConfig     [input] (data/config.py): data (a data-source record), pp, global_batch,
                   shuffle_buffer, cache
-  TokenizerConfig [tokenizer] (data/tokenizer_config.py): model (sentencepiece path; "" = the
+  TokenizerConfig [tokenizer] (data/config.py): model (sentencepiece path; "" = the
                   checkpoint's or the data source's), max_len, eos ("sticky" | "yes" |
                   "none"), convention ("" | "siglip" | "siglip2": a model family's text rules)
   ModelConfig     [model]: image, text (tower dicts, see models/config.py), out_dim,
@@ -37,8 +37,7 @@ from typing import Any
 
 from siglip_jax import losses
 from siglip_jax.checkpoints.orbax_io import MIN_REPLICA_SLICE_BYTES
-from siglip_jax.data.config import InputConfig
-from siglip_jax.data.tokenizer_config import TokenizerConfig
+from siglip_jax.data.config import InputConfig, TokenizerConfig
 from siglip_jax.evaluators.config import EvalConfig
 from siglip_jax.models.config import ModelConfig
 from siglip_jax.objectives import options as objective_options

@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 
 from siglip_jax import distributed, experiment, hooks
 from siglip_jax.checkpoints import resume
-from siglip_jax.checkpoints.open import absolute_run_paths
+from siglip_jax.checkpoints.open import absolute_run_paths, load_model_init
 from siglip_jax.checkpoints.orbax_io import (
     CheckpointDamagedError,
     Checkpointer,
@@ -208,7 +208,7 @@ def _set_up(run: RunConfig, mesh: Mesh, checkpointer: Checkpointer, log: Log) ->
         state, start_step = _continue_run(run, parts, mesh, log)
     else:
         start_step = 0
-        pretrained = experiment.load_model_init(run, parts.abstract_state["params"])
+        pretrained = load_model_init(run.model_init.parts(), parts.abstract_state["params"])
         state = experiment.init_state(run, parts, mesh, shapes, pretrained)
         if pretrained:
             log(f"initialised {sorted(pretrained)} from model_init")

@@ -33,11 +33,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 ENTRY_POINTS = LAYERS[-1] + ("predict", "export")
 # Files in the longest chain of imports (function-level and type-only imports count, and so do
-# the package `__init__`s an import runs). A ratchet: 8 today (was 16, then 11), e.g. train →
-# trainer → experiment → objectives.registry → objectives.distillation → objectives.base →
-# models.config → records; docs/architecture.md says why each edge is a use. It may shrink,
-# never grow.
-MAX_CHAIN = 8
+# the package `__init__`s an import runs). A ratchet: 7 today (was 16, then 11, then 8), e.g.
+# train → trainer → experiment → objectives.registry → objectives.decoder → models.config →
+# records; docs/architecture.md says why each edge is a use. It may shrink, never grow.
+MAX_CHAIN = 7
 MAX_FUNCTION_IMPORTS = 20  # imports of the package's own modules inside functions
 MAX_LINES = 600
 # The one deliberate upward import: the package's `siglip_jax.load` is api.load, imported on

@@ -12,6 +12,7 @@ import pytest
 from tiny import DEMO, tiny_overrides
 
 from siglip_jax import experiment
+from siglip_jax.checkpoints.open import load_model_init
 from siglip_jax.config import ConfigError, load_config
 from siglip_jax.data.locca import DecoderVocab
 from siglip_jax.models.build import make_model
@@ -143,7 +144,8 @@ def test_loss_equals_a_numpy_reference_of_the_masked_cross_entropy():
     batch = {"image": np.zeros(SHAPES["image"], np.float32), "dec_tokens": TOKENS,
              "dec_target_mask": TARGET_MASK, "dec_parallel": PARALLEL}
     run = _run(loss=dict(weight=0.25))
-    objective = dec_objective.make(run, dict(run.loss.objectives["decoder"]), None)
+    objective = dec_objective.make(run.model, run.total_steps,
+                                   dict(run.loss.objectives["decoder"]), None)
     loss, metrics = jax.jit(lambda p, b, i: objective(_objective_inputs(model, p, b, i)))(
         params, batch, image_tokens)
     ref_loss, ref_acc = reference_loss(model, params, np.asarray(image_tokens), TOKENS,
@@ -170,7 +172,8 @@ def test_zero_initialised_head_gives_the_uniform_loss_log_v():
     batch = {"image": np.zeros(SHAPES["image"], np.float32), "dec_tokens": TOKENS,
              "dec_target_mask": TARGET_MASK, "dec_parallel": PARALLEL}
     run = _run(loss=dict(weight=1.0))
-    objective = dec_objective.make(run, dict(run.loss.objectives["decoder"]), None)
+    objective = dec_objective.make(run.model, run.total_steps,
+                                   dict(run.loss.objectives["decoder"]), None)
     loss, _ = jax.jit(lambda p, b, i: objective(_objective_inputs(model, p, b, i)))(
         params, batch, jnp.ones((4, 5, 32)))
     # V = the output vocabulary: every id but the mask id (an input only, as in CapPa).
@@ -258,7 +261,8 @@ def test_one_sgd_step_is_params_minus_lr_times_the_reference_gradient(freeze_img
     assert (frozen is not None) == freeze_img
     state, _ = init_state(model, tx, SHAPES, mesh, [(".*", "replicate")], seed=0)
     run = _run(loss=dict(weight=1.0))
-    objective = dec_objective.make(run, dict(run.loss.objectives["decoder"]), mesh)
+    objective = dec_objective.make(run.model, run.total_steps,
+                                   dict(run.loss.objectives["decoder"]), mesh)
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(-1, 1, SHAPES["image"]).astype(np.float32),
              "labels": rng.integers(2, TEXT_VOCAB, SHAPES["labels"]).astype(np.int32),
@@ -427,7 +431,7 @@ def test_full_model_init_from_a_checkpoint_without_decoder_keeps_a_fresh_decoder
     run = _run(full=str(tmp_path / "siglip.npz"))
     abstract = abstract_params(make_model(run.model), shapes)
     assert "dec" in abstract
-    loaded = experiment.load_model_init(run, abstract)
+    loaded = load_model_init(run.model_init.parts(), abstract)
     assert sorted(loaded) == ["b", "img", "t", "txt"]
     np.testing.assert_array_equal(loaded["img"]["embedding"]["kernel"],
                                   plain["img"]["embedding"]["kernel"])

@@ -136,7 +136,7 @@ def test_the_objective_with_chunks_equals_the_full_logits(tasks):
         run = _run(loss=dict(weight=0.5, tasks_per_example=tasks, vocab_chunk=chunk))
         options = dict(run.loss.objectives["decoder"])
         assert options["vocab_chunk"] == chunk
-        objective = dec_objective.make(run, options, None)
+        objective = dec_objective.make(run.model, run.total_steps, options, None)
         fn = jax.jit(jax.value_and_grad(
             lambda p, i, o=objective: o(_inputs(model, p, batch, i)), argnums=(0, 1),
             has_aux=True))
@@ -189,7 +189,8 @@ def test_the_traced_gradient_never_holds_full_logits():
     found = {}
     for chunk in (0, 5):
         run = _run(loss=dict(weight=1.0, vocab_chunk=chunk))
-        objective = dec_objective.make(run, dict(run.loss.objectives["decoder"]), None)
+        objective = dec_objective.make(run.model, run.total_steps,
+                                       dict(run.loss.objectives["decoder"]), None)
         jaxpr = jax.make_jaxpr(jax.value_and_grad(
             lambda p, o=objective: o(_inputs(model, p, batch, image_tokens)), has_aux=True))(
                 params)

@@ -43,7 +43,8 @@ MT_MASK[1, 1] = 0.0
 
 def _objective(tasks, weight=1.0):
     run = _run(loss=dict(weight=weight, tasks_per_example=tasks))
-    return run, dec_objective.make(run, dict(run.loss.objectives["decoder"]), None)
+    return run, dec_objective.make(run.model, run.total_steps,
+                                   dict(run.loss.objectives["decoder"]), None)
 
 
 def row_terms(model, params, image_tokens, tokens, target_mask, parallel):
@@ -78,7 +79,7 @@ def test_t_rows_loss_equals_the_reference_on_flattened_rows():
     batch = {"image": np.zeros((2, 16, 16, 3), np.float32), "dec_tokens": MT_TOKENS,
              "dec_target_mask": MT_MASK, "dec_parallel": MT_PAR}
     run, objective = _objective(3, weight=0.5)
-    shapes = dec_objective.batch_shapes(run, dict(run.loss.objectives["decoder"]), 2)
+    shapes = dec_objective.batch_shapes(run.model, dict(run.loss.objectives["decoder"]), 2)
     assert shapes["dec_tokens"] == ((2, 3, L), np.int32)
     assert shapes["dec_parallel"] == ((2, 3), np.bool_)
     loss, metrics = jax.jit(lambda p, b, i: objective(_objective_inputs(model, p, b, i)))(

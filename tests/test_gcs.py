@@ -33,6 +33,8 @@ from tiny import DEMO, REPO, tiny_overrides
 from siglip_jax import fsutil
 from siglip_jax.checkpoints.orbax_io import DAMAGED_DIR, Checkpointer
 from siglip_jax.data import demo_shapes
+from siglip_jax.data.tokenizer import Tokenizer
+from siglip_jax.data.tokenizer_training import train_sentencepiece
 from siglip_jax.sharding import make_mesh, param_shardings
 
 BUCKET = "gs://bucket"
@@ -158,7 +160,7 @@ def _local_copy(src: str, dst: str) -> None:
 
 
 def test_predict_and_model_init_open_gs_checkpoints(gs_run, tmp_path):
-    from siglip_jax.experiment import load_model_init
+    from siglip_jax.checkpoints.open import load_model_init
     from siglip_jax.models.build import make_model
     from siglip_jax.models.params import param_shapes
     from siglip_jax.predict import Predictor
@@ -171,7 +173,7 @@ def test_predict_and_model_init_open_gs_checkpoints(gs_run, tmp_path):
     assert predictor.tokenize(["red circle"]).shape == (1, 8)  # The gs:// sentencepiece model.
     run = _run_config(gs_run, **{"model_init.img": workdir,
                                  "model_init.txt": f"{workdir}/checkpoints/10"})
-    parts = load_model_init(run, param_shapes(make_model(run.model), 32, 8))
+    parts = load_model_init(run.model_init.parts(), param_shapes(make_model(run.model), 32, 8))
     jax.tree.map(np.testing.assert_array_equal, parts["img"], saved["img"])
     at_10 = ocp.StandardCheckpointer().restore(f"{workdir}/checkpoints/10/default")["params"]
     jax.tree.map(np.testing.assert_array_equal, parts["txt"], at_10["txt"])
@@ -223,6 +225,18 @@ def _abstract(state):
     shardings = param_shardings(state, [], make_mesh([("data", -1)]))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         state, shardings)
+
+
+def test_a_tokenizer_trained_onto_gs_reads_back_like_a_local_one(gcs, tmp_path):
+    corpus = demo_shapes.tokenizer_corpus()
+    local = train_sentencepiece(corpus, 64, str(tmp_path / "m.model"), model_type="word")
+    remote = train_sentencepiece(corpus, 64, f"{BUCKET}/tokenizers/new/m.model",
+                                 model_type="word")
+    with tf.io.gfile.GFile(remote, "rb") as f, open(local, "rb") as g:
+        assert f.read() == g.read()  # Training is deterministic: the same bytes either way.
+    texts = ["a red circle", "a small blue square"]
+    np.testing.assert_array_equal(Tokenizer(remote).encode(texts, 8),
+                                  Tokenizer(local).encode(texts, 8))
 
 
 def test_a_damaged_newest_step_on_gs_falls_back_and_is_kept(gcs):

@@ -7,7 +7,8 @@ import sentencepiece as spm
 import tensorflow as tf
 
 from siglip_jax.data import tokenizer as tokmod
-from siglip_jax.data.tokenizer import Tokenizer, TokenizerError, train_sentencepiece
+from siglip_jax.data.tokenizer import Tokenizer, TokenizerError
+from siglip_jax.data.tokenizer_training import train_sentencepiece
 
 COLOURS = "red green blue yellow purple orange".split()
 SHAPES = "circle square triangle star".split()
@@ -44,8 +45,8 @@ def models(tmp_path_factory):
 
 def test_train_uses_t5_special_ids(tmp_path):
     captions = [f"{c} {s} number {i}" for i in range(5) for c in COLOURS for s in SHAPES][:100]
-    path = train_sentencepiece(captions, 64, str(tmp_path / "m.model"))
-    sp = spm.SentencePieceProcessor(model_file=path)
+    path = train_sentencepiece(captions, 64, str(tmp_path / "new" / "dir" / "m.model"))
+    sp = spm.SentencePieceProcessor(model_file=path)  # The missing directories were made.
     assert [sp.id_to_piece(i) for i in range(3)] == ["<pad>", "</s>", "<unk>"]
     assert sp.bos_id() == -1
     tok = Tokenizer(path)
@@ -98,7 +99,8 @@ def test_every_eos_the_config_accepts_is_one_the_tokenizer_encodes(models):
     """TokenizerConfig.eos takes exactly the tokenizer's EOS_MODES (one constant), each of which
     Tokenizer.encode and encode_prompts accept; anything else is a one-line ConfigError."""
     from siglip_jax.config import ConfigError
-    from siglip_jax.data.tokenizer_config import EOS_MODES, TokenizerConfig
+    from siglip_jax.data.config import TokenizerConfig
+    from siglip_jax.data.tokenizer_rules import EOS_MODES
     from siglip_jax.schema import TokenizerConfig as SchemaTokenizerConfig
 
     assert SchemaTokenizerConfig is TokenizerConfig and tokmod.EOS_MODES is EOS_MODES
@@ -120,7 +122,7 @@ def test_every_eos_the_config_accepts_is_one_the_tokenizer_encodes(models):
 def test_encode_prompts_follows_the_convention(models):
     """With a convention the config's eos is ignored and the convention's rules apply; without
     one, canonicalize=False keeps punctuation (big_vision's prompts canonicalise by default)."""
-    from siglip_jax.data.tokenizer_config import TokenizerConfig
+    from siglip_jax.data.config import TokenizerConfig
 
     tok = Tokenizer(models["word"])
     texts = ["A Photo of a CAT, sitting!"]

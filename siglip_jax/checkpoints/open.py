@@ -1,7 +1,7 @@
 """One way to open a checkpoint: `open_model(path)` → model, params, tokenizer, input sizes.
 
 Every entry point that starts from a checkpoint (evaluate, predict, the trainer's
-`model_init`) opens it here, so they agree on paths, formats and precedence.
+`model_init`: `load_model_init`) opens it here, so they agree on paths, formats and precedence.
 
 Paths (`resolve_path`): absolute, relative (to the current directory), `~` and `gs://`.
 Formats: our trainer's workdir / step directory, a big_vision `.npz`, a Hugging Face SigLIP
@@ -32,6 +32,8 @@ from flax.typing import VariableDict
 
 from siglip_jax.checkpoints import loader
 from siglip_jax.checkpoints.big_vision import load_params
+from siglip_jax.checkpoints.hf import HFCheckpointError
+from siglip_jax.checkpoints.parts import TOWER_PARTS
 from siglip_jax.data.config import DemoShapesData, parse_source
 from siglip_jax.data.demo_shapes import prepared_source
 from siglip_jax.data.tokenizer import Tokenizer
@@ -39,6 +41,7 @@ from siglip_jax.models.build import make_model
 from siglip_jax.models.config import ModelConfig
 from siglip_jax.models.params import param_shapes
 from siglip_jax.objectives.selfsup import HEAD_PARTS
+from siglip_jax.records import ConfigError
 
 OVERRIDE_KEYS = ("model", "tokenizer", "image_size", "text_len", "eos")
 
@@ -316,3 +319,38 @@ def infer_model_config(params: VariableDict) -> dict[str, object]:
     model = {"image": image, "text": text, "out_dim": (_head_dim(img), _head_dim(txt)),
              "bias_init": -10.0 if "b" in params else None}
     return {"model": model, "image_size": image_size, "text_len": text_len}
+
+
+def load_model_init(paths: Mapping[str, str], abstract_params: Mapping[str, VariableDict]
+                    ) -> dict[str, VariableDict]:
+    """Pretrained parts fitted to the model: {"img": tree, ...} from `paths` {part: checkpoint}
+    (the config's `model_init` section, `ModelInitConfig.parts()`).
+
+    Each checkpoint is opened with `open_model` (ours, big_vision .npz or HF directory),
+    converted to the model's block layout (scanned or not) and dtypes, and the image position
+    embedding is resampled if the resolution differs; names and shapes must otherwise match.
+    `full` loads every part the model has (img, txt, t, b; the decoder `dec` only if the
+    checkpoint holds one, else it keeps its random init). Errors are ConfigErrors naming the
+    `model_init` key.
+    """
+    parts: dict[str, VariableDict] = {}
+    for part, path in paths.items():
+        try:
+            params = open_model(path).params
+        except (loader.CheckpointNotFoundError, loader.CheckpointFormatError,
+                HFCheckpointError) as e:
+            raise ConfigError(f"model_init.{part}: {e}") from None
+        names = sorted(abstract_params) if part == "full" else [part]
+        if part == "full":  # Parts beyond the towers (decoder, heads) may start fresh.
+            names = [n for n in names if n in TOWER_PARTS or n in params]
+        missing = [name for name in names if name not in params]
+        if missing:
+            raise ConfigError(f"model_init.{part}: checkpoint {path!r} has no {missing[0]!r} "
+                              f"part (it has {sorted(params)})")
+        try:  # Keyed by part name: t and b are leaves, and the posemb resampler looks for img.
+            parts.update(load_params({n: params[n] for n in names},
+                                     {n: abstract_params[n] for n in names},
+                                     source=path, resample_posemb=True))
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"model_init.{part}: {e}") from None
+    return parts

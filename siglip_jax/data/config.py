@@ -1,4 +1,4 @@
-"""The data layer's config records: the data-source section and the [input] section.
+"""The data layer's config records: the data-source section, [input] and [tokenizer].
 
 `parse_source(raw, where)` turns a data-source section (a mapping with a `name`) into its
 typed, frozen record (`SourceConfig`: one record class per source, `RECORDS` by name); an
@@ -6,6 +6,7 @@ unknown name or key, or a count that is not an int, is a one-line ConfigError na
 Fields left None take the source class's own default; a source's required keys (its path or
 dataset name) are checked when data/builder.make_source builds it. `InputConfig` is the run's
 [input] section; the evaluators' sections call `parse_source` for their data too.
+`TokenizerConfig` is the [tokenizer] section (its rules: data/tokenizer_rules.py).
 
 Keys by `name`:
   demo_shapes   split, data_dir, image_size, train_per_class, test_per_class, vocab_size,
@@ -29,9 +30,11 @@ import types
 from collections.abc import Mapping
 from typing import ClassVar
 
+from siglip_jax.data.tokenizer_rules import CONVENTIONS, EOS_MODES
 from siglip_jax.records import (
     ConfigError,
     build_record,
+    check_choice,
     check_int,
     freeze,
     set_fields,
@@ -158,6 +161,25 @@ class InputConfig:
                    global_batch=check_int(self.global_batch, "input.global_batch", 1),
                    shuffle_buffer=check_int(self.shuffle_buffer, "input.shuffle_buffer", 0),
                    cache=bool(self.cache), seq_lens=_seq_lens(self.seq_lens))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """The [tokenizer] config section: the sentencepiece model ("" = the checkpoint's or the
+    data source's), the text length, the EOS mode (one of EOS_MODES) and the convention ("" |
+    "siglip" | "siglip2": how prompts are tokenized, see `tokenizer.encode_prompts`)."""
+
+    max_len: int
+    model: str = ""
+    eos: str = "sticky"
+    convention: str = ""
+
+    def __post_init__(self) -> None:
+        set_fields(self, max_len=check_int(self.max_len, "tokenizer.max_len", 1),
+                   model=str(self.model or ""),
+                   eos=check_choice(self.eos, "tokenizer.eos", EOS_MODES),
+                   convention=check_choice(self.convention, "tokenizer.convention",
+                                           ("", *CONVENTIONS)))
 
 
 def given_fields(record: SourceConfig, *skip: str) -> dict[str, object]:

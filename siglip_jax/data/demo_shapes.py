@@ -34,12 +34,13 @@ from PIL import Image
 from siglip_jax.console import add_verbose_flag, quiet_startup
 from siglip_jax.data.config import DemoShapesData, given_fields, required_field
 from siglip_jax.data.demo_classes import COLOURS, SHAPES
+from siglip_jax.data.tokenizer_training import train_sentencepiece
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
-# TensorFlow (and the tokenizer, which loads it) are imported inside the functions that use
-# them, deliberately: this module's CLI (`main`) quiets TensorFlow's start-up notices first.
+# TensorFlow is imported inside the functions that use it, deliberately: this module's CLI
+# (`main`) quiets TensorFlow's start-up notices first.
 
 CAPTION_TEMPLATES: tuple[str, ...] = (
     "a {colour} {shape}",
@@ -398,8 +399,6 @@ class DemoShapes:
 
     def prepare(self) -> None:
         """Generates both splits and trains the tokenizer unless they are cached already."""
-        from siglip_jax.data.tokenizer import train_sentencepiece  # loads TF: see the top
-
         os.makedirs(self.root, exist_ok=True)
         for split, per_class, seed in (("train", self.train_per_class, 0),
                                        ("test", self.test_per_class, 1)):

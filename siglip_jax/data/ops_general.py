@@ -25,8 +25,7 @@ from siglip_jax.data.registry import (
     pair,
     resize,
 )
-from siglip_jax.data.tokenizer import Tokenizer
-from siglip_jax.data.tokenizer_config import CONVENTIONS
+from siglip_jax.data.tokenizer_rules import CONVENTIONS
 
 _OPS = OpTable()
 
@@ -231,7 +230,10 @@ def get_tokenize(
     lower=True, canonicalize=False, max_len required.
     """
     if model is not None:
-        tok = Tokenizer(model)
+        if ctx.open_tokenizer is None:
+            raise PPError("tokenize: model= needs a tokenizer loader; build the pp with "
+                          "pp.get_preprocess_fn")
+        tok = ctx.open_tokenizer(model)
     elif ctx.tokenizer is not None:
         tok = ctx.tokenizer
     else:

@@ -136,7 +136,8 @@ def get_preprocess_fn(pp_string: str, *, tokenizer: Tokenizer | None = None,
         if call.name not in ops:
             raise PPError(f"{where}: unknown op {call.name!r}; registered ops: {sorted(ops)}")
         factory = ops[call.name]
-        ctx = OpContext(index=call.index, tokenizer=tokenizer, decoder_vocab=decoder_vocab)
+        ctx = OpContext(index=call.index, tokenizer=tokenizer, open_tokenizer=Tokenizer,
+                        decoder_vocab=decoder_vocab)
         sig = inspect.signature(factory)
         try:
             sig.bind(ctx, *call.args, **call.kwargs)

@@ -53,7 +53,7 @@ class PPKeyError(KeyError):
 
 class TextTokenizer(Protocol):
     """What the text ops use of a tokenizer (`data.tokenizer.Tokenizer` is the one they get);
-    a protocol, so that the registry does not load the tokenizer module."""
+    a protocol, so that neither the registry nor the ops load the tokenizer module."""
 
     @property
     def vocab_size(self) -> int: ...
@@ -78,6 +78,9 @@ class OpContext:
 
     index: int  # position of the op in the pipe (0-based); folds into random seeds
     tokenizer: TextTokenizer | None = None
+    # Opens a sentencepiece model file (the `tokenize` op's `model=`); pp.py passes the
+    # `data.tokenizer.Tokenizer` class.
+    open_tokenizer: Callable[[str], TextTokenizer] | None = None
     decoder_vocab: DecoderVocab | None = None  # the model decoder's vocabulary (locca_task)
 
 

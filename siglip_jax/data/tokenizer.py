@@ -1,4 +1,4 @@
-"""Sentencepiece tokenizer: load, train, encode with big_vision / HF SigLIP pad+EOS rules.
+"""Sentencepiece tokenizer: load and encode with big_vision / HF SigLIP pad+EOS rules.
 
 Conventions (those of the T5 ``c4_en`` model big_vision's SigLIP uses): ``<pad>`` = 0,
 ``</s>`` (EOS) = 1, ``<unk>`` = 2, no BOS. Text batches are padded with EOS ("sticky" EOS,
@@ -32,10 +32,11 @@ per model family:
   ``Siglip2Processor`` defaults), and big_vision's SigLIP 2
   ``lower|tok(length=64, model="gemma", bos="no", eos="sticky")``.
 
-The rules that need no sentencepiece (``EOS_MODES``, ``CONVENTIONS``, the run's [tokenizer]
-section ``TokenizerConfig``) live in tokenizer_config.py, which config parsing imports without
-loading TensorFlow; ``encode_prompts(tokenizer, config, texts)`` tokenizes prompts (class
-names, captions) the way a ``TokenizerConfig`` says.
+The rules that need no sentencepiece (``EOS_MODES``, ``CONVENTIONS``) live in
+tokenizer_rules.py, the run's [tokenizer] section ``TokenizerConfig`` in config.py, so that
+config parsing loads neither; ``encode_prompts(tokenizer, config, texts)`` tokenizes prompts
+(class names, captions) the way a ``TokenizerConfig`` says. Training a model:
+tokenizer_training.py (``train_sentencepiece``), also this module's ``train`` command.
 
 CLI::
 
@@ -46,11 +47,10 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import io
 import re
 import string
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -58,13 +58,14 @@ import numpy as np
 import sentencepiece as spm
 
 from siglip_jax.console import add_verbose_flag, quiet_startup
-from siglip_jax.data.tokenizer_config import (
+from siglip_jax.data.config import TokenizerConfig
+from siglip_jax.data.tokenizer_rules import (
     EOS_MODES,
     TextConvention,
-    TokenizerConfig,
     TokenizerError,
     get_convention,
 )
+from siglip_jax.data.tokenizer_training import train_sentencepiece
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -246,17 +247,6 @@ class Tokenizer:
         return out
 
 
-_LAYOUTS: dict[str, dict[str, object]] = {
-    "t5": dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>",
-               unk_piece="<unk>"),
-    "gemma": dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
-                  bos_piece="<bos>", unk_piece="<unk>", byte_fallback=True,
-                  add_dummy_prefix=False, normalization_rule_name="identity",
-                  remove_extra_whitespaces=False, split_digits=True,
-                  allow_whitespace_only_pieces=True),
-}
-
-
 def encode_prompts(tokenizer: Tokenizer, config: TokenizerConfig, texts: Sequence[str],
                    canonicalize: bool = True) -> np.ndarray:
     """Token ids [N, config.max_len] of prompts: the config's convention's rules if it sets one,
@@ -264,58 +254,6 @@ def encode_prompts(tokenizer: Tokenizer, config: TokenizerConfig, texts: Sequenc
     if config.convention:
         return tokenizer.encode_as(list(texts), config.convention, config.max_len)
     return tokenizer.encode(list(texts), config.max_len, config.eos, canonicalize=canonicalize)
-
-
-def train_sentencepiece(
-    sentences: Iterable[str],
-    vocab_size: int,
-    out_path: str,
-    *,
-    model_type: str = "unigram",
-    lowercase: bool = True,
-    hard_vocab_limit: bool = False,
-    layout: str = "t5",
-) -> str:
-    """Train a sentencepiece model and write it to out_path.
-
-    ``layout="t5"``: <pad>=0, </s>=1, <unk>=2, no BOS (SigLIP's c4_en layout).
-    ``layout="gemma"``: <pad>=0, <eos>=1, <bos>=2, <unk>=3 and Gemma's options (byte
-    fallback, so vocab_size must exceed 256 + 4 + the corpus' characters; no dummy prefix;
-    identity normalisation; digits split) — a tiny stand-in for SigLIP 2's Gemma tokenizer.
-    With ``hard_vocab_limit=False`` (default) a small corpus may yield fewer pieces than
-    ``vocab_size``; ``Tokenizer(out_path).vocab_size`` is the real size.
-    """
-    if model_type not in ("unigram", "bpe", "word", "char"):
-        raise TokenizerError(f"model_type must be unigram|bpe|word|char, got {model_type!r}")
-    if layout not in _LAYOUTS:
-        raise TokenizerError(f"layout must be one of {sorted(_LAYOUTS)}, got {layout!r}")
-    sents = [s.lower() if lowercase else s for s in sentences]
-    sents = [s for s in (x.strip() for x in sents) if s]
-    if not sents:
-        raise TokenizerError("train_sentencepiece got no non-empty sentences")
-    buf = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sents),
-            model_writer=buf,
-            vocab_size=int(vocab_size),
-            model_type=model_type,
-            hard_vocab_limit=hard_vocab_limit,
-            character_coverage=1.0,
-            num_threads=1,
-            minloglevel=2,
-            **_LAYOUTS[layout],
-        )
-    except RuntimeError as e:
-        raise TokenizerError(
-            f"sentencepiece training failed (vocab_size={vocab_size}): {e}"
-        ) from None
-    parent = out_path.rsplit("/", 1)[0] if "/" in out_path else ""
-    if parent:
-        _tf().io.gfile.makedirs(parent)
-    with _tf().io.gfile.GFile(out_path, "wb") as f:
-        f.write(buf.getvalue())
-    return out_path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.typing import VariableDict
@@ -33,7 +34,6 @@ from flax.typing import VariableDict
 from siglip_jax.data.locca import DecoderVocab
 from siglip_jax.models.common import ImageBatch
 from siglip_jax.models.decoder import shift_right
-from siglip_jax.models.two_towers import Model
 
 BOX_TOKENS = 4
 LogitsFn = Callable[[jax.Array], jax.Array]  # decoder input ids [B, L] -> logits [B, L, V]
@@ -119,7 +119,7 @@ def parallel_decode(logits_fn: LogitsFn, prompt_bxl: jax.Array, prefix_len_b: ja
     return cut_after_eos(jnp.where(prompt, inputs, guess), prefix_len_b, eos_id)
 
 
-def image_tokens(model: Model, params: VariableDict, images: ImageBatch
+def image_tokens(model: nn.Module, params: VariableDict, images: ImageBatch
                  ) -> tuple[jax.Array, jax.Array | None]:
     """(un-pooled image tokens [B, N, W], NaFlex patch mask [B, N] or None) of a two-towers
     model's image tower."""
@@ -128,9 +128,9 @@ def image_tokens(model: Model, params: VariableDict, images: ImageBatch
     return out["img/encoded"], mask
 
 
-def decode_images(model: Model, params: VariableDict, images: ImageBatch, prompt_bxl: jax.Array,
-                  prefix_len_b: jax.Array, *, vocab: DecoderVocab, parallel: bool = False,
-                  box_rows_b: jax.Array | None = None) -> jax.Array:
+def decode_images(model: nn.Module, params: VariableDict, images: ImageBatch,
+                  prompt_bxl: jax.Array, prefix_len_b: jax.Array, *, vocab: DecoderVocab,
+                  parallel: bool = False, box_rows_b: jax.Array | None = None) -> jax.Array:
     """Decoded ids [B, L] for images (an image batch or a NaFlex dict) and prompts, with a
     two-towers `model` that has a decoder: greedy (box rows constrained to location ids, see
     the module docstring) or, with `parallel=True`, one-shot parallel. Jit it with `model` and

@@ -1,9 +1,9 @@
-"""What every training objective sees: the run it is built for and the inputs it is called with.
+"""What every training objective is called with, and the hooks the train step reads.
 
-`TrainRun` is the part of a parsed run config (schema.RunConfig satisfies it) an objective
-reads: the model record, the run length and the loss section's objective options.
-`ObjectiveInputs` is what the train step passes an objective inside the differentiated loss;
-an `Objective` returns `(weighted loss scalar, metrics)`.
+An objective module builds its `Objective` from the run's model record, the run length and
+its own options (objectives/registry.py says how). `ObjectiveInputs` is what the train step
+passes an objective inside the differentiated loss; an `Objective` returns `(weighted loss
+scalar, metrics)`.
 
 An objective may also add params and use an EMA teacher: it exposes `init_params(rng)` (its
 own top-level params, created next to the model's) and, to use the teacher, `teacher_parts`
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
 
 import flax.linen as nn
 import jax
@@ -24,30 +23,9 @@ import jax.numpy as jnp
 from flax.typing import VariableDict
 
 from siglip_jax.models.common import ImageBatch
-from siglip_jax.models.config import ModelConfig
 from siglip_jax.records import ConfigError
 
 ShapeSpecs = dict[str, tuple[tuple[int, ...], type]]  # key -> (global shape, numpy dtype).
-
-
-class LossSection(Protocol):
-    """The loss section's per-objective options (schema.LossConfig)."""
-
-    @property
-    def objectives(self) -> Mapping[str, Mapping[str, object]]: ...
-
-
-class TrainRun(Protocol):
-    """What an objective reads of a parsed run config (schema.RunConfig)."""
-
-    @property
-    def model(self) -> ModelConfig: ...
-
-    @property
-    def total_steps(self) -> int: ...
-
-    @property
-    def loss(self) -> LossSection: ...
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,25 +43,25 @@ import numpy as np
 from jax.sharding import Mesh
 
 from siglip_jax.data.locca import TASKS
-from siglip_jax.models.config import DecoderConfig, decoder_vocab
+from siglip_jax.models.config import DecoderConfig, ModelConfig, decoder_vocab
 from siglip_jax.models.decoder import output_layer, training_inputs
-from siglip_jax.objectives.base import Objective, ObjectiveInputs, ShapeSpecs, TrainRun
+from siglip_jax.objectives.base import Objective, ObjectiveInputs, ShapeSpecs
 from siglip_jax.objectives.chunked_xent import chunked_cross_entropy
 from siglip_jax.records import ConfigError
 
 _RNG_SALT = 0xDEC
 
 
-def _decoder(run: TrainRun) -> DecoderConfig:
-    if run.model.decoder is None:
+def _decoder(model: ModelConfig) -> DecoderConfig:
+    if model.decoder is None:
         raise ConfigError("config.loss.decoder needs config.model.decoder (the decoder's "
                           "shape, e.g. dict(max_len=64))")
-    return run.model.decoder
+    return model.decoder
 
 
-def batch_shapes(run: TrainRun, options: Mapping[str, object], batch: int) -> ShapeSpecs:
+def batch_shapes(model: ModelConfig, options: Mapping[str, object], batch: int) -> ShapeSpecs:
     """The batch entries the decoder loss reads (global shapes, numpy dtypes)."""
-    length, tasks = _decoder(run).max_len, options["tasks_per_example"]
+    length, tasks = _decoder(model).max_len, options["tasks_per_example"]
     rows = (batch,) if tasks == 1 else (batch, tasks)
     return {"dec_tokens": ((*rows, length), np.int32),
             "dec_target_mask": ((*rows, length), np.float32),
@@ -85,13 +85,15 @@ def token_loss(logits_bxlxv: jax.Array, targets_bxl: jax.Array, weights_bxl: jax
     return jnp.sum(ce_bxl * weights_bxl) / count, jnp.sum(hit_bxl * weights_bxl) / count
 
 
-def make(run: TrainRun, options: Mapping[str, object], mesh: Mesh | None) -> Objective:
-    """The decoder objective of a run (see the module docstring)."""
-    del mesh  # Activations follow the batch sharding of the main forward pass.
-    _decoder(run)  # One-line error without a model.decoder.
-    vocab = decoder_vocab(run.model)
+def make(model: ModelConfig, total_steps: int, options: Mapping[str, object],
+         mesh: Mesh | None) -> Objective:
+    """The decoder objective for the `model`'s decoder (see the module docstring); it is on
+    from the first step."""
+    del total_steps, mesh  # Activations follow the batch sharding of the main forward pass.
+    decoder = _decoder(model)  # One-line error without a model.decoder.
+    vocab = decoder_vocab(model)
     weight, rows = float(options["weight"]), int(options["tasks_per_example"])
-    chunk, dtype = int(options["vocab_chunk"]), _decoder(run).dtype
+    chunk, dtype = int(options["vocab_chunk"]), decoder.dtype
 
     def objective(inputs: ObjectiveInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
         batch = inputs.batch

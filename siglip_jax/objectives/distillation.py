@@ -24,14 +24,15 @@ from flax.typing import VariableDict
 from jax.sharding import Mesh
 
 import siglip_jax.objectives.selfsup as selfsup
-from siglip_jax.objectives.base import ObjectiveInputs, ShapeSpecs, TrainRun
+from siglip_jax.models.config import ModelConfig
+from siglip_jax.objectives.base import ObjectiveInputs, ShapeSpecs
 from siglip_jax.objectives.options import SELF_DISTILLATION, check_options
 from siglip_jax.records import ConfigError
 
 NAME = SELF_DISTILLATION
 VIEWS_KEY = "local_views"
 
-def batch_shapes(run: TrainRun, options: Mapping[str, object], batch: int) -> ShapeSpecs:
+def batch_shapes(model: ModelConfig, options: Mapping[str, object], batch: int) -> ShapeSpecs:
     """{"local_views": ((B, n_local, s, s, 3), float32)}."""
     opts = check_options(NAME, options)
     size = opts["local_size"]
@@ -91,14 +92,16 @@ class SelfDistillation:
         return self.options["weight"] * loss, {f"{NAME}/loss": loss}
 
 
-def make(run: TrainRun, options: Mapping[str, object], mesh: Mesh | None) -> SelfDistillation:
-    """The self-distillation objective for `run`'s ViT image tower."""
+def make(model: ModelConfig, total_steps: int, options: Mapping[str, object],
+         mesh: Mesh | None) -> SelfDistillation:
+    """The self-distillation objective for the `model`'s ViT image tower."""
     del mesh
     opts = check_options(NAME, options)
-    tower = selfsup.vit_image_tower(run.model.image, NAME)
+    tower = model.image
+    selfsup.check_vit_tower(tower.kind, NAME)
     patch = tower.patch_size
     if any(opts["local_size"] % int(p) for p in patch):
         raise ConfigError(f"config.loss.{NAME}.local_size={opts['local_size']}: expected a "
                           f"multiple of the image patch size {patch}")
-    return SelfDistillation(opts, tower.width, selfsup.start_step(run.total_steps, opts),
+    return SelfDistillation(opts, tower.width, selfsup.start_step(total_steps, opts),
                             opts["ema"])

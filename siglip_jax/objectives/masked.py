@@ -23,13 +23,14 @@ from flax.typing import VariableDict
 from jax.sharding import Mesh
 
 import siglip_jax.objectives.selfsup as selfsup
-from siglip_jax.objectives.base import ObjectiveInputs, ShapeSpecs, TrainRun
+from siglip_jax.models.config import ModelConfig
+from siglip_jax.objectives.base import ObjectiveInputs, ShapeSpecs
 from siglip_jax.objectives.options import MASKED_PREDICTION, check_options
 
 NAME = MASKED_PREDICTION
 SALT = 0x6D61736B  # Folded into the step's key for the mask.
 
-def batch_shapes(run: TrainRun, options: Mapping[str, object], batch: int) -> ShapeSpecs:
+def batch_shapes(model: ModelConfig, options: Mapping[str, object], batch: int) -> ShapeSpecs:
     """No extra batch entries of their own shape (the view has the image's: `image_views`)."""
     return {}
 
@@ -107,10 +108,12 @@ class MaskedPrediction:
         return (hw[0] // self.patch[0]) * (hw[1] // self.patch[1])
 
 
-def make(run: TrainRun, options: Mapping[str, object], mesh: Mesh | None) -> MaskedPrediction:
-    """The masked-prediction objective for `run`'s ViT image tower."""
+def make(model: ModelConfig, total_steps: int, options: Mapping[str, object],
+         mesh: Mesh | None) -> MaskedPrediction:
+    """The masked-prediction objective for the `model`'s ViT image tower."""
     del mesh
     opts = check_options(NAME, options)
-    tower = selfsup.vit_image_tower(run.model.image, NAME)
-    return MaskedPrediction(opts, tower.width, selfsup.start_step(run.total_steps, opts),
+    tower = model.image
+    selfsup.check_vit_tower(tower.kind, NAME)
+    return MaskedPrediction(opts, tower.width, selfsup.start_step(total_steps, opts),
                             opts["ema"], patch=tower.patch_size)

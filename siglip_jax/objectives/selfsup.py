@@ -16,7 +16,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from siglip_jax.models.config import ImageTowerConfig
 from siglip_jax.records import ConfigError
 
 # Top-level params the objectives add next to the model's (not part of an exported model).
@@ -39,13 +38,12 @@ def batch_view(batch: Mapping[str, object], key: str, name: str) -> jax.Array:
     return batch[key]
 
 
-def vit_image_tower(image: ImageTowerConfig, name: str) -> ImageTowerConfig:
-    """The run's image tower record `image` (patch size, width); ConfigError for a NaFlex tower
-    (the objective `name` needs the fixed-resolution ViT)."""
-    if image.kind == "naflex":
+def check_vit_tower(kind: str, name: str) -> None:
+    """ConfigError unless the image tower's `kind` is the fixed-resolution ViT, which the
+    objective `name` needs (its patch grid is fixed)."""
+    if kind == "naflex":
         raise ConfigError(f"config.loss.{name}: needs the fixed-resolution ViT image tower "
                           "(model.image.kind='vit'), got 'naflex'")
-    return image
 
 
 def start_step(total_steps: int, options: Mapping[str, object]) -> int:

@@ -77,15 +77,13 @@ def read_bytes(path: str) -> bytes:
 
 def write_bytes(path: str, data: bytes) -> None:
     """Writes `data` to file `path`, creating its parent directories (local or remote)."""
-    parent = posixpath.dirname(path) if is_remote(path) else os.path.dirname(path)
     if is_remote(path):
-        if parent:
-            _gfile().makedirs(parent)
+        _gfile().makedirs(posixpath.dirname(path))
         with _gfile().GFile(path, "wb") as f:
             f.write(data)
         return
-    if parent:
-        os.makedirs(parent, exist_ok=True)
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         f.write(data)
 

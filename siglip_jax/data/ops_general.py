@@ -230,9 +230,6 @@ def get_tokenize(
     lower=True, canonicalize=False, max_len required.
     """
     if model is not None:
-        if ctx.open_tokenizer is None:
-            raise PPError("tokenize: model= needs a tokenizer loader; build the pp with "
-                          "pp.get_preprocess_fn")
         tok = ctx.open_tokenizer(model)
     elif ctx.tokenizer is not None:
         tok = ctx.tokenizer

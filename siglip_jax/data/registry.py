@@ -77,10 +77,10 @@ class OpContext:
     """What an op factory gets besides its pp-string arguments."""
 
     index: int  # position of the op in the pipe (0-based); folds into random seeds
-    tokenizer: TextTokenizer | None = None
     # Opens a sentencepiece model file (the `tokenize` op's `model=`); pp.py passes the
     # `data.tokenizer.Tokenizer` class.
-    open_tokenizer: Callable[[str], TextTokenizer] | None = None
+    open_tokenizer: Callable[[str], TextTokenizer]
+    tokenizer: TextTokenizer | None = None
     decoder_vocab: DecoderVocab | None = None  # the model decoder's vocabulary (locca_task)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from flax.typing import VariableDict
 
 from siglip_jax.models import naflex, variants
+from siglip_jax.models.common import NaFlexSettings
 from siglip_jax.models.config import image_kind, image_kwargs
 from siglip_jax.models.two_towers import Model
 
@@ -24,7 +25,7 @@ def param_shapes(
     """
     if image_size is not None and image_kind(model.image) == "naflex":
         n = image_size if isinstance(image_size, int) else int(np.prod(image_size))
-        patch = image_kwargs(model.image).get("patch_size", 16)
+        patch = image_kwargs(model.image).get("patch_size", NaFlexSettings.patch_size)
         img = naflex.example_input(1, n, patch)
         txt = None if text_len is None else jax.ShapeDtypeStruct((1, text_len), jnp.int32)
         return jax.eval_shape(model.init, jax.random.key(0), img, txt)["params"]
